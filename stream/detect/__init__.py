@@ -1,0 +1,1 @@
+"""Detectors: model manifest, ONNX Runtime sessions, per-model decoding, and the ensemble."""

@@ -1,0 +1,75 @@
+"""The value type that leaves the detection layer: boxes, scores and labels for one frame."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+LABELS = ("face", "plate")
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Boxes of one frame in source pixel coordinates, x1,y1,x2,y2 (x2/y2 exclusive).
+
+    ``labels`` are strings from :data:`LABELS`; ``track_ids`` is filled by the tracker
+    (-1 for untracked) and ``coasted`` marks boxes kept alive without a fresh detection.
+    """
+
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
+    labels: tuple[str, ...] = ()
+    track_ids: np.ndarray | None = None
+    coasted: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.boxes)
+        if self.boxes.shape != (n, 4) or len(self.scores) != n or len(self.labels) != n:
+            raise ValueError(
+                f"Detections fields disagree: {self.boxes.shape} boxes, {len(self.scores)} scores, "
+                f"{len(self.labels)} labels"
+            )
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    @classmethod
+    def empty(cls) -> Detections:
+        return cls()
+
+    @classmethod
+    def concat(cls, parts: list[Detections]) -> Detections:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return cls()
+        tid = None
+        if any(p.track_ids is not None for p in parts):
+            tid = np.concatenate(
+                [p.track_ids if p.track_ids is not None else np.full(len(p), -1) for p in parts]
+            )
+        coasted = None
+        if any(p.coasted is not None for p in parts):
+            coasted = np.concatenate(
+                [p.coasted if p.coasted is not None else np.zeros(len(p), bool) for p in parts]
+            )
+        return cls(
+            boxes=np.concatenate([p.boxes for p in parts]).astype(np.float32),
+            scores=np.concatenate([p.scores for p in parts]).astype(np.float32),
+            labels=tuple(lbl for p in parts for lbl in p.labels),
+            track_ids=tid,
+            coasted=coasted,
+        )
+
+    def select(self, mask: np.ndarray) -> Detections:
+        idx = np.flatnonzero(mask)
+        return Detections(
+            boxes=self.boxes[idx],
+            scores=self.scores[idx],
+            labels=tuple(self.labels[i] for i in idx),
+            track_ids=None if self.track_ids is None else self.track_ids[idx],
+            coasted=None if self.coasted is None else self.coasted[idx],
+        )
+
+    def with_label(self, label: str) -> Detections:
+        return self.select(np.array([lbl == label for lbl in self.labels], dtype=bool))

@@ -1,0 +1,115 @@
+"""The detection stage as the rest of the system sees it: frames in, face/plate Detections out.
+
+It runs the configured models over one batch of frames (possibly from different streams and of
+different sizes) and merges their results per frame:
+- faces from one or more face models, merged by NMS;
+- licence plates from the plate model;
+- heads of people too small for any face model (CCTV at a distance, faces of 6-15 px): a person
+  detector finds the body and a head-sized mask is placed at its top. Such masks carry label
+  ``face`` since that is what they hide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from stream.detect.base import OnnxDetector
+from stream.detect.centerface import CenterFace
+from stream.detect.detections import Detections
+from stream.detect.nms import iou_matrix, nms
+from stream.detect.runtime import DEFAULT_PROVIDERS
+from stream.detect.yolo import PersonYolo, PlateYolo
+from stream.detect.yunet import YuNet
+
+FACE_MODELS: dict[str, type[OnnxDetector]] = {"centerface": CenterFace, "yunet": YuNet}
+
+
+@dataclass
+class ModelConfig:
+    threshold: float
+    input_size: int
+    enabled: bool = True
+
+
+@dataclass
+class DetectorConfig:
+    faces: dict[str, ModelConfig] = field(
+        default_factory=lambda: {"centerface": ModelConfig(threshold=0.35, input_size=640)}
+    )
+    plate: ModelConfig | None = field(default_factory=lambda: ModelConfig(threshold=0.25, input_size=640))
+    person_heads: ModelConfig | None = field(
+        default_factory=lambda: ModelConfig(threshold=0.3, input_size=640)
+    )
+    head_max_person_px: float = 160.0
+    """people shorter than this (in source pixels) get a head mask from their body box"""
+    providers: Sequence[str] = DEFAULT_PROVIDERS
+    threads: int = 0
+    model_dir: Path | None = None
+
+
+def heads_from_people(people: Detections, max_height: float) -> Detections:
+    """Head-sized boxes at the top of small person boxes.
+
+    An upright adult's head is about 1/7 of body height and sits near the top centre of the
+    box; the box is made wider and taller than that because arms, strides and partial occlusion
+    move the body box's centre away from the head.
+    """
+    if not len(people):
+        return Detections()
+    b = people.boxes
+    h = b[:, 3] - b[:, 1]
+    keep = h <= max_height
+    b, s, h = b[keep], people.scores[keep], h[keep]
+    cx = (b[:, 0] + b[:, 2]) / 2
+    hh = h * 0.22
+    hw = np.maximum(h * 0.2, np.minimum(b[:, 2] - b[:, 0], h * 0.3))
+    heads = np.stack([cx - hw / 2, b[:, 1] - h * 0.02, cx + hw / 2, b[:, 1] + hh], 1).astype(np.float32)
+    return Detections(boxes=heads, scores=s.astype(np.float32), labels=("face",) * len(heads))
+
+
+class FrameDetector:
+    """Runs every configured model on a batch and returns one :class:`Detections` per frame."""
+
+    def __init__(self, config: DetectorConfig | None = None) -> None:
+        self.config = cfg = config or DetectorConfig()
+        common = {"model_dir": cfg.model_dir, "providers": cfg.providers, "threads": cfg.threads}
+        self.face_models = [
+            FACE_MODELS[name](threshold=m.threshold, input_size=m.input_size, **common)
+            for name, m in cfg.faces.items() if m.enabled
+        ]
+        self.plate_model = (
+            PlateYolo(threshold=cfg.plate.threshold, input_size=cfg.plate.input_size, **common)
+            if cfg.plate and cfg.plate.enabled else None
+        )
+        self.person_model = (
+            PersonYolo(threshold=cfg.person_heads.threshold, input_size=cfg.person_heads.input_size, **common)
+            if cfg.person_heads and cfg.person_heads.enabled else None
+        )
+
+    @property
+    def models(self) -> list[OnnxDetector]:
+        return [m for m in (*self.face_models, self.plate_model, self.person_model) if m is not None]
+
+    def __call__(self, images: list[np.ndarray]) -> list[Detections]:
+        return self.detect(images)
+
+    def detect(self, images: list[np.ndarray]) -> list[Detections]:
+        per_model = [m(images) for m in self.face_models]
+        plates = self.plate_model(images) if self.plate_model else [Detections()] * len(images)
+        people = self.person_model(images) if self.person_model else [Detections()] * len(images)
+        out = []
+        for i in range(len(images)):
+            faces = Detections.concat([r[i] for r in per_model])
+            if len(self.face_models) > 1 and len(faces):
+                faces = faces.select(np.isin(np.arange(len(faces)), nms(faces.boxes, faces.scores, 0.4)))
+            heads = heads_from_people(people[i], self.config.head_max_person_px)
+            if len(heads) and len(faces):
+                # a head already covered by a detected face needs no second mask
+                inter = iou_matrix(heads.boxes, faces.boxes)
+                heads = heads.select(inter.max(axis=1) < 0.1)
+            out.append(Detections.concat([faces, heads, plates[i]]))
+        return out

@@ -1,0 +1,54 @@
+"""Resize frames of different sizes into one padded batch, and map boxes back to the source."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a source frame sits in the batch canvas: resized by ``scale`` at offset (dx, dy)."""
+
+    scale: float
+    dx: int = 0
+    dy: int = 0
+
+    def to_source(self, boxes: np.ndarray) -> np.ndarray:
+        out = boxes.astype(np.float32).copy()
+        out[:, [0, 2]] = (out[:, [0, 2]] - self.dx) / self.scale
+        out[:, [1, 3]] = (out[:, [1, 3]] - self.dy) / self.scale
+        return out
+
+
+def ceil_to(x: float, m: int) -> int:
+    return -(-round(x) // m) * m
+
+
+def letterbox_batch(
+    images: list[np.ndarray], long_side: int, stride: int = 32, pad: int = 0, upscale: bool = True
+) -> tuple[np.ndarray, list[Placement]]:
+    """Resize each image so its long side is ``long_side`` and pad all into one NHWC uint8 canvas.
+
+    Frames are placed top-left so a box maps back with one scale per frame. The canvas is the
+    smallest multiple of ``stride`` holding every resized frame, so a batch of 16:9 frames costs
+    640x384, not 640x640.
+    """
+    sizes = []
+    for im in images:
+        h, w = im.shape[:2]
+        s = long_side / max(h, w)
+        if not upscale:
+            s = min(s, 1.0)
+        sizes.append((s, max(1, round(w * s)), max(1, round(h * s))))
+    cw = ceil_to(max(w for _, w, _ in sizes), stride)
+    ch = ceil_to(max(h for _, _, h in sizes), stride)
+    batch = np.full((len(images), ch, cw, 3), pad, dtype=np.uint8)
+    places = []
+    for i, (im, (s, w, h)) in enumerate(zip(images, sizes, strict=True)):
+        interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
+        batch[i, :h, :w] = im if (w, h) == im.shape[1::-1] else cv2.resize(im, (w, h), interpolation=interp)
+        places.append(Placement(scale=s))
+    return batch, places

@@ -1,0 +1,135 @@
+"""Temporal persistence: keep every face and plate masked through missed detections.
+
+A detector that finds a face in frame 10 and misses it in frame 11 must not expose it in frame
+11. Each track remembers its last box and velocity; when a detection is missed the track
+*coasts*: its box is predicted forward and grown a little each frame (motion is uncertain) for up
+to ``max_coast`` frames. New tracks mask from their first detection (no confirmation delay: a
+false positive costs a blurred patch, a missed face costs someone's privacy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stream.detect.detections import Detections
+from stream.detect.nms import iou_matrix
+
+
+@dataclass
+class TrackerConfig:
+    max_coast: int = 12
+    """frames a box stays masked after its last detection"""
+    iou_match: float = 0.2
+    """minimum IoU to continue a track; small boxes also match by centre distance"""
+    centre_match: float = 1.0
+    """max centre distance, in box diagonals, for a match when IoU is too small"""
+    coast_growth: float = 0.06
+    """relative growth of a coasting box per frame, to cover unpredicted motion"""
+    velocity_smoothing: float = 0.5
+
+
+@dataclass
+class Track:
+    track_id: int
+    label: str
+    box: np.ndarray
+    score: float
+    velocity: np.ndarray = field(default_factory=lambda: np.zeros(4, np.float32))
+    last_detected: np.ndarray | None = None
+    missed: int = 0
+    hits: int = 1
+    frames: int = 1
+    best_score: float = 0.0
+    best_box: np.ndarray | None = None
+
+    def shown(self, growth: float) -> np.ndarray:
+        """The box to mask: as detected, or grown about its centre while coasting."""
+        if not self.missed:
+            return self.box
+        c = (self.box[:2] + self.box[2:]) / 2
+        half = (self.box[2:] - self.box[:2]) / 2 * (1 + growth * self.missed)
+        return np.concatenate([c - half, c + half]).astype(np.float32)
+
+
+class Tracker:
+    """Greedy IoU/centre-distance tracker with coasting, one instance per stream."""
+
+    def __init__(self, config: TrackerConfig | None = None) -> None:
+        self.config = config or TrackerConfig()
+        self.tracks: list[Track] = []
+        self.ended: list[Track] = []
+        self._next_id = 1
+
+    def update(self, dets: Detections) -> Detections:
+        """Match ``dets`` to the live tracks; return detected plus coasted boxes for this frame."""
+        cfg = self.config
+        self.ended = []
+        for t in self.tracks:  # predict every track to this frame
+            t.box = (t.box + t.velocity).astype(np.float32)
+            t.frames += 1
+        matched_t: set[int] = set()
+        matched_d: set[int] = set()
+        for label in sorted(set(dets.labels)):
+            ti_all = [i for i, t in enumerate(self.tracks) if t.label == label]
+            di_all = [i for i, lbl in enumerate(dets.labels) if lbl == label]
+            if not ti_all:
+                continue
+            pred = np.stack([self.tracks[i].box for i in ti_all])
+            boxes = dets.boxes[di_all]
+            iou = iou_matrix(pred, boxes)
+            pc = (pred[:, None, :2] + pred[:, None, 2:]) / 2
+            dc = (boxes[None, :, :2] + boxes[None, :, 2:]) / 2
+            diag = np.linalg.norm(pred[:, 2:] - pred[:, :2], axis=1)[:, None] + 1e-6
+            dist = np.linalg.norm(pc - dc, axis=2) / diag
+            score = np.where(iou >= cfg.iou_match, 1 + iou, np.where(dist <= cfg.centre_match, 1 - dist, 0))
+            for flat in np.argsort(-score, axis=None):
+                a, b = np.unravel_index(flat, score.shape)
+                if score[a, b] <= 0:
+                    break
+                ti, di = ti_all[a], di_all[b]
+                if ti in matched_t or di in matched_d:
+                    continue
+                matched_t.add(ti)
+                matched_d.add(di)
+                self._refresh(self.tracks[ti], dets.boxes[di], float(dets.scores[di]))
+        alive: list[Track] = []
+        for i, t in enumerate(self.tracks):
+            if i not in matched_t:
+                t.missed += 1
+            (alive if t.missed <= cfg.max_coast else self.ended).append(t)
+        for i, label in enumerate(dets.labels):
+            if i not in matched_d:
+                box = dets.boxes[i].astype(np.float32)
+                s = float(dets.scores[i])
+                alive.append(
+                    Track(self._next_id, label, box, s, last_detected=box, best_score=s, best_box=box)
+                )
+                self._next_id += 1
+        self.tracks = alive
+        return self.current()
+
+    def _refresh(self, t: Track, box: np.ndarray, score: float) -> None:
+        a = self.config.velocity_smoothing
+        if t.last_detected is not None:
+            step = (box - t.last_detected) / (t.missed + 1)
+            t.velocity = (a * step + (1 - a) * t.velocity).astype(np.float32)
+        t.box = t.last_detected = box.astype(np.float32)
+        t.score = score
+        if score > t.best_score:
+            t.best_score, t.best_box = score, t.box
+        t.missed = 0
+        t.hits += 1
+
+    def current(self) -> Detections:
+        """Boxes to mask in the frame just updated: fresh ones as detected, coasting ones grown."""
+        g = self.config.coast_growth
+        return Detections(
+            boxes=np.stack([t.shown(g) for t in self.tracks]).astype(np.float32)
+            if self.tracks else np.zeros((0, 4), np.float32),
+            scores=np.array([t.score for t in self.tracks], np.float32),
+            labels=tuple(t.label for t in self.tracks),
+            track_ids=np.array([t.track_id for t in self.tracks], np.int64),
+            coasted=np.array([t.missed > 0 for t in self.tracks], bool),
+        )
