@@ -19,25 +19,37 @@ class _Parser(argparse.ArgumentParser):
     """argparse that prints one error line plus a hint instead of the whole usage block."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        sub = self.prog.removeprefix("stream-redact").strip()
+        where = f"{sub}: " if sub else ""
+        self.exit(2, f"stream-redact: error: {where}{message} (see `{self.prog} --help`)\n")
 
 
 def _positive_int(text: str) -> int:
-    v = int(text)
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
     return v
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
 def _unit(text: str) -> float:
-    v = float(text)
+    v = _number(text)
     if not 0 < v < 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {v}")
     return v
 
 
 def _scale(text: str) -> float:
-    v = float(text)
+    v = _number(text)
     if not 1 <= v <= 4:
         raise argparse.ArgumentTypeError(f"must be between 1 and 4, got {v}")
     return v
@@ -65,7 +77,14 @@ def add_redact_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--face-scale", type=_scale, default=None, help="face mask enlargement (default 1.4)")
     p.add_argument("--plate-scale", type=_scale, default=None, help="plate mask enlargement (default 1.25)")
     p.add_argument("--input-size", type=_positive_int, default=None,
-                   help="long side, in pixels, frames are resized to for detection (default 640)")
+                   help="largest long side, in pixels, frames are detected at; smaller frames are "
+                        "detected at their own size, but at least 640 (default 960)")
+    p.add_argument("--plate-every", type=_positive_int, default=1,
+                   help="look for plates on every n-th frame only; the tracker keeps plates masked "
+                        "in between (default 1: every frame)")
+    p.add_argument("--person-every", type=_positive_int, default=1,
+                   help="run the person detector (heads of distant people) on every n-th frame only "
+                        "(default 1)")
     p.add_argument("--no-plates", action="store_true", help="do not detect licence plates")
     p.add_argument("--no-heads", action="store_true",
                    help="do not mask heads of distant people found by the person detector")
@@ -95,19 +114,31 @@ def cmd_redact(args: argparse.Namespace) -> int:
         raise UserError("--coast must be >= 0", exit_code=2)
     if args.lookback < 0:
         raise UserError("--lookback must be >= 0", exit_code=2)
-    cfg = DetectorConfig(providers=tuple(args.providers.split(",")), threads=args.threads,
+    from stream.detect.runtime import PROVIDER_ALIASES
+
+    providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
+    bad = [p for p in providers if p.lower() not in PROVIDER_ALIASES]
+    if bad or not providers:
+        raise UserError(f"--providers: unknown execution provider {', '.join(bad) or '(none)'}; "
+                        f"use a comma-separated list of {', '.join(PROVIDER_ALIASES)}", exit_code=2)
+    cfg = DetectorConfig(providers=providers, threads=args.threads,
                          model_dir=args.model_dir)
     names = ["centerface", "yunet"] if args.face_model == "both" else [args.face_model]
     default_face = {"centerface": 0.35, "yunet": 0.6}
-    cfg.faces = {n: ModelConfig(threshold=args.face_threshold or default_face[n],
-                                input_size=args.input_size or 640) for n in names}
+    size = args.input_size or 960
+    cfg.faces = {n: ModelConfig(threshold=args.face_threshold or default_face[n], input_size=size,
+                                min_input=min(640, size)) for n in names}
     if args.no_plates:
         cfg.plate = None
     elif cfg.plate is not None:
         cfg.plate.threshold = args.plate_threshold or cfg.plate.threshold
-        cfg.plate.input_size = args.input_size or cfg.plate.input_size
+        cfg.plate.input_size = size
+        cfg.plate.every = args.plate_every
     if args.no_heads:
         cfg.person_heads = None
+    elif cfg.person_heads is not None:
+        cfg.person_heads.input_size, cfg.person_heads.min_input = size, min(640, size)
+        cfg.person_heads.every = args.person_every
     rcfg = RedactConfig(style=Style(args.style))
     if args.face_scale:
         rcfg.mask_scale["face"] = args.face_scale
@@ -167,8 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_opencv() -> None:
+    """OpenCV logs its own decode errors to stderr; ours already name the file and the fix."""
+    try:
+        import cv2
+
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    except (ImportError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_opencv()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("stream.detect.runtime").setLevel(logging.ERROR if not args.verbose else logging.DEBUG)

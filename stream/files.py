@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXT = {".jpg", ".jpeg", ".png"}
 VIDEO_EXT = {".mp4", ".mov", ".avi", ".mkv"}
 
-Detect = Callable[[list[np.ndarray]], list[Detections]]
+Detect = Callable[[list[np.ndarray], list[int]], list[Detections]]
 
 
 @dataclass
@@ -59,8 +59,11 @@ class MaskReport:
         if self.warnings:
             doc["warnings"] = self.warnings
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(doc, separators=(",", ":")))
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(doc, separators=(",", ":")))
+            tmp.replace(path)
+        except OSError as e:
+            raise UserError(f"cannot write masks JSON {path}: {e.strerror or e}") from None
 
 
 def kind_of(path: Path) -> str:
@@ -96,7 +99,24 @@ def check_paths(src: Path, dst: Path, masks: Path | None) -> str:
             raise UserError(f"cannot write {p}: permission denied; choose a writable location")
     if dst.resolve() == src.resolve():
         raise UserError(f"output {dst} would overwrite the input; choose another output path")
+    if masks is not None and masks.resolve() in (src.resolve(), dst.resolve()):
+        raise UserError(f"--masks-json {masks} is the same file as the input or output; choose another path")
+    for p in (dst, masks):
+        if p is not None:
+            _probe_writable(p)
     return kind
+
+
+def _probe_writable(path: Path) -> None:
+    """Open the file for writing now, so an unwritable target fails before any work is done."""
+    existed = path.exists()
+    try:
+        with path.open("ab"):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}; choose a writable location") from None
+    if not existed:
+        path.unlink(missing_ok=True)
 
 
 def redact_image(src: Path, dst: Path, detect: Detect, stage: MaskingStage) -> MaskReport:
@@ -104,7 +124,7 @@ def redact_image(src: Path, dst: Path, detect: Detect, stage: MaskingStage) -> M
     if image is None:
         raise UserError(f"cannot decode image {src}: the file is corrupt or not a {src.suffix} image")
     report = MaskReport(width=image.shape[1], height=image.shape[0])
-    dets = detect([image])[0]
+    dets = detect([image], [0])[0]
     for m in [*stage.push(0, image, dets), *stage.flush()]:
         report.add(m)
         if not cv2.imwrite(str(dst), m.image):
@@ -184,6 +204,32 @@ class _Encoder:
         self.container.close()
 
 
+def _pump(frames: queue.Queue, detect: Detect, stage: MaskingStage, encoder: _Encoder, report: MaskReport,
+          opts: JobOptions, audio_q: queue.Queue | None, decoder: threading.Thread, progress: Any) -> int:
+    """Detect, mask and encode until the decoder is done; returns the number of frames."""
+    index = 0
+    for batch in _batches(frames, opts.batch):
+        seqs = list(range(index, index + len(batch)))
+        for image, dets in zip(batch, detect(batch, seqs), strict=True):
+            for m in stage.push(index, image, dets):
+                encoder.write(m.image)
+                report.add(m)
+            index += 1
+        if audio_q is not None:
+            while not audio_q.empty():
+                encoder.write_audio(audio_q.get())
+        if progress is not None:
+            progress.update(len(batch))
+    for m in stage.flush():
+        encoder.write(m.image)
+        report.add(m)
+    if audio_q is not None:
+        decoder.join()
+        while not audio_q.empty():
+            encoder.write_audio(audio_q.get())
+    return index
+
+
 def redact_video(src: Path, dst: Path, detect: Detect, stage: MaskingStage, opts: JobOptions) -> MaskReport:
     try:
         container = av.open(str(src))
@@ -219,32 +265,26 @@ def redact_video(src: Path, dst: Path, detect: Detect, stage: MaskingStage, opts
     decoder.start()
     index = 0
     try:
-        for batch in _batches(frames, opts.batch):
-            for image, dets in zip(batch, detect(batch), strict=True):
-                for m in stage.push(index, image, dets):
-                    encoder.write(m.image)
-                    report.add(m)
-                index += 1
-            if audio_q is not None:
-                while not audio_q.empty():
-                    encoder.write_audio(audio_q.get())
-            if progress is not None:
-                progress.update(len(batch))
-        for m in stage.flush():
-            encoder.write(m.image)
-            report.add(m)
-        if audio_q is not None:
-            decoder.join()
-            while not audio_q.empty():
-                encoder.write_audio(audio_q.get())
+        index = _pump(frames, detect, stage, encoder, report, opts, audio_q, decoder, progress)
+    except (av.error.FFmpegError, OSError) as e:
+        raise UserError(f"cannot write video {dst}: {e}") from None
     finally:
         if progress is not None:
             progress.close()
         decoder.join(timeout=5)
-        encoder.close()
+        try:
+            encoder.close()
+        except (av.error.FFmpegError, OSError) as e:
+            log.debug("closing %s failed: %s", dst, e)
         container.close()
+
     if index == 0:
         raise UserError(f"no frame of {src} could be decoded: the file is corrupt or truncated")
+    if total and index < total and not report.warnings:
+        report.warnings.append(
+            f"input is truncated or corrupt: it declares {total} frames but only {index} decoded; "
+            f"redacted the {index} frames that decoded"
+        )
     return report
 
 

@@ -39,6 +39,7 @@ class Track:
     velocity: np.ndarray = field(default_factory=lambda: np.zeros(4, np.float32))
     last_detected: np.ndarray | None = None
     missed: int = 0
+    since: int = 0
     hits: int = 1
     frames: int = 1
     best_score: float = 0.0
@@ -46,10 +47,10 @@ class Track:
 
     def shown(self, growth: float) -> np.ndarray:
         """The box to mask: as detected, or grown about its centre while coasting."""
-        if not self.missed:
+        if not self.since:
             return self.box
         c = (self.box[:2] + self.box[2:]) / 2
-        half = (self.box[2:] - self.box[:2]) / 2 * (1 + growth * self.missed)
+        half = (self.box[2:] - self.box[:2]) / 2 * (1 + growth * self.since)
         return np.concatenate([c - half, c + half]).astype(np.float32)
 
 
@@ -97,8 +98,11 @@ class Tracker:
         alive: list[Track] = []
         for i, t in enumerate(self.tracks):
             if i not in matched_t:
-                t.missed += 1
-            (alive if t.missed <= cfg.max_coast else self.ended).append(t)
+                t.since += 1
+                if dets.observed is None or t.label in dets.observed:
+                    t.missed += 1  # looked for and not found; unobserved frames do not count
+            expired = t.missed > cfg.max_coast or t.since > 4 * cfg.max_coast
+            (self.ended if expired else alive).append(t)
         for i, label in enumerate(dets.labels):
             if i not in matched_d:
                 box = dets.boxes[i].astype(np.float32)
@@ -113,13 +117,14 @@ class Tracker:
     def _refresh(self, t: Track, box: np.ndarray, score: float) -> None:
         a = self.config.velocity_smoothing
         if t.last_detected is not None:
-            step = (box - t.last_detected) / (t.missed + 1)
+            step = (box - t.last_detected) / (t.since + 1)
             t.velocity = (a * step + (1 - a) * t.velocity).astype(np.float32)
         t.box = t.last_detected = box.astype(np.float32)
         t.score = score
         if score > t.best_score:
             t.best_score, t.best_box = score, t.box
         t.missed = 0
+        t.since = 0
         t.hits += 1
 
     def current(self) -> Detections:
@@ -131,5 +136,5 @@ class Tracker:
             scores=np.array([t.score for t in self.tracks], np.float32),
             labels=tuple(t.label for t in self.tracks),
             track_ids=np.array([t.track_id for t in self.tracks], np.int64),
-            coasted=np.array([t.missed > 0 for t in self.tracks], bool),
+            coasted=np.array([t.since > 0 for t in self.tracks], bool),
         )

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 
 from stream.detect.detections import Detections
 from stream.detect.letterbox import Placement, letterbox_batch
@@ -23,7 +25,7 @@ class OnnxDetector(ABC):
     label: str = ""
     pad_value: int = 0
     dynamic_rewrite: bool = False
-    fixed_input: tuple[int, int] | None = None  # (h, w) for models that only take one shape
+    per_shape: bool = False  # models whose graph bakes in its input size get one session per size
 
     def __init__(
         self,
@@ -34,17 +36,33 @@ class OnnxDetector(ABC):
         providers: Sequence[str] = DEFAULT_PROVIDERS,
         threads: int = 0,
         upscale: bool = True,
+        min_input: int | None = None,
     ) -> None:
         self.input_size = input_size
         self.threshold = threshold
         self.nms_iou = nms_iou
         self.upscale = upscale
+        self.min_input = min_input
         self.spec = spec(self.model_name)
-        self.session = create_session(
-            model_path(self.model_name, model_dir), providers, threads, dynamic=self.dynamic_rewrite
-        )
+        self._path = model_path(self.model_name, model_dir)
+        self._providers, self._threads = providers, threads
+        self._sessions: dict[tuple[int, int], ort.InferenceSession] = {}
+        self.session = create_session(self._path, providers, threads, dynamic=self.dynamic_rewrite)
         self.input_name = self.session.get_inputs()[0].name
         self._lock = threading.Lock()  # one run at a time per session keeps CPU threads predictable
+
+    def session_for(self, height: int, width: int) -> ort.InferenceSession:
+        if not self.per_shape:
+            return self.session
+        key = (height, width)
+        if key not in self._sessions:
+            model = self.reshape_model(onnx.load(str(self._path)), height, width)
+            self._sessions[key] = create_session(model, self._providers, self._threads)
+        return self._sessions[key]
+
+    def reshape_model(self, model: onnx.ModelProto, height: int, width: int) -> onnx.ModelProto:
+        """For ``per_shape`` models: the graph re-targeted to this input size."""
+        raise NotImplementedError
 
     @property
     def version(self) -> str:
@@ -61,21 +79,17 @@ class OnnxDetector(ABC):
     def run(self, images: list[np.ndarray]) -> list[Detections]:
         if not images:
             return []
-        if self.fixed_input is not None:
-            return [d for im in images for d in self._run_batch([im])]
         return self._run_batch(images)
 
     __call__ = run
 
     def _run_batch(self, images: list[np.ndarray]) -> list[Detections]:
-        batch, places = letterbox_batch(images, self.input_size, pad=self.pad_value, upscale=self.upscale)
-        if self.fixed_input is not None and batch.shape[1:3] != self.fixed_input:
-            canvas = np.full((len(images), *self.fixed_input, 3), self.pad_value, np.uint8)
-            canvas[:, : batch.shape[1], : batch.shape[2]] = batch
-            batch = canvas
+        batch, places = letterbox_batch(
+            images, self.input_size, pad=self.pad_value, upscale=self.upscale, min_side=self.min_input
+        )
         x = self.preprocess(batch)
         with self._lock:
-            outputs = self.session.run(None, {self.input_name: x})
+            outputs = self.session_for(*batch.shape[1:3]).run(None, {self.input_name: x})
         return [self._finish(outputs, i, places[i], images[i].shape) for i in range(len(images))]
 
     def _finish(self, outputs: list[np.ndarray], i: int, place: Placement, shape: tuple) -> Detections:

@@ -15,6 +15,9 @@ class Detections:
 
     ``labels`` are strings from :data:`LABELS`; ``track_ids`` is filled by the tracker
     (-1 for untracked) and ``coasted`` marks boxes kept alive without a fresh detection.
+    ``observed`` names the labels that were looked for in this frame (None: all of them); a
+    detector that skips frames for speed says so here, so the tracker does not read a skipped
+    frame as "the face has gone".
     """
 
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
@@ -22,6 +25,7 @@ class Detections:
     labels: tuple[str, ...] = ()
     track_ids: np.ndarray | None = None
     coasted: np.ndarray | None = None
+    observed: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.boxes)

@@ -28,18 +28,26 @@ def ceil_to(x: float, m: int) -> int:
 
 
 def letterbox_batch(
-    images: list[np.ndarray], long_side: int, stride: int = 32, pad: int = 0, upscale: bool = True
+    images: list[np.ndarray],
+    long_side: int,
+    stride: int = 32,
+    pad: int = 0,
+    upscale: bool = True,
+    min_side: int | None = None,
 ) -> tuple[np.ndarray, list[Placement]]:
     """Resize each image so its long side is ``long_side`` and pad all into one NHWC uint8 canvas.
 
     Frames are placed top-left so a box maps back with one scale per frame. The canvas is the
     smallest multiple of ``stride`` holding every resized frame, so a batch of 16:9 frames costs
-    640x384, not 640x640.
+    640x384, not 640x640. With ``min_side`` the target is the frame's own long side clamped to
+    [min_side, long_side]: small detail is never downscaled away below ``long_side`` and small
+    frames are not blown up past ``min_side``.
     """
     sizes = []
     for im in images:
         h, w = im.shape[:2]
-        s = long_side / max(h, w)
+        target = long_side if min_side is None else min(long_side, max(min_side, max(h, w)))
+        s = target / max(h, w)
         if not upscale:
             s = min(s, 1.0)
         sizes.append((s, max(1, round(w * s)), max(1, round(h * s))))

