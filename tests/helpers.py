@@ -205,9 +205,18 @@ REGION_KEYS = {"label", "box", "shape", "score"}
 OPTIONAL_REGION_KEYS = {"track_id", "coasted"}
 
 
-def check_masks_contract(doc: dict, width: int, height: int, frames: int) -> None:
-    """The --masks-json contract, exactly as documented for users of the file."""
-    assert set(doc) == {"width", "height", "frames"}
+def check_masks_contract(doc: dict, width: int, height: int, frames: int, warnings: bool = False) -> None:
+    """The --masks-json contract, exactly as documented for users of the file.
+
+    ``warnings``: the input was damaged, so the document must carry a ``warnings`` list of strings
+    (the same lines the CLI prints on stderr); otherwise it must not have one.
+    """
+    if warnings:
+        assert set(doc) == {"width", "height", "frames", "warnings"}, sorted(doc)
+        assert isinstance(doc["warnings"], list) and doc["warnings"], doc["warnings"]
+        assert all(isinstance(w, str) and w for w in doc["warnings"]), doc["warnings"]
+    else:
+        assert set(doc) == {"width", "height", "frames"}, doc.get("warnings")
     assert doc["width"] == width and doc["height"] == height
     assert type(doc["width"]) is int and type(doc["height"]) is int
     assert isinstance(doc["frames"], list) and len(doc["frames"]) == frames

@@ -11,12 +11,6 @@ from helpers import ASTRONAUT, make_clip, run_cli
 
 from stream.detect.models import manifest
 
-BUG_SUBPARSER_PREFIX = pytest.mark.xfail(
-    strict=True,
-    reason="BUG stream/cli.py _Parser.error: sub-command parsers print their own prog, "
-           "`stream-redact redact: error:` / `stream-redact models: error:`, not `stream-redact: error:`",
-)
-
 
 def assert_one_error_line(res, code: int | None = None, pattern: str = "") -> str:
     assert res.returncode != 0, f"exit 0 for a bad input; stderr: {res.stderr}"
@@ -112,46 +106,36 @@ CASES = [
     ("negative-lookback", ["{image}", "-o", "{tmp}/o.jpg", "--lookback", "-2"], 2, r"--lookback"),
     ("unknown-provider", ["{image}", "-o", "{tmp}/o.jpg", "--providers", "gpu"], 2, r"provider.*gpu"),
     ("empty-provider-list", ["{image}", "-o", "{tmp}/o.jpg", "--providers", ","], 2, r"provider"),
+    ("bogus-provider", ["{image}", "-o", "{tmp}/o.jpg", "--providers", "bogus"], 2,
+     r"--providers: unknown execution provider bogus"),
+    ("one-bogus-provider-in-list", ["{image}", "-o", "{tmp}/o.jpg", "--providers", "cpu,bogus"], 2,
+     r"--providers: unknown execution provider bogus\b"),
+    ("plate-every-0", ["{image}", "-o", "{tmp}/o.jpg", "--plate-every", "0"], 2,
+     r"redact: argument --plate-every: must be >= 1, got 0"),
+    ("plate-every-not-a-number", ["{image}", "-o", "{tmp}/o.jpg", "--plate-every", "x"], 2,
+     r"argument --plate-every: expected a whole number, got 'x'"),
+    ("person-every-0", ["{image}", "-o", "{tmp}/o.jpg", "--person-every", "0"], 2,
+     r"argument --person-every: must be >= 1"),
     ("empty-model-dir", ["{image}", "-o", "{tmp}/o.jpg", "--model-dir", "{tmp}"], 1,
      r"missing.*stream-redact models fetch"),
 ]
 
-# cases that show a bug in stream/ today (see the reason); strict, so a fix turns them red as a reminder
-BUG_OPENCV_LOG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG stream/files.py redact_image: OpenCV logs '[ERROR:0@..] global grfmt_png.cpp ... readHeader' "
-           "on stderr before our error line (OpenCV logging is not silenced)",
-)
-BUG_MASKS_WRITE = pytest.mark.xfail(
-    strict=True,
-    reason="BUG stream/files.py MaskReport.write: OSError from write_text is not caught -> traceback",
-)
-BUG_VIDEO_WRITE = pytest.mark.xfail(
-    strict=True,
-    reason="BUG stream/files.py _Encoder: av.open(mode='w') opens the file lazily, so an unwritable video "
-           "output fails at the first mux, outside the try -> traceback",
-)
-BUG_MASKS_OVERWRITE = pytest.mark.xfail(
-    strict=True,
-    reason="BUG stream/files.py check_paths: --masks-json is not compared with the input or the output; "
-           "the JSON silently replaces the input photo (data loss) or the redacted output, exit 0",
-)
+# regressions: each of these once printed a traceback, a second stderr line or a wrong prefix,
+# or (--masks-json on the input/output) silently replaced a file
 OUT = ["-o", "{tmp}/o.jpg"]
-BUG_CASES = [
-    pytest.param(["{corrupt_png}", "-o", "{tmp}/o.png"], 1, r"cannot decode image", id="corrupt-png",
-                 marks=BUG_OPENCV_LOG),
-    pytest.param(["{image}"], 2, r"-o/--output", id="missing-output-option", marks=BUG_SUBPARSER_PREFIX),
+REGRESSION_CASES = [
+    pytest.param(["{corrupt_png}", "-o", "{tmp}/o.png"], 1, r"cannot decode image", id="corrupt-png"),
+    pytest.param(["{image}"], 2, r"-o/--output", id="missing-output-option"),
     pytest.param(["{image}", *OUT, "--face-threshold", "2"], 2, r"--face-threshold.*between 0 and 1",
-                 id="face-threshold-2", marks=BUG_SUBPARSER_PREFIX),
-    pytest.param(["{image}", *OUT, "--batch", "0"], 2, r"--batch", id="batch-0", marks=BUG_SUBPARSER_PREFIX),
-    pytest.param(["{image}", *OUT, "--style", "smudge"], 2, r"--style", id="bad-style",
-                 marks=BUG_SUBPARSER_PREFIX),
+                 id="face-threshold-2"),
+    pytest.param(["{image}", *OUT, "--batch", "0"], 2, r"--batch", id="batch-0"),
+    pytest.param(["{image}", *OUT, "--style", "smudge"], 2, r"--style", id="bad-style"),
     pytest.param(["{image}", *OUT, "--masks-json", "/proc/stream-redact-test.json"], 1, r"cannot write",
-                 id="masks-json-unwritable", marks=BUG_MASKS_WRITE),
-    pytest.param(["{image}", *OUT, "--masks-json", "{image}"], 1, r"overwrite", id="masks-json-is-input",
-                 marks=BUG_MASKS_OVERWRITE),
-    pytest.param(["{image}", *OUT, "--masks-json", "{tmp}/o.jpg"], 1, r"overwrite|same",
-                 id="masks-json-is-output", marks=BUG_MASKS_OVERWRITE),
+                 id="masks-json-unwritable"),
+    pytest.param(["{image}", *OUT, "--masks-json", "{image}"], 1, r"--masks-json.*same file as the input",
+                 id="masks-json-is-input"),
+    pytest.param(["{image}", *OUT, "--masks-json", "{tmp}/o.jpg"], 1,
+                 r"--masks-json.*same file as the input or output", id="masks-json-is-output"),
 ]
 
 
@@ -160,7 +144,7 @@ def _argv(template: list[str], inputs: dict[str, Path], tmp: Path) -> list[str]:
 
 
 @pytest.mark.parametrize(("argv", "code", "pattern"),
-                         [pytest.param(*c[1:], id=c[0]) for c in CASES] + BUG_CASES)
+                         [pytest.param(*c[1:], id=c[0]) for c in CASES] + REGRESSION_CASES)
 def test_bad_redact_input(inputs: dict[str, Path], tmp_path: Path, argv: list[str], code: int | None,
                           pattern: str) -> None:
     image = tmp_path / "in.jpg"  # a private copy: a buggy run may overwrite it
@@ -173,7 +157,6 @@ def test_bad_redact_input(inputs: dict[str, Path], tmp_path: Path, argv: list[st
 
 
 @pytest.mark.parametrize("ext", ["mp4", "mkv"])
-@BUG_VIDEO_WRITE
 def test_unwritable_video_output(tmp_path: Path, ext: str) -> None:
     clip = make_clip(tmp_path / f"in.{ext}", frames=3)
     res = run_cli("redact", clip.path, "-o", f"/proc/stream-redact-test.{ext}", "--no-heads", "--no-plates",
@@ -219,7 +202,7 @@ def test_each_missing_model_is_named(inputs: dict[str, Path], tmp_path: Path, mi
         ([], 2, r"required: command"),
         (["frobnicate"], 2, r"invalid choice: 'frobnicate'"),
         (["--frobnicate"], 2, r"unrecognized arguments|required"),
-        pytest.param(["models"], 2, r"models_cmd|required", marks=BUG_SUBPARSER_PREFIX),
+        pytest.param(["models"], 2, r"models_cmd|required"),
     ],
     ids=["no-command", "unknown-command", "unknown-global-option", "models-without-subcommand"],
 )

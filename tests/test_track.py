@@ -143,3 +143,91 @@ def test_new_track_masks_from_its_first_detection() -> None:
     out = Tracker().update(dets((10, 10, 50, 50)))
     assert len(out) == 1 and not out.coasted[0] and out.track_ids[0] >= 1
     np.testing.assert_array_equal(out.boxes[0], [10, 10, 50, 50])
+
+
+# --- frames where a label was not looked for (Detections.observed) ------------------------------
+
+PLATE = (300.0, 200.0, 420.0, 228.0)
+FACES_ONLY = frozenset({"face"})
+BOTH = frozenset({"face", "plate"})
+
+
+def observed(*boxes: tuple[float, float, float, float], seen: frozenset[str] | None,
+             labels: tuple[str, ...] = ()) -> Detections:
+    b = np.array(boxes, np.float32).reshape(-1, 4)
+    return Detections(boxes=b, scores=np.full(len(b), 0.9, np.float32), labels=labels, observed=seen)
+
+
+def plate_tracker(max_coast: int) -> tuple[Tracker, int]:
+    t = Tracker(TrackerConfig(max_coast=max_coast))
+    for _ in range(3):
+        out = t.update(observed(PLATE, seen=BOTH, labels=("plate",)))
+    assert len(out) == 1 and not out.coasted[0]
+    return t, int(out.track_ids[0])
+
+
+def width(box: np.ndarray) -> float:
+    return float(box[2] - box[0])
+
+
+@pytest.mark.parametrize("max_coast", [1, 3, 12])
+def test_unobserved_plate_survives_past_max_coast_up_to_four_times(max_coast: int) -> None:
+    """Plates not looked for (faces only) are not missed: the track lives 4 * max_coast frames, coasting."""
+    t, tid = plate_tracker(max_coast)
+    widths = [width(np.array(PLATE))]
+    for since in range(1, 4 * max_coast + 1):
+        out = t.update(observed(seen=FACES_ONLY))
+        assert len(out) == 1, f"plate dropped after {since} unobserved frame(s), max_coast={max_coast}"
+        assert out.labels == ("plate",) and int(out.track_ids[0]) == tid
+        assert bool(out.coasted[0]), f"frame {since}: an unobserved plate must be reported as coasted"
+        assert contains(out.boxes[0], PLATE), f"frame {since}: {out.boxes[0]} does not cover {PLATE}"
+        widths.append(width(out.boxes[0]))
+        assert widths[-1] > widths[-2], f"frame {since}: coasted box did not grow: {widths}"
+    assert t.tracks[0].missed == 0, "an unobserved frame was counted as a miss"
+    assert len(t.update(observed(seen=FACES_ONLY))) == 0, "still shown after 4 * max_coast unobserved frames"
+    assert [tr.track_id for tr in t.ended] == [tid]
+
+
+@pytest.mark.parametrize("max_coast", [1, 3, 12])
+@pytest.mark.parametrize("seen", [BOTH, None, frozenset({"plate"})], ids=["face+plate", "None", "plate"])
+def test_observed_absent_plate_expires_after_max_coast(max_coast: int, seen: frozenset[str] | None) -> None:
+    t, tid = plate_tracker(max_coast)
+    for missed in range(1, max_coast + 1):
+        out = t.update(observed(seen=seen))
+        assert len(out) == 1 and bool(out.coasted[0]) and int(out.track_ids[0]) == tid, f"miss {missed}"
+    assert len(t.update(observed(seen=seen))) == 0, "still shown after max_coast + 1 observed misses"
+    assert [tr.track_id for tr in t.ended] == [tid]
+
+
+def test_only_observed_frames_count_as_misses() -> None:
+    """5 unobserved frames cost nothing; then max_coast observed misses are still allowed."""
+    t, tid = plate_tracker(max_coast=3)
+    for _ in range(5):
+        assert len(t.update(observed(seen=FACES_ONLY))) == 1
+    for missed in range(1, 4):
+        out = t.update(observed(seen=BOTH))
+        assert len(out) == 1 and int(out.track_ids[0]) == tid, f"dropped at observed miss {missed}"
+    assert len(t.update(observed(seen=BOTH))) == 0
+
+
+def test_plate_found_again_after_unobserved_frames_keeps_its_id() -> None:
+    t, tid = plate_tracker(max_coast=2)
+    for _ in range(6):  # > max_coast, <= 4 * max_coast
+        t.update(observed(seen=FACES_ONLY))
+    out = t.update(observed(PLATE, seen=BOTH, labels=("plate",)))
+    assert len(out) == 1 and int(out.track_ids[0]) == tid and not out.coasted[0]
+    np.testing.assert_array_equal(out.boxes[0], PLATE)  # back to the detected size, not the grown one
+
+
+def test_observed_is_per_label() -> None:
+    """A face missed in a faces-only frame expires after max_coast while the unobserved plate stays."""
+    t = Tracker(TrackerConfig(max_coast=2))
+    face_box = (50.0, 50.0, 90.0, 90.0)
+    out = t.update(observed(face_box, PLATE, seen=BOTH, labels=("face", "plate")))
+    ids = dict(zip(out.labels, out.track_ids.tolist(), strict=True))
+    for _ in range(2):
+        out = t.update(observed(seen=FACES_ONLY))
+        assert sorted(out.labels) == ["face", "plate"] and all(out.coasted)
+    out = t.update(observed(seen=FACES_ONLY))
+    assert out.labels == ("plate",) and out.track_ids.tolist() == [ids["plate"]]
+    assert [tr.track_id for tr in t.ended] == [ids["face"]]

@@ -127,7 +127,9 @@ class FrameDetector:
         out = []
         for i in range(len(images)):
             observed = set()
-            if any(due[i] for _, due in face_runs) or people_due[i]:
+            # head masks from the person model are faces too: faces count as looked for only
+            # when every source of face boxes ran on this frame
+            if any(due[i] for _, due in face_runs) and (self.person_model is None or people_due[i]):
                 observed.add("face")
             if plate_due[i]:
                 observed.add("plate")
