@@ -77,6 +77,8 @@ def create_session(
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
+    # decode, encode and other models share the cores: idle ORT workers must sleep, not spin
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     source: str | bytes
     if isinstance(path, onnx.ModelProto):
