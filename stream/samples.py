@@ -17,7 +17,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import subprocess
@@ -29,6 +28,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+
+from stream.checksum import sha256_file
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / ".samples"
 """Default store; ``STREAM_REDACT_SAMPLES`` or ``--dir`` override it (e.g. for a wheel install)."""
@@ -102,14 +103,6 @@ def samples_dir(root: Path | None = None) -> Path:
         return root
     env = os.environ.get("STREAM_REDACT_SAMPLES")
     return Path(env) if env else SAMPLES_DIR
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def get(name: str) -> Sample:

@@ -6,7 +6,6 @@ this repository; the manifest records where, under which licence, and the exact 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from stream.checksum import sha256_file
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models"
 MANIFEST_PATH = DEFAULT_MODEL_DIR / "manifest.json"
@@ -59,14 +60,6 @@ def spec(name: str) -> ModelSpec:
     if name not in specs:
         raise ModelError(f"unknown model {name!r}; known models: {', '.join(sorted(specs))}")
     return specs[name]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 _verified: dict[tuple[str, int, int], str] = {}
