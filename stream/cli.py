@@ -134,7 +134,7 @@ def cmd_redact(args: argparse.Namespace) -> int:
     from stream.redact import RedactConfig, Redactor, Style
     from stream.track import Tracker, TrackerConfig
 
-    check_paths(args.input, args.output, args.masks_json)
+    kind = check_paths(args.input, args.output, args.masks_json)  # before any model loads
     _apply_preset(args)
     if args.coast is not None and args.coast < 0:
         raise UserError("--coast must be >= 0", exit_code=2)
@@ -182,7 +182,8 @@ def cmd_redact(args: argparse.Namespace) -> int:
     opts = JobOptions(batch=args.batch, lookback=args.lookback, keep_audio=args.keep_audio,
                       progress=not args.no_progress and sys.stderr.isatty())
     t0 = time.perf_counter()
-    report = run_job(args.input, args.output, args.masks_json, detector, Tracker(tcfg), Redactor(rcfg), opts)
+    report = run_job(args.input, args.output, args.masks_json, detector, Tracker(tcfg), Redactor(rcfg), opts,
+                     kind=kind)
     dt = time.perf_counter() - t0
     n = len(report.frames)
     masked = sum(len(f["regions"]) for f in report.frames)

@@ -132,9 +132,24 @@ def redact_image(src: Path, dst: Path, detect: Detect, stage: MaskingStage) -> M
     return report
 
 
+def _put(out: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """Blocking put that gives up once the consumer has stopped; False if it did."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 def _decode(container: av.container.InputContainer, vstream: av.VideoStream, out: queue.Queue,
-            warnings: list[str], audio_packets: queue.Queue | None) -> None:
-    """Decode thread: frames go to ``out``; a decode error ends the stream with a warning."""
+            warnings: list[str], audio_packets: queue.Queue | None, stop: threading.Event) -> None:
+    """Decode thread: frames go to ``out``; a decode error ends the stream with a warning.
+
+    Audio packets go to an unbounded queue, but the decoder can only run ``out``'s size ahead
+    of the encoder, so it holds at most that many frames' worth of audio.
+    """
     n = 0
     try:
         streams = [vstream] + ([container.streams.audio[0]] if audio_packets is not None else [])
@@ -149,12 +164,13 @@ def _decode(container: av.container.InputContainer, vstream: av.VideoStream, out
                 warnings.append(f"corrupt data after frame {n} ({e.strerror or e}); skipped a packet")
                 continue
             for f in frames:
-                out.put(f.to_ndarray(format="bgr24"))
+                if not _put(out, f.to_ndarray(format="bgr24"), stop):
+                    return
                 n += 1
     except (av.error.FFmpegError, OSError) as e:
         warnings.append(f"input ended early after frame {n}: {e}; redacted the {n} frames that decoded")
     finally:
-        out.put(None)
+        _put(out, None, stop)
 
 
 def _batches(frames: queue.Queue, size: int) -> Iterator[list[np.ndarray]]:
@@ -248,9 +264,10 @@ def redact_video(src: Path, dst: Path, detect: Detect, stage: MaskingStage, opts
         log.warning("--keep-audio: %s has no audio stream", src)
     report = MaskReport(width=width, height=height)
     frames: queue.Queue = queue.Queue(maxsize=16)
+    stop = threading.Event()
     audio_q: queue.Queue | None = queue.Queue() if audio is not None else None
     decoder = threading.Thread(
-        target=_decode, args=(container, vstream, frames, report.warnings, audio_q), daemon=True
+        target=_decode, args=(container, vstream, frames, report.warnings, audio_q, stop), daemon=True
     )
     try:
         encoder = _Encoder(dst, width, height, rate, opts, audio)
@@ -264,19 +281,29 @@ def redact_video(src: Path, dst: Path, detect: Detect, stage: MaskingStage, opts
         progress = tqdm(total=total, unit="frame", desc=src.name, file=sys.stderr, leave=False)
     decoder.start()
     index = 0
+    failed = True
     try:
         index = _pump(frames, detect, stage, encoder, report, opts, audio_q, decoder, progress)
+        failed = False
     except (av.error.FFmpegError, OSError) as e:
         raise UserError(f"cannot write video {dst}: {e}") from None
+    except Exception as e:
+        # fail closed: only painted frames were ever encoded, but a half-finished file must not be
+        # mistaken for a complete redaction, so it is removed
+        raise UserError(f"detection failed after {len(report.frames)} frames ({type(e).__name__}: {e}); "
+                        f"removed the incomplete output {dst}") from e
     finally:
         if progress is not None:
             progress.close()
+        stop.set()  # on an error the decoder may be blocked on a full queue
         decoder.join(timeout=5)
         try:
             encoder.close()
         except (av.error.FFmpegError, OSError) as e:
             log.debug("closing %s failed: %s", dst, e)
         container.close()
+        if failed:
+            dst.unlink(missing_ok=True)
 
     if index == 0:
         raise UserError(f"no frame of {src} could be decoded: the file is corrupt or truncated")
@@ -291,8 +318,9 @@ def redact_video(src: Path, dst: Path, detect: Detect, stage: MaskingStage, opts
 
 
 def run_job(src: Path, dst: Path, masks: Path | None, detect: Detect, tracker: Tracker,
-            redactor: Redactor, opts: JobOptions) -> MaskReport:
-    kind = check_paths(src, dst, masks)
+            redactor: Redactor, opts: JobOptions, kind: str | None = None) -> MaskReport:
+    """Redact one file; ``kind`` is what :func:`check_paths` returned, if the caller ran it."""
+    kind = kind or check_paths(src, dst, masks)
     if kind == "image":
         report = redact_image(src, dst, detect, MaskingStage(tracker, redactor, lookback=0))
     else:

@@ -49,12 +49,12 @@ class MaskingStage:
         self.redactor = redactor
         self.lookback = max(0, lookback)
         self._pending: deque[_Pending] = deque()
-        self._known: set[int] = set()
+        self._last_id = 0  # track ids only grow: a larger id is a track born in this frame
 
     def push(self, index: int, image: np.ndarray, dets: Detections, meta: Any = None) -> Iterator[Masked]:
         tracked = self.tracker.update(dets)
         if self.lookback and tracked.track_ids is not None:
-            new = np.array([int(t) not in self._known for t in tracked.track_ids], bool)
+            new = tracked.track_ids > self._last_id
             if new.any():
                 born = tracked.select(new)
                 growth = self.tracker.config.coast_growth
@@ -63,14 +63,11 @@ class MaskingStage:
                         boxes=scale_boxes(born.boxes, 1 + growth * back), scores=born.scores,
                         labels=born.labels, track_ids=born.track_ids, coasted=np.ones(len(born), bool),
                     ))
-        if tracked.track_ids is not None:
-            self._known = {int(t) for t in tracked.track_ids} | {int(t) for t in self._known_live()}
+        if tracked.track_ids is not None and len(tracked.track_ids):
+            self._last_id = max(self._last_id, int(tracked.track_ids.max()))
         self._pending.append(_Pending(index, image, tracked, meta))
         while len(self._pending) > self.lookback:
             yield self._emit(self._pending.popleft())
-
-    def _known_live(self) -> list[int]:
-        return [t.track_id for t in self.tracker.tracks]
 
     def flush(self) -> Iterator[Masked]:
         while self._pending:

@@ -129,7 +129,3 @@ class Redactor:
         else:
             roi[...] = _obscure(roi, self.config.style, self.config.solid_color)
 
-
-def blank(frame: np.ndarray) -> None:
-    """Fail-closed output: the whole frame painted black."""
-    frame[...] = 0

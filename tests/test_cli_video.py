@@ -137,3 +137,28 @@ def test_truncated_video_warns_on_stderr(full_mp4_faststart: Clip, tmp_path: Pat
     warnings = warning_lines(res.stderr)
     assert any("truncated" in ln for ln in warnings), res.stderr
     assert any(re.search(r"\b24\b", ln) for ln in warnings), f"declared frame count not named: {warnings}"
+
+
+def test_detector_failure_mid_video_leaves_no_output(tmp_path: Path) -> None:
+    """Fail closed: a detector that raises at frame 5 ends the job with an error and no output file."""
+    from stream.errors import UserError
+    from stream.files import JobOptions, run_job
+    from stream.redact import Redactor
+    from stream.track import Tracker
+
+    clip = make_clip(tmp_path / "in.mp4", frames=12)
+    calls = []
+
+    def detect(images, seqs):
+        from stream.detect.detections import Detections
+
+        calls.extend(seqs)
+        if max(seqs) >= 5:
+            raise RuntimeError("session lost")
+        return [Detections() for _ in images]
+
+    out = tmp_path / "out.mp4"
+    with pytest.raises(UserError, match=r"detection failed after \d+ frames .*session lost.*removed"):
+        run_job(clip.path, out, None, detect, Tracker(), Redactor(), JobOptions(batch=1, progress=False))
+    assert 5 in calls
+    assert not out.exists()

@@ -35,24 +35,26 @@ class OnnxDetector(ABC):
         model_dir: Path | None = None,
         providers: Sequence[str] = DEFAULT_PROVIDERS,
         threads: int = 0,
-        upscale: bool = True,
         min_input: int | None = None,
     ) -> None:
         self.input_size = input_size
         self.threshold = threshold
         self.nms_iou = nms_iou
-        self.upscale = upscale
         self.min_input = min_input
         self.spec = spec(self.model_name)
         self._path = model_path(self.model_name, model_dir)
         self._providers, self._threads = providers, threads
         self._sessions: dict[tuple[int, int], ort.InferenceSession] = {}
-        self.session = create_session(self._path, providers, threads, dynamic=self.dynamic_rewrite)
-        self.input_name = self.session.get_inputs()[0].name
+        self.session: ort.InferenceSession | None = None
+        if self.per_shape:  # sessions are made per canvas size on first use
+            self.input_name = onnx.load(str(self._path), load_external_data=False).graph.input[0].name
+        else:
+            self.session = create_session(self._path, providers, threads, dynamic=self.dynamic_rewrite)
+            self.input_name = self.session.get_inputs()[0].name
         self._lock = threading.Lock()  # one run at a time per session keeps CPU threads predictable
 
     def session_for(self, height: int, width: int) -> ort.InferenceSession:
-        if not self.per_shape:
+        if self.session is not None:
             return self.session
         key = (height, width)
         if key not in self._sessions:
@@ -85,12 +87,13 @@ class OnnxDetector(ABC):
 
     def _run_batch(self, images: list[np.ndarray]) -> list[Detections]:
         batch, places = letterbox_batch(
-            images, self.input_size, pad=self.pad_value, upscale=self.upscale, min_side=self.min_input
+            images, self.input_size, pad=self.pad_value, min_side=self.min_input
         )
-        x = self.preprocess(batch)
+        # preprocess and decode may keep per-batch state (YuNet's grid size): same lock as the run
         with self._lock:
+            x = self.preprocess(batch)
             outputs = self.session_for(*batch.shape[1:3]).run(None, {self.input_name: x})
-        return [self._finish(outputs, i, places[i], images[i].shape) for i in range(len(images))]
+            return [self._finish(outputs, i, places[i], images[i].shape) for i in range(len(images))]
 
     def _finish(self, outputs: list[np.ndarray], i: int, place: Placement, shape: tuple) -> Detections:
         boxes, scores = self.decode(outputs, i)

@@ -39,10 +39,6 @@ class Detections:
         return len(self.boxes)
 
     @classmethod
-    def empty(cls) -> Detections:
-        return cls()
-
-    @classmethod
     def concat(cls, parts: list[Detections]) -> Detections:
         parts = [p for p in parts if len(p)]
         if not parts:
