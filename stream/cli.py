@@ -1,4 +1,4 @@
-"""Command line: `stream-redact redact` for files, `stream-redact models` for the weights."""
+"""Command line: `redact` for files, `run` for live streams, `models` for the weights."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from stream import __version__
 from stream.detect.models import ModelError
+from stream.detect.presets import PRESETS, detector_config
 from stream.errors import UserError
 
 log = logging.getLogger("stream")
@@ -109,27 +110,16 @@ def add_redact_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_redact)
 
 
-PRESETS: dict[str, dict[str, object]] = {
-    "accurate": {"face_model": "centerface", "input_size": 960, "plate_size": 960,
-                 "plate_every": 1, "person_every": 1},
-    "fast": {"face_model": "yunet", "input_size": 640, "plate_size": 640,
-             "plate_every": 3, "person_every": 3},
-}
-
-
 def _apply_preset(args: argparse.Namespace) -> None:
     """Fill every option the user left unset from the chosen preset."""
     preset = PRESETS[args.preset]
     for key in ("face_model", "plate_every", "person_every"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
-    args.plate_size = args.input_size or preset["plate_size"]
-    if args.input_size is None:
-        args.input_size = preset["input_size"]
 
 
 def cmd_redact(args: argparse.Namespace) -> int:
-    from stream.detect.ensemble import DetectorConfig, FrameDetector, ModelConfig
+    from stream.detect.ensemble import FrameDetector
     from stream.files import JobOptions, check_paths, run_job
     from stream.redact import RedactConfig, Redactor, Style
     from stream.track import Tracker, TrackerConfig
@@ -152,24 +142,11 @@ def cmd_redact(args: argparse.Namespace) -> int:
     if bad or not providers:
         raise UserError(f"--providers: unknown execution provider {', '.join(bad) or '(none)'}; "
                         f"use a comma-separated list of {', '.join(PROVIDER_ALIASES)}", exit_code=2)
-    cfg = DetectorConfig(providers=providers, threads=args.threads,
-                         model_dir=args.model_dir)
-    names = ["centerface", "yunet"] if args.face_model == "both" else [args.face_model]
-    default_face = {"centerface": 0.35, "yunet": 0.5}
-    size = args.input_size
-    cfg.faces = {n: ModelConfig(threshold=args.face_threshold or default_face[n], input_size=size,
-                                min_input=min(640, size)) for n in names}
-    if args.no_plates:
-        cfg.plate = None
-    elif cfg.plate is not None:
-        cfg.plate.threshold = args.plate_threshold or cfg.plate.threshold
-        cfg.plate.input_size = args.plate_size
-        cfg.plate.every = args.plate_every
-    if args.no_heads:
-        cfg.person_heads = None
-    elif cfg.person_heads is not None:
-        cfg.person_heads.input_size, cfg.person_heads.min_input = size, min(640, size)
-        cfg.person_heads.every = args.person_every
+    cfg = detector_config(args.preset, face_model=args.face_model, face_threshold=args.face_threshold,
+                          plate_threshold=args.plate_threshold, input_size=args.input_size,
+                          plate_every=args.plate_every, person_every=args.person_every,
+                          plates=not args.no_plates, heads=not args.no_heads, providers=providers,
+                          threads=args.threads, model_dir=args.model_dir)
     rcfg = RedactConfig(style=Style(args.style))
     if args.face_scale:
         rcfg.mask_scale["face"] = args.face_scale
@@ -192,6 +169,31 @@ def cmd_redact(args: argparse.Namespace) -> int:
     print(f"redacted {n} frame(s) of {args.input} -> {args.output}: {masked} region(s) masked, "
           f"{n / dt:.1f} frames/s", file=sys.stderr)
     return 0
+
+
+def add_run_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run live streams from a YAML config until stopped (SIGINT/SIGTERM)",
+                       description="Pull every configured stream, redact it through one shared detection "
+                                   "stage and publish it; serves /metrics, /healthz and /readyz.")
+    p.add_argument("--config", type=Path, required=True, help="pipeline config (YAML); see README")
+    p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from stream.config import load_config
+
+    config = load_config(args.config)
+    if args.check:
+        print(f"{args.config}: ok, {len(config.streams)} stream(s)", file=sys.stderr)
+        return 0
+    if not args.verbose:
+        logging.getLogger("stream").setLevel(logging.INFO)
+    from stream.service import serve
+
+    return asyncio.run(serve(config))
 
 
 def add_models_parser(sub: argparse._SubParsersAction) -> None:
@@ -227,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_redact_parser(sub)
+    add_run_parser(sub)
     add_models_parser(sub)
     return parser
 

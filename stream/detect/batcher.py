@@ -1,0 +1,285 @@
+"""The one detection stage shared by every live stream: frames of all streams in, batches out.
+
+A loop thread collects jobs from the per-stream queues (up to ``max_batch``, waiting at most
+``max_wait_s`` for a batch to fill, round robin so no stream starves the others) and hands each
+batch to an inference worker thread that owns the detector. The loop waits for the worker with
+a timeout: a run that raises or hangs fails its frames (the redaction stage blanks them), the
+worker is abandoned and a fresh detector is built in a new one, and until it is ready frames are
+failed at once, so outputs stay live and blank rather than frozen or, worse, unredacted.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from stream.detect.detections import Detections
+from stream.frames import Failure, Job, JobQueue
+from stream.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Detect = Callable[[list[np.ndarray], Sequence[int] | None], list[Detections]]
+DetectorFactory = Callable[[], Detect]
+
+MAX_ABANDONED = 4
+"""hung workers kept waiting for their detector to return; beyond this, no new detector is built"""
+
+
+class _Call:
+    def __init__(self, images: list[np.ndarray], seqs: list[int]) -> None:
+        self.images, self.seqs = images, seqs
+        self.result: list[Detections] | None = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+
+class _Worker:
+    """A thread that builds one detector and runs batches on it, one at a time."""
+
+    def __init__(self, factory: DetectorFactory, on_ready: Callable[[_Worker, BaseException | None], None],
+                 name: str, detector: Detect | None = None) -> None:
+        self._factory, self._on_ready = factory, on_ready
+        self.detector = detector
+        self.ready = detector is not None
+        self.abandoned = False
+        self._call: _Call | None = None
+        self._wake = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, call: _Call) -> None:
+        with self._wake:
+            self._call = call
+            self._wake.notify()
+
+    def abandon(self) -> None:
+        with self._wake:
+            self.abandoned = True
+            self._wake.notify()
+
+    def _run(self) -> None:
+        if self.detector is None:
+            try:
+                self.detector = self._factory()
+            except Exception as e:  # a model that fails to load again: the batcher retries later
+                self._on_ready(self, e)
+                return
+            self.ready = True
+            self._on_ready(self, None)
+        while True:
+            with self._wake:
+                while self._call is None and not self.abandoned:
+                    self._wake.wait()
+                if self.abandoned:
+                    return
+                call, self._call = self._call, None
+            try:
+                call.result = self.detector(call.images, call.seqs)
+                if len(call.result) != len(call.images):
+                    raise RuntimeError(f"detector returned {len(call.result)} results for "
+                                       f"{len(call.images)} frames")
+            except BaseException as e:
+                call.error = e
+            call.done.set()
+
+
+class Batcher:
+    """Collects jobs across streams and resolves each with detections or a :class:`Failure`."""
+
+    def __init__(self, factory: DetectorFactory, metrics: Metrics, max_batch: int = 8,
+                 max_wait_s: float = 0.01, hang_timeout_s: float = 1.0) -> None:
+        self.factory = factory
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.hang_timeout_s = hang_timeout_s
+        self.cond = threading.Condition()
+        self._queues: dict[str, JobQueue] = {}
+        self._rr = 0
+        self._stop = threading.Event()
+        self._worker: _Worker | None = None
+        self._abandoned: list[_Worker] = []
+        self._failures_in_row = 0
+        self._retry_at = 0.0
+        self._incident: Failure | None = None
+        self._incident_frames = 0
+        self._thread: threading.Thread | None = None
+        self.batches = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Build the first detector here, so a bad model fails the start with its own error."""
+        detector = self.factory()
+        self._worker = _Worker(self.factory, self._worker_ready, "detector-0", detector=detector)
+        self.metrics.detector_up.set(1)
+        self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        with self.cond:
+            self.cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._worker is not None:
+            self._worker.abandon()
+        for q in list(self._queues.values()):
+            for job in q.drain():
+                job.resolve(failure=Failure.DETECTOR_UNAVAILABLE)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def ready(self) -> bool:
+        return self._worker is not None and self._worker.ready
+
+    def attach(self, queue: JobQueue) -> None:
+        queue.notify = self.cond
+        with self.cond:
+            self._queues[queue.stream_id] = queue
+
+    def detach(self, stream_id: str) -> None:
+        with self.cond:
+            q = self._queues.pop(stream_id, None)
+        if q is not None:
+            for job in q.drain():
+                job.resolve(failure=Failure.DETECTOR_UNAVAILABLE)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _collect(self) -> list[Job]:
+        with self.cond:
+            first_seen: float | None = None
+            while not self._stop.is_set():
+                total = sum(len(q) for q in self._queues.values())
+                if total >= self.max_batch:
+                    break
+                if total:
+                    now = time.monotonic()
+                    first_seen = first_seen or now
+                    left = first_seen + self.max_wait_s - now
+                    if left <= 0:
+                        break
+                    self.cond.wait(left)
+                else:
+                    self.cond.wait(0.2)
+            queues = list(self._queues.values())
+        if not queues:
+            return []
+        self._rr = (self._rr + 1) % len(queues)
+        queues = queues[self._rr:] + queues[: self._rr]
+        batch: list[Job] = []
+        while len(batch) < self.max_batch:
+            got = 0
+            for q in queues:
+                if len(batch) >= self.max_batch:
+                    break
+                taken = q.take(1)
+                batch.extend(taken)
+                got += len(taken)
+            if not got:
+                break
+        return batch
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            batch = self._collect()
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[Job]) -> None:
+        now = time.monotonic()
+        live = []
+        for job in batch:
+            if job.expired(now):
+                job.resolve(failure=Failure.DEADLINE)
+            else:
+                live.append(job)
+        if not live:
+            return
+        worker = self._worker
+        if worker is None or not worker.ready:
+            self._maybe_rebuild()
+            self._fail(live, Failure.DETECTOR_UNAVAILABLE, None)
+            return
+        call = _Call([j.frame.image for j in live], [j.frame.seq for j in live])
+        t0 = time.perf_counter()
+        worker.submit(call)
+        if not call.done.wait(self.hang_timeout_s):
+            self._fail(live, Failure.DETECTOR_HUNG,
+                       f"detector did not return within {self.hang_timeout_s * 1000:.0f} ms")
+            self._replace(worker, "hung")
+            return
+        if call.error is not None:
+            self._fail(live, Failure.DETECTOR_ERROR,
+                       f"detector raised {type(call.error).__name__}: {call.error}")
+            self._replace(worker, "error")
+            return
+        self.metrics.inference_seconds.observe(time.perf_counter() - t0)
+        self.metrics.batch_size.observe(len(live))
+        self.batches += 1
+        if self._incident is not None:
+            log.warning("detector recovered after %s: %d frame(s) failed closed", self._incident.value,
+                        self._incident_frames)
+            self._incident, self._incident_frames = None, 0
+        self._failures_in_row = 0
+        assert call.result is not None
+        for job, dets in zip(live, call.result, strict=True):
+            job.resolve(detections=dets)
+
+    def _fail(self, jobs: list[Job], why: Failure, detail: str | None) -> None:
+        for job in jobs:
+            job.resolve(failure=why)
+        if self._incident is None:
+            self._incident = why
+            log.error("detection failed (%s)%s; frames are failed closed until it recovers", why.value,
+                      f": {detail}" if detail else "")
+        self._incident_frames += len(jobs)
+
+    # -- recovery --------------------------------------------------------------------------------
+    def _replace(self, worker: _Worker, reason: str) -> None:
+        """Abandon a worker that raised or hung and schedule a fresh detector."""
+        worker.abandon()
+        if worker.thread.is_alive():
+            self._abandoned.append(worker)
+        self._worker = None
+        self.metrics.detector_up.set(0)
+        self.metrics.detector_restarts.labels(reason).inc()
+        self._failures_in_row += 1
+        delay = min(10.0, 0.25 * 2 ** (self._failures_in_row - 1)) if self._failures_in_row > 1 else 0.0
+        self._retry_at = time.monotonic() + delay * (1 + 0.2 * random.random())
+        self._maybe_rebuild()
+
+    def _maybe_rebuild(self) -> None:
+        if self._worker is not None or time.monotonic() < self._retry_at:
+            return
+        self._abandoned = [w for w in self._abandoned if w.thread.is_alive()]
+        if len(self._abandoned) >= MAX_ABANDONED:
+            if self._retry_at != float("inf"):
+                log.error("%d detector runs are still hung; no new detector is built until one returns "
+                          "(frames stay blanked)", len(self._abandoned))
+            self._retry_at = time.monotonic() + 1.0
+            return
+        self._worker = _Worker(self.factory, self._worker_ready, f"detector-{self.metrics_restarts()}")
+
+    def metrics_restarts(self) -> int:
+        return int(sum(s.value for m in self.metrics.detector_restarts.collect() for s in m.samples
+                       if s.name.endswith("_total")))
+
+    def _worker_ready(self, worker: _Worker, error: BaseException | None) -> None:
+        if error is not None:
+            log.error("recreating the detector failed (%s: %s); retrying", type(error).__name__, error)
+            if self._worker is worker:
+                self._worker = None
+                self._failures_in_row += 1
+                self._retry_at = time.monotonic() + min(10.0, 0.5 * 2 ** self._failures_in_row)
+            return
+        log.warning("detector recreated")
+        self.metrics.detector_up.set(1)

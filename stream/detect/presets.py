@@ -1,0 +1,49 @@
+"""Named detector settings (``accurate``, ``fast``) and the one place options become a DetectorConfig.
+
+Both the file command and the live pipeline build their detector here, so a preset means the
+same models, sizes and schedules wherever it is named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from stream.detect.ensemble import DetectorConfig, ModelConfig
+
+PRESETS: dict[str, dict[str, object]] = {
+    "accurate": {"face_model": "centerface", "input_size": 960, "plate_size": 960,
+                 "plate_every": 1, "person_every": 1},
+    "fast": {"face_model": "yunet", "input_size": 640, "plate_size": 640,
+             "plate_every": 3, "person_every": 3},
+}
+FACE_THRESHOLDS = {"centerface": 0.35, "yunet": 0.5}
+
+
+def detector_config(preset: str = "accurate", *, face_model: str | None = None,
+                    face_threshold: float | None = None, plate_threshold: float | None = None,
+                    input_size: int | None = None, plate_every: int | None = None,
+                    person_every: int | None = None, plates: bool = True, heads: bool = True,
+                    providers: Sequence[str] = ("cuda", "cpu"), threads: int = 0,
+                    model_dir: Path | None = None) -> DetectorConfig:
+    """A preset with the options given explicitly taking precedence over it."""
+    p = PRESETS[preset]
+    face_model = face_model or str(p["face_model"])
+    size = input_size or int(p["input_size"])  # type: ignore[call-overload]
+    plate_size = input_size or int(p["plate_size"])  # type: ignore[call-overload]
+    cfg = DetectorConfig(providers=tuple(providers), threads=threads, model_dir=model_dir)
+    names = ["centerface", "yunet"] if face_model == "both" else [face_model]
+    cfg.faces = {n: ModelConfig(threshold=face_threshold or FACE_THRESHOLDS[n], input_size=size,
+                                min_input=min(640, size)) for n in names}
+    if not plates:
+        cfg.plate = None
+    elif cfg.plate is not None:
+        cfg.plate.threshold = plate_threshold or cfg.plate.threshold
+        cfg.plate.input_size = plate_size
+        cfg.plate.every = plate_every or int(p["plate_every"])  # type: ignore[call-overload]
+    if not heads:
+        cfg.person_heads = None
+    elif cfg.person_heads is not None:
+        cfg.person_heads.input_size, cfg.person_heads.min_input = size, min(640, size)
+        cfg.person_heads.every = person_every or int(p["person_every"])  # type: ignore[call-overload]
+    return cfg

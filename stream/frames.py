@@ -1,0 +1,134 @@
+"""The value types that travel between live stages: a decoded frame, and a frame awaiting detection."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+
+from stream.detect.detections import Detections
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded picture of one stream.
+
+    ``captured_at`` is ``time.monotonic()`` when the frame left the decoder (latency is measured
+    from it); ``wall_time`` is the same instant as Unix time, for events; ``pts`` is the source's
+    own timestamp in seconds (restarts when the source reconnects, so it is informative only).
+    """
+
+    stream_id: str
+    seq: int
+    image: np.ndarray
+    captured_at: float
+    wall_time: float
+    pts: float | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.shape[1], self.image.shape[0]
+
+
+class Failure(StrEnum):
+    """Why a frame got no detections; each is counted separately."""
+
+    DETECTOR_ERROR = "detector_error"
+    DETECTOR_HUNG = "detector_hung"
+    DETECTOR_UNAVAILABLE = "detector_unavailable"
+    DEADLINE = "deadline"
+
+
+class Drop(StrEnum):
+    """Why a frame was not published at all (not a safety event: nothing was shown)."""
+
+    QUEUE_FULL = "queue_full"
+    BACKLOG = "backlog"
+    OUTPUT_BUSY = "output_busy"
+    OUTPUT_DOWN = "output_down"
+    STOPPING = "stopping"
+
+
+@dataclass(eq=False)
+class Job:
+    """A frame and, once the batcher is done with it, its detections or the reason there are none.
+
+    Resolved exactly once; the per-stream redaction stage waits on it until the frame's deadline
+    and blanks the frame if no detections came by then.
+    """
+
+    frame: Frame
+    deadline: float
+    detections: Detections | None = None
+    failure: Failure | None = None
+    dropped: Drop | None = None
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def resolve(self, detections: Detections | None = None, failure: Failure | None = None,
+                dropped: Drop | None = None) -> bool:
+        """Set the outcome once; later calls are ignored and return False."""
+        with self._lock:
+            if self._done.is_set():
+                return False
+            self.detections, self.failure, self.dropped = detections, failure, dropped
+            self._done.set()
+            return True
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._done.wait(timeout)
+
+    def expired(self, now: float | None = None) -> bool:
+        return (time.monotonic() if now is None else now) >= self.deadline
+
+
+class JobQueue:
+    """A per-stream queue of jobs waiting for the batcher: bounded, the newest frame wins.
+
+    ``put`` never blocks: when full, the oldest waiting job is resolved as dropped and returned so
+    the caller can count it. ``notify`` wakes whoever collects from many such queues.
+    """
+
+    def __init__(self, stream_id: str, maxsize: int, notify: threading.Condition | None = None) -> None:
+        self.stream_id = stream_id
+        self.maxsize = maxsize
+        self._items: deque[Job] = deque()
+        self._lock = threading.Lock()
+        self.notify = notify
+
+    def put(self, job: Job) -> Job | None:
+        evicted = None
+        with self._lock:
+            if len(self._items) >= self.maxsize:
+                evicted = self._items.popleft()
+            self._items.append(job)
+        if evicted is not None:
+            evicted.resolve(dropped=Drop.QUEUE_FULL)
+        if self.notify is not None:
+            with self.notify:
+                self.notify.notify()
+        return evicted
+
+    def take(self, n: int = 1) -> list[Job]:
+        with self._lock:
+            out = []
+            while self._items and len(out) < n:
+                out.append(self._items.popleft())
+            return out
+
+    def drain(self) -> list[Job]:
+        with self._lock:
+            out = list(self._items)
+            self._items.clear()
+            return out
+
+    def __len__(self) -> int:
+        return len(self._items)

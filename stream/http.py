@@ -1,0 +1,56 @@
+"""The pipeline's HTTP side: Prometheus ``/metrics``, liveness ``/healthz``, readiness ``/readyz``.
+
+Liveness says the process is not wedged (the batcher thread runs); readiness says it can do its
+job (a detector is loaded and healthy), so an orchestrator stops sending viewers to a worker
+whose detector is being rebuilt but does not restart it for that.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from stream.pipeline import Pipeline
+
+PIPELINE = web.AppKey("pipeline", Pipeline)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[PIPELINE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    p = request.app[PIPELINE]
+    ok = p.started and p.batcher.alive
+    return web.json_response({"status": "ok" if ok else "failing"}, status=200 if ok else 503)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    p = request.app[PIPELINE]
+    body = p.status()
+    return web.json_response(body, status=200 if body["ready"] else 503)
+
+
+def make_app(pipeline: Pipeline) -> web.Application:
+    app = web.Application()
+    app[PIPELINE] = pipeline
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+async def start_http(pipeline: Pipeline, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve the app; returns the runner (to clean up) and the bound port (``port`` may be 0)."""
+    runner = web.AppRunner(make_app(pipeline), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        raise OSError(f"cannot listen on {host}:{port} ({e.strerror}); choose another http.port") from None
+    server = site._server
+    bound = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port
+    return runner, bound

@@ -1,0 +1,82 @@
+"""Prometheus metrics of the live pipeline, on a registry of its own (one per pipeline).
+
+Labels are stream ids and fixed reason/class names only: never URLs, which may carry
+credentials, and nothing unbounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+disable_created_metrics()  # the *_created series double the output and no dashboard uses them
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
+INFERENCE_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+class Metrics:
+    """Every series the pipeline exports; stages get this object, never the registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry or CollectorRegistry()
+        p = "stream_redact_"
+        self.frames_in = Counter(p + "frames_in", "Frames decoded from a source", ["stream"], registry=r)
+        self.frames_published = Counter(p + "frames_published", "Redacted frames handed to outputs",
+                                        ["stream"], registry=r)
+        self.frames_sent = Counter(p + "output_frames", "Frames encoded and written by an output",
+                                   ["stream", "output"], registry=r)
+        self.frames_dropped = Counter(p + "frames_dropped", "Frames not published (load, output down)",
+                                      ["stream", "reason"], registry=r)
+        self.frames_blanked = Counter(p + "frames_blanked", "Frames published black: no detections in time",
+                                      ["stream", "reason"], registry=r)
+        self.frames_withheld = Counter(p + "frames_withheld", "Frames withheld: detection failed or late",
+                                       ["stream", "reason"], registry=r)
+        self.detections = Counter(p + "detections", "Regions masked, by class", ["stream", "label"],
+                                  registry=r)
+        self.batch_size = Histogram(p + "batch_size", "Frames per detector run", buckets=BATCH_BUCKETS,
+                                    registry=r)
+        self.inference_seconds = Histogram(p + "inference_seconds", "Detector run time per batch",
+                                           buckets=INFERENCE_BUCKETS, registry=r)
+        self.latency = Histogram(p + "latency_seconds", "Capture to publish (frame written by the output)",
+                                 ["stream", "output"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge(p + "queue_depth", "Frames waiting for detection", ["stream"], registry=r)
+        self.reconnects = Counter(p + "reconnects", "Reconnect attempts after a failure",
+                                  ["stream", "side"], registry=r)
+        self.stream_up = Gauge(p + "stream_up", "1 while the source delivers frames", ["stream"], registry=r)
+        self.output_up = Gauge(p + "output_up", "1 while the output is connected", ["stream", "output"],
+                               registry=r)
+        self.source_errors = Counter(p + "source_errors", "Source failures by kind", ["stream", "kind"],
+                                     registry=r)
+        self.detector_restarts = Counter(p + "detector_restarts", "Detector recreated after an error or hang",
+                                         ["reason"], registry=r)
+        self.detector_up = Gauge(p + "detector_up", "1 while a detector is loaded and healthy", registry=r)
+
+    def forget_stream(self, stream_id: str) -> None:
+        """Remove a removed stream's series so dashboards do not show it forever."""
+        for metric in (self.frames_in, self.frames_published, self.queue_depth, self.stream_up):
+            with contextlib.suppress(KeyError):
+                metric.remove(stream_id)
+        for metric in (self.frames_sent, self.frames_dropped, self.frames_blanked, self.frames_withheld,
+                       self.detections, self.latency, self.reconnects, self.output_up, self.source_errors):
+            for labels in list(metric._metrics):
+                if labels[0] == stream_id:
+                    metric.remove(*labels)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    """Current value of one series (0 when absent): for status pages and tests."""
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value

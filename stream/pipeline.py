@@ -1,0 +1,327 @@
+"""The live pipeline: sources -> per-stream queues -> one shared batcher -> per-stream redaction -> outputs.
+
+Each stream owns a source thread, a redaction thread and its output threads; all streams share
+the batcher. The redaction thread takes its stream's frames strictly in order and waits for
+each one's detections only until the frame's deadline: a frame with no detections by then
+(detector failed, hung, or too slow) is published black or withheld, never as it came in. That
+wait is the only place a frame can leave for an output, which is what makes the rule hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from stream.config import FileOutput as FileOutputConfig
+from stream.config import FileSource as FileSourceConfig
+from stream.config import PipelineConfig, StreamConfig
+from stream.config import RtspOutput as RtspOutputConfig
+from stream.detect.batcher import Batcher, Detect, DetectorFactory
+from stream.detect.detections import Detections
+from stream.frames import Drop, Failure, Frame, Job, JobQueue
+from stream.metrics import Metrics
+from stream.publish.encoder import EncoderOutput
+from stream.publish.file import FileOutput
+from stream.publish.rtsp import RtspOutput
+from stream.redact import Redactor
+from stream.sources.base import Source
+from stream.sources.file import FileSource
+from stream.sources.rtsp import RtspSource
+from stream.track import Tracker
+
+log = logging.getLogger(__name__)
+
+NOT_OBSERVED = Detections(observed=frozenset())
+"""what the tracker is told about a frame that got no detections: nothing was looked for"""
+
+
+def default_detector_factory(config: PipelineConfig) -> DetectorFactory:
+    """Build the configured FrameDetector (one per call: a crashed one is replaced by a new one)."""
+    from stream.detect.ensemble import FrameDetector
+    from stream.detect.presets import detector_config
+
+    d = config.detection
+
+    def factory() -> Detect:
+        return FrameDetector(detector_config(
+            d.preset, face_model=d.face_model, face_threshold=d.face_threshold,
+            plate_threshold=d.plate_threshold, input_size=d.input_size, plate_every=d.plate_every,
+            person_every=d.person_every, plates=d.plates, heads=d.heads, providers=d.providers,
+            threads=d.threads, model_dir=d.model_dir))
+
+    return factory
+
+
+class StreamRunner:
+    """One stream: receives frames from its source, redacts them in order, feeds its outputs."""
+
+    def __init__(self, config: StreamConfig, pipeline: PipelineConfig, batcher: Batcher, metrics: Metrics,
+                 outputs: list[EncoderOutput] | None = None) -> None:
+        self.config = config
+        self.id = config.id
+        self.metrics = metrics
+        self.batcher = batcher
+        self.max_latency_s = pipeline.fail_closed.max_latency_ms / 1000
+        self.action = pipeline.fail_closed.action
+        self.queue = JobQueue(self.id, pipeline.queue_size)
+        self.backlog = pipeline.queue_size + 2 * pipeline.batcher.max_batch + 8
+        self.tracker = Tracker(pipeline.redaction.tracker_config())
+        self.redactor = Redactor(pipeline.redaction.redact_config())
+        self.outputs = outputs if outputs is not None else self._make_outputs()
+        self.source = self._make_source()
+        self.state = "starting"
+        self.error: str | None = None
+        self.size: tuple[int, int] | None = None
+        self.seq = 0
+        self.published = 0
+        self.blanked = 0
+        self.last_frame_at: float | None = None
+        self._ordered: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._incident: Failure | None = None
+        self._incident_frames = 0
+        self._thread = threading.Thread(target=self._redact_loop, name=f"redact-{self.id}", daemon=True)
+        self.on_redacted: list[Callable[[Frame, np.ndarray, Detections], None]] = []
+        """hooks called with each published frame (events, viewers); must not block"""
+        m = metrics
+        m.queue_depth.labels(self.id).set_function(lambda: len(self.queue))
+        m.stream_up.labels(self.id).set(0)
+        for label in ("face", "plate"):
+            m.detections.labels(self.id, label)
+        for why in Failure:
+            (m.frames_blanked if self.action == "blank" else m.frames_withheld).labels(self.id, why.value)
+        for d in Drop:
+            m.frames_dropped.labels(self.id, d.value)
+
+    def _make_outputs(self) -> list[EncoderOutput]:
+        outs: list[EncoderOutput] = []
+        kinds = [o.type for o in self.config.outputs]
+        for i, o in enumerate(self.config.outputs):
+            label = o.type if kinds.count(o.type) == 1 else f"{o.type}{i}"
+            if isinstance(o, RtspOutputConfig):
+                outs.append(RtspOutput(self.id, label, o, self.metrics))
+            elif isinstance(o, FileOutputConfig):
+                outs.append(FileOutput(self.id, label, o, self.metrics))
+        return outs
+
+    def _make_source(self) -> Source:
+        src = self.config.source
+        if isinstance(src, FileSourceConfig):
+            return FileSource(self.id, src, self)
+        return RtspSource(self.id, src, self)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.batcher.attach(self.queue)
+        for out in self.outputs:
+            out.start()
+        self._thread.start()
+        self.source.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the source, publish what is already accepted, then close the outputs."""
+        deadline = time.monotonic() + timeout
+        self.source.stop()
+        self.source.join(max(0.1, deadline - time.monotonic()))
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._thread.join(max(0.1, deadline - time.monotonic()))
+        self.batcher.detach(self.id)
+        for out in self.outputs:
+            out.stop(max(0.1, deadline - time.monotonic()))
+        if self.state != "ended":
+            self.state = "stopped"
+        self.metrics.stream_up.labels(self.id).set(0)
+
+    # -- SourceHandler ---------------------------------------------------------------------------
+    def on_frame(self, image: np.ndarray, pts: float | None) -> None:
+        now = time.monotonic()
+        self.seq += 1
+        frame = Frame(self.id, self.seq, image, now, time.time(), pts)
+        job = Job(frame, deadline=now + self.max_latency_s)
+        self.last_frame_at = now
+        self.metrics.frames_in.labels(self.id).inc()
+        overflow = None
+        with self._cond:
+            self._ordered.append(job)
+            if len(self._ordered) > self.backlog:
+                overflow = self._ordered.popleft()
+            self._cond.notify()
+        if overflow is not None and overflow.resolve(dropped=Drop.BACKLOG):
+            self.metrics.frames_dropped.labels(self.id, Drop.BACKLOG.value).inc()
+        if self.queue.put(job) is not None:
+            self.metrics.frames_dropped.labels(self.id, Drop.QUEUE_FULL.value).inc()
+
+    def on_up(self, width: int, height: int, codec: str) -> None:
+        if self.size is not None and self.size != (width, height):
+            log.warning("stream %s: source is now %dx%d %s (was %dx%d)", self.id, width, height, codec,
+                        *self.size)
+        self.size = (width, height)
+        self.state, self.error = "up", None
+        self.metrics.stream_up.labels(self.id).set(1)
+        log.info("stream %s: up, %dx%d %s", self.id, width, height, codec)
+
+    def on_down(self, kind: str, message: str) -> None:
+        self.state, self.error = "down", message
+        self.metrics.stream_up.labels(self.id).set(0)
+        self.metrics.source_errors.labels(self.id, kind).inc()
+
+    def on_reconnect(self) -> None:
+        self.metrics.reconnects.labels(self.id, "source").inc()
+
+    def on_end(self) -> None:
+        self.state = "ended"
+        self.metrics.stream_up.labels(self.id).set(0)
+        log.info("stream %s: source ended", self.id)
+
+    # -- redaction: the only way out --------------------------------------------------------------
+    def _next_job(self) -> Job | None:
+        with self._cond:
+            while not self._ordered:
+                if self._stop.is_set():
+                    return None
+                self._cond.wait(0.25)
+            return self._ordered[0]
+
+    def _redact_loop(self) -> None:
+        while True:
+            job = self._next_job()
+            if job is None:
+                return
+            if not job.wait(max(0.0, job.deadline - time.monotonic())):
+                job.resolve(failure=Failure.DEADLINE)  # no-op if it was resolved just now
+            with self._cond:
+                if self._ordered and self._ordered[0] is job:
+                    self._ordered.popleft()
+            try:
+                self._finish(job)
+            except Exception:
+                # a bug while painting must not publish the frame; the frame is lost, the stream goes on
+                log.exception("stream %s: redaction failed; frame %d not published", self.id, job.frame.seq)
+
+    def _finish(self, job: Job) -> None:
+        if job.dropped is not None:
+            return  # counted where it was dropped; nothing is published
+        frame = job.frame
+        if job.detections is None:
+            self.tracker.update(NOT_OBSERVED)
+            self._fail_closed(job, job.failure or Failure.DEADLINE)
+            return
+        self._end_incident()
+        tracked = self.tracker.update(job.detections)
+        image = frame.image.copy()
+        regions = self.redactor.apply(image, tracked)
+        for r in regions:
+            self.metrics.detections.labels(self.id, r.label).inc()
+        self._publish(frame, image, tracked)
+
+    def _fail_closed(self, job: Job, why: Failure) -> None:
+        if self._incident is None:
+            self._incident = why
+            log.error("stream %s: no detections for frame %d (%s); frames are %s until detection is back",
+                      self.id, job.frame.seq, why.value, "blanked" if self.action == "blank" else "withheld")
+        self._incident_frames += 1
+        if self.action == "withhold":
+            self.metrics.frames_withheld.labels(self.id, why.value).inc()
+            return
+        self.metrics.frames_blanked.labels(self.id, why.value).inc()
+        self.blanked += 1
+        self._publish(job.frame, np.zeros_like(job.frame.image), NOT_OBSERVED)
+
+    def _end_incident(self) -> None:
+        if self._incident is not None:
+            log.warning("stream %s: detection back after %d frame(s) failed closed (%s)", self.id,
+                        self._incident_frames, self._incident.value)
+            self._incident, self._incident_frames = None, 0
+
+    def _publish(self, frame: Frame, image: np.ndarray, dets: Detections) -> None:
+        self.published += 1
+        self.metrics.frames_published.labels(self.id).inc()
+        for out in self.outputs:
+            out.submit(image, frame.captured_at)
+        for hook in self.on_redacted:
+            hook(frame, image, dets)
+
+    def status(self) -> dict[str, Any]:
+        from stream.metrics import sample
+
+        m, sid = self.metrics, self.id
+        name = "stream_redact_frames_dropped_total"
+        dropped = sum(sample(m, name, stream=sid, reason=d.value) for d in Drop)
+        return {
+            "id": sid, "state": self.state, "error": self.error, "size": self.size,
+            "frames_in": self.seq, "published": self.published, "blanked": self.blanked,
+            "dropped": int(dropped), "queue": len(self.queue),
+            "outputs": {o.label: {"up": o.up, "frames": o.frames_written} for o in self.outputs},
+        }
+
+
+class Pipeline:
+    """All streams and the shared batcher; start, add and remove streams, stop."""
+
+    def __init__(self, config: PipelineConfig, detector_factory: DetectorFactory | None = None,
+                 metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        fc = config.fail_closed
+        self.batcher = Batcher(detector_factory or default_detector_factory(config), self.metrics,
+                               max_batch=config.batcher.max_batch,
+                               max_wait_s=config.batcher.max_wait_ms / 1000,
+                               hang_timeout_s=(fc.hang_timeout_ms or fc.max_latency_ms) / 1000)
+        self.streams: dict[str, StreamRunner] = {}
+        self._lock = threading.Lock()
+        self.started = False
+
+    def start(self) -> None:
+        self.batcher.start()
+        self.started = True
+        for s in self.config.streams:
+            self.add_stream(s)
+
+    def add_stream(self, config: StreamConfig) -> StreamRunner:
+        with self._lock:
+            if config.id in self.streams:
+                raise ValueError(f"stream {config.id!r} already exists; remove it first or use another id")
+            runner = StreamRunner(config, self.config, self.batcher, self.metrics)
+            self.streams[config.id] = runner
+        runner.start()
+        return runner
+
+    def remove_stream(self, stream_id: str, timeout: float = 5.0) -> None:
+        with self._lock:
+            runner = self.streams.pop(stream_id, None)
+        if runner is None:
+            raise KeyError(stream_id)
+        runner.stop(timeout)
+        self.metrics.forget_stream(stream_id)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop every stream in parallel, then the batcher; returns within about ``timeout``."""
+        runners = list(self.streams.values())
+        threads = [threading.Thread(target=r.stop, args=(timeout,), daemon=True) for r in runners]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout + 1)
+        self.batcher.stop(timeout=1.0)
+
+    @property
+    def ended(self) -> bool:
+        """True when every stream's source has ended (files without loop): nothing more will come."""
+        return bool(self.streams) and all(r.state == "ended" for r in self.streams.values())
+
+    @property
+    def ready(self) -> bool:
+        return self.started and self.batcher.alive and self.batcher.ready
+
+    def status(self) -> dict[str, Any]:
+        return {"ready": self.ready, "detector": "up" if self.batcher.ready else "down",
+                "streams": [r.status() for r in self.streams.values()]}

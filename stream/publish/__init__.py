@@ -1,0 +1,1 @@
+"""Where redacted frames go: an RTSP push to a media server, a recording file (WHEP joins later)."""

@@ -1,0 +1,63 @@
+"""`stream-redact run`: the live pipeline as a long-running service, until SIGINT/SIGTERM.
+
+The asyncio loop only serves HTTP and waits for signals; decoding, detection, redaction and
+encoding run on threads, so nothing here can stall a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from stream.config import PipelineConfig
+from stream.detect.batcher import DetectorFactory
+from stream.errors import UserError
+from stream.http import start_http
+from stream.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None = None,
+                stop: asyncio.Event | None = None, stop_timeout: float = 5.0) -> int:
+    """Run until ``stop`` is set, a signal arrives, or every source has ended; 0 on a clean stop."""
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # off the main thread (tests) there are no signal handlers: stop through the event instead
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    pipeline = Pipeline(config, detector_factory)
+    try:
+        await loop.run_in_executor(None, pipeline.start)
+    except Exception:
+        await loop.run_in_executor(None, pipeline.stop, 1.0)
+        raise
+    try:
+        runner, port = await start_http(pipeline, config.http.host, config.http.port)
+    except OSError as e:
+        await loop.run_in_executor(None, pipeline.stop, stop_timeout)
+        raise UserError(str(e)) from None
+    print(f"stream-redact: {len(pipeline.streams)} stream(s) running; metrics at "
+          f"http://{config.http.host}:{port}/metrics, health at /healthz and /readyz", file=sys.stderr,
+          flush=True)
+    try:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+            except TimeoutError:
+                if pipeline.ended:
+                    log.info("every source has ended")
+                    break
+    finally:
+        log.info("stopping")
+        await loop.run_in_executor(None, pipeline.stop, stop_timeout)
+        await runner.cleanup()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+    print("stream-redact: stopped", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,83 @@
+"""What every source shares: a thread that decodes frames and reports them, and how it fails.
+
+A source knows nothing of queues, detectors or metrics. It calls its :class:`SourceHandler`
+for each decoded picture and for each change of state; the pipeline decides the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from typing import Protocol
+
+import numpy as np
+
+from stream.config import Reconnect
+
+log = logging.getLogger(__name__)
+
+
+class SourceHandler(Protocol):
+    def on_frame(self, image: np.ndarray, pts: float | None) -> None: ...
+
+    def on_up(self, width: int, height: int, codec: str) -> None: ...
+
+    def on_down(self, kind: str, message: str) -> None: ...
+
+    def on_reconnect(self) -> None: ...
+
+    def on_end(self) -> None: ...
+
+
+class Source:
+    """Runs :meth:`run` on its own thread; :meth:`stop` asks it to finish."""
+
+    def __init__(self, stream_id: str, handler: SourceHandler) -> None:
+        self.stream_id = stream_id
+        self.handler = handler
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._guarded, name=f"source-{self.stream_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def _guarded(self) -> None:
+        try:
+            self.run()
+        except Exception as e:  # a bug in one source must not take the process down
+            log.exception("stream %s: source stopped on an unexpected error", self.stream_id)
+            self.handler.on_down("internal", f"source stopped: {type(e).__name__}")
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+
+class Backoff:
+    """Capped exponential backoff with jitter: 0.5, 1, 2, 4 ... max_s seconds, each +0..jitter%."""
+
+    def __init__(self, policy: Reconnect) -> None:
+        self.policy = policy
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        base = min(self.policy.max_s, self.policy.initial_s * 2 ** self.attempt)
+        self.attempt += 1
+        return base * (1 + self.policy.jitter * random.random())
+
+    def reset(self) -> None:
+        self.attempt = 0

@@ -1,0 +1,121 @@
+"""Pull an RTSP camera with PyAV: TCP by default, timeouts on open and read, reconnect forever.
+
+Failures are sorted into kinds a person can act on (unreachable, auth, not_video, timeout,
+corrupt, ended) and reported once per incident with the URL's credentials masked; the stream
+then waits (capped exponential backoff with jitter) and tries again, until stopped. A new
+connection may bring a new resolution or codec: frames simply carry their own size.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import av
+import av.error
+
+from stream.config import RtspSource as RtspSourceConfig
+from stream.sources.base import Backoff, Source, SourceHandler
+from stream.urls import mask_text, mask_url
+
+log = logging.getLogger(__name__)
+
+MAX_BAD_PACKETS = 50
+"""undecodable packets in a row before the connection is treated as broken"""
+
+
+class SourceError(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def classify(e: BaseException, url: str) -> SourceError:
+    """Turn an FFmpeg/OS error into a kind and a message that names the fix (no credentials)."""
+    text = mask_text(str(e), url)
+    where = mask_url(url)
+    if isinstance(e, av.error.HTTPUnauthorizedError | av.error.HTTPForbiddenError) or "401" in text \
+            or "Unauthorized" in text:
+        return SourceError("auth", f"{where}: the camera refused the credentials (401/403); check the user "
+                                   "and password in the URL")
+    if isinstance(e, ConnectionRefusedError) or "Connection refused" in text:
+        return SourceError("unreachable", f"{where}: connection refused; is the camera/server running and "
+                                          "the port right?")
+    if isinstance(e, (av.error.ExitError, TimeoutError)) or "timed out" in text.lower():
+        return SourceError("timeout", f"{where}: no answer in time; check the host, network and firewall")
+    if isinstance(e, av.error.HTTPNotFoundError) or "404" in text or "Not Found" in text:
+        return SourceError("not_found", f"{where}: no such stream on the server (404); check the path")
+    if isinstance(e, av.error.InvalidDataError):
+        return SourceError("corrupt", f"{where}: the answer is not a valid RTSP media stream ({text})")
+    if isinstance(e, OSError):
+        return SourceError("unreachable", f"{where}: {text}; check the host name and network")
+    return SourceError("error", f"{where}: {type(e).__name__}: {text}")
+
+
+class RtspSource(Source):
+    def __init__(self, stream_id: str, config: RtspSourceConfig, handler: SourceHandler) -> None:
+        super().__init__(stream_id, handler)
+        self.config = config
+        self.backoff = Backoff(config.reconnect)
+        self._last_kind: str | None = None
+
+    def run(self) -> None:
+        first = True
+        while not self.stopping:
+            if not first:
+                delay = self.backoff.next_delay()
+                if self._stop.wait(delay):
+                    break
+                self.handler.on_reconnect()
+            first = False
+            try:
+                self._session()
+            except SourceError as e:
+                self._report(e)
+            except (av.error.FFmpegError, OSError) as e:
+                self._report(classify(e, self.config.url))
+
+    def _report(self, e: SourceError) -> None:
+        if self.stopping:
+            return
+        if e.kind != self._last_kind:  # once per incident, not once per retry
+            log.error("stream %s: %s (retrying with backoff)", self.stream_id, e)
+            self._last_kind = e.kind
+        self.handler.on_down(e.kind, str(e))
+
+    def _session(self) -> None:
+        cfg = self.config
+        options = {"rtsp_transport": cfg.transport, "timeout": str(int(cfg.read_timeout_s * 1e6))}
+        container = av.open(cfg.url, options=options, timeout=(cfg.open_timeout_s, cfg.read_timeout_s))
+        try:
+            if not container.streams.video:
+                raise SourceError("not_video", f"{mask_url(cfg.url)}: the stream has no video track; "
+                                               "point the URL at a camera's video stream")
+            vs = container.streams.video[0]
+            vs.thread_type = "AUTO"
+            announced = False
+            bad = 0
+            for packet in container.demux(vs):
+                if self.stopping:
+                    return
+                try:
+                    frames = packet.decode()
+                except av.error.InvalidDataError:
+                    bad += 1
+                    if bad > MAX_BAD_PACKETS:
+                        raise SourceError("corrupt", f"{mask_url(cfg.url)}: {bad} undecodable packets in a "
+                                                     "row; the stream is corrupt") from None
+                    continue
+                for frame in frames:
+                    bad = 0
+                    if not announced:
+                        self.handler.on_up(frame.width, frame.height, vs.codec_context.name)
+                        announced = True
+                        self.backoff.reset()
+                        if self._last_kind is not None:
+                            log.warning("stream %s: source back", self.stream_id)
+                            self._last_kind = None
+                    self.handler.on_frame(frame.to_ndarray(format="bgr24"), frame.time)
+            if not self.stopping:
+                raise SourceError("ended", f"{mask_url(cfg.url)}: the server ended the stream")
+        finally:
+            container.close()
