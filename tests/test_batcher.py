@@ -1,0 +1,164 @@
+"""The shared batcher: batches across streams, and fails frames closed when the detector does not answer."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from live_helpers import Hangs, NoFaces, Raises, counter, wait_for
+
+from stream.detect.batcher import Batcher
+from stream.frames import Drop, Failure, Frame, Job, JobQueue
+from stream.metrics import Metrics
+
+_seq = itertools.count(1)
+
+
+def job(stream: str, deadline_s: float = 5.0) -> Job:
+    now = time.monotonic()
+    frame = Frame(stream, next(_seq), np.zeros((48, 64, 3), np.uint8), now, time.time())
+    return Job(frame, deadline=now + deadline_s)
+
+
+@pytest.fixture
+def release() -> Iterator[threading.Event]:
+    ev = threading.Event()
+    yield ev
+    ev.set()  # let any hung detector thread finish
+
+
+def make(factory, **kw) -> tuple[Batcher, Metrics, list[JobQueue]]:
+    m = Metrics()
+    b = Batcher(factory, m, **kw)
+    queues = [JobQueue(f"s{i}", 4) for i in range(3)]
+    for q in queues:
+        b.attach(q)
+    b.start()
+    return b, m, queues
+
+
+def test_one_batch_holds_frames_of_several_streams() -> None:
+    det = NoFaces()
+    b, m, queues = make(lambda: det, max_batch=6, max_wait_s=0.5)
+    try:
+        jobs = [job(q.stream_id) for q in queues for _ in range(2)]
+        for j in jobs:
+            next(q for q in queues if q.stream_id == j.frame.stream_id).put(j)
+        wait_for(lambda: all(j.done for j in jobs), what="all jobs resolved")
+        assert all(j.detections is not None for j in jobs)
+        assert max(det.batches) > 1 and sum(det.batches) == 6
+        assert all(n <= 6 for n in det.batches)
+    finally:
+        b.stop()
+
+
+def test_max_batch_is_respected() -> None:
+    det = NoFaces()
+    b, _, queues = make(lambda: det, max_batch=2, max_wait_s=0.2)
+    try:
+        jobs = [job(q.stream_id) for q in queues]
+        for q, j in zip(queues, jobs, strict=True):
+            q.put(j)
+        wait_for(lambda: all(j.done for j in jobs))
+        assert max(det.batches) <= 2
+    finally:
+        b.stop()
+
+
+def test_raising_detector_fails_closed_and_is_recreated() -> None:
+    built: list[object] = []
+
+    def factory():
+        d = Raises() if len(built) < 2 else NoFaces()  # the first rebuild raises too
+        built.append(d)
+        return d
+
+    b, m, queues = make(factory, max_batch=4, max_wait_s=0.0)
+    try:
+        first = job("s0")
+        queues[0].put(first)
+        wait_for(lambda: first.done)
+        assert first.failure is Failure.DETECTOR_ERROR and first.detections is None
+
+        def later_one_succeeds() -> bool:
+            j = job("s1")
+            queues[1].put(j)
+            wait_for(lambda: j.done)
+            return j.detections is not None
+
+        wait_for(later_one_succeeds, what="a recreated detector")
+        assert counter(m, "detector_restarts", reason="error") == 2
+        assert len(built) == 3
+    finally:
+        b.stop()
+
+
+def test_hung_detector_fails_frames_closed_in_time(release: threading.Event) -> None:
+    hung = Hangs(release)
+    built: list[object] = []
+
+    def factory():
+        built.append(hung if not built else NoFaces())
+        return built[-1]
+
+    b, m, queues = make(factory, max_batch=1, max_wait_s=0.0, hang_timeout_s=0.3)
+    try:
+        first = job("s0")
+        queues[0].put(first)
+        wait_for(lambda: first.done, timeout=5)
+        assert first.failure is Failure.DETECTOR_HUNG
+        assert hung.entered.is_set()
+        assert counter(m, "detector_restarts", reason="hung") == 1
+
+        def recovered() -> bool:
+            j = job("s2")
+            queues[2].put(j)
+            wait_for(lambda: j.done)
+            return j.detections is not None
+
+        wait_for(recovered, what="a fresh detector after the hang")
+    finally:
+        b.stop()
+
+
+def test_frames_past_their_deadline_are_not_detected() -> None:
+    det = NoFaces()
+    b, _, queues = make(lambda: det, max_batch=4, max_wait_s=0.0)
+    try:
+        stale = job("s0", deadline_s=-1)
+        queues[0].put(stale)
+        wait_for(lambda: stale.done)
+        assert stale.failure is Failure.DEADLINE
+        assert det.batches == []
+    finally:
+        b.stop()
+
+
+def test_queue_keeps_the_newest() -> None:
+    q = JobQueue("s", 2)
+    jobs = [job("s") for _ in range(5)]
+    evicted = [q.put(j) for j in jobs]
+    assert len(q) == 2
+    assert q.take(5) == jobs[-2:]
+    assert evicted[:2] == [None, None] and evicted[2:] == jobs[:3]
+    assert all(j.dropped is Drop.QUEUE_FULL for j in jobs[:3])
+
+
+def test_job_resolves_once() -> None:
+    j = job("s")
+    assert j.resolve(failure=Failure.DEADLINE)
+    assert not j.resolve(detections=None, failure=Failure.DETECTOR_ERROR)
+    assert j.failure is Failure.DEADLINE
+
+
+def test_stop_leaves_no_job_waiting() -> None:
+    det = NoFaces()
+    b, _, queues = make(lambda: det, max_batch=4, max_wait_s=10.0)
+    waiting = job("s0")
+    queues[0].put(waiting)
+    b.stop()
+    wait_for(lambda: waiting.done, timeout=5, what="the waiting job to be resolved by stop()")

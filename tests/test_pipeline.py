@@ -1,0 +1,193 @@
+"""The live pipeline end to end on file sources: redaction, fail-closed, backpressure, stop.
+
+Files played in real time are cameras as far as the pipeline can tell; the RTSP tests do the
+same over a real RTSP server.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import Clip, laplacian_var, make_clip, read_video
+from live_helpers import Hangs, NoFaces, Raises, Slow, counter, wait_for
+
+from stream.config import PipelineConfig, parse_config
+from stream.frames import Frame
+from stream.metrics import sample
+from stream.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Clip:
+    return make_clip(tmp_path_factory.mktemp("live") / "face.mp4", frames=40, width=320, height=240)
+
+
+def config(clip: Clip, out: Path | None = None, n: int = 1, **extra: object) -> PipelineConfig:
+    streams = []
+    for i in range(n):
+        s: dict = {"id": f"cam{i}", "source": {"type": "file", "path": str(clip.path)}}
+        if out is not None:
+            s["outputs"] = [{"type": "file", "path": str(out.with_name(f"{out.stem}{i}{out.suffix}"))}]
+        streams.append(s)
+    doc = {"streams": streams, "detection": {"preset": "fast", "plates": False, "heads": False,
+                                             "providers": ["cpu"]}, **extra}
+    return parse_config(doc)
+
+
+class Captured:
+    """Every frame a stream published, as published (the hook runs after redaction)."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[Frame, np.ndarray, float]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, frame: Frame, image: np.ndarray, dets: object) -> None:
+        with self.lock:
+            self.frames.append((frame, image, time.monotonic() - frame.captured_at))
+
+
+def run(cfg: PipelineConfig, factory=None, timeout: float = 60) -> tuple[Pipeline, dict[str, Captured]]:
+    p = Pipeline(cfg, factory)
+    p.start()
+    caps = {}
+    for sid, r in p.streams.items():
+        caps[sid] = Captured()
+        r.on_redacted.append(caps[sid])
+    try:
+        wait_for(lambda: p.ended, timeout=timeout, what="every file source to end")
+    finally:
+        p.stop()
+    return p, caps
+
+
+@pytest.fixture
+def release() -> Iterator[threading.Event]:
+    ev = threading.Event()
+    yield ev
+    ev.set()
+
+
+def test_faces_are_obscured_in_every_published_frame(clip: Clip, tmp_path: Path) -> None:
+    p, caps = run(config(clip, tmp_path / "out.mp4"))
+    got = caps["cam0"].frames
+    assert len(got) >= len(clip.face_boxes) // 3, "too few frames published to judge"
+    src = read_video(clip.path).frames
+    for frame, image, _ in got:
+        box = clip.face_boxes[frame.seq - 1]
+        assert box is not None
+        before = laplacian_var(src[frame.seq - 1], box, 3)
+        after = laplacian_var(image, box, 3)
+        assert after < 0.3 * before, f"frame {frame.seq}: face energy {before:.0f} -> {after:.0f}"
+    m = p.metrics
+    n_in = counter(m, "frames_in", stream="cam0")
+    assert n_in == len(clip.face_boxes)
+    dropped = sum(counter(m, "frames_dropped", stream="cam0", reason=r)
+                  for r in ("queue_full", "backlog", "stopping"))
+    assert counter(m, "frames_published", stream="cam0") == len(got) == n_in - dropped
+    assert counter(m, "detections", stream="cam0", label="face") >= len(got)
+    # the recording holds the published frames, redacted
+    out = read_video(tmp_path / "out0.mp4")
+    assert len(out.frames) == counter(m, "output_frames", stream="cam0", output="file")
+    assert len(out.frames) >= len(got) - 2
+
+
+@pytest.mark.parametrize("action", ["blank", "withhold"])
+def test_raising_detector_never_lets_a_frame_through(clip: Clip, tmp_path: Path, action: str) -> None:
+    cfg = config(clip, tmp_path / "out.mkv", fail_closed={"action": action})
+    p, caps = run(cfg, factory=Raises)
+    m = p.metrics
+    n_in = counter(m, "frames_in", stream="cam0")
+    assert n_in == len(clip.face_boxes)
+    failed = sum(counter(m, f"frames_{'blanked' if action == 'blank' else 'withheld'}", stream="cam0", reason=r)
+                 for r in ("detector_error", "detector_unavailable", "deadline", "detector_hung"))
+    assert failed > 0
+    published = caps["cam0"].frames
+    if action == "blank":
+        assert len(published) == failed
+        assert all(int(img.max()) == 0 for _, img, _ in published)
+        out = read_video(tmp_path / "out0.mkv")
+        assert out.frames and all(int(f.max()) <= 16 for f in out.frames)  # black after H.264
+    else:
+        assert published == []
+        assert counter(m, "frames_published", stream="cam0") == 0
+    assert counter(m, "detector_restarts", reason="error") >= 1
+
+
+def test_hung_detector_blanks_frames_and_stream_stays_live(clip: Clip, tmp_path: Path,
+                                                           release: threading.Event) -> None:
+    cfg = config(clip, tmp_path / "out.mkv", fail_closed={"max_latency_ms": 300})
+    hung = Hangs(release)
+    p, caps = run(cfg, factory=lambda: hung)
+    published = caps["cam0"].frames
+    assert hung.entered.is_set()
+    assert published, "a hung detector must leave the stream live (blank), not frozen"
+    assert all(int(img.max()) == 0 for _, img, _ in published)
+    blanked = sum(counter(p.metrics, "frames_blanked", stream="cam0", reason=r)
+                  for r in ("detector_hung", "detector_unavailable", "deadline"))
+    assert blanked == len(published)
+
+
+def test_slow_detector_drops_old_frames_and_latency_stays_bounded(clip: Clip) -> None:
+    # detection at 4 frames/s against a 25 fps camera: most frames must be dropped, none pile up
+    cfg = config(clip, n=2, queue_size=2, batcher={"max_batch": 1, "max_wait_ms": 0},
+                 fail_closed={"max_latency_ms": 2000})
+    slow = Slow(0.25)
+    p = Pipeline(cfg, lambda: slow)
+    p.start()
+    caps = {sid: Captured() for sid in p.streams}
+    for sid, r in p.streams.items():
+        r.on_redacted.append(caps[sid])
+    depths: list[float] = []
+    try:
+        def sampled_until_end() -> bool:
+            depths.extend(sample(p.metrics, "stream_redact_queue_depth", stream=s) for s in p.streams)
+            return p.ended
+        wait_for(sampled_until_end, timeout=60, what="the sources to end")
+    finally:
+        p.stop()
+    m = p.metrics
+    for sid in p.streams:
+        assert counter(m, "frames_dropped", stream=sid, reason="queue_full") > 0
+        published = caps[sid].frames
+        assert published
+        assert all(lat <= 2.0 + 0.1 for _, _, lat in published)  # detected in time or blanked, never later
+        assert counter(m, "frames_in", stream=sid) == len(clip.face_boxes)
+    assert max(depths) <= 2
+
+
+def test_streams_are_independent_of_a_failing_one(clip: Clip, tmp_path: Path) -> None:
+    bad = tmp_path / "garbage.mp4"
+    bad.write_bytes(b"\x00\x00\x01 not a video at all " * 200)
+    doc = config(clip, n=1).model_dump(mode="json")
+    doc["streams"].append({"id": "broken", "source": {"type": "file", "path": str(bad)}})
+    cfg = parse_config(doc)
+    det = NoFaces()
+    p = Pipeline(cfg, lambda: det)
+    p.start()
+    try:
+        wait_for(lambda: p.streams["cam0"].state == "ended", timeout=30, what="the good stream to finish")
+        broken = p.streams["broken"]
+        assert broken.state == "down"
+        assert broken.error and str(bad) in broken.error
+        assert counter(p.metrics, "frames_in", stream="cam0") == len(clip.face_boxes)
+    finally:
+        p.stop()
+
+
+def test_stop_returns_quickly_with_looping_sources(clip: Clip) -> None:
+    cfg = parse_config({"streams": [{"id": f"c{i}", "source": {"type": "file", "path": str(clip.path),
+                                                                 "loop": True}} for i in range(3)]})
+    det = NoFaces()
+    p = Pipeline(cfg, lambda: det)
+    p.start()
+    wait_for(lambda: all(counter(p.metrics, "frames_published", stream=s) > 5 for s in p.streams))
+    t0 = time.monotonic()
+    p.stop(timeout=3)
+    assert time.monotonic() - t0 < 6
+    assert not any(t.name.startswith(("source-", "redact-", "file-")) and t.is_alive()
+                   for t in threading.enumerate())
