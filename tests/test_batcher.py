@@ -43,7 +43,7 @@ def make(factory, **kw) -> tuple[Batcher, Metrics, list[JobQueue]]:
 
 def test_one_batch_holds_frames_of_several_streams() -> None:
     det = NoFaces()
-    b, m, queues = make(lambda: det, max_batch=6, max_wait_s=0.5)
+    b, _, queues = make(lambda: det, max_batch=6, max_wait_s=0.5)
     try:
         jobs = [job(q.stream_id) for q in queues for _ in range(2)]
         for j in jobs:

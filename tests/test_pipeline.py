@@ -103,7 +103,8 @@ def test_raising_detector_never_lets_a_frame_through(clip: Clip, tmp_path: Path,
     m = p.metrics
     n_in = counter(m, "frames_in", stream="cam0")
     assert n_in == len(clip.face_boxes)
-    failed = sum(counter(m, f"frames_{'blanked' if action == 'blank' else 'withheld'}", stream="cam0", reason=r)
+    name = "frames_blanked" if action == "blank" else "frames_withheld"
+    failed = sum(counter(m, name, stream="cam0", reason=r)
                  for r in ("detector_error", "detector_unavailable", "deadline", "detector_hung"))
     assert failed > 0
     published = caps["cam0"].frames
