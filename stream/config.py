@@ -29,7 +29,14 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_UNSET_VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
+
+
 def _rtsp_url(value: str) -> str:
+    value = os.path.expandvars(value)
+    unset = _UNSET_VAR.search(value)
+    if unset:
+        raise ValueError(f"environment variable {unset.group(1)} is not set; export it or write the value")
     parts = urlsplit(value)
     if parts.scheme not in ("rtsp", "rtsps"):
         raise ValueError(f"{mask_url(value)!r} is not an RTSP URL; write rtsp://host[:port]/path")
@@ -67,7 +74,7 @@ class RtspSource(_Model):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        return _rtsp_url(os.path.expandvars(v))
+        return _rtsp_url(v)
 
 
 class FileSource(_Model):
@@ -103,7 +110,7 @@ class RtspOutput(_Model):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        return _rtsp_url(os.path.expandvars(v))
+        return _rtsp_url(v)
 
 
 class FileOutput(_Model):

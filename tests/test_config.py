@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import run_cli
+from helpers import ROOT, run_cli
 
 from stream.config import load_config, parse_config
 from stream.errors import UserError
@@ -32,6 +32,20 @@ def test_env_vars_expand_in_urls(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CAM_PASS", "hunter2")
     cfg = parse_config({"streams": [rtsp_stream(url="rtsp://admin:${CAM_PASS}@10.0.0.5/ch1")]})
     assert cfg.streams[0].source.url == "rtsp://admin:hunter2@10.0.0.5/ch1"
+
+
+def test_unset_env_var_in_url_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CAM_PASS", raising=False)
+    with pytest.raises(UserError, match="environment variable CAM_PASS is not set"):
+        parse_config({"streams": [rtsp_stream(url="rtsp://admin:${CAM_PASS}@10.0.0.5/ch1")]})
+
+
+def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAM_USER", "viewer")
+    monkeypatch.setenv("CAM_PASS", "pw")
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(ROOT / "deploy" / "config.example.yaml")
+    assert [s.id for s in cfg.streams] == ["gate-north", "lobby-demo"]
 
 
 @pytest.mark.parametrize(("doc", "expected"), [
