@@ -82,6 +82,7 @@ class StreamRunner:
         self.published = 0
         self.blanked = 0
         self.last_frame_at: float | None = None
+        self._tracked_size: tuple[int, int] | None = None
         self._ordered: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -216,6 +217,10 @@ class StreamRunner:
             self._fail_closed(job, job.failure or Failure.DEADLINE)
             return
         self._end_incident()
+        if frame.size != self._tracked_size:
+            # boxes of another resolution mean nothing here: start tracking afresh
+            self.tracker = Tracker(self.tracker.config)
+            self._tracked_size = frame.size
         tracked = self.tracker.update(job.detections)
         image = frame.image.copy()
         regions = self.redactor.apply(image, tracked)
