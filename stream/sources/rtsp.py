@@ -9,6 +9,7 @@ connection may bring a new resolution or codec: frames simply carry their own si
 from __future__ import annotations
 
 import logging
+import time
 
 import av
 import av.error
@@ -31,7 +32,7 @@ class SourceError(Exception):
 
 def classify(e: BaseException, url: str) -> SourceError:
     """Turn an FFmpeg/OS error into a kind and a message that names the fix (no credentials)."""
-    text = mask_text(str(e), url)
+    text = mask_text(getattr(e, "strerror", None) or str(e), url)  # strerror: without the URL again
     where = mask_url(url)
     if isinstance(e, av.error.HTTPUnauthorizedError | av.error.HTTPForbiddenError) or "401" in text \
             or "Unauthorized" in text:
@@ -85,7 +86,16 @@ class RtspSource(Source):
     def _session(self) -> None:
         cfg = self.config
         options = {"rtsp_transport": cfg.transport, "timeout": str(int(cfg.read_timeout_s * 1e6))}
-        container = av.open(cfg.url, options=options, timeout=(cfg.open_timeout_s, cfg.read_timeout_s))
+        t0 = time.monotonic()
+        try:
+            container = av.open(cfg.url, options=options, timeout=(cfg.open_timeout_s, cfg.read_timeout_s))
+        except (av.error.FFmpegError, OSError):
+            if time.monotonic() - t0 >= 0.9 * cfg.open_timeout_s:
+                # FFmpeg reports an interrupted open as bad data; what happened is silence
+                raise SourceError("timeout", f"{mask_url(cfg.url)}: no answer within "
+                                             f"{cfg.open_timeout_s:g} s; check the host, port, network "
+                                             "and firewall") from None
+            raise
         try:
             if not container.streams.video:
                 raise SourceError("not_video", f"{mask_url(cfg.url)}: the stream has no video track; "
