@@ -1,0 +1,1 @@
+"""Loopback RTSP cameras and a publish/play relay for tests, benchmarks and load tests."""

@@ -1,0 +1,274 @@
+"""The loopback RTSP server (stream.sim): looping cameras, credentials, the publish/play relay, restarts.
+
+These run the real GStreamer server under the system Python and read it with PyAV, as the pipeline
+and the load tests do.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from helpers import make_clip
+
+from stream.samples import SampleError, sample_path
+from stream.sim.server import APT_PACKAGES, RtspServer, gst_rtsp_available, transcode_clip
+
+SAMPLE = Path(__file__).resolve().parents[1] / ".samples" / "talking-face" / "talking-face_640x360_5s.mp4"
+FPS = 25
+CLIP_SECONDS = 2
+CLIP_FRAMES = FPS * CLIP_SECONDS
+TICKS_PER_FRAME = 90_000 // FPS  # RTP video clock
+USER, PASSWORD = "viewer", "pa:ss w/rd"  # characters that need quoting in a URL
+
+pytestmark = pytest.mark.skipif(
+    not gst_rtsp_available(),
+    reason=f"/usr/bin/python3 cannot import GStreamer's RTSP server (apt-get install {APT_PACKAGES})",
+)
+
+
+def camera_source(work: Path) -> Path:
+    """The talking-face cut; else the fetched original (`python -m stream.samples fetch`); else,
+    so that the server is still tested, a synthetic clip."""
+    if SAMPLE.is_file():
+        return SAMPLE
+    try:
+        return sample_path("talking-face")
+    except SampleError:
+        return make_clip(work / "synthetic.mp4", frames=CLIP_FRAMES, width=320, height=240, fps=FPS).path
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 s at 25 fps, 320x180, a keyframe every second: 50 frames, loop after loop."""
+    work = tmp_path_factory.mktemp("sim")
+    return transcode_clip(camera_source(work), work / "cam.mp4", 320, 180, FPS, max_seconds=CLIP_SECONDS)
+
+
+@pytest.fixture(scope="module")
+def camera_server(clip: Path) -> Iterator[RtspServer]:
+    with RtspServer(cameras={"/cam": clip}, auth=(USER, PASSWORD)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def relay_server() -> Iterator[RtspServer]:
+    with RtspServer(relays=["/live"]) as server:
+        yield server
+
+
+def open_rtsp(url: str, transport: str = "tcp", deadline_s: float = 15.0) -> av.container.InputContainer:
+    """Open an RTSP URL, retrying while it is not there yet (a relay path 404s until its publisher's
+    first keyframe)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            return av.open(url, options={"rtsp_transport": transport}, timeout=(10.0, 5.0))
+        except (av.error.HTTPNotFoundError, ConnectionRefusedError):
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.1)
+
+
+def read(url: str, count: int, transport: str = "tcp") -> tuple[list[int | None], list[np.ndarray]]:
+    """The pts and grey pixels of the first `count` frames a reader gets from `url`."""
+    pts: list[int | None] = []
+    images: list[np.ndarray] = []
+    with open_rtsp(url, transport) as container:
+        for frame in container.decode(video=0):
+            pts.append(frame.pts)
+            images.append(frame.to_ndarray(format="gray"))
+            if len(pts) == count:
+                break
+    return pts, images
+
+
+def square_x(i: int) -> int:
+    return 20 + (i * 8) % 240
+
+
+class Publisher(threading.Thread):
+    """Publishes a white 40x40 square moving right on black, at 25 fps, until stopped.
+
+    The square's left edge in frame i is square_x(i) and its top edge is 100, so a reader can check
+    what it gets.
+    """
+
+    def __init__(self, url: str, width: int = 320, height: int = 240, max_frames: int = 500) -> None:
+        super().__init__(daemon=True)
+        self.url, self.width, self.height, self.max_frames = url, width, height, max_frames
+        self.stop_event = threading.Event()
+        self.sent = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with av.open(self.url, "w", format="rtsp", options={"rtsp_transport": "tcp"}) as out:
+                stream = out.add_stream("libx264", rate=FPS, options={"tune": "zerolatency",
+                                                                      "preset": "ultrafast"})
+                stream.width, stream.height, stream.pix_fmt = self.width, self.height, "yuv420p"
+                stream.codec_context.gop_size = 10  # late readers start at a keyframe
+                start = time.monotonic()
+                for i in range(self.max_frames):
+                    image = np.zeros((self.height, self.width, 3), np.uint8)
+                    image[100:140, square_x(i):square_x(i) + 40] = 255
+                    frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+                    frame.pts, frame.time_base = i, Fraction(1, FPS)
+                    out.mux(stream.encode(frame))
+                    self.sent += 1
+                    # Real-time pacing, as a camera; the event ends it early.
+                    if self.stop_event.wait(max(0.0, start + (i + 1) / FPS - time.monotonic())):
+                        break
+                out.mux(stream.encode(None))
+        except BaseException as exc:
+            self.error = exc
+
+    def finish(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=10)
+        assert not self.is_alive(), "publisher did not stop"
+        assert self.error is None, f"publisher failed: {self.error!r}"
+
+
+def check_squares(images: list[np.ndarray]) -> None:
+    """Every frame shows the 40x40 square at y=100 and at one of the published x positions, and
+    consecutive frames move it one step (8 px) right."""
+    lefts = []
+    for image in images:
+        ys, xs = np.nonzero(image > 128)
+        assert len(xs), "no square in a relayed frame"
+        assert abs(int(ys.min()) - 100) <= 2 and abs(int(ys.max()) - 139) <= 2
+        assert abs(int(xs.max()) - int(xs.min()) - 39) <= 2
+        left = int(xs.min())
+        assert min(abs(left - square_x(i)) for i in range(30)) <= 2, f"square at x={left}"
+        lefts.append(left)
+    steps = [(b - a) % 240 for a, b in itertools.pairwise(lefts)]
+    assert sum(abs(step - 8) <= 2 for step in steps) >= 0.9 * len(steps), steps
+
+
+def test_transcode_clip_is_constant_rate_without_b_frames(clip: Path, tmp_path: Path) -> None:
+    with av.open(str(clip)) as container:
+        stream = container.streams.video[0]
+        assert (stream.codec_context.width, stream.codec_context.height) == (320, 180)
+        assert stream.average_rate == FPS
+        assert stream.codec_context.profile == "Main"
+        packets = [p for p in container.demux(stream) if p.size]
+    assert len(packets) == CLIP_FRAMES
+    assert [p.pts for p in packets] == [p.dts for p in packets] == sorted(p.pts for p in packets)
+    assert [i for i, p in enumerate(packets) if p.is_keyframe] == list(range(0, CLIP_FRAMES, FPS))
+    assert transcode_clip(tmp_path / "absent.mp4", clip, 64, 64, 5) == clip  # cached: not redone
+    with pytest.raises(ValueError, match="even"):
+        transcode_clip(clip, tmp_path / "odd.mp4", 321, 180, FPS)
+
+
+def test_camera_streams_in_real_time_across_loop_points(camera_server: RtspServer) -> None:
+    count = int(CLIP_FRAMES * 1.6)
+    pts, images = read(camera_server.url("/cam", USER, PASSWORD), count)
+    assert len(images) == count
+    assert images[0].shape == (180, 320)
+    # FFmpeg leaves the pts of the very first frame unset; the rest step one frame each, loop
+    # points included.
+    known = [p for p in pts if p is not None]
+    assert len(known) >= count - 1
+    steps = np.diff(known)
+    assert (steps > 0).all()
+    assert (steps == TICKS_PER_FRAME).mean() >= 0.95, steps
+    # The file is forwarded as it is, so a frame decodes to the same pixels one loop later.
+    assert np.array_equal(images[10], images[10 + CLIP_FRAMES])
+    assert not np.array_equal(images[10], images[10 + CLIP_FRAMES // 2])
+
+
+def test_camera_over_udp(camera_server: RtspServer) -> None:
+    _, images = read(camera_server.url("/cam", USER, PASSWORD), 5, transport="udp")
+    assert len(images) == 5
+
+
+@pytest.mark.parametrize(("user", "password"), [(USER, "wrong"), ("nobody", PASSWORD), (None, None)])
+def test_camera_refuses_wrong_credentials(camera_server: RtspServer, user: str | None,
+                                          password: str | None) -> None:
+    with pytest.raises(av.error.HTTPUnauthorizedError):
+        av.open(camera_server.url("/cam", user, password), options={"rtsp_transport": "tcp"},
+                timeout=(10.0, 5.0))
+
+
+def test_relay_forwards_the_publisher_to_readers(relay_server: RtspServer) -> None:
+    url = relay_server.url("/live")
+    publisher = Publisher(url)
+    publisher.start()
+    try:
+        results: dict[int, tuple[list[int | None], list[np.ndarray]]] = {}
+        readers = [threading.Thread(target=lambda k=k: results.__setitem__(k, read(url, 50)))
+                   for k in range(2)]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(timeout=30)
+    finally:
+        publisher.finish()
+    assert sorted(results) == [0, 1], "a reader got no frames"
+    for pts, images in results.values():
+        assert len(images) == 50
+        assert images[0].shape == (240, 320)
+        check_squares(images)
+        known = [p for p in pts if p is not None]
+        assert (np.diff(known) > 0).all()
+
+
+def test_relay_publisher_reconnects_at_another_size(relay_server: RtspServer) -> None:
+    url = relay_server.url("/live")
+    first = Publisher(url, 320, 240)
+    first.start()
+    try:
+        old_reader = open_rtsp(url)
+        frames = old_reader.decode(video=0)
+        assert next(frames).width == 320
+    finally:
+        first.finish()
+    # A reader of a publisher that left reaches the end of its stream (RTCP BYE), not a hang.
+    deadline = time.monotonic() + 10
+    ended = False
+    try:
+        while time.monotonic() < deadline:
+            next(frames)
+    except (StopIteration, av.error.EOFError):
+        ended = True
+    finally:
+        old_reader.close()
+    assert ended, "the reader of the old publisher still gets frames"
+
+    second = Publisher(url, 256, 192)
+    second.start()
+    try:
+        _, images = read(url, 10)
+    finally:
+        second.finish()
+    assert images[0].shape == (192, 256)
+    check_squares(images)
+
+
+def test_restart_serves_the_same_url(clip: Path) -> None:
+    with RtspServer(cameras={"/cam": clip}) as server:
+        url = server.url("/cam")
+        port = server.port
+        assert len(read(url, 3)[1]) == 3
+        server.restart()
+        assert server.port == port
+        assert server.url("/cam") == url
+        assert len(read(url, 3)[1]) == 3
+    assert not server.running
+
+
+def test_start_failure_reports_the_server_error(tmp_path: Path) -> None:
+    not_mp4 = tmp_path / "not.mp4"
+    not_mp4.write_bytes(b"this is not a video")
+    with pytest.raises(RuntimeError, match=r"exited before READY[\s\S]*cannot play"):
+        RtspServer(cameras={"/cam": not_mp4}).start()
+    with pytest.raises(RuntimeError, match="apt-get install"):
+        RtspServer(relays=["/live"], python="/nonexistent/python3").start()
