@@ -26,6 +26,7 @@ from stream.detect.batcher import Batcher, Detect, DetectorFactory
 from stream.detect.detections import Detections
 from stream.frames import Drop, Failure, Frame, Job, JobQueue
 from stream.metrics import Metrics
+from stream.observe import Observer
 from stream.publish.encoder import EncoderOutput
 from stream.publish.file import FileOutput
 from stream.publish.rtsp import RtspOutput
@@ -62,7 +63,7 @@ class StreamRunner:
     """One stream: receives frames from its source, redacts them in order, feeds its outputs."""
 
     def __init__(self, config: StreamConfig, pipeline: PipelineConfig, batcher: Batcher, metrics: Metrics,
-                 outputs: list[EncoderOutput] | None = None) -> None:
+                 outputs: list[EncoderOutput] | None = None, observers: list[Observer] | None = None) -> None:
         self.config = config
         self.id = config.id
         self.metrics = metrics
@@ -90,7 +91,8 @@ class StreamRunner:
         self._incident_frames = 0
         self._thread = threading.Thread(target=self._redact_loop, name=f"redact-{self.id}", daemon=True)
         self.on_redacted: list[Callable[[Frame, np.ndarray, Detections], None]] = []
-        """hooks called with each published frame (events, viewers); must not block"""
+        """hooks called with each published frame and its painted image (viewers); must not block"""
+        self.observers: list[Observer] = observers if observers is not None else []
         m = metrics
         m.queue_depth.labels(self.id).set_function(lambda: len(self.queue))
         m.stream_up.labels(self.id).set(0)
@@ -138,8 +140,10 @@ class StreamRunner:
         self.batcher.detach(self.id)
         for out in self.outputs:
             out.stop(max(0.1, deadline - time.monotonic()))
+        self._end_incident()
         if self.state != "ended":
             self.state = "stopped"
+            self._notify("state", self.id, "stopped", None)
         self.metrics.stream_up.labels(self.id).set(0)
 
     # -- SourceHandler ---------------------------------------------------------------------------
@@ -169,11 +173,15 @@ class StreamRunner:
         self.state, self.error = "up", None
         self.metrics.stream_up.labels(self.id).set(1)
         log.info("stream %s: up, %dx%d %s", self.id, width, height, codec)
+        self._notify("state", self.id, "up", None)
 
     def on_down(self, kind: str, message: str) -> None:
+        was = self.state
         self.state, self.error = "down", message
         self.metrics.stream_up.labels(self.id).set(0)
         self.metrics.source_errors.labels(self.id, kind).inc()
+        if was != "down":  # once per outage, not once per retry
+            self._notify("state", self.id, "down", message)
 
     def on_reconnect(self) -> None:
         self.metrics.reconnects.labels(self.id, "source").inc()
@@ -182,6 +190,14 @@ class StreamRunner:
         self.state = "ended"
         self.metrics.stream_up.labels(self.id).set(0)
         log.info("stream %s: source ended", self.id)
+        self._notify("state", self.id, "ended", None)
+
+    def _notify(self, method: str, *args: Any) -> None:
+        for obs in list(self.observers):
+            try:
+                getattr(obs, method)(*args)
+            except Exception:
+                log.exception("stream %s: observer %s.%s failed", self.id, type(obs).__name__, method)
 
     # -- redaction: the only way out --------------------------------------------------------------
     def _next_job(self) -> Job | None:
@@ -227,24 +243,28 @@ class StreamRunner:
         for r in regions:
             self.metrics.detections.labels(self.id, r.label).inc()
         self._publish(frame, image, tracked)
+        self._notify("frame", frame, tracked, None)
 
     def _fail_closed(self, job: Job, why: Failure) -> None:
+        self._incident_frames += 1
         if self._incident is None:
             self._incident = why
             log.error("stream %s: no detections for frame %d (%s); frames are %s until detection is back",
                       self.id, job.frame.seq, why.value, "blanked" if self.action == "blank" else "withheld")
-        self._incident_frames += 1
+            self._notify("incident", self.id, why, 1, False, self.action)
         if self.action == "withhold":
             self.metrics.frames_withheld.labels(self.id, why.value).inc()
-            return
-        self.metrics.frames_blanked.labels(self.id, why.value).inc()
-        self.blanked += 1
-        self._publish(job.frame, np.zeros_like(job.frame.image), NOT_OBSERVED)
+        else:
+            self.metrics.frames_blanked.labels(self.id, why.value).inc()
+            self.blanked += 1
+            self._publish(job.frame, np.zeros_like(job.frame.image), NOT_OBSERVED)
+        self._notify("frame", job.frame, NOT_OBSERVED, why)
 
     def _end_incident(self) -> None:
         if self._incident is not None:
             log.warning("stream %s: detection back after %d frame(s) failed closed (%s)", self.id,
                         self._incident_frames, self._incident.value)
+            self._notify("incident", self.id, self._incident, self._incident_frames, True, self.action)
             self._incident, self._incident_frames = None, 0
 
     def _publish(self, frame: Frame, image: np.ndarray, dets: Detections) -> None:
@@ -282,6 +302,8 @@ class Pipeline:
                                max_wait_s=config.batcher.max_wait_ms / 1000,
                                hang_timeout_s=(fc.hang_timeout_ms or fc.max_latency_ms) / 1000)
         self.streams: dict[str, StreamRunner] = {}
+        self.observers: list[Observer] = []
+        """told about every stream's frames, states and incidents (events); shared by all streams"""
         self._lock = threading.Lock()
         self.started = False
 
@@ -295,7 +317,7 @@ class Pipeline:
         with self._lock:
             if config.id in self.streams:
                 raise ValueError(f"stream {config.id!r} already exists; remove it first or use another id")
-            runner = StreamRunner(config, self.config, self.batcher, self.metrics)
+            runner = StreamRunner(config, self.config, self.batcher, self.metrics, observers=self.observers)
             self.streams[config.id] = runner
         runner.start()
         return runner

@@ -17,8 +17,10 @@ from helpers import Clip, laplacian_var, make_clip, read_video
 from live_helpers import Hangs, NoFaces, Raises, Slow, counter, wait_for
 
 from stream.config import PipelineConfig, parse_config
-from stream.frames import Frame
+from stream.detect.detections import Detections
+from stream.frames import Failure, Frame
 from stream.metrics import sample
+from stream.observe import Observer
 from stream.pipeline import Pipeline
 
 
@@ -192,3 +194,52 @@ def test_stop_returns_quickly_with_looping_sources(clip: Clip) -> None:
     assert time.monotonic() - t0 < 6
     assert not any(t.name.startswith(("source-", "redact-", "file-")) and t.is_alive()
                    for t in threading.enumerate())
+
+
+class Recorder(Observer):
+    def __init__(self) -> None:
+        self.frames: list[tuple[int, int, object]] = []
+        self.states: list[tuple[str, str]] = []
+        self.incidents: list[tuple[str, int, bool]] = []
+
+    def frame(self, frame: Frame, detections: Detections, failure: Failure | None) -> None:
+        ids = detections.track_ids.tolist() if detections.track_ids is not None else []
+        self.frames.append((frame.seq, len(ids), failure))
+
+    def state(self, stream_id: str, state: str, error: str | None) -> None:
+        self.states.append((stream_id, state))
+
+    def incident(self, stream_id: str, reason: Failure, frames: int, ended: bool, action: str) -> None:
+        self.incidents.append((reason.value, frames, ended))
+
+
+def test_observers_see_frames_states_and_incidents(clip: Clip) -> None:
+    rec = Recorder()
+    p = Pipeline(config(clip), Raises)
+    p.observers.append(rec)
+    p.start()
+    try:
+        wait_for(lambda: p.ended, timeout=60, what="the source to end")
+    finally:
+        p.stop()
+    assert rec.states[0] == ("cam0", "up") and ("cam0", "ended") in rec.states
+    failed = [f for f in rec.frames if f[2] is not None]
+    assert failed and len(failed) == len(rec.frames)
+    assert rec.incidents[0][1:] == (1, False)
+    assert rec.incidents[-1] == (rec.incidents[0][0], len(failed), True)
+    seqs = [f[0] for f in rec.frames]
+    assert seqs == sorted(seqs)
+
+
+def test_observers_get_tracked_detections(clip: Clip) -> None:
+    rec = Recorder()
+    p = Pipeline(config(clip))
+    p.observers.append(rec)
+    p.start()
+    try:
+        wait_for(lambda: p.ended, timeout=60, what="the source to end")
+    finally:
+        p.stop()
+    assert rec.frames and all(f[2] is None for f in rec.frames)
+    assert sum(f[1] > 0 for f in rec.frames) >= len(rec.frames) - 2  # face tracked in (nearly) every frame
+    assert rec.incidents == []

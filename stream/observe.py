@@ -1,0 +1,27 @@
+"""What the pipeline tells the rest of the system (events, viewers): a small observer interface.
+
+Observers are called on a stream's redaction thread, in frame order, after the frame went to
+the outputs. They must be quick and must not block; an observer that raises is logged and
+skipped, never allowed to stop a stream.
+"""
+
+from __future__ import annotations
+
+from stream.detect.detections import Detections
+from stream.frames import Failure, Frame
+
+
+class Observer:
+    """No-op base: override what you need."""
+
+    def frame(self, frame: Frame, detections: Detections, failure: Failure | None) -> None:
+        """Every frame that left detection: ``detections`` are the tracked boxes that were masked
+        (with track ids), or empty with ``failure`` set when the frame was blanked or withheld."""
+
+    def state(self, stream_id: str, state: str, error: str | None) -> None:
+        """A stream went ``up``, ``down`` (``error`` says why, credentials masked), ``ended`` or
+        ``stopped``."""
+
+    def incident(self, stream_id: str, reason: Failure, frames: int, ended: bool, action: str) -> None:
+        """Fail-closed incident: called when frames start being blanked/withheld (``ended`` False,
+        ``frames`` 1) and when detection is back or the stream stops (``ended`` True, total)."""
