@@ -9,7 +9,8 @@ and the capture-to-publish latency distribution; /proc gives the pipeline's CPU 
 Modes (each a ratio on the same machine, in the same run):
 - ``transcode``: decode + re-encode with no detection (the ceiling; a benchmark-only worker);
 - ``redact``: `stream-redact run` with the configured preset, batching on;
-- ``redact-b1``: the same with ``max_batch: 1``.
+- ``redact-b1``: the same with ``max_batch: 1``;
+- ``redact-faces``: faces only (no plate or person detector), the cheapest redaction there is.
 
 A K "holds" when, in the window, no frame was dropped or blanked and every stream published at
 least 97% of the camera's frame rate. Run: ``.venv/bin/python benchmarks/live.py`` (see --help).
@@ -38,7 +39,7 @@ from stream.sim.server import RtspServer, transcode_clip  # noqa: E402
 SAMPLE = ROOT / ".samples" / "talking-face"
 SOURCE = SAMPLE / "WolfgangLanger_Pexels.mp4"  # `python -m stream.samples fetch` (deploy/setup.sh)
 SIZES = ("640x360", "1280x720")
-MODES = ("transcode", "redact", "redact-b1")
+MODES = ("transcode", "redact", "redact-b1", "redact-faces")
 
 WORKER = """
 import asyncio, sys
@@ -119,7 +120,8 @@ def run_point(mode: str, k: int, clip: Path, args: argparse.Namespace, work: Pat
                          "outputs": [{"type": "rtsp", "url": server.url(f"/out{i}")}]} for i in range(k)],
             "batcher": {"max_batch": 1 if mode == "redact-b1" else args.max_batch,
                         "max_wait_ms": args.max_wait_ms},
-            "detection": {"preset": args.preset, "providers": ["cpu"]},
+            "detection": {"preset": args.preset, "providers": ["cpu"],
+                          **({"plates": False, "heads": False} if mode == "redact-faces" else {})},
             "http": {"port": 0},
         }
         cfg = work / f"{mode}-{k}.yaml"
