@@ -177,6 +177,8 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
                                    "stage and publish it; serves /metrics, /healthz and /readyz.")
     p.add_argument("--config", type=Path, required=True, help="pipeline config (YAML); see README")
     p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="serve the control API without tokens (local demos only; logged as a warning)")
     p.set_defaults(func=cmd_run)
 
 
@@ -193,7 +195,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         logging.getLogger("stream").setLevel(logging.INFO)
     from stream.service import serve
 
-    return asyncio.run(serve(config))
+    return asyncio.run(serve(config, insecure_no_auth=args.insecure_no_auth))
 
 
 def add_models_parser(sub: argparse._SubParsersAction) -> None:

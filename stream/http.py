@@ -1,4 +1,4 @@
-"""The pipeline's HTTP side: Prometheus ``/metrics``, liveness ``/healthz``, readiness ``/readyz``.
+"""The pipeline's HTTP side: ``/metrics``, ``/healthz``, ``/readyz`` and the control API (stream.api).
 
 Liveness says the process is not wedged (the batcher thread runs); readiness says it can do its
 job (a detector is loaded and healthy), so an orchestrator stops sending viewers to a worker
@@ -10,6 +10,8 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from stream.api import MAX_BODY, add_routes
+from stream.auth import Tokens
 from stream.pipeline import Pipeline
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
@@ -32,18 +34,22 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if body["ready"] else 503)
 
 
-def make_app(pipeline: Pipeline) -> web.Application:
-    app = web.Application()
+def make_app(pipeline: Pipeline, tokens: Tokens | None = None,
+             allow_file_sources: bool = False) -> web.Application:
+    """Metrics and health are open (they hold no secrets); the control API needs a token."""
+    app = web.Application(client_max_size=MAX_BODY)
     app[PIPELINE] = pipeline
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    add_routes(app, pipeline, tokens or Tokens(), allow_file_sources)
     return app
 
 
-async def start_http(pipeline: Pipeline, host: str, port: int) -> tuple[web.AppRunner, int]:
+async def start_http(pipeline: Pipeline, host: str, port: int, tokens: Tokens | None = None,
+                     allow_file_sources: bool = False) -> tuple[web.AppRunner, int]:
     """Serve the app; returns the runner (to clean up) and the bound port (``port`` may be 0)."""
-    runner = web.AppRunner(make_app(pipeline), access_log=None)
+    runner = web.AppRunner(make_app(pipeline, tokens, allow_file_sources), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
