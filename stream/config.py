@@ -202,6 +202,20 @@ class HttpConfig(_Model):
     port: int = Field(9108, ge=0, le=65535, description="0 picks a free port")
 
 
+class AuthConfig(_Model):
+    """Where bearer tokens for the control API, WHIP and WHEP come from (never the YAML itself)."""
+
+    tokens_env: str = Field("STREAM_REDACT_TOKENS", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                            description="environment variable holding comma-separated tokens")
+    tokens_file: Path | None = Field(None, description="file with one token per line (e.g. a mounted secret)")
+
+
+class ApiConfig(_Model):
+    allow_file_sources: bool = Field(
+        False, description="let API clients add `file` sources; off, since a file source reads any local "
+                           "video the process can read")
+
+
 class PipelineConfig(_Model):
     streams: list[StreamConfig] = Field(default_factory=list)
     queue_size: int = Field(2, ge=1, le=64, description="frames waiting per stream; older ones are dropped")
@@ -210,6 +224,8 @@ class PipelineConfig(_Model):
     detection: DetectionConfig = DetectionConfig()
     redaction: RedactionConfig = RedactionConfig()
     http: HttpConfig = HttpConfig()
+    auth: AuthConfig = AuthConfig()
+    api: ApiConfig = ApiConfig()
 
     @model_validator(mode="after")
     def _unique(self) -> PipelineConfig:

@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 
+from stream.auth import load_tokens
 from stream.config import PipelineConfig
 from stream.detect.batcher import DetectorFactory
 from stream.errors import UserError
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None = None,
-                stop: asyncio.Event | None = None, stop_timeout: float = 5.0) -> int:
+                stop: asyncio.Event | None = None, stop_timeout: float = 5.0,
+                insecure_no_auth: bool = False) -> int:
     """Run until ``stop`` is set, a signal arrives, or every source has ended; 0 on a clean stop."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
@@ -30,6 +32,7 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
         # off the main thread (tests) there are no signal handlers: stop through the event instead
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    tokens = load_tokens(config.auth.tokens_env, config.auth.tokens_file, insecure_no_auth)
     pipeline = Pipeline(config, detector_factory)
     try:
         await loop.run_in_executor(None, pipeline.start)
@@ -37,7 +40,8 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
         await loop.run_in_executor(None, pipeline.stop, 1.0)
         raise
     try:
-        runner, port = await start_http(pipeline, config.http.host, config.http.port)
+        runner, port = await start_http(pipeline, config.http.host, config.http.port, tokens,
+                                        config.api.allow_file_sources)
     except OSError as e:
         await loop.run_in_executor(None, pipeline.stop, stop_timeout)
         raise UserError(str(e)) from None
