@@ -7,6 +7,8 @@ whose detector is being rebuilt but does not restart it for that.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -34,6 +36,21 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if body["ready"] else 503)
 
 
+WEB = Path(__file__).with_name("web")
+PAGES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+
+
+async def page(request: web.Request) -> web.Response:
+    """The control-room page and its two assets: static, no data in them, so no token needed."""
+    name = request.match_info.get("name", "index.html")
+    if name not in PAGES:
+        raise web.HTTPNotFound(text="no such page")
+    return web.Response(body=(WEB / name).read_bytes(), content_type=PAGES[name],
+                        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+                                 "Content-Security-Policy": "default-src 'self'; media-src 'self' blob:; "
+                                                            "connect-src 'self'"})
+
+
 def make_app(pipeline: Pipeline, tokens: Tokens | None = None,
              allow_file_sources: bool = False) -> web.Application:
     """Metrics and health are open (they hold no secrets); the control API needs a token."""
@@ -42,6 +59,8 @@ def make_app(pipeline: Pipeline, tokens: Tokens | None = None,
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/", page)
+    app.router.add_get("/static/{name}", page)
     add_routes(app, pipeline, tokens or Tokens(), allow_file_sources)
     return app
 

@@ -84,6 +84,10 @@ class StreamRunner:
         self.blanked = 0
         self.last_frame_at: float | None = None
         self._tracked_size: tuple[int, int] | None = None
+        self._latency_ms: float | None = None
+        self._newest_track = 0
+        self.recent: deque[dict[str, Any]] = deque(maxlen=8)
+        """the latest new tracks (label, id, score, time): what the control room lists per stream"""
         self._ordered: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -242,8 +246,18 @@ class StreamRunner:
         regions = self.redactor.apply(image, tracked)
         for r in regions:
             self.metrics.detections.labels(self.id, r.label).inc()
+        self._note_new_tracks(frame, tracked)
         self._publish(frame, image, tracked)
         self._notify("frame", frame, tracked, None)
+
+    def _note_new_tracks(self, frame: Frame, tracked: Detections) -> None:
+        if tracked.track_ids is None:
+            return
+        for i, tid in enumerate(tracked.track_ids.tolist()):
+            if tid > self._newest_track:
+                self._newest_track = tid
+                self.recent.append({"time": round(frame.wall_time, 3), "label": tracked.labels[i],
+                                    "track_id": int(tid), "score": round(float(tracked.scores[i]), 3)})
 
     def _fail_closed(self, job: Job, why: Failure) -> None:
         self._incident_frames += 1
@@ -268,6 +282,8 @@ class StreamRunner:
             self._incident, self._incident_frames = None, 0
 
     def _publish(self, frame: Frame, image: np.ndarray, dets: Detections) -> None:
+        ms = (time.monotonic() - frame.captured_at) * 1000
+        self._latency_ms = ms if self._latency_ms is None else 0.9 * self._latency_ms + 0.1 * ms
         self.published += 1
         self.metrics.frames_published.labels(self.id).inc()
         for out in self.outputs:
@@ -285,6 +301,8 @@ class StreamRunner:
             "id": sid, "state": self.state, "error": self.error, "size": self.size,
             "frames_in": self.seq, "published": self.published, "blanked": self.blanked,
             "dropped": int(dropped), "queue": len(self.queue),
+            "latency_ms": None if self._latency_ms is None else round(self._latency_ms, 1),
+            "recent": list(self.recent),
             "outputs": {o.label: {"up": o.up, "frames": o.frames_written} for o in self.outputs},
         }
 

@@ -68,7 +68,11 @@ def call(method: str, url: str, body: bytes | dict | None = None, token: str | N
             raw, status, hdrs = r.read(), r.status, dict(r.headers)
     except urllib.error.HTTPError as e:
         raw, status, hdrs = e.read(), e.code, dict(e.headers)
-    return status, (json.loads(raw) if raw else None), hdrs
+    try:
+        doc = json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        doc = {"text": raw.decode(errors="replace")}
+    return status, doc, hdrs
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +228,31 @@ def test_fuzz_the_api_from_its_openapi_document(running: tuple[Pipeline, Server]
     assert "steady" in p.streams and p.streams["steady"].state == "up"
     for sid in [x for x in p.streams if x != "steady"]:
         p.remove_stream(sid)
+
+
+def test_control_room_page_is_served_without_external_resources(running: tuple[Pipeline, Server]) -> None:
+    _, s = running
+    pages = (("/", "text/html"), ("/static/app.js", "text/javascript"), ("/static/style.css", "text/css"))
+    for path, kind in pages:
+        req = urllib.request.Request(s.base + path)
+        with urllib.request.urlopen(req, timeout=10) as r:
+            body = r.read().decode()
+            assert r.headers["Content-Type"].startswith(kind)
+        assert "http://" not in body and "https://" not in body  # offline control rooms: nothing from a CDN
+    assert call("GET", s.base + "/static/secret.txt", token=None)[0] == 404
+    assert call("GET", s.base + "/static/..%2Fapi.py", token=None)[0] == 404
+
+
+def test_status_lists_new_tracks_and_latency(clip_path: Path) -> None:
+    detection = {"preset": "fast", "plates": False, "heads": False, "providers": ["cpu"]}
+    cfg = parse_config({"streams": [{"id": "cam", "source": {"type": "file", "path": str(clip_path)}}],
+                        "detection": detection})
+    p = Pipeline(cfg)
+    p.start()
+    try:
+        wait_for(lambda: p.ended, timeout=60, what="the clip to end")
+    finally:
+        p.stop()
+    st = p.streams["cam"].status()
+    assert st["latency_ms"] is not None and st["latency_ms"] > 0
+    assert st["recent"] and st["recent"][0]["label"] == "face" and st["recent"][0]["track_id"] >= 1
