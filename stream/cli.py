@@ -198,6 +198,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(serve(config, insecure_no_auth=args.insecure_no_auth))
 
 
+def add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="redact a sample clip played as a live camera; watch it in the browser",
+                       description="Starts the live pipeline on a sample clip with faces (fetched at "
+                                   "set-up), serves the control-room page and prints the URL to open.")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve the page on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="fast", help="detector preset (default fast)")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from stream.demo import demo_config, new_token
+    from stream.service import serve
+
+    config = demo_config(args.host, args.port, args.preset)
+    token = os.environ.setdefault("STREAM_REDACT_DEMO_TOKEN", new_token())
+    if not args.verbose:
+        logging.getLogger("stream").setLevel(logging.INFO)
+
+    def banner(port: int) -> None:
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        print(f"\n  open http://{host}:{port}/#token={token}\n  (Ctrl-C stops the demo)\n", file=sys.stderr,
+              flush=True)
+
+    return asyncio.run(serve(config, on_listen=banner))
+
+
 def add_models_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="fetch, verify and list the detector weights")
     msub = p.add_subparsers(dest="models_cmd", metavar="{fetch,verify,list}", required=True,
@@ -232,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_redact_parser(sub)
     add_run_parser(sub)
+    add_demo_parser(sub)
     add_models_parser(sub)
     return parser
 

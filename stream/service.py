@@ -11,6 +11,7 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Callable
 
 from stream.auth import load_tokens
 from stream.config import PipelineConfig
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None = None,
                 stop: asyncio.Event | None = None, stop_timeout: float = 5.0,
-                insecure_no_auth: bool = False) -> int:
+                insecure_no_auth: bool = False, on_listen: Callable[[int], None] | None = None) -> int:
     """Run until ``stop`` is set, a signal arrives, or every source has ended; 0 on a clean stop."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
@@ -48,6 +49,8 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
     print(f"stream-redact: {len(pipeline.streams)} stream(s) running; metrics at "
           f"http://{config.http.host}:{port}/metrics, health at /healthz and /readyz", file=sys.stderr,
           flush=True)
+    if on_listen is not None:
+        on_listen(port)
     try:
         while not stop.is_set():
             try:
