@@ -93,7 +93,13 @@ class FileSource(_Model):
         return v
 
 
-Source = Annotated[RtspSource | FileSource, Field(discriminator="type")]
+class WhipSource(_Model):
+    """A bodycam, phone or OBS publishing over WebRTC (WHIP): it POSTs its offer to /whip/{id}."""
+
+    type: Literal["whip"]
+
+
+Source = Annotated[RtspSource | FileSource | WhipSource, Field(discriminator="type")]
 
 
 class RtspOutput(_Model):
@@ -246,7 +252,7 @@ def _where(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("rtsp", "file"):
+        elif part in ("rtsp", "file", "whip"):
             continue  # discriminated-union tags are not config keys
         else:
             out += f".{part}" if out else str(part)
@@ -262,7 +268,7 @@ def format_errors(e: ValidationError) -> str:
         elif err["type"] == "union_tag_invalid":
             msg = f"unknown type; use one of {err.get('ctx', {}).get('expected_tags', '')}"
         elif err["type"] == "union_tag_not_found":
-            msg = "missing 'type'; say type: rtsp or type: file"
+            msg = "missing 'type'; say type: rtsp, file or whip"
         lines.append(f"{_where(err['loc'])}: {msg}")
     return "\n  ".join(lines)
 
