@@ -22,6 +22,7 @@ from stream.config import FileOutput as FileOutputConfig
 from stream.config import FileSource as FileSourceConfig
 from stream.config import PipelineConfig, StreamConfig
 from stream.config import RtspOutput as RtspOutputConfig
+from stream.config import WhipSource as WhipSourceConfig
 from stream.detect.batcher import Batcher, Detect, DetectorFactory
 from stream.detect.detections import Detections
 from stream.frames import Drop, Failure, Frame, Job, JobQueue
@@ -31,7 +32,7 @@ from stream.publish.encoder import EncoderOutput
 from stream.publish.file import FileOutput
 from stream.publish.rtsp import RtspOutput
 from stream.redact import Redactor
-from stream.sources.base import Source
+from stream.sources.base import PushedSource, Source
 from stream.sources.file import FileSource
 from stream.sources.rtsp import RtspSource
 from stream.track import Tracker
@@ -122,6 +123,8 @@ class StreamRunner:
         src = self.config.source
         if isinstance(src, FileSourceConfig):
             return FileSource(self.id, src, self)
+        if isinstance(src, WhipSourceConfig):
+            return PushedSource(self.id, self)
         return RtspSource(self.id, src, self)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -321,6 +324,9 @@ class Pipeline:
                                hang_timeout_s=(fc.hang_timeout_ms or fc.max_latency_ms) / 1000)
         self.streams: dict[str, StreamRunner] = {}
         self.observers: list[Observer] = []
+        self.on_stream_added: list[Callable[[StreamRunner], None]] = []
+        """called with each new stream before it starts (WebRTC viewers attach their feed here)"""
+        self.on_stream_removed: list[Callable[[str], None]] = []
         """told about every stream's frames, states and incidents (events); shared by all streams"""
         self._lock = threading.Lock()
         self.started = False
@@ -337,6 +343,8 @@ class Pipeline:
                 raise ValueError(f"stream {config.id!r} already exists; remove it first or use another id")
             runner = StreamRunner(config, self.config, self.batcher, self.metrics, observers=self.observers)
             self.streams[config.id] = runner
+        for hook in list(self.on_stream_added):
+            hook(runner)
         runner.start()
         return runner
 
@@ -347,6 +355,8 @@ class Pipeline:
             raise KeyError(stream_id)
         runner.stop(timeout)
         self.metrics.forget_stream(stream_id)
+        for hook in list(self.on_stream_removed):
+            hook(stream_id)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop every stream in parallel, then the batcher; returns within about ``timeout``."""

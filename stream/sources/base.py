@@ -81,3 +81,18 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+class PushedSource(Source):
+    """A source whose frames are pushed in from elsewhere (a WHIP session): no thread of its own.
+
+    The WebRTC side calls the stream's handler directly; this object only gives the stream the
+    same start/stop life as any other source.
+    """
+
+    def start(self) -> None:
+        self.handler.on_down("waiting", "waiting for a publisher (WHIP POST to /whip/{id})".replace(
+            "{id}", self.stream_id))
+
+    def run(self) -> None:  # pragma: no cover - never started as a thread
+        pass
