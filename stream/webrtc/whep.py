@@ -1,0 +1,616 @@
+"""WHEP playback: browsers and players watch a stream's redacted frames over WebRTC.
+
+The only input is a :class:`FrameFeed`, fed by the pipeline's ``on_redacted`` hook with painted
+(or blanked) images: nothing here can reach an unredacted frame, so a viewer sees only what the
+pipeline published.
+
+Encode once, send to many. aiortc encodes per :class:`~aiortc.RTCRtpSender`, but a sender whose
+track yields ``av.Packet`` instead of ``VideoFrame`` only packetizes it (``Encoder.pack``). So
+with ``shared_encoding`` (the default) each stream has one :class:`SharedEncoder` per codec,
+which encodes every new frame once and hands the same packets to every viewer's
+:class:`EncodedTrack`. What that costs, by design:
+
+- every viewer of a stream gets the same bitrate (``bitrate``): receiver estimates (REMB) are
+  ignored, where aiortc would adapt each viewer's encoder;
+- a keyframe asked for by one viewer (a new viewer, a picture-loss report) goes to all of them;
+  requests are merged and rate-limited (``KEYFRAME_MIN_INTERVAL_S``);
+- a viewer that falls behind skips to the next keyframe instead of getting a private one.
+
+With ``shared_encoding=False`` each viewer has its own :class:`FeedTrack` of decoded frames and
+aiortc encodes per viewer: adaptive, but CPU grows with every viewer. ``benchmarks/whep_viewers.py``
+(2 cores, 640x360 at 25 fps, VP8) measured about 0.16 cores for the first viewer plus 0.007 per
+further one when shared (16 viewers at 25 fps), against about 0.19 cores per viewer when not
+(8 viewers already fell to 22 fps). Either way the decoded source is shared: one feed per stream.
+
+Frames: the newest wins. A viewer (or the shared encoder) that is slower than the stream skips
+frames; none queue up. When a stream stalls, the last frame is sent again every
+``IDLE_REPEAT_S`` so that a viewer who joins then still gets a picture. Timestamps are 90 kHz
+ticks derived from the frames' capture times (:class:`PtsClock`), strictly increasing.
+Odd widths/heights lose their last column/row (4:2:0 encoders need even sizes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import av
+import numpy as np
+from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc.codecs.vpx import number_of_threads
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from av import VideoFrame
+
+from stream.webrtc.ice import IceConfig, apply
+from stream.webrtc.whip import (
+    MAX_SDP_BYTES,
+    VIDEO_CODECS,
+    OfferError,
+    StreamGone,
+    new_session_id,
+    parse_offer,
+    short,
+)
+
+log = logging.getLogger(__name__)
+
+CLOCK_RATE = 90_000
+TIME_BASE = fractions.Fraction(1, CLOCK_RATE)
+IDLE_REPEAT_S = 1.0
+"""a stalled stream's last frame is sent again this often (late joiners get a picture)"""
+KEYFRAME_MIN_INTERVAL_S = 0.3
+"""at most one *forced* keyframe per stream and codec this often, however many viewers ask
+(periodic ones do not count: a viewer joining just after one must not wait)"""
+KEYFRAME_WAIT_S = 0.1
+"""a keyframe asked for while the stream is stalled is made from the last frame within this long"""
+GOP_S = 2.0
+"""periodic keyframe interval: the longest a viewer that lost packets stays broken without PLI"""
+VIEWER_QUEUE = 8
+"""encoded frames one viewer may have unsent before it is resynchronised at the next keyframe"""
+
+
+class FeedClosed(Exception):
+    """The feed's stream has stopped; no more frames will come."""
+
+
+@dataclass(frozen=True)
+class FeedFrame:
+    seq: int
+    image: np.ndarray
+    captured_at: float
+
+
+class FrameFeed:
+    """The newest redacted frame of one stream, for any number of async readers.
+
+    :meth:`push` is called from the pipeline's redaction thread: it only swaps a reference and
+    schedules a wake-up on each waiting event loop, so it never blocks on a slow viewer. The
+    image is kept by reference: the pusher must not modify it afterwards.
+    """
+
+    def __init__(self, stream_id: str = "") -> None:
+        self.stream_id = stream_id
+        self._lock = threading.Lock()
+        self._latest: FeedFrame | None = None
+        self._closed = False
+        self._waiters: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        self.pushed = 0
+
+    def push(self, image_bgr: np.ndarray, captured_at: float) -> None:
+        """Publish a frame (BGR, HxWx3 uint8); ``captured_at`` is ``time.monotonic()`` of its capture."""
+        with self._lock:
+            if self._closed:
+                return
+            self.pushed += 1
+            self._latest = FeedFrame(self.pushed, image_bgr, captured_at)
+            waiters, self._waiters = self._waiters, {}
+        self._wake(waiters)
+
+    def close(self) -> None:
+        """The stream stopped: readers get :class:`FeedClosed` (and viewers' sessions end)."""
+        with self._lock:
+            self._closed = True
+            waiters, self._waiters = self._waiters, {}
+        self._wake(waiters)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def latest(self) -> FeedFrame | None:
+        return self._latest
+
+    @property
+    def waiting(self) -> int:
+        """Readers blocked in :meth:`next` right now (a timed-out or cancelled one is not kept)."""
+        with self._lock:
+            return sum(len(f) for f in self._waiters.values())
+
+    async def next(self, after: int = 0, timeout: float | None = None) -> FeedFrame | None:
+        """The newest frame with ``seq > after``, waiting for one; None if ``timeout`` passes first."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise FeedClosed(self.stream_id)
+                if self._latest is not None and self._latest.seq > after:
+                    return self._latest
+                fut: asyncio.Future[None] = loop.create_future()
+                self._waiters.setdefault(loop, []).append(fut)
+            try:
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    return None
+                await asyncio.wait_for(fut, remaining)
+            except TimeoutError:
+                return None
+            finally:
+                if not fut.done() or fut.cancelled():
+                    self._forget(loop, fut)
+
+    def _forget(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> None:
+        with self._lock:
+            futs = self._waiters.get(loop)
+            if futs is not None and fut in futs:
+                futs.remove(fut)
+                if not futs:
+                    del self._waiters[loop]
+
+    @staticmethod
+    def _wake(waiters: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]]) -> None:
+        for loop, futs in waiters.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits there any more
+                loop.call_soon_threadsafe(_resolve, futs)
+
+
+def _resolve(futs: list[asyncio.Future[None]]) -> None:
+    for f in futs:
+        if not f.done():
+            f.set_result(None)
+
+
+class PtsClock:
+    """90 kHz timestamps from capture times: start at 0, strictly increase, survive clock jumps.
+
+    ``stamp(captured_at)`` for a new frame; ``stamp(None)`` for a repeat of the last one, which
+    advances by the real time since the previous stamp.
+    """
+
+    def __init__(self) -> None:
+        self._origin: float | None = None
+        self._last_pts = -1
+        self._last_t = 0.0
+        self._last_mono = 0.0
+
+    def stamp(self, captured_at: float | None) -> int:
+        now = time.monotonic()
+        t = self._last_t + (now - self._last_mono) if captured_at is None else captured_at
+        if self._origin is None:
+            self._origin = t
+        elif t < self._last_t:  # capture clock went back (another source): continue from here
+            self._origin = t - (self._last_pts + CLOCK_RATE // 30) / CLOCK_RATE
+        pts = max(round((t - self._origin) * CLOCK_RATE), self._last_pts + 1)
+        self._last_pts, self._last_t, self._last_mono = pts, t, now
+        return pts
+
+
+def even(image: np.ndarray) -> np.ndarray:
+    """Crop to even width and height (4:2:0 encoders refuse odd ones)."""
+    h, w = image.shape[:2]
+    return image if not (h | w) & 1 else image[: h & ~1, : w & ~1]
+
+
+def to_video_frame(image: np.ndarray, pts: int) -> VideoFrame:
+    vf = VideoFrame.from_ndarray(np.ascontiguousarray(even(image)), format="bgr24")
+    vf.pts, vf.time_base = pts, TIME_BASE
+    return vf
+
+
+class FeedTrack(MediaStreamTrack):
+    """A viewer's own track of decoded frames from a feed (aiortc encodes it for this viewer alone)."""
+
+    kind = "video"
+
+    def __init__(self, feed: FrameFeed) -> None:
+        super().__init__()
+        self.feed = feed
+        self._seq = 0
+        self._clock = PtsClock()
+
+    async def recv(self) -> VideoFrame:
+        while True:
+            if self.readyState != "live":
+                raise MediaStreamError
+            try:
+                f = await self.feed.next(self._seq, IDLE_REPEAT_S)
+            except FeedClosed:
+                self.stop()
+                raise MediaStreamError from None
+            if f is not None:
+                self._seq = f.seq
+                return to_video_frame(f.image, self._clock.stamp(f.captured_at))
+            if (last := self.feed.latest) is not None:
+                return to_video_frame(last.image, self._clock.stamp(None))
+
+
+class EncodedTrack(MediaStreamTrack):
+    """A viewer's view of a :class:`SharedEncoder`: yields encoded packets, which aiortc only packetizes.
+
+    Takes packets only once its sender reads (the connection is up), starting at a keyframe asked
+    for then, so a viewer still connecting neither queues packets nor triggers keyframes. When it
+    falls ``VIEWER_QUEUE`` frames behind, its backlog is dropped and it waits for the next
+    keyframe (asked for at once), so it never decodes a broken reference chain.
+    """
+
+    kind = "video"
+
+    def __init__(self, encoder: SharedEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self._queue: asyncio.Queue[av.Packet | None] = asyncio.Queue()
+        self._reading = False
+        self._need_keyframe = True
+        self.resyncs = 0
+
+    def deliver(self, packet: av.Packet) -> None:
+        if not self._reading:
+            return
+        if self._need_keyframe:
+            if not packet.is_keyframe:
+                return
+            self._need_keyframe = False
+        if self._queue.qsize() >= VIEWER_QUEUE:
+            while not self._queue.empty():
+                self._queue.get_nowait()
+            self._need_keyframe = True
+            self.resyncs += 1
+            self.encoder.request_keyframe()
+            return
+        self._queue.put_nowait(packet)
+
+    def end(self) -> None:
+        """No more packets (the feed closed): recv ends after the queued ones."""
+        self._queue.put_nowait(None)
+
+    async def recv(self) -> av.Packet:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if not self._reading:
+            self._reading = True
+            self.encoder.request_keyframe()
+        packet = await self._queue.get()
+        if packet is None:
+            self.stop()
+            raise MediaStreamError
+        return packet
+
+    def stop(self) -> None:
+        super().stop()
+        self.encoder.unsubscribe(self)
+
+
+def default_bitrate(width: int, height: int) -> int:
+    """~0.1 bit per pixel at 25 fps (640x360: ~580 kbit/s, 1280x720: ~2.3 Mbit/s), within 300 k..8 M."""
+    return int(min(8_000_000, max(300_000, width * height * 25 * 0.1)))
+
+
+class SharedEncoder:
+    """Encodes a feed once for all viewers of one stream that use ``codec`` (``VP8`` or ``H264``).
+
+    Runs while it has subscribers. Encoding happens in the loop's default executor, one frame
+    at a time; frames that arrive meanwhile are skipped (the feed keeps only the newest).
+    """
+
+    def __init__(self, feed: FrameFeed, codec: str, bitrate: int | None = None,
+                 on_idle: Callable[[SharedEncoder], None] | None = None) -> None:
+        if codec.upper() not in VIDEO_CODECS:
+            raise ValueError(f"cannot encode {codec!r}; use one of {', '.join(VIDEO_CODECS)}")
+        self.feed = feed
+        self.codec = codec.upper()
+        self.bitrate = bitrate
+        self._on_idle = on_idle
+        self._subscribers: set[EncodedTrack] = set()
+        self._context: av.VideoCodecContext | None = None
+        self._keyframe_wanted = False
+        self._last_forced = -1e9
+        self._clock = PtsClock()
+        self._task: asyncio.Task[None] | None = None
+        self.encoded = 0
+        self.keyframes = 0
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    def subscribe(self) -> EncodedTrack:
+        track = EncodedTrack(self)
+        self._subscribers.add(track)
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+        return track
+
+    def unsubscribe(self, track: EncodedTrack) -> None:
+        self._subscribers.discard(track)
+        if not self._subscribers and self._on_idle is not None:
+            self._on_idle(self)
+
+    def request_keyframe(self) -> None:
+        """A new viewer or a picture-loss report (PLI/FIR) of any viewer: next frame is a keyframe."""
+        self._keyframe_wanted = True
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._context = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        seq = 0
+        last_encode = -1e9
+        try:
+            while True:
+                # short waits: a stalled stream still answers a keyframe request within KEYFRAME_WAIT_S
+                f = await self.feed.next(seq, KEYFRAME_WAIT_S)
+                now = time.monotonic()
+                force = self._keyframe_wanted and now - self._last_forced >= KEYFRAME_MIN_INTERVAL_S
+                if f is not None:
+                    seq = f.seq
+                    pts = self._clock.stamp(f.captured_at)
+                elif (f := self.feed.latest) is not None and (force or now - last_encode >= IDLE_REPEAT_S):
+                    pts = self._clock.stamp(None)  # stalled: the last frame again
+                else:
+                    continue
+                if force:
+                    self._keyframe_wanted, self._last_forced = False, now
+                last_encode = now
+                try:
+                    packets = await loop.run_in_executor(None, self._encode, f.image, pts, force)
+                except (av.FFmpegError, ValueError) as e:  # a bad frame must not end the stream's playback
+                    log.warning("stream %s: %s encode failed: %s", self.feed.stream_id, self.codec, e)
+                    self._context = None
+                    continue
+                self.encoded += 1
+                for packet in packets:
+                    if packet.is_keyframe:  # whoever asked gets this one (requests made meanwhile too)
+                        self.keyframes += 1
+                        self._keyframe_wanted = False
+                    for track in list(self._subscribers):
+                        track.deliver(packet)
+        except FeedClosed:
+            for track in list(self._subscribers):
+                track.end()
+
+    def _encode(self, image: np.ndarray, pts: int, keyframe: bool) -> list[av.Packet]:
+        frame = to_video_frame(image, pts).reformat(format="yuv420p")
+        ctx = self._context
+        if ctx is None or (ctx.width, ctx.height) != (frame.width, frame.height):
+            ctx = self._context = self._open(frame.width, frame.height)
+            keyframe = True
+        frame.pict_type = av.video.frame.PictureType.I if keyframe else av.video.frame.PictureType.NONE
+        packets = ctx.encode(frame)
+        for p in packets:
+            p.time_base = TIME_BASE
+        return packets
+
+    def _open(self, width: int, height: int) -> av.VideoCodecContext:
+        bitrate = self.bitrate or default_bitrate(width, height)
+        ctx: av.VideoCodecContext
+        if self.codec == "H264":
+            ctx = av.CodecContext.create("libx264", "w")  # type: ignore[assignment]
+            ctx.options = {"preset": "ultrafast", "tune": "zerolatency", "forced-idr": "1",
+                           "maxrate": str(bitrate), "bufsize": str(bitrate // 2)}
+            ctx.profile = "Baseline"  # constrained baseline: what every WebRTC H.264 decoder takes
+        else:
+            ctx = av.CodecContext.create("libvpx", "w")  # type: ignore[assignment]
+            ctx.qmin, ctx.qmax = 2, 56
+            ctx.options = {"deadline": "realtime", "cpu-used": "-6", "lag-in-frames": "0",
+                           "bufsize": str(bitrate), "minrate": str(bitrate), "maxrate": str(bitrate),
+                           "undershoot-pct": "100", "overshoot-pct": "15", "static-thresh": "1",
+                           "error-resilient": "1"}
+            ctx.thread_count = number_of_threads(width * height, os.cpu_count() or 1)  # as aiortc does
+        ctx.width, ctx.height = width, height
+        ctx.pix_fmt = "yuv420p"
+        ctx.bit_rate = bitrate
+        ctx.time_base = TIME_BASE
+        ctx.framerate = fractions.Fraction(30)
+        ctx.gop_size = round(GOP_S * 30)
+        ctx.open()
+        return ctx
+
+
+@dataclass(eq=False)
+class WhepSession:
+    """One viewer's connection."""
+
+    id: str
+    stream_id: str
+    pc: RTCPeerConnection
+    codec: str
+    track: MediaStreamTrack
+    created_at: float = field(default_factory=time.monotonic)
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: bool = False
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+class WhepPlayback:
+    """Serves WHEP viewers the frames of each stream's :class:`FrameFeed`."""
+
+    def __init__(self, ice: IceConfig | None = None, *, codecs: Sequence[str] = VIDEO_CODECS,
+                 shared_encoding: bool = True, bitrate: int | None = None,
+                 max_sdp_bytes: int = MAX_SDP_BYTES, connect_timeout_s: float = 15.0) -> None:
+        """``codecs``: what to send, in order of preference; the first one the viewer offers is used."""
+        bad = [c for c in codecs if c.upper() not in VIDEO_CODECS]
+        if bad or not codecs:
+            raise ValueError(f"WHEP codecs {list(codecs)}: choose from {', '.join(VIDEO_CODECS)}")
+        self._rtc_config = apply(ice or IceConfig())
+        self.codecs = tuple(c.upper() for c in codecs)
+        self.shared_encoding = shared_encoding
+        self.bitrate = bitrate
+        self.max_sdp_bytes = max_sdp_bytes
+        self.connect_timeout_s = connect_timeout_s
+        self._sessions: dict[str, WhepSession] = {}
+        self._encoders: dict[tuple[int, str], SharedEncoder] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- queries ---------------------------------------------------------------------------------
+    def viewers(self, stream_id: str) -> int:
+        """Open viewer sessions of a stream (connecting or connected)."""
+        return sum(1 for s in self._sessions.values() if s.stream_id == stream_id)
+
+    def session(self, session_id: str) -> WhepSession | None:
+        return self._sessions.get(session_id)
+
+    def encoders(self) -> int:
+        """Shared encoders running (one per watched stream and codec)."""
+        return len(self._encoders)
+
+    def stats(self) -> dict[str, Any]:
+        """Viewers per stream and what each shared encoder did (for status pages and benchmarks)."""
+        streams: dict[str, int] = {}
+        for s in self._sessions.values():
+            streams[s.stream_id] = streams.get(s.stream_id, 0) + 1
+        encoders = [{"stream": e.feed.stream_id, "codec": e.codec, "viewers": e.subscribers,
+                     "encoded": e.encoded, "keyframes": e.keyframes} for e in self._encoders.values()]
+        return {"viewers": streams, "encoders": encoders}
+
+    # -- WHEP resource ---------------------------------------------------------------------------
+    async def offer(self, stream_id: str, sdp: str, feed: FrameFeed) -> tuple[str, str]:
+        """Answer a viewer's offer; returns ``(answer_sdp, session_id)``. Raises :class:`OfferError`."""
+        desc = parse_offer(sdp, "recv", self.max_sdp_bytes, self.codecs)
+        if feed.closed:
+            raise StreamGone(f"stream {stream_id} is not running; nothing to watch")
+        offered = {c.name.upper() for m in desc.media if m.kind == "video" for c in m.rtp.codecs}
+        codec = next(c for c in self.codecs if c in offered)
+        pc = RTCPeerConnection(self._rtc_config)
+        track: MediaStreamTrack
+        encoder = None
+        if self.shared_encoding:
+            encoder = self._encoder(feed, codec)
+            track = encoder.subscribe()
+        else:
+            track = FeedTrack(feed)
+        session = WhepSession(new_session_id(), stream_id, pc, codec, track)
+        transceiver = pc.addTransceiver(track, direction="sendonly")
+        wanted = (f"VIDEO/{codec}", "VIDEO/RTX")
+        caps = RTCRtpSender.getCapabilities("video").codecs
+        transceiver.setCodecPreferences([c for c in caps if c.mimeType.upper() in wanted])
+        if encoder is not None:  # picture-loss reports go to the shared encoder, not the idle per-sender one
+            transceiver.sender._send_keyframe = encoder.request_keyframe  # type: ignore[method-assign]
+
+        @track.on("ended")
+        def on_ended() -> None:
+            self._close_later(session, "track ended")
+
+        @pc.on("connectionstatechange")
+        def on_state() -> None:
+            if pc.connectionState == "connected":
+                session.connected.set()
+            elif pc.connectionState in ("failed", "closed"):
+                self._close_later(session, f"connection {pc.connectionState}")
+
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            for t in pc.getTransceivers():
+                if t is not transceiver:
+                    t.direction = "inactive"
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as e:
+            session.closed = True
+            await self._discard(session)
+            raise OfferError(f"the SDP offer could not be negotiated ({type(e).__name__}: {e})") from None
+        self._sessions[session.id] = session
+        self._spawn(session, self._watch_connect(session))
+        log.info("stream %s: WHEP viewer %s (%s, %d watching)", stream_id, short(session.id), codec,
+                 self.viewers(stream_id))
+        return pc.localDescription.sdp, session.id
+
+    async def delete(self, session_id: str) -> bool:
+        """End a viewer's session (WHEP DELETE); False when there is no such session."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return False
+        await self._close(session, "viewer ended the session")
+        return True
+
+    async def close_stream(self, stream_id: str) -> None:
+        """Close every viewer of one stream (the stream was removed)."""
+        await asyncio.gather(*(self._close(s, "stream closed") for s in list(self._sessions.values())
+                               if s.stream_id == stream_id))
+
+    async def close_all(self) -> None:
+        await asyncio.gather(*(self._close(s, "server shutting down") for s in list(self._sessions.values())))
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+        for enc in list(self._encoders.values()):
+            await enc.close()
+        self._encoders.clear()
+
+    # -- internals -------------------------------------------------------------------------------
+    def _encoder(self, feed: FrameFeed, codec: str) -> SharedEncoder:
+        key = (id(feed), codec)
+        enc = self._encoders.get(key)
+        if enc is None:
+            enc = self._encoders[key] = SharedEncoder(feed, codec, self.bitrate, on_idle=self._encoder_idle)
+        return enc
+
+    def _encoder_idle(self, enc: SharedEncoder) -> None:
+        key = (id(enc.feed), enc.codec)
+        if self._encoders.get(key) is enc:
+            del self._encoders[key]
+        self._background_task(enc.close())
+
+    def _background_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _spawn(self, session: WhepSession, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        session.tasks.add(task)
+        task.add_done_callback(session.tasks.discard)
+
+    def _close_later(self, session: WhepSession, reason: str) -> None:
+        if not session.closed:
+            self._background_task(self._close(session, reason))
+
+    async def _watch_connect(self, session: WhepSession) -> None:
+        try:
+            await asyncio.wait_for(session.connected.wait(), self.connect_timeout_s)
+        except TimeoutError:
+            self._close_later(session, f"viewer did not connect within {self.connect_timeout_s:g} s")
+
+    async def _close(self, session: WhepSession, reason: str) -> None:
+        if session.closed:
+            return
+        session.closed = True
+        self._sessions.pop(session.id, None)
+        log.info("stream %s: WHEP viewer %s gone: %s (%d watching)", session.stream_id, short(session.id),
+                 reason, self.viewers(session.stream_id))
+        await self._discard(session)
+
+    @staticmethod
+    async def _discard(session: WhepSession) -> None:
+        me = asyncio.current_task()
+        tasks = [t for t in session.tasks if t is not me]
+        for t in tasks:
+            t.cancel()
+        try:
+            await session.pc.close()
+        finally:
+            session.track.stop()  # a track never sent (no connection) still leaves its encoder
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*tasks, return_exceptions=True)
