@@ -8,16 +8,25 @@ cd "$(dirname "$0")/.."
 # (stream/sim). It comes from Debian and runs under Debian's python3; install it when we can.
 GST_PKGS="gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp gstreamer1.0-plugins-base gstreamer1.0-plugins-good
   gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-tools python3-gi"
+# Debian's Chromium is the real browser of the viewer-page tests (Playwright drives it; no
+# `playwright install`, which would download a browser from the internet).
+NEED_APT=""
 if ! /usr/bin/python3 -c 'import gi; gi.require_version("GstRtspServer", "1.0"); from gi.repository import GstRtspServer' >/dev/null 2>&1; then
+  NEED_APT="$GST_PKGS"
+fi
+if ! command -v chromium >/dev/null; then
+  NEED_APT="$NEED_APT chromium"
+fi
+if [ -n "$NEED_APT" ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
-    echo "setup: installing GStreamer's RTSP server (tests and benchmarks use it as camera and media server)"
+    echo "setup: installing $(echo $NEED_APT | wc -w) Debian package(s) for the tests: RTSP server, Chromium"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     # shellcheck disable=SC2086
-    apt-get install -y -qq --no-install-recommends $GST_PKGS >/dev/null
+    apt-get install -y -qq --no-install-recommends $NEED_APT >/dev/null
   else
-    echo "setup: note: GStreamer's RTSP server is missing, so the RTSP tests will be skipped;" \
-         "install it with: sudo apt-get install $(echo $GST_PKGS)" >&2
+    echo "setup: note: missing Debian packages, so the RTSP/browser tests will be skipped;" \
+         "install them with: sudo apt-get install $(echo $NEED_APT)" >&2
   fi
 fi
 PY=${PYTHON:-python3}

@@ -24,7 +24,7 @@ from stream.pipeline import Pipeline
 log = logging.getLogger(__name__)
 
 MAX_BODY = 256 * 1024
-PROTECTED = ("/api/",)
+PROTECTED = ("/api/", "/whip/", "/whep/")
 TOKENS = web.AppKey("tokens", Tokens)
 PIPE = web.AppKey("api_pipeline", Pipeline)
 ALLOW_FILES = web.AppKey("allow_file_sources", bool)

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from stream.api import MAX_BODY, add_routes
 from stream.auth import Tokens
 from stream.pipeline import Pipeline
+from stream.rtc import RtcGateway
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
 
@@ -51,8 +52,8 @@ async def page(request: web.Request) -> web.Response:
                                                             "connect-src 'self'"})
 
 
-def make_app(pipeline: Pipeline, tokens: Tokens | None = None,
-             allow_file_sources: bool = False) -> web.Application:
+def make_app(pipeline: Pipeline, tokens: Tokens | None = None, allow_file_sources: bool = False,
+             gateway: RtcGateway | None = None) -> web.Application:
     """Metrics and health are open (they hold no secrets); the control API needs a token."""
     app = web.Application(client_max_size=MAX_BODY)
     app[PIPELINE] = pipeline
@@ -62,13 +63,16 @@ def make_app(pipeline: Pipeline, tokens: Tokens | None = None,
     app.router.add_get("/", page)
     app.router.add_get("/static/{name}", page)
     add_routes(app, pipeline, tokens or Tokens(), allow_file_sources)
+    if gateway is not None:
+        gateway.add_routes(app)
     return app
 
 
 async def start_http(pipeline: Pipeline, host: str, port: int, tokens: Tokens | None = None,
-                     allow_file_sources: bool = False) -> tuple[web.AppRunner, int]:
+                     allow_file_sources: bool = False,
+                     gateway: RtcGateway | None = None) -> tuple[web.AppRunner, int]:
     """Serve the app; returns the runner (to clean up) and the bound port (``port`` may be 0)."""
-    runner = web.AppRunner(make_app(pipeline, tokens, allow_file_sources), access_log=None)
+    runner = web.AppRunner(make_app(pipeline, tokens, allow_file_sources, gateway), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:

@@ -19,6 +19,7 @@ from stream.detect.batcher import DetectorFactory
 from stream.errors import UserError
 from stream.http import start_http
 from stream.pipeline import Pipeline
+from stream.rtc import RtcGateway
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,12 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
     except Exception:
         await loop.run_in_executor(None, pipeline.stop, 1.0)
         raise
+    gateway = RtcGateway(pipeline)
     try:
         runner, port = await start_http(pipeline, config.http.host, config.http.port, tokens,
-                                        config.api.allow_file_sources)
+                                        config.api.allow_file_sources, gateway)
     except OSError as e:
+        await gateway.close()
         await loop.run_in_executor(None, pipeline.stop, stop_timeout)
         raise UserError(str(e)) from None
     print(f"stream-redact: {len(pipeline.streams)} stream(s) running; metrics at "
@@ -61,6 +64,7 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
                     break
     finally:
         log.info("stopping")
+        await gateway.close()
         await loop.run_in_executor(None, pipeline.stop, stop_timeout)
         await runner.cleanup()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,0 +1,190 @@
+"""The control-room page in real Chromium (Debian's, driven by Playwright); Chromium as a WHIP publisher.
+
+Skipped only when Chromium or Playwright is missing; .ci/run installs both, so CI runs these.
+Screenshots land in tests/artifacts/ (git-ignored) for a person to look at. The page's Content
+Security Policy forbids eval, which Playwright's string predicates use, so test pages bypass it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from helpers import TESTS, make_clip
+from live_helpers import wait_for
+
+from stream.config import PipelineConfig, parse_config
+from stream.detect.yunet import YuNet
+from stream.service import serve
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = TESTS / "artifacts"
+TOKEN = "browser-token-0123456789abcdef"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns",
+         "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+         "--autoplay-policy=no-user-gesture-required"]
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (dev extra)")
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="apt-get install chromium")
+
+
+class Service:
+    """`serve()` (what `stream-redact run` runs) on a thread with its own event loop."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.port: int | None = None
+        self.listening = threading.Event()
+        self.done = threading.Event()
+        self.stop_event: asyncio.Event | None = None
+        self.thread = threading.Thread(target=self._run, args=(config,), daemon=True)
+        self.thread.start()
+        assert self.listening.wait(60), "service did not start"
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def _run(self, config: PipelineConfig) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def main() -> None:
+            self.stop_event = asyncio.Event()
+
+            def on_listen(port: int) -> None:
+                self.port = port
+                self.listening.set()
+
+            await serve(config, stop=self.stop_event, on_listen=on_listen)
+
+        try:
+            self.loop.run_until_complete(main())
+        finally:
+            self.done.set()
+
+    def stop(self) -> None:
+        if self.stop_event is not None:
+            self.loop.call_soon_threadsafe(self.stop_event.set)
+        assert self.done.wait(30), "service did not stop"
+
+
+@pytest.fixture
+def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]:
+    monkeypatch.setenv("BROWSER_TEST_TOKENS", TOKEN)
+    clip = make_clip(tmp_path / "face.mp4", frames=50, width=320, height=240)
+    cfg = parse_config({
+        "streams": [{"id": "lobby", "source": {"type": "file", "path": str(clip.path), "loop": True}},
+                    {"id": "bodycam", "source": {"type": "whip"}}],
+        "detection": {"preset": "fast", "plates": False, "heads": False, "providers": ["cpu"]},
+        "auth": {"tokens_env": "BROWSER_TEST_TOKENS"},
+        "http": {"port": 0},
+    })
+    svc = Service(cfg)
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture
+def browser() -> Iterator[object]:
+    with playwright_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        yield b
+        b.close()
+
+
+def new_page(browser: object) -> object:
+    return browser.new_context(bypass_csp=True).new_page()
+
+
+def grab(page: object, selector: str) -> np.ndarray:
+    """The video element's current picture, through a canvas, as BGR."""
+    data = page.evaluate("""(sel) => {
+        const v = document.querySelector(sel);
+        const c = document.createElement('canvas');
+        c.width = v.videoWidth; c.height = v.videoHeight;
+        c.getContext('2d').drawImage(v, 0, 0);
+        return c.toDataURL('image/png');
+    }""", selector)
+    png = base64.b64decode(data.split(",", 1)[1])
+    return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+
+
+def test_viewer_page_plays_the_redacted_stream(service: Service, browser: object) -> None:
+    page = new_page(browser)
+    page.goto(f"{service.base}/#token={TOKEN}")
+    video = '[data-stream="lobby"] video'
+    page.wait_for_function(f"document.querySelector('{video}') && "
+                           f"document.querySelector('{video}').videoWidth > 0", timeout=30_000)
+    size = page.evaluate(f"[document.querySelector('{video}').videoWidth, "
+                         f"document.querySelector('{video}').videoHeight]")
+    assert size == [320, 240]
+    t0 = page.evaluate(f"document.querySelector('{video}').currentTime")
+    page.wait_for_function(f"document.querySelector('{video}').currentTime > {t0} + 1", timeout=20_000)
+    yunet = YuNet(threshold=0.6, providers=("cpu",))
+    for _ in range(5):
+        frame = grab(page, video)
+        assert frame.shape == (240, 320, 3)
+        assert frame.std() > 5, "the page shows a picture, not a blank frame"
+        assert len(yunet([frame])[0]) == 0, "a face is visible in the browser"
+        page.wait_for_timeout(200)  # sample frames at different moments of the clip
+    page.wait_for_function("document.querySelector('[data-stream=\"lobby\"] .state').textContent === 'up'",
+                           timeout=10_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "control-room.png"))
+
+
+def test_viewer_page_asks_for_a_token(service: Service, browser: object) -> None:
+    page = new_page(browser)
+    page.goto(f"{service.base}/")
+    page.wait_for_function("document.getElementById('message').textContent.includes('not authorised')",
+                           timeout=10_000)
+    assert page.locator("#grid video").count() == 0
+    page.fill("#token", TOKEN)
+    page.click("#login button")
+    page.wait_for_function("document.querySelectorAll('#grid video').length === 2", timeout=10_000)
+
+
+def test_chromium_publishes_over_whip(service: Service, browser: object) -> None:
+    page = new_page(browser)
+    page.goto(f"{service.base}/static/style.css")  # same origin as the API, no page script running
+    status = page.evaluate("""async (token) => {
+        const stream = await navigator.mediaDevices.getUserMedia({video: {width: 320, height: 240}});
+        const pc = new RTCPeerConnection({iceServers: []});
+        stream.getTracks().forEach((t) => pc.addTrack(t, stream));
+        await pc.setLocalDescription(await pc.createOffer());
+        await new Promise((ok) => {
+            if (pc.iceGatheringState === 'complete') return ok();
+            pc.onicegatheringstatechange = () => pc.iceGatheringState === 'complete' && ok();
+            setTimeout(ok, 3000);
+        });
+        const r = await fetch('/whip/bodycam', {method: 'POST', body: pc.localDescription.sdp,
+            headers: {'Content-Type': 'application/sdp', 'Authorization': 'Bearer ' + token}});
+        if (r.status !== 201) return r.status + ' ' + await r.text();
+        await pc.setRemoteDescription({type: 'answer', sdp: await r.text()});
+        window.publisher = pc;
+        return r.status;
+    }""", TOKEN)
+    assert status == 201
+    import urllib.request
+
+    def frames_in() -> float:
+        req = urllib.request.Request(service.base + "/metrics")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            text = r.read().decode()
+        for line in text.splitlines():
+            if line.startswith('stream_redact_frames_in_total{stream="bodycam"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    wait_for(lambda: frames_in() > 30, timeout=30, what="frames from the Chromium publisher")
+    viewer = new_page(browser)
+    viewer.goto(f"{service.base}/#token={TOKEN}")
+    sel = '[data-stream="bodycam"] video'
+    viewer.wait_for_function(f"document.querySelector('{sel}') && "
+                             f"document.querySelector('{sel}').videoWidth > 0", timeout=30_000)
