@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 from aiohttp import web
@@ -88,6 +89,20 @@ class RtcGateway:
         except UnicodeDecodeError:
             return _text(400, "the SDP offer is not UTF-8 text")
 
+    async def _negotiate(self, request: web.Request, kind: str,
+                         answer_for: Callable[[str], Awaitable[tuple[str, str]]]) -> web.Response:
+        """Read the offer, get the answer, reply 201 with the session's resource URL."""
+        offer = await self._offer(request)
+        if isinstance(offer, web.Response):
+            return offer
+        try:
+            answer, session = await answer_for(offer)
+        except OfferError as e:
+            return _text(getattr(e, "http_status", 400), str(e))
+        sid = request.match_info["stream_id"]
+        return web.Response(status=201, text=answer, content_type=SDP,
+                            headers={"Location": f"/{kind}/{sid}/{session}"})
+
     async def whip_post(self, request: web.Request) -> web.Response:
         sid = request.match_info["stream_id"]
         runner = self.pipeline.streams.get(sid)
@@ -97,30 +112,14 @@ class RtcGateway:
         if runner.config.source.type != "whip":
             return _text(409, f"stream {sid!r} takes its video from a {runner.config.source.type} source, "
                               "not WHIP; use a stream declared with source {type: whip}")
-        offer = await self._offer(request)
-        if isinstance(offer, web.Response):
-            return offer
-        try:
-            answer, session = await self.whip.offer(sid, offer, runner)
-        except OfferError as e:
-            return _text(getattr(e, "http_status", 400), str(e))
-        return web.Response(status=201, text=answer, content_type=SDP,
-                            headers={"Location": f"/whip/{sid}/{session}"})
+        return await self._negotiate(request, "whip", lambda sdp: self.whip.offer(sid, sdp, runner))
 
     async def whep_post(self, request: web.Request) -> web.Response:
         sid = request.match_info["stream_id"]
         feed = self.feeds.get(sid)
         if feed is None or sid not in self.pipeline.streams:
             return _text(404, f"no stream {sid!r}; GET /api/streams lists them")
-        offer = await self._offer(request)
-        if isinstance(offer, web.Response):
-            return offer
-        try:
-            answer, session = await self.whep.offer(sid, offer, feed)
-        except OfferError as e:
-            return _text(getattr(e, "http_status", 400), str(e))
-        return web.Response(status=201, text=answer, content_type=SDP,
-                            headers={"Location": f"/whep/{sid}/{session}"})
+        return await self._negotiate(request, "whep", lambda sdp: self.whep.offer(sid, sdp, feed))
 
     async def whip_delete(self, request: web.Request) -> web.Response:
         if not await self.whip.delete(request.match_info["session"]):
