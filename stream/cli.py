@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(sub)
     add_demo_parser(sub)
     add_models_parser(sub)
+    from stream.events.tail import add_events_parser
+
+    add_events_parser(sub, _Parser)
     return parser
 
 
@@ -283,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("stream.detect.runtime").setLevel(logging.ERROR if not args.verbose else logging.DEBUG)
+    # kafka-python logs every failed reconnect; the event sink reports each problem once, with its fix
+    logging.getLogger("kafka").setLevel(logging.CRITICAL if not args.verbose else logging.DEBUG)
     try:
         return args.func(args)
     except (UserError, ModelError) as e:

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stream.errors import UserError
+from stream.events.config import EventsConfig
 from stream.redact import RedactConfig, Style
 from stream.track import TrackerConfig
 from stream.urls import mask_url
@@ -232,6 +233,8 @@ class PipelineConfig(_Model):
     http: HttpConfig = HttpConfig()
     auth: AuthConfig = AuthConfig()
     api: ApiConfig = ApiConfig()
+    events: EventsConfig = Field(EventsConfig(), description="detection/stream/incident events: jsonl file "
+                                                             "or Kafka")
 
     @model_validator(mode="after")
     def _unique(self) -> PipelineConfig:
@@ -273,14 +276,16 @@ def format_errors(e: ValidationError) -> str:
     return "\n  ".join(lines)
 
 
-def parse_config(data: Any, origin: str = "config") -> PipelineConfig:
-    """Validate a loaded YAML/JSON document; raise UserError listing every bad field."""
+def parse_config(data: Any, origin: str = "config", base_dir: Path | None = None) -> PipelineConfig:
+    """Validate a loaded YAML/JSON document; raise UserError listing every bad field.
+
+    ``base_dir`` is the config file's folder: relative paths in ``events`` resolve against it."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"{origin}: the top level must be a mapping with a 'streams' list", exit_code=2)
     try:
-        return PipelineConfig.model_validate(data)
+        return PipelineConfig.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as e:
         raise UserError(f"{origin} is not valid:\n  {format_errors(e)}", exit_code=2) from None
 
@@ -298,4 +303,4 @@ def load_config(path: Path) -> PipelineConfig:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise UserError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}", exit_code=2) from None
-    return parse_config(data, origin=str(path))
+    return parse_config(data, origin=str(path), base_dir=path.resolve().parent)

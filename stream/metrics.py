@@ -23,6 +23,7 @@ LATENCY_BUCKETS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.125, 0.15, 0
                    0.75, 1.0, 1.5, 2.0, 5.0)
 INFERENCE_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
 
 
 class Metrics:
@@ -61,6 +62,35 @@ class Metrics:
         self.detector_restarts = Counter(p + "detector_restarts", "Detector recreated after an error or hang",
                                          ["reason"], registry=r)
         self.detector_up = Gauge(p + "detector_up", "1 while a detector is loaded and healthy", registry=r)
+        # events (stream/events): labels are event types, sink names and fixed reasons only
+        self.events_produced = Counter(p + "events_produced", "Events created by the pipeline, by type",
+                                       ["type"], registry=r)
+        self.events_spooled = Counter(p + "events_spooled",
+                                      "Events written to the Kafka sink's spool (accepted)", registry=r)
+        self.events_delivered = Counter(p + "events_delivered",
+                                        "Events acknowledged by the brokers (kafka) or written (jsonl)",
+                                        ["sink"], registry=r)
+        self.events_failed = Counter(p + "events_failed", "Event sends that failed and will be retried",
+                                     ["sink", "reason"], registry=r)
+        self.events_resent = Counter(p + "events_resent", "Events sent again after a failure (at-least-once)",
+                                     registry=r)
+        self.events_dropped = Counter(p + "events_dropped", "Events lost before delivery, by reason",
+                                      ["reason"], registry=r)
+        self.events_sink_errors = Counter(p + "events_sink_errors",
+                                          "Problems reaching the sink (connect, send), by reason",
+                                          ["sink", "reason"], registry=r)
+        self.events_sink_up = Gauge(p + "events_sink_up", "1 while the event sink delivers", ["sink"],
+                                    registry=r)
+        self.events_queue_depth = Gauge(p + "events_queue_depth",
+                                        "Events waiting in memory for the sink thread", registry=r)
+        self.events_spool_events = Gauge(p + "events_spool_events", "Events in the spool not yet delivered",
+                                         registry=r)
+        self.events_spool_bytes = Gauge(p + "events_spool_bytes", "Bytes of spool files on disk", registry=r)
+        self.events_spool_full = Gauge(p + "events_spool_full",
+                                       "1 while the spool is full and events are dropped", registry=r)
+        self.events_delivery_seconds = Histogram(p + "events_delivery_seconds",
+                                                 "Event time (e.g. frame capture) to delivery", ["sink"],
+                                                 buckets=DELIVERY_BUCKETS, registry=r)
 
     def forget_stream(self, stream_id: str) -> None:
         """Remove a removed stream's series so dashboards do not show it forever."""

@@ -17,6 +17,7 @@ from stream.auth import load_tokens
 from stream.config import PipelineConfig
 from stream.detect.batcher import DetectorFactory
 from stream.errors import UserError
+from stream.events.sinks import start_events
 from stream.http import start_http
 from stream.pipeline import Pipeline
 from stream.rtc import RtcGateway
@@ -36,10 +37,19 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
             loop.add_signal_handler(sig, stop.set)
     tokens = load_tokens(config.auth.tokens_env, config.auth.tokens_file, insecure_no_auth)
     pipeline = Pipeline(config, detector_factory)
+    events = start_events(config, pipeline.metrics)  # before start: the first frames have events too
+    if events is not None:
+        pipeline.observers.append(events)
+
+    async def close_events() -> None:
+        if events is not None:  # after the pipeline: what it observed last is stored, then delivered
+            await loop.run_in_executor(None, events.close, config.events.flush_timeout_s)
+
     try:
         await loop.run_in_executor(None, pipeline.start)
     except Exception:
         await loop.run_in_executor(None, pipeline.stop, 1.0)
+        await close_events()
         raise
     gateway = RtcGateway(pipeline)
     try:
@@ -48,6 +58,7 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
     except OSError as e:
         await gateway.close()
         await loop.run_in_executor(None, pipeline.stop, stop_timeout)
+        await close_events()
         raise UserError(str(e)) from None
     print(f"stream-redact: {len(pipeline.streams)} stream(s) running; metrics at "
           f"http://{config.http.host}:{port}/metrics, health at /healthz and /readyz", file=sys.stderr,
@@ -66,6 +77,7 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
         log.info("stopping")
         await gateway.close()
         await loop.run_in_executor(None, pipeline.stop, stop_timeout)
+        await close_events()
         await runner.cleanup()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
