@@ -168,7 +168,8 @@ class FailClosedConfig(_Model):
     hang_timeout_ms: float | None = Field(
         None, ge=50, le=600_000,
         description="a detector run longer than this is abandoned and the detector recreated "
-                    "(default: max_latency_ms)")
+                    "(default: the larger of 5000 and 4 x max_latency_ms; late frames are blanked "
+                    "at their deadline either way)")
 
 
 class DetectionConfig(_Model):

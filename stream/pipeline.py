@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from stream.config import FailClosedConfig, PipelineConfig, StreamConfig
 from stream.config import FileOutput as FileOutputConfig
 from stream.config import FileSource as FileSourceConfig
-from stream.config import PipelineConfig, StreamConfig
 from stream.config import RtspOutput as RtspOutputConfig
 from stream.config import WhipSource as WhipSourceConfig
 from stream.detect.batcher import Batcher, Detect, DetectorFactory
@@ -41,6 +41,16 @@ log = logging.getLogger(__name__)
 
 NOT_OBSERVED = Detections(observed=frozenset())
 """what the tracker is told about a frame that got no detections: nothing was looked for"""
+
+
+def hang_timeout_ms(fc: FailClosedConfig) -> float:
+    """How long a detector run may take before it counts as hung and is rebuilt.
+
+    Much longer than the frame deadline on purpose: late frames are already blanked by their
+    deadline, and a detector that is merely slow (a loaded CPU) must not be torn down and
+    reloaded, which would make it slower still.
+    """
+    return fc.hang_timeout_ms or max(5000.0, 4 * fc.max_latency_ms)
 
 
 def default_detector_factory(config: PipelineConfig) -> DetectorFactory:
@@ -321,7 +331,7 @@ class Pipeline:
         self.batcher = Batcher(detector_factory or default_detector_factory(config), self.metrics,
                                max_batch=config.batcher.max_batch,
                                max_wait_s=config.batcher.max_wait_ms / 1000,
-                               hang_timeout_s=(fc.hang_timeout_ms or fc.max_latency_ms) / 1000)
+                               hang_timeout_s=hang_timeout_ms(fc) / 1000)
         self.streams: dict[str, StreamRunner] = {}
         self.observers: list[Observer] = []
         self.on_stream_added: list[Callable[[StreamRunner], None]] = []
