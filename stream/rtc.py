@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 GATEWAY = web.AppKey("rtc_gateway", "RtcGateway")
 SDP = "application/sdp"
+OFFER_TIMEOUT_S = 15.0
+"""an offer not answered by then gets 503: no HTTP request waits on WebRTC forever"""
 
 
 def _text(status: int, message: str, **headers: str) -> web.Response:
@@ -96,9 +98,14 @@ class RtcGateway:
         if isinstance(offer, web.Response):
             return offer
         try:
-            answer, session = await answer_for(offer)
+            answer, session = await asyncio.wait_for(answer_for(offer), OFFER_TIMEOUT_S)
         except OfferError as e:
             return _text(getattr(e, "http_status", 400), str(e))
+        except TimeoutError:
+            log.error("%s offer for %s not answered within %g s", kind.upper(),
+                      request.match_info["stream_id"], OFFER_TIMEOUT_S)
+            return _text(503, f"the {kind.upper()} offer could not be answered within {OFFER_TIMEOUT_S:g} s; "
+                              "try again")
         sid = request.match_info["stream_id"]
         return web.Response(status=201, text=answer, content_type=SDP,
                             headers={"Location": f"/{kind}/{sid}/{session}"})
