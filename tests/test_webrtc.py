@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
 import threading
 import time
 from itertools import pairwise
@@ -53,6 +54,22 @@ CLIP_FRAMES, STEP, SPRITE_Y = 30, 6, 60
 # ~420 other tests) and never in 60+ runs of this module alone; the cause is not found yet. A hang
 # fails the test after 60 s instead of 300, and the test is retried.
 pytestmark = [pytest.mark.timeout(60), pytest.mark.flaky(reruns=2)]
+
+
+@pytest.fixture(autouse=True)
+async def stack_dump_if_stuck():
+    """A watchdog, not a wait: if a test is still running after 45 s, print where every task is
+    waiting, so the rare hang above can be diagnosed from the test report."""
+
+    async def watchdog() -> None:
+        await asyncio.sleep(45)
+        print("\n--- test still running after 45 s; asyncio tasks:", file=sys.stderr)
+        for task in asyncio.all_tasks():
+            task.print_stack(file=sys.stderr)
+
+    dog = asyncio.create_task(watchdog())
+    yield
+    dog.cancel()
 
 
 @pytest.fixture(autouse=True)
