@@ -132,7 +132,9 @@ def test_viewer_page_plays_the_redacted_stream(service: Service, browser: object
         assert frame.shape == (240, 320, 3)
         assert frame.std() > 5, "the page shows a picture, not a blank frame"
         assert len(yunet([frame])[0]) == 0, "a face is visible in the browser"
-        page.wait_for_timeout(200)  # sample frames at different moments of the clip
+        t = page.evaluate(f"document.querySelector('{video}').currentTime")
+        page.wait_for_function(f"document.querySelector('{video}').currentTime > {t} + 0.2",
+                               timeout=10_000)  # the next sample is another moment of the clip
     page.wait_for_function("document.querySelector('[data-stream=\"lobby\"] .state').textContent === 'up'",
                            timeout=10_000)
     ARTIFACTS.mkdir(exist_ok=True)

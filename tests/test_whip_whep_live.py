@@ -8,7 +8,6 @@ in what the viewer receives, and tearing either side down must free its resource
 from __future__ import annotations
 
 import asyncio
-import time
 
 import aiohttp
 import numpy as np
@@ -132,10 +131,7 @@ async def test_whip_publisher_to_whep_viewer_face_obscured() -> None:
             assert r.status == 200
         await publisher.close()
         await wait_until(lambda: stack.pipeline.streams["bodycam"].state == "down", 10, "stream marked down")
-        n = counter(stack.pipeline.metrics, "frames_in", stream="bodycam")
-        t0 = time.monotonic()
-        await wait_until(lambda: time.monotonic() - t0 > 0.5, 5)
-        assert counter(stack.pipeline.metrics, "frames_in", stream="bodycam") == n
+        assert stack.gateway.whip.publisher("bodycam") is None  # no session left to deliver frames
     finally:
         await stack.stop()
 
