@@ -17,6 +17,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from stream import __version__
+from stream import shard as sharding
 from stream.auth import Tokens
 from stream.config import StreamConfig, format_errors
 from stream.pipeline import Pipeline
@@ -101,6 +102,11 @@ async def add_stream(request: web.Request) -> web.Response:
     if cfg.source.type == "file" and not request.app[ALLOW_FILES]:
         return error(403, "file sources cannot be added through the API (api.allow_file_sources is off); "
                           "add an rtsp source, or the file in the config")
+    shard = sharding.current()
+    if shard is not None and not shard.owns(cfg.id):  # every stream runs on exactly one worker
+        return error(421, f"stream {cfg.id!r} belongs to {shard.owner_name(cfg.id)}, not to this worker "
+                          f"(shard {shard.index} of {shard.count}); add it there",
+                     shard=sharding.owner(cfg.id, shard.count), shard_count=shard.count)
     p = request.app[PIPE]
     if cfg.id in p.streams:
         return error(409, f"stream {cfg.id!r} already exists; DELETE /api/streams/{cfg.id} first or use "
@@ -161,7 +167,8 @@ def openapi_document() -> dict[str, Any]:
                              "schema": {"$ref": "#/components/schemas/StreamConfig"}}}},
                          "responses": {"201": {"description": "added", "content": {"application/json": {
                              "schema": status}}},
-                             "400": err, "401": err, "403": err, "409": err, "413": err}},
+                             "400": err, "401": err, "403": err, "409": err, "413": err,
+                             "421": err}},
             },
             "/api/streams/{stream_id}": {
                 "parameters": [sid_param],

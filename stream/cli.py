@@ -179,20 +179,39 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--check", action="store_true", help="validate the config and exit")
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="serve the control API without tokens (local demos only; logged as a warning)")
+    p.add_argument("--shard-index", metavar="I", default=None,
+                   help="run only the streams of shard I (0-based) of --shard-count; 'auto' takes I from "
+                        "the host name's -<number> suffix (a StatefulSet pod). Default: "
+                        "$STREAM_REDACT_SHARD_INDEX, else unsharded")
+    p.add_argument("--shard-count", metavar="N", default=None,
+                   help="number of workers sharing this config; each stream runs on exactly one "
+                        "(default: $STREAM_REDACT_SHARD_COUNT)")
     p.set_defaults(func=cmd_run)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
+    from stream import shard as sharding
     from stream.config import load_config
 
+    shard = sharding.resolve(args.shard_index, args.shard_count)  # bad values stop before the config loads
     config = load_config(args.config)
+    taken = ""
+    if shard is not None:
+        mine, others = shard.split(s.id for s in config.streams)
+        config = config.model_copy(update={"streams": [s for s in config.streams if shard.owns(s.id)]})
+        taken = (f"shard {shard.index} of {shard.count}: {len(mine)} stream(s) here "
+                 f"({', '.join(mine) or 'none'}), {len(others)} left to the other workers")
     if args.check:
-        print(f"{args.config}: ok, {len(config.streams)} stream(s)", file=sys.stderr)
+        print(f"{args.config}: ok, {len(config.streams)} stream(s)" + (f"; {taken}" if taken else ""),
+              file=sys.stderr)
         return 0
     if not args.verbose:
         logging.getLogger("stream").setLevel(logging.INFO)
+    if shard is not None:
+        print(f"stream-redact: {taken}", file=sys.stderr, flush=True)
+        sharding.set_current(shard)
     from stream.service import serve
 
     return asyncio.run(serve(config, insecure_no_auth=args.insecure_no_auth))
