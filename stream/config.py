@@ -71,6 +71,9 @@ class RtspSource(_Model):
     open_timeout_s: float = Field(5.0, gt=0, le=120, description="give up opening after this long")
     read_timeout_s: float = Field(5.0, gt=0, le=120, description="a stream silent this long is reconnected")
     reconnect: Reconnect = Reconnect()
+    decode: Literal["cpu", "nvdec"] = Field(
+        "cpu", description="nvdec: decode on the GPU (CUDA hwaccel), falling back to the CPU with a "
+                           "warning where no GPU or CUDA-enabled FFmpeg is present")
 
     @field_validator("url")
     @classmethod
@@ -85,6 +88,9 @@ class FileSource(_Model):
     path: Path = Field(description="video file to play")
     loop: bool = Field(False, description="start again at the end instead of ending the stream")
     realtime: bool = Field(True, description="pace frames at the file's frame rate, as a camera would")
+    decode: Literal["cpu", "nvdec"] = Field(
+        "cpu", description="nvdec: decode on the GPU (CUDA hwaccel), falling back to the CPU with a "
+                           "warning where no GPU or CUDA-enabled FFmpeg is present")
 
     @field_validator("path")
     @classmethod
@@ -157,6 +163,19 @@ class StreamConfig(_Model):
 class BatcherConfig(_Model):
     max_batch: int = Field(8, ge=1, le=256, description="most frames, from all streams, per detector run")
     max_wait_ms: float = Field(10.0, ge=0, le=1000, description="longest wait to fill a batch")
+    buckets: list[int] = Field(
+        default_factory=lambda: [1, 2, 4, 8, 16, 32], min_length=1,
+        description="GPU batch sizes (engines are built once per bucket); a batch is split into "
+                    "these and nearly full remainders are padded. Must include 1")
+
+    @field_validator("buckets")
+    @classmethod
+    def _buckets(cls, v: list[int]) -> list[int]:
+        if any(b < 1 or b > 256 for b in v):
+            raise ValueError(f"bucket sizes must be between 1 and 256, got {v}")
+        if 1 not in v:
+            raise ValueError(f"buckets must include 1 so any batch can be split, got {v}; add 1")
+        return sorted(set(v))
 
 
 class FailClosedConfig(_Model):
@@ -189,6 +208,20 @@ class DetectionConfig(_Model):
     providers: list[Literal["tensorrt", "cuda", "cpu"]] = Field(
         default_factory=lambda: ["tensorrt", "cuda", "cpu"], min_length=1)
     threads: int = Field(0, ge=0, le=256, description="CPU inference threads per session; 0 = ORT default")
+    backend: Literal["auto", "onnxruntime", "torch"] = Field(
+        "auto", description="onnxruntime (CPU, CUDA, TensorRT providers); torch runs the same ONNX "
+                            "graphs where torch has a GPU but onnxruntime-gpu is not installed; auto "
+                            "picks onnxruntime unless only torch can reach the GPU asked for")
+    device_id: int = Field(0, ge=0, le=63, description="GPU index")
+    fp16: bool = Field(True, description="GPU only: fp16 TensorRT engines and torch modules")
+    engine_cache_dir: Path | None = Field(
+        None, description="TensorRT engine cache (default ~/.cache/stream-redact/trt); keep it on a "
+                          "volume so restarts do not rebuild engines")
+    device_preprocess: bool = Field(
+        True, description="GPU only: upload each frame once and letterbox/normalise on the GPU "
+                          "(needs torch); else on the host")
+    warmup: bool = Field(True, description="GPU only: run every model per bucket at start, so the "
+                                           "first frames do not wait for engine builds")
     model_dir: Path | None = None
 
 

@@ -23,6 +23,7 @@ LATENCY_BUCKETS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.125, 0.15, 0
                    0.75, 1.0, 1.5, 2.0, 5.0)
 INFERENCE_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+FILL_BUCKETS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
 
 
@@ -91,6 +92,16 @@ class Metrics:
         self.events_delivery_seconds = Histogram(p + "events_delivery_seconds",
                                                  "Event time (e.g. frame capture) to delivery", ["sink"],
                                                  buckets=DELIVERY_BUCKETS, registry=r)
+        # GPU stage: NVML samples (only where a GPU and nvidia-ml-py are present), batch fill and
+        # host<->device traffic of the inference backends
+        self.gpu_utilization = Gauge(p + "gpu_utilization_ratio", "GPU busy share over the last sample",
+                                     ["device"], registry=r)
+        self.gpu_memory_used = Gauge(p + "gpu_memory_used_bytes", "GPU memory in use", ["device"], registry=r)
+        self.gpu_memory_total = Gauge(p + "gpu_memory_total_bytes", "GPU memory size", ["device"], registry=r)
+        self.batch_fill = Histogram(p + "batch_fill_ratio", "Frames per detector run over max_batch",
+                                    buckets=FILL_BUCKETS, registry=r)
+        self.transfer_bytes = Counter(p + "transfer_bytes", "Bytes copied between host and GPU",
+                                      ["direction"], registry=r)
 
     def forget_stream(self, stream_id: str) -> None:
         """Remove a removed stream's series so dashboards do not show it forever."""

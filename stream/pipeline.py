@@ -26,6 +26,7 @@ from stream.config import WhipSource as WhipSourceConfig
 from stream.detect.batcher import Batcher, Detect, DetectorFactory
 from stream.detect.detections import Detections
 from stream.frames import Drop, Failure, Frame, Job, JobQueue
+from stream.gpu import GpuMonitor, start_gpu_monitor
 from stream.metrics import Metrics
 from stream.observe import Observer
 from stream.publish.encoder import EncoderOutput
@@ -61,11 +62,16 @@ def default_detector_factory(config: PipelineConfig) -> DetectorFactory:
     d = config.detection
 
     def factory() -> Detect:
-        return FrameDetector(detector_config(
+        detector = FrameDetector(detector_config(
             d.preset, face_model=d.face_model, face_threshold=d.face_threshold,
             plate_threshold=d.plate_threshold, input_size=d.input_size, plate_every=d.plate_every,
             person_every=d.person_every, plates=d.plates, heads=d.heads, providers=d.providers,
-            threads=d.threads, model_dir=d.model_dir))
+            threads=d.threads, model_dir=d.model_dir, backend=d.backend, device_id=d.device_id,
+            fp16=d.fp16, cache_dir=d.engine_cache_dir, buckets=tuple(config.batcher.buckets),
+            device_preprocess=d.device_preprocess))
+        if d.warmup and detector.device != "cpu":
+            detector.warmup(max_batch=config.batcher.max_batch)
+        return detector
 
     return factory
 
@@ -341,9 +347,11 @@ class Pipeline:
         """told about every stream's frames, states and incidents (events); shared by all streams"""
         self._lock = threading.Lock()
         self.started = False
+        self.gpu_monitor: GpuMonitor | None = None
 
     def start(self) -> None:
         self.batcher.start()
+        self.gpu_monitor = start_gpu_monitor(self.metrics)
         self.started = True
         for s in self.config.streams:
             self.add_stream(s)
@@ -378,6 +386,8 @@ class Pipeline:
         for t in threads:
             t.join(timeout + 1)
         self.batcher.stop(timeout=1.0)
+        if self.gpu_monitor is not None:
+            self.gpu_monitor.stop()
 
     @property
     def ended(self) -> bool:

@@ -115,8 +115,8 @@ def test_person_yolo_16_9_and_4_3_frames_in_one_call(astronaut: np.ndarray) -> N
         assert iou(best, person) > 0.8, f"{name}: {best} vs {person}"
         h, w = frame.shape[:2]
         assert np.all(d.boxes[:, [0, 2]] <= w) and np.all(d.boxes[:, [1, 3]] <= h)
-    assert set(yolo._sessions) == {(480, 640)}, "one batch: one canvas (the 4:3 frame's 640x480)"
+    assert set(yolo._backends) == {(480, 640)}, "one batch: one canvas (the 4:3 frame's 640x480)"
     # the 16:9 frame alone costs 640x384, not 640x640, and gives the same box
     (alone,) = yolo([wide])
-    assert set(yolo._sessions) == {(480, 640), (384, 640)}
+    assert set(yolo._backends) == {(480, 640), (384, 640)}
     assert iou(max(alone.with_label("person").boxes, key=lambda b: iou(b, wide_person)), wide_person) > 0.8

@@ -1,4 +1,4 @@
-"""The shared shape of an ONNX detector: letterbox a batch, run one session, decode per frame."""
+"""The shared shape of an ONNX detector: letterbox a batch, run one backend, decode per frame."""
 
 from __future__ import annotations
 
@@ -9,23 +9,32 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
+from stream.detect.backend import Backend, BackendName, make_backend, runs_on_gpu
+from stream.detect.buckets import DEFAULT_BUCKETS, check_buckets, plan
 from stream.detect.detections import Detections
+from stream.detect.device import DeviceFrames
 from stream.detect.letterbox import Placement, letterbox_batch
 from stream.detect.models import model_path, spec
 from stream.detect.nms import clip_boxes, nms
-from stream.detect.runtime import DEFAULT_PROVIDERS, create_session
+from stream.detect.runtime import DEFAULT_PROVIDERS, make_dynamic
 
 
 class OnnxDetector(ABC):
-    """One model, one ONNX Runtime session; ``detect`` takes BGR uint8 frames of any sizes."""
+    """One model on one inference backend; ``detect`` takes BGR uint8 frames of any sizes.
+
+    The model's input convention (channel order, 0-1 or 0-255) is declared as data (``rgb``,
+    ``unit``), so the same preprocessing runs on the host (NumPy/OpenCV) or on the GPU (torch).
+    On a GPU backend a batch is split into fixed bucket sizes (see :mod:`stream.detect.buckets`).
+    """
 
     model_name: str = ""
     label: str = ""
     pad_value: int = 0
     dynamic_rewrite: bool = False
-    per_shape: bool = False  # models whose graph bakes in its input size get one session per size
+    per_shape: bool = False  # models whose graph bakes in its input size get one backend per size
+    rgb: bool = False
+    unit: bool = False
 
     def __init__(
         self,
@@ -36,6 +45,11 @@ class OnnxDetector(ABC):
         providers: Sequence[str] = DEFAULT_PROVIDERS,
         threads: int = 0,
         min_input: int | None = None,
+        backend: BackendName = "auto",
+        device_id: int = 0,
+        fp16: bool = True,
+        cache_dir: Path | None = None,
+        buckets: Sequence[int] | None = None,
     ) -> None:
         self.input_size = input_size
         self.threshold = threshold
@@ -43,24 +57,47 @@ class OnnxDetector(ABC):
         self.min_input = min_input
         self.spec = spec(self.model_name)
         self._path = model_path(self.model_name, model_dir)
-        self._providers, self._threads = providers, threads
-        self._sessions: dict[tuple[int, int], ort.InferenceSession] = {}
-        self.session: ort.InferenceSession | None = None
-        if self.per_shape:  # sessions are made per canvas size on first use
+        self.buckets = check_buckets(buckets) if buckets else DEFAULT_BUCKETS
+        self._make = lambda model, profile=None: make_backend(
+            model, backend, providers, threads, device_id, fp16, cache_dir, profile)
+        self._backends: dict[tuple[int, int], Backend] = {}
+        self._gpu = runs_on_gpu(backend, providers)
+        self.backend: Backend | None = None
+        if self.per_shape:  # backends are made per canvas size on first use
             self.input_name = onnx.load(str(self._path), load_external_data=False).graph.input[0].name
         else:
-            self.session = create_session(self._path, providers, threads, dynamic=self.dynamic_rewrite)
-            self.input_name = self.session.get_inputs()[0].name
-        self._lock = threading.Lock()  # one run at a time per session keeps CPU threads predictable
+            self.backend = self._make(self.load_model(), self._profile())
+            self.input_name = self.backend.input_name
+        self._lock = threading.Lock()  # one run at a time per model keeps CPU threads predictable
 
-    def session_for(self, height: int, width: int) -> ort.InferenceSession:
-        if self.session is not None:
-            return self.session
+    def load_model(self) -> onnx.ModelProto:
+        model = onnx.load(str(self._path))
+        return make_dynamic(model) if self.dynamic_rewrite else model
+
+    def _profile(self, shape: tuple[int, int] | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """TensorRT's shape range: batch 1..largest bucket, canvas up to ``input_size`` square."""
+        h, w = shape or (self.input_size, self.input_size)
+        lo = (1, 3, *(shape or (32, 32)))
+        return lo, (self.buckets[-1], 3, h, w)
+
+    def backend_for(self, height: int, width: int) -> Backend:
+        if self.backend is not None:
+            return self.backend
         key = (height, width)
-        if key not in self._sessions:
+        if key not in self._backends:
             model = self.reshape_model(onnx.load(str(self._path)), height, width)
-            self._sessions[key] = create_session(model, self._providers, self._threads)
-        return self._sessions[key]
+            self._backends[key] = self._make(model, self._profile(key))
+        return self._backends[key]
+
+    @property
+    def on_gpu(self) -> bool:
+        """Where this model runs (per-shape models: where their backends will run)."""
+        return self.backend.on_gpu if self.backend is not None else self._gpu
+
+    @property
+    def device(self) -> str:
+        b = self.backend or next(iter(self._backends.values()), None)
+        return b.device if b is not None else "cpu"
 
     def reshape_model(self, model: onnx.ModelProto, height: int, width: int) -> onnx.ModelProto:
         """For ``per_shape`` models: the graph re-targeted to this input size."""
@@ -70,30 +107,59 @@ class OnnxDetector(ABC):
     def version(self) -> str:
         return f"{self.model_name}@{self.spec.sha256[:12]}"
 
-    @abstractmethod
     def preprocess(self, batch: np.ndarray) -> np.ndarray:
-        """NHWC BGR uint8 canvas -> the model's input tensor."""
+        """NHWC BGR uint8 canvas -> the model's NCHW float32 input (host path)."""
+        x = batch[..., ::-1] if self.rgb else batch
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
+        return x * np.float32(1 / 255) if self.unit else x
+
+    def begin(self, n: int, canvas: tuple[int, int], backend: Backend) -> None:
+        """Called (under the model's lock) before decoding a batch of ``n`` on a ``canvas``."""
+        return None
 
     @abstractmethod
     def decode(self, outputs: list[np.ndarray], index: int) -> tuple[np.ndarray, np.ndarray]:
         """Boxes (canvas pixels) and scores of batch item ``index``, before NMS."""
 
-    def run(self, images: list[np.ndarray]) -> list[Detections]:
+    def run(self, images: list[np.ndarray], frames: DeviceFrames | None = None) -> list[Detections]:
+        """Detections per image; ``frames`` are the same images already on this model's device."""
         if not images:
             return []
-        return self._run_batch(images)
+        if frames is None and not self.on_gpu:
+            return self._run_chunk(images, None, len(images))
+        out: list[Detections] = []
+        at = 0
+        for n, bucket in plan(len(images), self.buckets):
+            sub = frames.subset(list(range(at, at + n))) if frames is not None else None
+            out.extend(self._run_chunk(images[at:at + n], sub, bucket))
+            at += n
+        return out
 
     __call__ = run
 
-    def _run_batch(self, images: list[np.ndarray]) -> list[Detections]:
-        batch, places = letterbox_batch(
-            images, self.input_size, pad=self.pad_value, min_side=self.min_input
-        )
-        # preprocess and decode may keep per-batch state (YuNet's grid size): same lock as the run
+    def _run_chunk(self, images: list[np.ndarray], frames: DeviceFrames | None,
+                   bucket: int) -> list[Detections]:
+        n = len(images)
+        if frames is not None:
+            x, places = frames.letterbox(self.input_size, pad=self.pad_value, min_side=self.min_input,
+                                         rgb=self.rgb, unit=self.unit, fp16=False, pad_to=bucket)
+            canvas = tuple(x.shape[2:4])
+        else:
+            batch, places = letterbox_batch(images, self.input_size, pad=self.pad_value,
+                                            min_side=self.min_input)
+            if bucket > n:  # blank frames up to the bucket: one engine shape per bucket
+                blank = np.full((bucket - n, *batch.shape[1:]), self.pad_value, np.uint8)
+                batch = np.concatenate([batch, blank])
+            canvas = batch.shape[1:3]
+            x = None
+        backend = self.backend_for(*canvas)
+        # decode may keep per-batch state (YuNet's grid size): same lock as the run
         with self._lock:
-            x = self.preprocess(batch)
-            outputs = self.session_for(*batch.shape[1:3]).run(None, {self.input_name: x})
-            return [self._finish(outputs, i, places[i], images[i].shape) for i in range(len(images))]
+            if x is None:
+                x = self.preprocess(batch)
+            outputs = backend.run(x)
+            self.begin(x.shape[0], canvas, backend)
+            return [self._finish(outputs, i, places[i], images[i].shape) for i in range(n)]
 
     def _finish(self, outputs: list[np.ndarray], i: int, place: Placement, shape: tuple) -> Detections:
         boxes, scores = self.decode(outputs, i)
@@ -107,7 +173,6 @@ class OnnxDetector(ABC):
             boxes, scores = boxes[ok], scores[ok]
         return Detections(boxes=boxes.astype(np.float32), scores=scores.astype(np.float32),
                           labels=(self.label,) * len(boxes))
-
 
 def bgr_planar(batch: np.ndarray) -> np.ndarray:
     """NHWC uint8 BGR -> NCHW float32 BGR 0-255."""

@@ -121,6 +121,7 @@ class Batcher:
         self._incident_frames = 0
         self._thread: threading.Thread | None = None
         self.batches = 0
+        self._transfers = (0, 0)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -234,6 +235,8 @@ class Batcher:
             return
         self.metrics.inference_seconds.observe(time.perf_counter() - t0)
         self.metrics.batch_size.observe(len(live))
+        self.metrics.batch_fill.observe(len(live) / self.max_batch)
+        self._count_transfers(worker.detector)
         self.batches += 1
         if self._incident is not None:
             log.warning("detector recovered after %s: %d frame(s) failed closed", self._incident.value,
@@ -243,6 +246,19 @@ class Batcher:
         assert call.result is not None
         for job, dets in zip(live, call.result, strict=True):
             job.resolve(detections=dets)
+
+    def _count_transfers(self, detector: Detect | None) -> None:
+        """Export the bytes the detector's GPU backends moved since the last batch."""
+        totals = getattr(detector, "transfer_bytes", None)
+        if totals is None:
+            return
+        h2d, d2h = totals()
+        last_h2d, last_d2h = self._transfers
+        if h2d > last_h2d:
+            self.metrics.transfer_bytes.labels("h2d").inc(h2d - last_h2d)
+        if d2h > last_d2h:
+            self.metrics.transfer_bytes.labels("d2h").inc(d2h - last_d2h)
+        self._transfers = (max(h2d, last_h2d), max(d2h, last_d2h))
 
     def _fail(self, jobs: list[Job], why: Failure, detail: str | None) -> None:
         for job in jobs:

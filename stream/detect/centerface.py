@@ -14,9 +14,7 @@ class CenterFace(OnnxDetector):
     label = "face"
     dynamic_rewrite = True
 
-    def preprocess(self, batch: np.ndarray) -> np.ndarray:
-        # the network was trained on RGB 0-255 without normalisation
-        return np.ascontiguousarray(batch[..., ::-1].transpose(0, 3, 1, 2), dtype=np.float32)
+    rgb = True  # the network was trained on RGB 0-255 without normalisation
 
     def decode(self, outputs: list[np.ndarray], index: int) -> tuple[np.ndarray, np.ndarray]:
         heat, scale, offset = outputs[0][index, 0], outputs[1][index], outputs[2][index]

@@ -11,19 +11,25 @@ different sizes) and merges their results per frame:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from stream.detect.backend import TRANSFERS, BackendName
 from stream.detect.base import OnnxDetector
+from stream.detect.buckets import DEFAULT_BUCKETS
 from stream.detect.centerface import CenterFace
 from stream.detect.detections import Detections
+from stream.detect.device import DeviceFrames, torch_device_ok
 from stream.detect.nms import iou_matrix, nms
 from stream.detect.runtime import DEFAULT_PROVIDERS
 from stream.detect.yolo import PersonYolo, PlateYolo
 from stream.detect.yunet import YuNet
+
+log = logging.getLogger(__name__)
 
 FACE_MODELS: dict[str, type[OnnxDetector]] = {"centerface": CenterFace, "yunet": YuNet}
 
@@ -57,6 +63,15 @@ class DetectorConfig:
     providers: Sequence[str] = DEFAULT_PROVIDERS
     threads: int = 0
     model_dir: Path | None = None
+    backend: BackendName = "auto"
+    device_id: int = 0
+    fp16: bool = True
+    """GPU only: fp16 TensorRT engines / fp16 torch modules"""
+    cache_dir: Path | None = None
+    """where TensorRT engines are cached (built once per model, shape range and GPU)"""
+    buckets: Sequence[int] = DEFAULT_BUCKETS
+    device_preprocess: bool = True
+    """on a GPU: upload frames once and letterbox/normalise there (needs torch)"""
 
 
 def heads_from_people(people: Detections, max_height: float) -> Detections:
@@ -84,7 +99,9 @@ class FrameDetector:
 
     def __init__(self, config: DetectorConfig | None = None) -> None:
         self.config = cfg = config or DetectorConfig()
-        common = {"model_dir": cfg.model_dir, "providers": cfg.providers, "threads": cfg.threads}
+        common = {"model_dir": cfg.model_dir, "providers": cfg.providers, "threads": cfg.threads,
+                  "backend": cfg.backend, "device_id": cfg.device_id, "fp16": cfg.fp16,
+                  "cache_dir": cfg.cache_dir, "buckets": cfg.buckets}
 
         def build(cls: type[OnnxDetector], m: ModelConfig | None) -> OnnxDetector | None:
             if m is None or not m.enabled:
@@ -94,6 +111,28 @@ class FrameDetector:
         self.face_models = [(build(FACE_MODELS[n], m), m) for n, m in cfg.faces.items() if m.enabled]
         self.plate_model = build(PlateYolo, cfg.plate)
         self.person_model = build(PersonYolo, cfg.person_heads)
+        gpu = [m for m in self.models if m.on_gpu]
+        self.device = f"cuda:{cfg.device_id}" if gpu else "cpu"
+        # frames go up once per batch and every model cuts its canvas from that copy
+        self.upload = bool(gpu) and cfg.device_preprocess and torch_device_ok(self.device)
+        if gpu and cfg.device_preprocess and not self.upload:
+            log.warning("preprocessing on the host: torch is not installed (pip install torch) so "
+                        "frames cannot be letterboxed on the GPU")
+
+    def transfer_bytes(self) -> tuple[int, int]:
+        """Host->device and device->host bytes moved so far (all detectors of the process)."""
+        return TRANSFERS.snapshot()
+
+    def warmup(self, shape: tuple[int, int] = (1080, 1920), max_batch: int = 1) -> None:
+        """Run every model once per bucket up to ``max_batch`` on black frames of ``shape``.
+
+        On a GPU this builds the TensorRT engines and cuDNN plans before the first real frame;
+        without it the first batches of a new stream would miss their deadline and be blanked.
+        """
+        frame = np.zeros((*shape, 3), np.uint8)
+        sizes = sorted({b for m in self.models for b in m.buckets if b <= max_batch} | {1})
+        for n in sizes:
+            self.detect([frame] * n)
 
     @property
     def models(self) -> list[OnnxDetector]:
@@ -105,7 +144,8 @@ class FrameDetector:
 
     @staticmethod
     def _scheduled(model: OnnxDetector | None, mcfg: ModelConfig | None, images: list[np.ndarray],
-                   seqs: Sequence[int] | None) -> tuple[list[Detections], list[bool]]:
+                   seqs: Sequence[int] | None,
+                   frames: DeviceFrames | None = None) -> tuple[list[Detections], list[bool]]:
         """Run ``model`` on the frames it is due on; the flags say which frames it looked at."""
         n = len(images)
         if model is None or mcfg is None:
@@ -113,7 +153,8 @@ class FrameDetector:
         every = max(1, mcfg.every)
         due = [True] * n if seqs is None or every == 1 else [s % every == 0 for s in seqs]
         picked = [i for i in range(n) if due[i]]
-        found = model([images[i] for i in picked]) if picked else []
+        sub = frames.subset(picked) if frames is not None and model.on_gpu else None
+        found = model([images[i] for i in picked], sub) if picked else []
         out = [Detections()] * n
         for i, d in zip(picked, found, strict=True):
             out[i] = d
@@ -121,9 +162,11 @@ class FrameDetector:
 
     def detect(self, images: list[np.ndarray], seqs: Sequence[int] | None = None) -> list[Detections]:
         """Detections per frame; ``seqs`` (per-stream frame numbers) drive the ``every`` schedule."""
-        face_runs = [self._scheduled(m, c, images, seqs) for m, c in self.face_models]
-        plates, plate_due = self._scheduled(self.plate_model, self.config.plate, images, seqs)
-        people, people_due = self._scheduled(self.person_model, self.config.person_heads, images, seqs)
+        frames = DeviceFrames(images, self.device) if self.upload and images else None
+        face_runs = [self._scheduled(m, c, images, seqs, frames) for m, c in self.face_models]
+        plates, plate_due = self._scheduled(self.plate_model, self.config.plate, images, seqs, frames)
+        people, people_due = self._scheduled(self.person_model, self.config.person_heads, images, seqs,
+                                             frames)
         out = []
         for i in range(len(images)):
             observed = set()

@@ -27,6 +27,26 @@ def ceil_to(x: float, m: int) -> int:
     return -(-round(x) // m) * m
 
 
+def layout(
+    shapes: list[tuple[int, int]],
+    long_side: int,
+    stride: int = 32,
+    upscale: bool = True,
+    min_side: int | None = None,
+) -> tuple[list[tuple[float, int, int]], tuple[int, int]]:
+    """Scale and resized (w, h) per frame, and the canvas (h, w): shared by host and device paths."""
+    sizes = []
+    for h, w in shapes:
+        target = long_side if min_side is None else min(long_side, max(min_side, max(h, w)))
+        s = target / max(h, w)
+        if not upscale:
+            s = min(s, 1.0)
+        sizes.append((s, max(1, round(w * s)), max(1, round(h * s))))
+    cw = ceil_to(max(w for _, w, _ in sizes), stride)
+    ch = ceil_to(max(h for _, _, h in sizes), stride)
+    return sizes, (ch, cw)
+
+
 def letterbox_batch(
     images: list[np.ndarray],
     long_side: int,
@@ -43,16 +63,7 @@ def letterbox_batch(
     [min_side, long_side]: small detail is never downscaled away below ``long_side`` and small
     frames are not blown up past ``min_side``.
     """
-    sizes = []
-    for im in images:
-        h, w = im.shape[:2]
-        target = long_side if min_side is None else min(long_side, max(min_side, max(h, w)))
-        s = target / max(h, w)
-        if not upscale:
-            s = min(s, 1.0)
-        sizes.append((s, max(1, round(w * s)), max(1, round(h * s))))
-    cw = ceil_to(max(w for _, w, _ in sizes), stride)
-    ch = ceil_to(max(h for _, _, h in sizes), stride)
+    sizes, (ch, cw) = layout([im.shape[:2] for im in images], long_side, stride, upscale, min_side)
     batch = np.full((len(images), ch, cw, 3), pad, dtype=np.uint8)
     places = []
     for i, (im, (s, w, h)) in enumerate(zip(images, sizes, strict=True)):

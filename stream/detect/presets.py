@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from stream.detect.ensemble import DetectorConfig, ModelConfig
 
@@ -25,13 +26,17 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
                     input_size: int | None = None, plate_every: int | None = None,
                     person_every: int | None = None, plates: bool = True, heads: bool = True,
                     providers: Sequence[str] = ("cuda", "cpu"), threads: int = 0,
-                    model_dir: Path | None = None) -> DetectorConfig:
-    """A preset with the options given explicitly taking precedence over it."""
+                    model_dir: Path | None = None, **runtime: Any) -> DetectorConfig:
+    """A preset with the options given explicitly taking precedence over it.
+
+    ``runtime`` sets where models run (backend, device_id, fp16, cache_dir, buckets,
+    device_preprocess): fields of :class:`DetectorConfig` that do not change what is detected.
+    """
     p = PRESETS[preset]
     face_model = face_model or str(p["face_model"])
     size = input_size or int(p["input_size"])  # type: ignore[call-overload]
     plate_size = input_size or int(p["plate_size"])  # type: ignore[call-overload]
-    cfg = DetectorConfig(providers=tuple(providers), threads=threads, model_dir=model_dir)
+    cfg = DetectorConfig(providers=tuple(providers), threads=threads, model_dir=model_dir, **runtime)
     names = ["centerface", "yunet"] if face_model == "both" else [face_model]
     cfg.faces = {n: ModelConfig(threshold=face_threshold or FACE_THRESHOLDS[n], input_size=size,
                                 min_input=min(640, size)) for n in names}

@@ -66,6 +66,17 @@ def make_dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def session_options(threads: int = 0) -> ort.SessionOptions:
+    """Full graph optimisation; idle CPU workers sleep (decode, encode and other models share cores)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return opts
+
+
 def create_session(
     path: Path | onnx.ModelProto,
     providers: Sequence[str] = DEFAULT_PROVIDERS,
@@ -73,13 +84,7 @@ def create_session(
     dynamic: bool = False,
 ) -> ort.InferenceSession:
     """An inference session for ``path``; ``dynamic`` rewrites fixed input shapes in memory."""
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    # decode, encode and other models share the cores: idle ORT workers must sleep, not spin
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
+    opts = session_options(threads)
     source: str | bytes
     if isinstance(path, onnx.ModelProto):
         source = path.SerializeToString()

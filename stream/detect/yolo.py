@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from stream.detect.base import OnnxDetector, rgb_unit
+from stream.detect.base import OnnxDetector
 
 
 class YoloV8(OnnxDetector):
@@ -14,9 +14,8 @@ class YoloV8(OnnxDetector):
 
     pad_value = 114
     class_index = 0
-
-    def preprocess(self, batch: np.ndarray) -> np.ndarray:
-        return rgb_unit(batch)
+    rgb = True
+    unit = True
 
     def decode(self, outputs: list[np.ndarray], index: int) -> tuple[np.ndarray, np.ndarray]:
         out = outputs[0][index]
@@ -40,7 +39,25 @@ class PersonYolo(YoloV8):
     per_shape = True
 
     def reshape_model(self, model: onnx.ModelProto, height: int, width: int) -> onnx.ModelProto:
-        return rebuild_for_shape(model, height, width)
+        return keep_rows(rebuild_for_shape(model, height, width), 4 + self.class_index + 1)
+
+
+def keep_rows(model: onnx.ModelProto, rows: int) -> onnx.ModelProto:
+    """Cut the output to its first ``rows`` channels inside the graph (box + the person score).
+
+    The COCO head returns 84 channels per anchor and only 5 are used: slicing on the device
+    makes the download 17 times smaller (1.7 MB -> 100 KB per 640x384 frame).
+    """
+    out = model.graph.output[0]
+    sliced = out.name + "_rows"
+    consts = {"rows_starts": [0], "rows_ends": [rows], "rows_axes": [1]}
+    for name, value in consts.items():
+        model.graph.initializer.append(numpy_helper.from_array(np.array(value, np.int64), name))
+    model.graph.node.append(onnx.helper.make_node("Slice", [out.name, *consts], [sliced]))
+    new = onnx.helper.make_tensor_value_info(sliced, out.type.tensor_type.elem_type, None)
+    del model.graph.output[:]
+    model.graph.output.append(new)
+    return model
 
 
 def rebuild_for_shape(model: onnx.ModelProto, height: int, width: int) -> onnx.ModelProto:

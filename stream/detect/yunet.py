@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from stream.detect.base import OnnxDetector, bgr_planar
+from stream.detect.backend import Backend
+from stream.detect.base import OnnxDetector
 
 STRIDES = (8, 16, 32)
 
@@ -12,15 +13,13 @@ STRIDES = (8, 16, 32)
 class YuNet(OnnxDetector):
     model_name = "yunet"
     label = "face"
-    dynamic_rewrite = True
+    dynamic_rewrite = True  # BGR 0-255: the default input convention
 
-    def preprocess(self, batch: np.ndarray) -> np.ndarray:
-        self._hw = batch.shape[1:3]
-        self._n = batch.shape[0]
-        return bgr_planar(batch)
+    def begin(self, n: int, canvas: tuple[int, int], backend: Backend) -> None:
+        self._n, self._hw, self._names = n, canvas, backend.output_names
 
     def decode(self, outputs: list[np.ndarray], index: int) -> tuple[np.ndarray, np.ndarray]:
-        named = dict(zip((o.name for o in self.session.get_outputs()), outputs, strict=True))
+        named = dict(zip(self._names, outputs, strict=True))
         h, w = self._hw
         boxes, scores = [], []
         for s in STRIDES:

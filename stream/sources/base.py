@@ -35,6 +35,7 @@ class Source:
 
     def __init__(self, stream_id: str, handler: SourceHandler) -> None:
         self.stream_id = stream_id
+        self.decoder = "cpu"  # or "nvdec" once a session opened with it
         self.handler = handler
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

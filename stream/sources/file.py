@@ -13,6 +13,7 @@ import av.error
 
 from stream.config import FileSource as FileSourceConfig
 from stream.sources.base import Source, SourceHandler
+from stream.sources.decode import open_video
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ class FileSource(Source):
 
     def _play(self, start: float, offset: float) -> float:
         """Play the file once; return its duration in seconds (0 if it had no frames)."""
-        with av.open(str(self.config.path)) as container:
+        container, self.decoder = open_video(str(self.config.path), self.config.decode, self.stream_id)
+        with container:
             if not container.streams.video:
                 raise av.error.InvalidDataError(0, "no video track")
             vs = container.streams.video[0]

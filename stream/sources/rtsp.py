@@ -16,6 +16,7 @@ import av.error
 
 from stream.config import RtspSource as RtspSourceConfig
 from stream.sources.base import Backoff, Source, SourceHandler
+from stream.sources.decode import open_video
 from stream.urls import mask_text, mask_url
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,8 @@ class RtspSource(Source):
         options = {"rtsp_transport": cfg.transport, "timeout": str(int(cfg.read_timeout_s * 1e6))}
         t0 = time.monotonic()
         try:
-            container = av.open(cfg.url, options=options, timeout=(cfg.open_timeout_s, cfg.read_timeout_s))
+            container, self.decoder = open_video(cfg.url, cfg.decode, self.stream_id, options=options,
+                                                 timeout=(cfg.open_timeout_s, cfg.read_timeout_s))
         except (av.error.FFmpegError, OSError):
             if time.monotonic() - t0 >= 0.9 * cfg.open_timeout_s:
                 # FFmpeg reports an interrupted open as bad data; what happened is silence

@@ -1,0 +1,261 @@
+"""Inference backends: one ONNX graph, run by ONNX Runtime (CPU, CUDA, TensorRT) or by torch.
+
+ONNX Runtime is the production path: ``pip install stream-redact[gpu]`` brings onnxruntime-gpu,
+whose CUDA and TensorRT providers run the graphs with I/O binding (the input is uploaded once,
+outputs come back once), fp16 TensorRT engines cached on disk and built once per batch bucket.
+GPU images that ship torch and CuPy but not onnxruntime-gpu can run the same graphs under torch
+(``onnx2torch``); that backend also checks the ORT path independently. Every backend counts the
+bytes it moves between host and device, which the metrics export.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from stream.detect.runtime import DEFAULT_PROVIDERS, PROVIDER_ALIASES, resolve_providers
+
+log = logging.getLogger(__name__)
+
+Profile = tuple[tuple[int, ...], tuple[int, ...]]
+"""TensorRT shape range of the input: smallest and largest (N, C, H, W)"""
+BackendName = Literal["auto", "onnxruntime", "torch"]
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stream-redact" / "trt"
+
+
+class BackendError(RuntimeError):
+    """A backend that cannot be built as configured; the message names the fix."""
+
+
+class Transfers:
+    """Bytes moved host->device and device->host, summed over every backend of a process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.h2d = 0
+        self.d2h = 0
+
+    def add(self, h2d: int = 0, d2h: int = 0) -> None:
+        with self._lock:
+            self.h2d += h2d
+            self.d2h += d2h
+
+    def snapshot(self) -> tuple[int, int]:
+        with self._lock:
+            return self.h2d, self.d2h
+
+
+TRANSFERS = Transfers()
+
+
+class Backend(ABC):
+    """Runs one graph on one device. ``run`` takes the model's NCHW input, on the host or device."""
+
+    name: str = ""
+    device: str = "cpu"
+
+    def __init__(self, input_name: str, output_names: Sequence[str]) -> None:
+        self.input_name = input_name
+        self.output_names = list(output_names)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @abstractmethod
+    def run(self, x: Any) -> list[np.ndarray]:
+        """Outputs as host float32 arrays, in ``output_names`` order."""
+
+    def describe(self) -> str:
+        return f"{self.name} on {self.device}"
+
+
+def _io_names(model: onnx.ModelProto) -> tuple[str, list[str]]:
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in inits]
+    return inputs[0], [o.name for o in model.graph.output]
+
+
+class OrtBackend(Backend):
+    """ONNX Runtime with the first available of the configured providers.
+
+    On a GPU provider the run goes through I/O binding: a host input is uploaded once into an
+    OrtValue on the device (a torch CUDA tensor is bound in place, no copy), and outputs are
+    bound to host memory so each comes back once. TensorRT builds fp16 engines for the batch
+    buckets and caches them on disk, so a restart does not rebuild them.
+    """
+
+    def __init__(self, model: onnx.ModelProto, providers: Sequence[str] = DEFAULT_PROVIDERS,
+                 threads: int = 0, device_id: int = 0, fp16: bool = True,
+                 cache_dir: Path | None = None, profile: Profile | None = None,
+                 io_binding: bool | None = None) -> None:
+        from stream.detect.runtime import session_options
+
+        input_name, output_names = _io_names(model)
+        super().__init__(input_name, output_names)
+        chosen = resolve_providers(providers)
+        provider_args: list[Any] = []
+        for p in chosen:
+            if p == "TensorrtExecutionProvider":
+                cache = Path(cache_dir or DEFAULT_CACHE)
+                cache.mkdir(parents=True, exist_ok=True)
+                opts = {"device_id": device_id, "trt_fp16_enable": fp16,
+                        "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+                        "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)}
+                if profile is not None:  # one engine covering every bucket, built once
+                    lo, hi = profile
+                    opts["trt_profile_min_shapes"] = f"{input_name}:{'x'.join(map(str, lo))}"
+                    opts["trt_profile_opt_shapes"] = f"{input_name}:{'x'.join(map(str, hi))}"
+                    opts["trt_profile_max_shapes"] = f"{input_name}:{'x'.join(map(str, hi))}"
+                provider_args.append((p, opts))
+            elif p == "CUDAExecutionProvider":
+                provider_args.append((p, {"device_id": device_id, "cudnn_conv_algo_search": "HEURISTIC"}))
+            else:
+                provider_args.append(p)
+        self.session = ort.InferenceSession(model.SerializeToString(), sess_options=session_options(threads),
+                                            providers=provider_args)
+        active = self.session.get_providers()
+        self.provider = active[0]
+        self.device = f"cuda:{device_id}" if self.provider in GPU_PROVIDERS else "cpu"
+        self.name = "ort-" + {v: k for k, v in PROVIDER_ALIASES.items()}.get(self.provider, self.provider)
+        self.device_id = device_id
+        self.io_binding = self.on_gpu if io_binding is None else io_binding
+
+    def run(self, x: Any) -> list[np.ndarray]:
+        if not self.io_binding:
+            x = _to_host(x)
+            return self.session.run(None, {self.input_name: x})
+        binding = self.session.io_binding()
+        kind = "cuda" if self.on_gpu else "cpu"
+        if isinstance(x, np.ndarray):
+            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), kind, self.device_id)
+            binding.bind_ortvalue_input(self.input_name, value)
+            h2d = x.nbytes if self.on_gpu else 0
+        else:  # a torch tensor already on the device: bind its memory, no copy
+            x = x.contiguous()
+            binding.bind_input(self.input_name, kind, self.device_id, _np_dtype(x), tuple(x.shape),
+                               x.data_ptr())
+            h2d = 0
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        outs = binding.copy_outputs_to_cpu()
+        TRANSFERS.add(h2d=h2d, d2h=sum(o.nbytes for o in outs) if self.on_gpu else 0)
+        return outs
+
+
+class TorchBackend(Backend):
+    """The ONNX graph converted to a torch module (onnx2torch), on a CUDA device or the CPU.
+
+    fp16 halves the weights and activations on the GPU; outputs come back as float32.
+    """
+
+    def __init__(self, model: onnx.ModelProto, device: str = "cuda:0", fp16: bool = True) -> None:
+        try:
+            import torch
+            from onnx2torch import convert
+        except ImportError as e:
+            raise BackendError(f"the torch backend needs torch and onnx2torch ({e}); install them "
+                               "(pip install onnx2torch) or set detection.backend: onnxruntime") from None
+        input_name, output_names = _io_names(model)
+        super().__init__(input_name, output_names)
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendError(f"torch sees no CUDA device for {device}; set detection.backend: "
+                               "onnxruntime (CPU) or run on a GPU machine")
+        self.torch = torch
+        self.device = device
+        self.name = "torch-cuda" if device.startswith("cuda") else "torch-cpu"
+        self.fp16 = fp16 and self.on_gpu
+        module = convert(model).eval().to(device)
+        self.module = module.half() if self.fp16 else module
+
+    def run(self, x: Any) -> list[np.ndarray]:
+        torch = self.torch
+        with torch.inference_mode():
+            if isinstance(x, np.ndarray):
+                t = torch.from_numpy(np.ascontiguousarray(x))
+                if self.on_gpu:
+                    TRANSFERS.add(h2d=t.numel() * t.element_size())
+                    t = t.pin_memory().to(self.device, non_blocking=True)
+            else:
+                t = x.to(self.device)
+            t = t.half() if self.fp16 else t.float()
+            outs = self.module(t)
+            outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+            host = [o.float().cpu().numpy() for o in outs]
+        if self.on_gpu:
+            TRANSFERS.add(d2h=sum(o.nbytes for o in host))
+        return host
+
+
+def _to_host(x: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    return x.float().cpu().numpy()  # a device tensor given to a CPU session
+
+
+def _np_dtype(t: Any) -> type:
+    return np.float16 if str(t.dtype) == "torch.float16" else np.float32
+
+
+def torch_cuda_available() -> bool:
+    """True where torch, onnx2torch and a CUDA device are all present (GPU images without ORT-GPU)."""
+    try:
+        import onnx2torch  # noqa: F401
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def ort_gpu_available() -> bool:
+    return bool(set(ort.get_available_providers()) & set(GPU_PROVIDERS))
+
+
+def choose_backend(backend: BackendName, providers: Sequence[str]) -> str:
+    """Which backend ``auto`` means on this machine, given the providers asked for.
+
+    onnxruntime when it has a GPU provider that was asked for, or no GPU was asked for; torch
+    when a GPU was asked for and only torch can reach it; else onnxruntime on the CPU (logged).
+    """
+    if backend != "auto":
+        return backend
+    wants_gpu = any(p in ("cuda", "tensorrt") for p in providers)
+    if not wants_gpu or ort_gpu_available():
+        return "onnxruntime"
+    if torch_cuda_available():
+        return "torch"
+    return "onnxruntime"
+
+
+def runs_on_gpu(backend: BackendName, providers: Sequence[str]) -> bool:
+    """Whether :func:`make_backend` will put a model on a GPU, without building it."""
+    wants_gpu = any(p in ("cuda", "tensorrt") for p in providers)
+    which = choose_backend(backend, providers)
+    if which == "torch":
+        return wants_gpu and torch_cuda_available()
+    return wants_gpu and ort_gpu_available()
+
+
+def make_backend(model: onnx.ModelProto, backend: BackendName = "auto",
+                 providers: Sequence[str] = DEFAULT_PROVIDERS, threads: int = 0, device_id: int = 0,
+                 fp16: bool = True, cache_dir: Path | None = None,
+                 profile: Profile | None = None) -> Backend:
+    """The configured backend for ``model``; ``auto`` picks as :func:`choose_backend` says."""
+    which = choose_backend(backend, providers)
+    if which == "torch":
+        gpu = any(p in ("cuda", "tensorrt") for p in providers)
+        return TorchBackend(model, f"cuda:{device_id}" if gpu else "cpu", fp16=fp16)
+    if which != "onnxruntime":
+        raise BackendError(f"unknown inference backend {backend!r}; use auto, onnxruntime or torch")
+    return OrtBackend(model, providers, threads, device_id, fp16, cache_dir, profile)

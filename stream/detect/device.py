@@ -1,0 +1,89 @@
+"""Preprocessing on the GPU: each frame goes up once as uint8, is resized and normalised there.
+
+On the host, letterboxing a 1080p frame and converting it to float32 costs a few ms of CPU per
+frame per model and uploads 4 bytes per pixel. Here the frame is uploaded once (1 byte per
+pixel, or not at all when the decoder left it on the device) and every model's canvas is cut
+from that copy, for all frames of a batch together. The geometry is the host path's own
+(:func:`stream.detect.letterbox.layout`), so boxes map back identically.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from stream.detect.backend import TRANSFERS
+from stream.detect.letterbox import Placement, layout
+
+
+class DeviceFrames:
+    """Frames of one batch on the device (HWC uint8 BGR), uploaded once and shared by every model."""
+
+    def __init__(self, images: list[Any], device: str) -> None:
+        import torch
+
+        self.torch = torch
+        self.device = device
+        self.shapes = [tuple(im.shape[:2]) for im in images]
+        self.tensors = []
+        for im in images:
+            if isinstance(im, np.ndarray):
+                t = torch.from_numpy(np.ascontiguousarray(im)).to(device, non_blocking=True)
+                TRANSFERS.add(h2d=im.nbytes)
+            else:  # already on the device (NVDEC)
+                t = im.to(device)
+            self.tensors.append(t)
+
+    def subset(self, idx: list[int]) -> DeviceFrames:
+        """The frames at ``idx`` (no copy): for models that run on every n-th frame only."""
+        out = DeviceFrames.__new__(DeviceFrames)
+        out.torch, out.device = self.torch, self.device
+        out.shapes = [self.shapes[i] for i in idx]
+        out.tensors = [self.tensors[i] for i in idx]
+        return out
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def letterbox(self, long_side: int, *, stride: int = 32, pad: int = 0, min_side: int | None = None,
+                  rgb: bool = False, unit: bool = False, fp16: bool = False,
+                  pad_to: int | None = None) -> tuple[Any, list[Placement]]:
+        """NCHW model input on the device (float16/32), frames top-left on a ``pad`` canvas.
+
+        Frames of the same size are resized together in one call. ``pad_to`` appends padding
+        frames up to a batch bucket.
+        """
+        torch = self.torch
+        import torch.nn.functional as F
+
+        sizes, (ch, cw) = layout(list(self.shapes), long_side, stride, True, min_side)
+        n = max(len(self), pad_to or 0)
+        dtype = torch.float16 if fp16 else torch.float32
+        scale = 1 / 255 if unit else 1.0
+        canvas = torch.full((n, 3, ch, cw), pad * scale, dtype=dtype, device=self.device)
+        groups: dict[tuple, list[int]] = {}
+        for i, (shape, (_, w, h)) in enumerate(zip(self.shapes, sizes, strict=True)):
+            groups.setdefault((shape, w, h), []).append(i)
+        for (_, w, h), idx in groups.items():
+            x = torch.stack([self.tensors[i] for i in idx]).permute(0, 3, 1, 2).float()
+            if x.shape[2:] != (h, w):
+                down = h < x.shape[2]
+                # antialiased bilinear downscaling is close to OpenCV's INTER_AREA of the host path
+                x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=down)
+                x = x.round_().clamp_(0, 255)
+            if rgb:
+                x = x.flip(1)
+            canvas[idx, :, :h, :w] = (x * scale).to(dtype)
+        return canvas, [Placement(scale=s) for s, _, _ in sizes]
+
+
+def torch_device_ok(device: str) -> bool:
+    """True when torch can place tensors on ``device`` (used to enable the device path)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    if device.startswith("cuda"):
+        return bool(torch.cuda.is_available())
+    return device == "cpu"
