@@ -1,0 +1,187 @@
+"""`stream-redact bench`: the load-test harness on the command line.
+
+Why in the product CLI: operators load-test a deployment before it carries real cameras, with
+the same tool they run it with. One K (`--streams`) gives one measured point; `--ramp` sweeps K
+per mode until a target breaks. Progress goes to stderr while it runs; the report is a JSON file
+and a self-contained HTML page, and a short table is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from stream.loadtest.driver import MODES, RunSpec, calibrate, run_point
+from stream.loadtest.ramp import ramp, ratios
+from stream.loadtest.report import table, write_html, write_json
+
+PUBLIC_MODES = tuple(m for m in MODES if m != "no-redact")
+TEST_SWITCH = "--no-redact-test-only"
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use WIDTHxHEIGHT, e.g. 640x360") from None
+    if w < 256 or h < 128 or w % 2 or h % 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: width >= 256 and height >= 128, both even")
+    return w, h
+
+
+def _ks(text: str) -> list[int]:
+    try:
+        ks = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a comma-separated list, e.g. 1,2,3,4") from None
+    if not ks or min(ks) < 1 or max(ks) > 255:
+        raise argparse.ArgumentTypeError(f"{text!r}: stream counts 1..255")
+    return ks
+
+
+def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `bench` on the CLI's subparsers and return its parser."""
+    p = subparsers.add_parser(
+        "bench", help="load-test a pipeline with synthetic cameras (latency, fps, leaks, capacity)",
+        description=__doc__.split("\n")[0] + " Synthetic RTSP cameras with stamped frames and known faces "
+        "and plates go through a pipeline; the outputs are read back and checked frame by frame.")
+    g = p.add_argument_group("load")
+    g.add_argument("--streams", type=int, default=2, help="synthetic cameras for a single run (default 2)")
+    g.add_argument("--ramp", type=_ks, metavar="K1,K2,...",
+                   help="sweep these stream counts per mode, stopping a mode at its first failure")
+    g.add_argument("--modes", nargs="+", choices=PUBLIC_MODES, default=None,
+                   help="redact (preset, batching on), redact-b1 (max_batch 1), redact-faces (faces only), "
+                        "transcode (no detection: the ceiling). Default: redact; with --ramp all four")
+    g.add_argument("--size", type=_size, nargs="+", default=[(640, 360)], metavar="WxH",
+                   help="camera resolution(s) (default 640x360)")
+    g.add_argument("--fps", type=float, default=25.0)
+    g.add_argument("--bitrate-kbps", type=int, default=1500, help="camera and output bitrate")
+    g.add_argument("--faces", type=int, default=2, help="faces per camera (default 2)")
+    g.add_argument("--plates", type=int, default=1, help="plates per camera (default 1)")
+    g.add_argument("--overload", type=int, metavar="K",
+                   help="also run K streams in the first mode, far beyond capacity: leaks must stay 0")
+    t = p.add_argument_group("timing and targets")
+    t.add_argument("--duration", type=float, default=10.0, help="measured seconds per point (default 10)")
+    t.add_argument("--warmup", type=float, default=3.0, help="seconds after all outputs are live (default 3)")
+    t.add_argument("--latency-bound-ms", type=float, default=200.0, help="p99 target (default 200)")
+    t.add_argument("--no-calibrate", action="store_true",
+                   help="skip measuring the harness's own latency floor")
+    d = p.add_argument_group("pipeline")
+    d.add_argument("--preset", choices=["fast", "accurate"], default="fast")
+    d.add_argument("--max-batch", type=int, default=8)
+    d.add_argument("--max-wait-ms", type=float, default=10.0)
+    d.add_argument("--register", choices=["config", "api"], default="config",
+                   help="local pipeline: streams in its config file, or added through its control API")
+    d.add_argument("--api", metavar="URL", help="a running deployment's base URL (http://host:9108): "
+                   "streams are added through POST /api/streams and removed afterwards")
+    d.add_argument("--token-env", metavar="VAR", default="STREAM_REDACT_TOKEN",
+                   help="environment variable holding the API token (never printed)")
+    d.add_argument("--media", metavar="rtsp://HOST:PORT",
+                   help="a media server both sides reach (e.g. MediaMTX), instead of the built-in "
+                        "local relay")
+    d.add_argument("--metrics", metavar="URL", help="the deployment's /metrics (default: API URL + /metrics)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", type=Path, default=Path("loadtest"),
+                   help="report path without suffix: writes OUT.json and OUT.html (default ./loadtest)")
+    o.add_argument("--work", type=Path, default=Path("/tmp/stream-redact-bench"),
+                   help="generated configs, events")
+    o.add_argument("--clip", type=Path,
+                   help="video the faces and backgrounds come from (default: the sample clip)")
+    p.add_argument(TEST_SWITCH, dest="no_redact", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_bench)
+    return p
+
+
+def _progress(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the load test described by `args`; 0 when every point held, 1 otherwise, 2 on errors."""
+    from stream.loadtest.scene import load_material
+    from stream.samples import SampleError, sample_path
+
+    try:
+        clip = args.clip or sample_path("talking-face")
+    except SampleError as e:
+        print(f"stream-redact: error: {e}", file=sys.stderr)
+        return 2
+    ramp_modes = ["redact", "redact-b1", "redact-faces", "transcode"]
+    modes = list(args.modes or (ramp_modes if args.ramp else ["redact"]))
+    if args.no_redact:
+        print("stream-redact bench: WARNING: --no-redact-test-only runs a pipeline that DOES NOT REDACT, "
+              "to prove the leak check fails; never point it at real cameras", file=sys.stderr, flush=True)
+        modes = ["no-redact"]
+    if args.api and any(m != "redact" for m in modes):
+        print("stream-redact: error: against a remote deployment (--api) only --modes redact applies "
+              "(it runs as deployed)", file=sys.stderr)
+        return 2
+    material = load_material(clip)
+    report: dict[str, Any] = {
+        "tool": "stream-redact bench", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(),
+                    "loadavg_at_start": [round(v, 2) for v in os.getloadavg()]},
+        "command": list(sys.argv[1:]),
+        "calibration": [], "runs": [], "points": [], "overload": None,
+    }
+    ok = True
+    try:
+        for w, h in args.size:
+            base = RunSpec(streams=args.streams, width=w, height=h, fps=args.fps,
+                           bitrate_kbps=args.bitrate_kbps, duration_s=args.duration, warmup_s=args.warmup,
+                           preset=args.preset,
+                           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                           latency_bound_ms=args.latency_bound_ms, faces=args.faces, plates=args.plates,
+                           register=args.register, api=args.api, token_env=args.token_env, media=args.media,
+                           metrics_url=args.metrics, work=args.work, mode=modes[0])
+            if not args.no_calibrate and not args.media:
+                _progress(f"calibrating the harness path at {w}x{h}")
+                cal = calibrate(material, w, h, args.fps, bitrate_kbps=args.bitrate_kbps)
+                report["calibration"].append(cal)
+            for mode in modes:
+                spec = dataclasses.replace(base, mode=mode)
+                if args.ramp:
+                    run = ramp(spec, args.ramp, material, _progress)
+                    ok &= run["largest_k_held"] == max(args.ramp)
+                else:
+                    _progress(f"[{mode} {spec.size}] K={spec.streams}")
+                    point = run_point(spec, material, _progress)
+                    run = {"size": spec.size, "mode": mode,
+                           "largest_k_held": spec.streams if point["held"] else 0, "points": [point]}
+                    ok &= point["held"]
+                report["runs"].append(run)
+            if args.overload:
+                spec = dataclasses.replace(base, streams=args.overload, mode=modes[0])
+                _progress(f"[overload {spec.mode} {spec.size}] K={spec.streams}")
+                report["overload"] = run_point(spec, material, _progress)
+                lk = report["overload"].get("leaks")
+                ok &= not lk or lk["visible"] == 0
+    except (RuntimeError, ValueError, OSError) as e:
+        print(f"stream-redact: error: {e}", file=sys.stderr)
+        report["error"] = str(e)
+        ok = False
+        if not report["runs"] and not report["overload"]:
+            return 2
+    finally:
+        report["ratios"] = ratios(report["runs"])
+        report.pop("points")
+        out = args.out
+        j = write_json(report, out.with_suffix(".json"))
+        h = write_html(report, out.with_suffix(".html"))
+        print(table(report))
+        print(f"\nreport: {j} and {h}", flush=True)
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stream-redact")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))

@@ -1,0 +1,418 @@
+"""One load-test point: K synthetic cameras through a pipeline, outputs read back and measured.
+
+Why this shape: every figure is measured from outside the pipeline, through the interfaces a
+deployment has (RTSP in and out, /metrics, the control API, the events file), so the same run
+works against a local process started here or a remote deployment (``api`` set). Locally the
+built-in relay (GStreamer's RTSP server, ``stream.sim``) stands in for the media server: the
+cameras publish to ``/lt-cam<i>``, the pipeline pulls from there and publishes to
+``/lt-out<i>``, and the readers pull that. With ``media`` set an existing media server
+(e.g. MediaMTX) is used instead, so a remote pipeline can reach the cameras.
+
+A point measures a window after the first stamped frame of every stream and a warm-up; leaks
+count over the whole run (one leaked frame in the warm-up is still a leak).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from stream.loadtest import probe
+from stream.loadtest.camera import SyntheticCamera
+from stream.loadtest.reader import OutputReader, Received
+from stream.loadtest.scene import Material, Scene
+from stream.loadtest.tracks import completeness, read_track_events
+
+MODES = ("redact", "redact-b1", "redact-faces", "transcode", "no-redact")
+"""redact: the preset, batching on; redact-b1: max_batch 1; redact-faces: faces only;
+transcode: no detection (the ceiling; leaks not judged); no-redact: no detection, leaks judged
+(the test-only switch that proves the leak check can fail)"""
+NO_DETECTION = ("transcode", "no-redact")
+FAST_RECONNECT = {"initial_s": 0.2, "max_s": 1.0, "jitter": 0.1}
+HELD_FPS_SHARE = 0.97
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class RunSpec:
+    """What one point runs: K streams of a size, rate and bitrate, through a pipeline in a mode."""
+
+    streams: int
+    width: int = 640
+    height: int = 360
+    fps: float = 25.0
+    bitrate_kbps: int = 1500
+    duration_s: float = 10.0
+    warmup_s: float = 3.0
+    mode: str = "redact"
+    preset: str = "fast"
+    max_batch: int = 8
+    max_wait_ms: float = 10.0
+    latency_bound_ms: float = 200.0
+    faces: int = 2
+    plates: int = 1
+    register: str = "config"  # config | api (local); remote deployments always use the API
+    api: str | None = None
+    token_env: str | None = None
+    media: str | None = None
+    metrics_url: str | None = None
+    start_timeout_s: float = 90.0
+    work: Path = field(default_factory=lambda: Path("/tmp/stream-redact-bench"))
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r}: use one of {', '.join(MODES)}")
+        if self.streams < 1 or self.streams > 255:
+            raise ValueError(f"streams must be 1..255, got {self.streams}")
+        if self.api and self.mode in NO_DETECTION:
+            raise ValueError(f"mode {self.mode} needs a local pipeline; a remote deployment runs as deployed")
+        if self.api and not self.media:
+            raise ValueError("a remote deployment (--api) needs a media server both sides reach (--media)")
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}x{self.height}"
+
+
+class LocalPipeline:
+    """`stream-redact run` (or the no-detection worker) as a child process, its stderr drained."""
+
+    def __init__(self, config: Path, mode: str, token: str) -> None:
+        if mode in NO_DETECTION:
+            cmd = [sys.executable, "-m", "stream.loadtest.worker", str(config), "--mode", mode]
+        else:
+            cmd = [sys.executable, "-m", "stream.cli", "run", "--config", str(config)]
+        env = {**os.environ, "STREAM_REDACT_TOKENS": token}
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                                     env=env, start_new_session=True)
+        self.metrics_url: str | None = None
+        self.ready = threading.Event()
+        self.tail: collections.deque[str] = collections.deque(maxlen=60)
+        threading.Thread(target=self._drain, daemon=True, name="pipeline-stderr").start()
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.tail.append(line)
+            if "metrics at http://" in line and self.metrics_url is None:
+                self.metrics_url = line.split("metrics at ")[1].split(",")[0].strip()
+                self.ready.set()
+        self.ready.set()
+
+    @property
+    def base_url(self) -> str:
+        assert self.metrics_url is not None
+        return self.metrics_url.rsplit("/metrics", 1)[0]
+
+    def wait_ready(self, timeout: float) -> None:
+        if not self.ready.wait(timeout) or self.metrics_url is None:
+            self.stop()
+            raise RuntimeError("the pipeline did not start:\n" + "".join(self.tail)[-3000:])
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def _api(base: str, method: str, path: str, token: str, body: dict | None = None) -> None:
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    req = urllib.request.Request(base.rstrip("/") + path, method=method, headers=headers,
+                                 data=None if body is None else json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(req, timeout=30):
+            pass
+    except urllib.error.HTTPError as e:  # the body names the problem; the token is never echoed
+        why = e.read().decode(errors="replace")[:300]
+        raise RuntimeError(f"{method} {path}: HTTP {e.code}: {why}") from None
+
+
+def stream_doc(sid: str, cam_url: str, out_url: str, bitrate_kbps: int) -> dict[str, Any]:
+    """A `streams[]` entry (config file or POST /api/streams body) for one synthetic camera."""
+    return {"id": sid,
+            "source": {"type": "rtsp", "url": cam_url, "open_timeout_s": 5, "read_timeout_s": 5,
+                       "reconnect": FAST_RECONNECT},
+            "outputs": [{"type": "rtsp", "url": out_url, "bitrate_kbps": bitrate_kbps,
+                         "reconnect": FAST_RECONNECT}]}
+
+
+def pipeline_doc(spec: RunSpec, streams: list[dict[str, Any]], events_path: Path) -> dict[str, Any]:
+    """The generated pipeline config of a local point."""
+    detection: dict[str, Any] = {"preset": spec.preset}
+    if spec.mode == "redact-faces":
+        detection.update(plates=False, heads=False)
+    return {
+        "streams": streams if spec.register == "config" else [],
+        "batcher": {"max_batch": 1 if spec.mode == "redact-b1" else spec.max_batch,
+                    "max_wait_ms": spec.max_wait_ms},
+        "detection": detection,
+        "http": {"port": 0},
+        "events": {"sink": "jsonl", "jsonl": {"path": str(events_path), "fsync": "never"}},
+    }
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 1) if values else None
+
+
+def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m: None) -> dict[str, Any]:
+    """Run one point and return its measurements (see report.py for the fields)."""
+    from stream.sim.server import RtspServer
+
+    k = spec.streams
+    spec.work.mkdir(parents=True, exist_ok=True)
+    tag = f"{spec.mode}-{spec.size}-k{k}-{int(time.time())}"
+    sids = [f"lt{i}" for i in range(k)]
+    scenes = {sid: Scene(material, i, spec.width, spec.height, spec.fps, spec.faces, spec.plates)
+              for i, sid in enumerate(sids)}
+    server = None
+    if spec.media:
+        base = spec.media.rstrip("/")
+
+        def url(path: str) -> str:
+            return base + path
+    else:
+        server = RtspServer(relays=[f"/lt-cam{i}" for i in range(k)] + [f"/lt-out{i}" for i in range(k)])
+        server.start()
+        url = server.url
+    cams = [SyntheticCamera(scenes[sid], url(f"/lt-cam{i}"), spec.bitrate_kbps) for i, sid in enumerate(sids)]
+    readers = [OutputReader(scenes[sid], url(f"/lt-out{i}"), check_leaks=spec.mode != "transcode")
+               for i, sid in enumerate(sids)]
+    docs = [stream_doc(sid, url(f"/lt-cam{i}"), url(f"/lt-out{i}"), spec.bitrate_kbps)
+            for i, sid in enumerate(sids)]
+    events_path = spec.work / f"{tag}.events.jsonl"
+    pipeline: LocalPipeline | None = None
+    token = ""
+    registered: list[str] = []
+    gpu = probe.GpuSampler()
+    judged = {"face"} if spec.mode == "redact-faces" else {"face", "plate"}
+    try:
+        for c in cams:
+            c.start()
+        if spec.api:
+            token = os.environ.get(spec.token_env or "", "")
+            if not token:
+                raise RuntimeError(f"--api needs a token: put it in ${spec.token_env or 'TOKEN_ENV'}")
+            api_base = spec.api
+            metrics_url = spec.metrics_url or api_base.rstrip("/") + "/metrics"
+        else:
+            token = secrets.token_urlsafe(24)
+            cfg = spec.work / f"{tag}.yaml"
+            cfg.write_text(yaml.safe_dump(pipeline_doc(spec, docs, events_path)))
+            pipeline = LocalPipeline(cfg, spec.mode, token)
+            progress(f"starting the pipeline ({spec.mode}, {k} x {spec.size} @ {spec.fps:g} fps)")
+            pipeline.wait_ready(spec.start_timeout_s)
+            api_base = pipeline.base_url
+            metrics_url = spec.metrics_url or pipeline.metrics_url or ""
+        if spec.api or spec.register == "api":
+            for doc in docs:
+                _api(api_base, "POST", "/api/streams", token, doc)
+                registered.append(doc["id"])
+        for r in readers:
+            r.start()
+        deadline = time.monotonic() + spec.start_timeout_s
+        for r in readers:
+            if not r.first_stamped.wait(max(0.1, deadline - time.monotonic())):
+                tail = "".join(pipeline.tail)[-2000:] if pipeline else ""
+                cam = cams[readers.index(r)].stats.error
+                raise RuntimeError(f"no stamped frame from {r.url} within {spec.start_timeout_s:g} s "
+                                   f"(reader: {r.error}; camera: {cam})\n{tail}")
+        progress(f"all {k} outputs live; warming up {spec.warmup_s:g} s")
+        threading.Event().wait(spec.warmup_s)  # pacing of the measurement, not synchronisation
+        snap_a = probe.scrape(metrics_url)
+        pid_cpu_a = probe.proc_cpu_rss(pipeline.proc.pid)[0] if pipeline else None
+        srv_cpu_a = probe.proc_cpu_rss(server.pid)[0] if server and server.pid else None
+        self_a, sys_a = probe.self_cpu(), probe.system_busy_cpu()
+        t_a, mono_a = time.time() * 1000, time.monotonic()
+        gpu.start()
+        end = mono_a + spec.duration_s
+        while (left := end - time.monotonic()) > 0:
+            threading.Event().wait(min(2.0, left))
+            got = sum(len(r.frames) for r in readers)
+            leaks = sum(vis for r in readers for f in r.frames for (lab, _, vis, _) in f.objects
+                        if lab in judged)
+            progress(f"  {spec.duration_s - max(0.0, end - time.monotonic()):4.0f}/{spec.duration_s:g} s  "
+                     f"frames received {got}  leaks {leaks}")
+        snap_b = probe.scrape(metrics_url)
+        window_s = time.monotonic() - mono_a
+        t_b = time.time() * 1000
+        pid_cpu_b, rss = probe.proc_cpu_rss(pipeline.proc.pid) if pipeline else (None, None)
+        srv_cpu_b = probe.proc_cpu_rss(server.pid)[0] if server and server.pid else None
+        self_b, sys_b = probe.self_cpu(), probe.system_busy_cpu()
+        gpu_info = gpu.stop()
+        # frames sent at the end of the window are still on their way
+        threading.Event().wait(min(2.0, 2 * spec.latency_bound_ms / 1000 + 0.5))
+    finally:
+        for r in readers:
+            r.stop()
+        for sid in registered:
+            try:
+                _api(api_base, "DELETE", f"/api/streams/{sid}", token)
+            except (RuntimeError, OSError) as e:
+                progress(f"could not remove stream {sid}: {e}")
+        if pipeline is not None:
+            pipeline.stop()
+        for c in cams:
+            c.stop()
+        if server is not None:
+            server.stop()
+    sent = {sid: dict(c.stats.sent_ms) for sid, c in zip(sids, cams, strict=True)}
+    per_stream = [_stream_stats(sid, rd.frames, sent[sid], cams[i].stats.late, snap_a, snap_b, t_a, t_b,
+                                window_s)
+                  for i, (sid, rd) in enumerate(zip(sids, readers, strict=True))]
+    lat = [lat for r in readers for lat in _latencies(r.frames, t_a, t_b)]
+    checks = [o for r in readers for f in r.frames for o in f.objects if o[0] in judged]
+    point: dict[str, Any] = {
+        "spec": {k2: (str(v) if isinstance(v, Path) else v) for k2, v in asdict(spec).items()
+                 if k2 not in ("token_env",)},
+        "mode": spec.mode, "k": k, "size": spec.size, "fps": spec.fps, "window_s": round(window_s, 2),
+        "latency_ms": {"p50": _pct(lat, 50), "p95": _pct(lat, 95), "p99": _pct(lat, 99),
+                       "max": round(max(lat), 1) if lat else None, "n": len(lat)},
+        "latency_hist": _hist(lat),
+        "sent": sum(s["sent"] for s in per_stream), "received": sum(s["received"] for s in per_stream),
+        "delivered_fps_min": min(s["delivered_fps"] for s in per_stream),
+        "delivered_fps_mean": round(sum(s["delivered_fps"] for s in per_stream) / k, 2),
+        "blanked_seen": sum(s["blanked_seen"] for s in per_stream),
+        "unreadable": sum(s["unreadable"] for s in per_stream),
+        "pipeline": {
+            "frames_in": probe.delta(snap_a, snap_b, "stream_redact_frames_in_total"),
+            "published": probe.delta(snap_a, snap_b, "stream_redact_frames_published_total"),
+            "dropped": probe.delta(snap_a, snap_b, "stream_redact_frames_dropped_total"),
+            "blanked": probe.delta(snap_a, snap_b, "stream_redact_frames_blanked_total"),
+            "withheld": probe.delta(snap_a, snap_b, "stream_redact_frames_withheld_total"),
+            "latency_ms": {q: _ms(probe.histogram_quantile(snap_a, snap_b, "stream_redact_latency_seconds",
+                                                           v)) for q, v in (("p50", 0.5), ("p99", 0.99))},
+            "mean_batch": _ratio(probe.delta(snap_a, snap_b, "stream_redact_batch_size_sum"),
+                                 probe.delta(snap_a, snap_b, "stream_redact_batch_size_count")),
+            "cpu_cores": round((pid_cpu_b - pid_cpu_a) / window_s, 2)
+            if pid_cpu_a is not None and pid_cpu_b is not None else None,
+            "rss_mb": round(rss / 2**20) if rss else None,
+            "gpu": gpu_info,
+        },
+        "harness_cpu_cores": round((self_b - self_a) / window_s, 2),
+        "relay_cpu_cores": round((srv_cpu_b - srv_cpu_a) / window_s, 2)
+        if srv_cpu_a is not None and srv_cpu_b is not None else None,
+        "machine_busy_cores": round((sys_b - sys_a) / window_s, 2),
+        "leaks_judged": sorted(judged) if spec.mode != "transcode" else [],
+        "leaks": _leaks(checks) if spec.mode != "transcode" else None,
+        "events": completeness(read_track_events(events_path), scenes, sent, judged).as_dict()
+        if spec.mode not in NO_DETECTION and not spec.api else None,
+        "streams": per_stream,
+    }
+    p = point
+    reasons = []
+    if p["pipeline"]["dropped"] > 0:
+        reasons.append(f"{p['pipeline']['dropped']:.0f} dropped")
+    if p["pipeline"]["blanked"] + p["blanked_seen"] > 0:
+        reasons.append(f"{max(p['pipeline']['blanked'], p['blanked_seen']):.0f} blanked")
+    if p["delivered_fps_min"] < HELD_FPS_SHARE * spec.fps:
+        reasons.append(f"min {p['delivered_fps_min']:.1f} fps")
+    if p["latency_ms"]["p99"] is None or p["latency_ms"]["p99"] >= spec.latency_bound_ms:
+        reasons.append(f"p99 {p['latency_ms']['p99']} ms")
+    if p["leaks"] is not None and p["leaks"]["visible"] > 0:
+        reasons.append(f"{p['leaks']['visible']} leaks")
+    p["held"] = not reasons
+    p["broke_on"] = reasons
+    return p
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 2) if b else None
+
+
+def _latencies(frames: list[Received], t_a: float, t_b: float) -> list[float]:
+    return [f.recv_ms - f.sent_ms for f in frames if f.kind == "stamped" and t_a <= f.sent_ms < t_b]
+
+
+def _hist(lat: list[float]) -> dict[str, list[float]]:
+    if not lat:
+        return {"edges_ms": [], "counts": []}
+    hi = max(50.0, float(np.percentile(lat, 99.5)) * 1.1)
+    counts, edges = np.histogram(np.clip(lat, 0, hi), bins=40, range=(0, hi))
+    return {"edges_ms": [round(float(e), 1) for e in edges], "counts": [int(c) for c in counts]}
+
+
+def _leaks(checks: list[tuple[str, str, bool, float]]) -> dict[str, Any]:
+    """Leak rate overall, per class and per size bucket (share of checked objects visible)."""
+    def rate(rows: list[tuple[str, str, bool, float]]) -> dict[str, Any]:
+        vis = sum(1 for r in rows if r[2])
+        return {"checked": len(rows), "visible": vis, "rate": round(vis / len(rows), 5) if rows else None}
+
+    out = rate(checks)
+    labels = sorted({r[0] for r in checks})
+    out["by_class"] = {lab: rate([r for r in checks if r[0] == lab]) for lab in labels}
+    out["by_size"] = {f"{lab} {b}": rate([r for r in checks if r[0] == lab and r[1] == b])
+                      for lab, b in sorted({(r[0], r[1]) for r in checks})}
+    return out
+
+
+def _stream_stats(sid: str, frames: list[Received], sent: dict[int, int], late: int, a: probe.Snapshot,
+                  b: probe.Snapshot, t_a: float, t_b: float, window_s: float) -> dict[str, Any]:
+    in_window = {seq for seq, ms in sent.items() if t_a <= ms < t_b}
+    got = {f.seq for f in frames if f.kind == "stamped" and f.seq in in_window}
+    blank = sum(1 for f in frames if f.kind == "blank" and t_a <= f.recv_ms < t_b)
+    lat = _latencies(frames, t_a, t_b)
+    return {
+        "stream": sid, "sent": len(in_window), "received": len(got),
+        "sent_fps": round(len(in_window) / window_s, 2), "delivered_fps": round(len(got) / window_s, 2),
+        "missing": max(0, len(in_window) - len(got) - blank), "blanked_seen": blank,
+        "unreadable": sum(1 for f in frames if f.kind == "unreadable" and t_a <= f.recv_ms < t_b),
+        "misrouted": sum(1 for f in frames if f.kind == "misrouted"),
+        "camera_late": late,
+        "latency_p50_ms": _pct(lat, 50), "latency_p99_ms": _pct(lat, 99),
+        "pipeline_dropped": probe.delta(a, b, "stream_redact_frames_dropped_total", stream=sid),
+        "pipeline_blanked": probe.delta(a, b, "stream_redact_frames_blanked_total", stream=sid),
+    }
+
+
+def calibrate(material: Material, width: int, height: int, fps: float, seconds: float = 4.0,
+              bitrate_kbps: int = 1500) -> dict[str, Any]:
+    """Latency of the harness's own path (camera -> relay -> reader, no pipeline): the floor under
+    every glass-to-glass figure of a run on this machine."""
+    from stream.sim.server import RtspServer
+
+    scene = Scene(material, 0, width, height, fps, faces=1, plates=0)
+    with RtspServer(relays=["/lt-direct"]) as server:
+        cam = SyntheticCamera(scene, server.url("/lt-direct"), bitrate_kbps)
+        reader = OutputReader(scene, server.url("/lt-direct"), check_leaks=False)
+        cam.start()
+        reader.start()
+        try:
+            if not reader.first_stamped.wait(60):
+                raise RuntimeError(f"calibration: no frame back from the relay ({reader.error})")
+            threading.Event().wait(1.0)  # past the start-up burst of a joining reader
+            t_a = time.time() * 1000
+            threading.Event().wait(seconds)
+            t_b = time.time() * 1000
+            threading.Event().wait(0.5)
+        finally:
+            reader.stop()
+            cam.stop()
+    lat = _latencies(reader.frames, t_a, t_b)
+    return {"size": f"{width}x{height}", "fps": fps, "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99),
+            "n": len(lat)}

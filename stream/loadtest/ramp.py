@@ -1,0 +1,68 @@
+"""Ramp mode: raise the number of streams until a target breaks; the largest K that held is the result.
+
+Why a ramp and not one big run: capacity is the knee where drops, blanking, latency or leaks
+start, and only a sweep finds it. A point holds when, in its window, no frame was dropped or
+blanked, every stream delivered at least 97% of the camera rate, p99 glass-to-glass latency
+stayed under the bound, and no ground-truth object was visible (over the whole run). The first
+point that breaks ends that mode's ramp. Baselines run in the same invocation on the same
+machine: the transcode-only ceiling (no detection) and batching off (max_batch 1), so figures
+are ratios that carry over to other machines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from stream.loadtest.driver import Progress, RunSpec, run_point
+from stream.loadtest.scene import Material
+
+
+def ramp(base: RunSpec, ks: list[int], material: Material, progress: Progress) -> dict[str, Any]:
+    """Run `base` at each K in order until a point does not hold."""
+    points: list[dict[str, Any]] = []
+    best = 0
+    for k in ks:
+        spec = dataclasses.replace(base, streams=k)
+        progress(f"[{spec.mode} {spec.size}] K={k}")
+        try:
+            p = run_point(spec, material, progress)
+        except RuntimeError as e:  # a point that could not even start has not held
+            progress(f"[{spec.mode} {spec.size}] K={k} failed: {e}")
+            points.append({"mode": spec.mode, "k": k, "size": spec.size, "held": False,
+                           "broke_on": [f"error: {str(e).splitlines()[0]}"], "error": str(e)[-2000:]})
+            break
+        points.append(p)
+        verdict = "held" if p["held"] else "broke: " + ", ".join(p["broke_on"])
+        progress(f"[{spec.mode} {spec.size}] K={k} {verdict}")
+        if not p["held"]:
+            break
+        best = k
+    return {"size": base.size, "mode": base.mode, "largest_k_held": best, "points": points}
+
+
+def throughput(run: dict[str, Any]) -> float:
+    """Most frames per second a run delivered over all streams at any of its points."""
+    return max((p["k"] * p["delivered_fps_mean"] for p in run["points"] if "delivered_fps_mean" in p),
+               default=0.0)
+
+
+def _ratio(by: dict[str, dict[str, Any]], a: str, b: str) -> dict[str, Any] | None:
+    if a not in by or b not in by:
+        return None
+    ka, kb = by[a]["largest_k_held"], by[b]["largest_k_held"]
+    ta, tb = throughput(by[a]), throughput(by[b])
+    return {"largest_k": f"{ka}/{kb}", "throughput_fps": f"{ta:.1f}/{tb:.1f}",
+            "throughput_ratio": round(ta / tb, 2) if tb else None}
+
+
+def ratios(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per size: batched vs unbatched and redaction vs transcode ceiling, by largest K and throughput."""
+    out: dict[str, dict[str, Any]] = {}
+    for size in sorted({r["size"] for r in runs}):
+        by = {r["mode"]: r for r in runs if r["size"] == size}
+        pairs = {"batched_vs_unbatched": ("redact", "redact-b1"),
+                 "redact_vs_transcode": ("redact", "transcode"),
+                 "faces_vs_transcode": ("redact-faces", "transcode")}
+        out[size] = {name: r for name, (a, b) in pairs.items() if (r := _ratio(by, a, b)) is not None}
+    return out

@@ -1,0 +1,49 @@
+"""A pipeline with detection switched off, for two harness uses only; never part of the product CLI.
+
+- ``--mode transcode``: the transcode-only ceiling (decode + re-encode, no detection), a baseline
+  every load-test figure is compared with.
+- ``--mode no-redact``: the same process presented as a redacting pipeline that does not redact,
+  so the harness can prove its leak check fails when faces go out in the clear.
+
+Both publish every face as it came in, so the worker says so loudly on stderr. Run only by the
+harness (``python -m stream.loadtest.worker CONFIG --mode ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from stream.config import load_config
+from stream.detect.detections import Detections
+from stream.service import serve
+
+WARNING = ("stream-redact load test: WARNING: this pipeline DOES NOT REDACT ({mode}); every face and plate "
+           "goes out in the clear. For load tests on synthetic cameras only.")
+
+
+def no_detection() -> object:
+    """A detector factory whose detector looks at nothing, so every frame goes out unchanged."""
+
+    def detect(images: list[np.ndarray], seqs: Sequence[int] | None = None) -> list[Detections]:
+        return [Detections(observed=frozenset()) for _ in images]
+
+    return detect
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m stream.loadtest.worker", description=__doc__.split("\n")[0])
+    ap.add_argument("config", type=Path)
+    ap.add_argument("--mode", required=True, choices=["transcode", "no-redact"])
+    args = ap.parse_args(argv)
+    print(WARNING.format(mode=args.mode), file=sys.stderr, flush=True)
+    return asyncio.run(serve(load_config(args.config), no_detection))  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""The load-test harness end to end: synthetic RTSP cameras, a real local pipeline, outputs read back.
+
+Two short runs through `stream-redact bench` (its own entry point, so the CLI, the driver and
+the report are all exercised): one against a redacting pipeline (faces only, to fit CI's two
+cores), whose report must show leak checks on real received frames and no face visible; and one
+with the test-only no-redact switch, whose report must show leaks, proving the check can fail.
+No timing is asserted: a loaded machine may drop or blank frames, which the report counts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import ROOT
+
+from stream.loadtest.cli import main
+from stream.sim.server import gst_rtsp_available
+
+pytestmark = pytest.mark.skipif(not gst_rtsp_available(), reason="GStreamer RTSP server not installed "
+                                "(apt-get install gir1.2-gst-rtsp-server-1.0 python3-gi ...; see .ci/run)")
+
+CLIP = ROOT / ".samples" / "talking-face" / "WolfgangLanger_Pexels.mp4"
+SHORT = ["--streams", "2", "--size", "320x240", "--duration", "5", "--warmup", "1", "--no-calibrate"]
+
+
+def bench(tmp_path: Path, *extra: str) -> tuple[int, dict]:
+    if not CLIP.exists():
+        pytest.fail(f"{CLIP} missing: run `python -m stream.samples fetch` (deploy/setup.sh does)")
+    out = tmp_path / "report"
+    rc = main(["bench", *SHORT, "--work", str(tmp_path / "work"), "--out", str(out), *extra])
+    assert out.with_suffix(".html").read_text().count("<svg") >= 2
+    return rc, json.loads(out.with_suffix(".json").read_text())
+
+
+def test_bench_against_redacting_pipeline(tmp_path: Path) -> None:
+    rc, report = bench(tmp_path, "--modes", "redact-faces", "--register", "api")
+    assert rc in (0, 1)  # 1: a busy machine dropped frames; counted, not a failure of the harness
+    (point,) = report["runs"][0]["points"]
+    assert point["received"] > 0 and point["latency_ms"]["p50"] is not None
+    leaks = point["leaks"]
+    assert leaks["by_class"]["face"]["checked"] >= point["received"]  # every received frame checked
+    assert leaks["visible"] == 0, f"faces visible in redacted output: {leaks}"
+    assert point["leaks_judged"] == ["face"]  # faces only: plates are not redacted, so not judged
+    assert point["events"]["gt_tracks"] == 4 and point["events"]["found"] >= 1
+    assert point["pipeline"]["cpu_cores"] is not None and point["harness_cpu_cores"] is not None
+
+
+def test_no_redact_switch_makes_the_leak_check_fail(tmp_path: Path) -> None:
+    rc, report = bench(tmp_path, "--no-redact-test-only")
+    assert rc == 1
+    (point,) = report["runs"][0]["points"]
+    assert point["mode"] == "no-redact" and not point["held"]
+    leaks = point["leaks"]
+    assert leaks["checked"] > 0 and leaks["visible"] > 0
+    assert leaks["rate"] > 0.9, f"unredacted objects should read as visible: {leaks}"
+    assert leaks["by_class"]["plate"]["visible"] > 0 and leaks["by_class"]["face"]["visible"] > 0
