@@ -162,3 +162,31 @@ def test_dockerignore_is_at_the_context_root() -> None:
     assert DOCKERIGNORE.is_file()
     assert "docker build -f deploy/Dockerfile" in DOCKERFILE.read_text()
     assert Path(ROOT / "deploy" / "config.example.yaml").is_file()
+
+
+def test_healthcheck_command_works_against_a_live_pipeline() -> None:
+    """The HEALTHCHECK's own command, pointed at a running pipeline's port: 0 when healthy, else not."""
+    import subprocess
+    import sys
+
+    from test_api import Server
+
+    from stream.auth import Tokens
+    from stream.config import parse_config
+    from stream.pipeline import Pipeline
+
+    value = next(v for c, _, v in stages()["runtime"] if c == "HEALTHCHECK")
+    assert value[:3] == ("CMD", "python", "-c")
+    code = value[3]
+    p = Pipeline(parse_config({"streams": []}), lambda: None)
+    p.start()
+    server = Server(p, Tokens())
+    try:
+        ok = subprocess.run([sys.executable, "-c", code.replace(":9108/", f":{server.port}/")], timeout=30)
+        assert ok.returncode == 0
+    finally:
+        server.close()
+        p.stop()
+    down = subprocess.run([sys.executable, "-c", code.replace(":9108/", f":{server.port}/")],
+                          capture_output=True, timeout=30)
+    assert down.returncode != 0  # nothing listens any more
