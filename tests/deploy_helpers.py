@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from helpers import ROOT
@@ -18,7 +19,8 @@ TOOLS = ROOT / ".tools"
 INSTALL_HINT = "install the deployment tools with `bash deploy/ci-tools.sh`"
 
 
-def _missing(what: str) -> None:
+def missing(what: str) -> NoReturn:
+    """Fail in CI, skip elsewhere: ``what`` is not installed."""
     message = f"{what} is not installed; {INSTALL_HINT}"
     if os.environ.get("CI"):
         pytest.fail(message)
@@ -32,8 +34,8 @@ def tool(name: str) -> str:
         return str(local)
     found = shutil.which(name)
     if found is None:
-        _missing(name)
-    return found  # type: ignore[return-value]
+        missing(name)
+    return found
 
 
 def venv_tool(name: str) -> str:
@@ -44,15 +46,15 @@ def venv_tool(name: str) -> str:
     if not path.is_file():
         found = shutil.which(name)
         if found is None:
-            _missing(name)
-        return found  # type: ignore[return-value]
+            missing(name)
+        return found
     return str(path)
 
 
 def compose_schema() -> Path:
     path = TOOLS / "compose-spec.json"
     if not path.is_file():
-        _missing("the Compose Specification schema (.tools/compose-spec.json)")
+        missing("the Compose Specification schema (.tools/compose-spec.json)")
     return path
 
 

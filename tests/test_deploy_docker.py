@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from deploy_helpers import run, tool
+from deploy_helpers import missing, run, tool
 from helpers import ROOT
 
 from stream.config import HttpConfig
@@ -22,7 +22,10 @@ CHART_VALUES = ROOT / "helm" / "stream-redact" / "values.yaml"
 
 def instructions() -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
     """(instruction, flags, values) as BuildKit parses them (PyPI `dockerfile`: the Go parser)."""
-    dockerfile = pytest.importorskip("dockerfile", reason="pip install dockerfile (bash deploy/ci-tools.sh)")
+    try:
+        import dockerfile
+    except ImportError:
+        missing("the Python package `dockerfile` (BuildKit's Dockerfile parser)")
     return [(c.cmd.upper(), tuple(c.flags), tuple(c.value)) for c in dockerfile.parse_file(str(DOCKERFILE))]
 
 
