@@ -35,7 +35,7 @@ import yaml
 
 from stream.loadtest import probe
 from stream.loadtest.camera import SyntheticCamera
-from stream.loadtest.reader import OutputReader, Received
+from stream.loadtest.reader import Check, OutputReader, Received
 from stream.loadtest.scene import Material, Scene
 from stream.loadtest.tracks import completeness, read_track_events
 
@@ -91,6 +91,16 @@ class RunSpec:
         return f"{self.width}x{self.height}"
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the harness goes away, however it ends (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class LocalPipeline:
     """`stream-redact run` (or the no-detection worker) as a child process, its stderr drained."""
 
@@ -101,7 +111,7 @@ class LocalPipeline:
             cmd = [sys.executable, "-m", "stream.cli", "run", "--config", str(config)]
         env = {**os.environ, "STREAM_REDACT_TOKENS": token}
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                                     env=env, start_new_session=True)
+                                     env=env, start_new_session=True, preexec_fn=_die_with_parent)
         self.metrics_url: str | None = None
         self.ready = threading.Event()
         self.tail: collections.deque[str] = collections.deque(maxlen=60)
@@ -197,7 +207,8 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
         server.start()
         url = server.url
     cams = [SyntheticCamera(scenes[sid], url(f"/lt-cam{i}"), spec.bitrate_kbps) for i, sid in enumerate(sids)]
-    readers = [OutputReader(scenes[sid], url(f"/lt-out{i}"), check_leaks=spec.mode != "transcode")
+    judged = {"face"} if spec.mode == "redact-faces" else {"face", "plate"}
+    readers = [OutputReader(scenes[sid], url(f"/lt-out{i}"), spec.mode != "transcode", judged)
                for i, sid in enumerate(sids)]
     docs = [stream_doc(sid, url(f"/lt-cam{i}"), url(f"/lt-out{i}"), spec.bitrate_kbps)
             for i, sid in enumerate(sids)]
@@ -206,7 +217,6 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
     token = ""
     registered: list[str] = []
     gpu = probe.GpuSampler()
-    judged = {"face"} if spec.mode == "redact-faces" else {"face", "plate"}
     try:
         for c in cams:
             c.start()
@@ -233,10 +243,10 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
             r.start()
         deadline = time.monotonic() + spec.start_timeout_s
         for r in readers:
-            if not r.first_stamped.wait(max(0.1, deadline - time.monotonic())):
+            if not r.first_frame.wait(max(0.1, deadline - time.monotonic())):
                 tail = "".join(pipeline.tail)[-2000:] if pipeline else ""
                 cam = cams[readers.index(r)].stats.error
-                raise RuntimeError(f"no stamped frame from {r.url} within {spec.start_timeout_s:g} s "
+                raise RuntimeError(f"no frame from {r.url} within {spec.start_timeout_s:g} s "
                                    f"(reader: {r.error}; camera: {cam})\n{tail}")
         progress(f"all {k} outputs live; warming up {spec.warmup_s:g} s")
         threading.Event().wait(spec.warmup_s)  # pacing of the measurement, not synchronisation
@@ -250,8 +260,7 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
         while (left := end - time.monotonic()) > 0:
             threading.Event().wait(min(2.0, left))
             got = sum(len(r.frames) for r in readers)
-            leaks = sum(vis for r in readers for f in r.frames for (lab, _, vis, _) in f.objects
-                        if lab in judged)
+            leaks = sum(o.visible for r in readers for f in r.frames for o in f.objects if o.label in judged)
             progress(f"  {spec.duration_s - max(0.0, end - time.monotonic()):4.0f}/{spec.duration_s:g} s  "
                      f"frames received {got}  leaks {leaks}")
         snap_b = probe.scrape(metrics_url)
@@ -282,7 +291,8 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
                                 window_s)
                   for i, (sid, rd) in enumerate(zip(sids, readers, strict=True))]
     lat = [lat for r in readers for lat in _latencies(r.frames, t_a, t_b)]
-    checks = [o for r in readers for f in r.frames for o in f.objects if o[0] in judged]
+    checks = [o for r in readers for f in r.frames for o in f.objects if o.label in judged]
+    examples = _leak_examples(sids, readers, judged, spec.work / tag) if spec.mode != "transcode" else []
     point: dict[str, Any] = {
         "spec": {k2: (str(v) if isinstance(v, Path) else v) for k2, v in asdict(spec).items()
                  if k2 not in ("token_env",)},
@@ -316,6 +326,7 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
         "machine_busy_cores": round((sys_b - sys_a) / window_s, 2),
         "leaks_judged": sorted(judged) if spec.mode != "transcode" else [],
         "leaks": _leaks(checks) if spec.mode != "transcode" else None,
+        "leak_examples": examples,
         "events": completeness(read_track_events(events_path), scenes, sent, judged).as_dict()
         if spec.mode not in NO_DETECTION and not spec.api else None,
         "streams": per_stream,
@@ -357,17 +368,45 @@ def _hist(lat: list[float]) -> dict[str, list[float]]:
     return {"edges_ms": [round(float(e), 1) for e in edges], "counts": [int(c) for c in counts]}
 
 
-def _leaks(checks: list[tuple[str, str, bool, float]]) -> dict[str, Any]:
+def _leaks(checks: list[Check]) -> dict[str, Any]:
     """Leak rate overall, per class and per size bucket (share of checked objects visible)."""
-    def rate(rows: list[tuple[str, str, bool, float]]) -> dict[str, Any]:
-        vis = sum(1 for r in rows if r[2])
+    def rate(rows: list[Check]) -> dict[str, Any]:
+        vis = sum(1 for r in rows if r.visible)
         return {"checked": len(rows), "visible": vis, "rate": round(vis / len(rows), 5) if rows else None}
 
     out = rate(checks)
-    labels = sorted({r[0] for r in checks})
-    out["by_class"] = {lab: rate([r for r in checks if r[0] == lab]) for lab in labels}
-    out["by_size"] = {f"{lab} {b}": rate([r for r in checks if r[0] == lab and r[1] == b])
-                      for lab, b in sorted({(r[0], r[1]) for r in checks})}
+    labels = sorted({r.label for r in checks})
+    out["by_class"] = {lab: rate([r for r in checks if r.label == lab]) for lab in labels}
+    out["by_size"] = {f"{lab} {b}": rate([r for r in checks if r.label == lab and r.bucket == b])
+                      for lab, b in sorted({(r.label, r.bucket) for r in checks})}
+    return out
+
+
+def _leak_examples(sids: list[str], readers: list[OutputReader], judged: set[str], prefix: Path,
+                   limit: int = 20) -> list[dict[str, Any]]:
+    """The first leaks of each stream (where, when, how clearly), and the received frames as PNG
+    evidence with the ground-truth box drawn: a leak must be looked at, not only counted."""
+    import cv2
+
+    out: list[dict[str, Any]] = []
+    for sid, r in zip(sids, readers, strict=True):
+        for f in r.frames:
+            for o in f.objects:
+                if o.visible and o.label in judged and len(out) < limit:
+                    out.append({"stream": sid, "seq": f.seq, "label": o.label, "bucket": o.bucket,
+                                "box": list(o.box), "corr": o.corr,
+                                "latency_ms": round(f.recv_ms - f.sent_ms, 1)})
+        for seq, grey in r.leak_frames:
+            img = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+            for f in r.frames:
+                if f.seq == seq:
+                    for o in f.objects:
+                        if o.visible:
+                            cv2.rectangle(img, o.box[:2], (o.box[2] - 1, o.box[3] - 1), (0, 0, 255), 2)
+                    break
+            path = prefix.with_name(f"{prefix.name}.leak-{sid}-{seq}.png")
+            cv2.imwrite(str(path), img)
+            out.append({"stream": sid, "seq": seq, "evidence": str(path)})
     return out
 
 
@@ -403,7 +442,7 @@ def calibrate(material: Material, width: int, height: int, fps: float, seconds: 
         cam.start()
         reader.start()
         try:
-            if not reader.first_stamped.wait(60):
+            if not reader.first_frame.wait(60):
                 raise RuntimeError(f"calibration: no frame back from the relay ({reader.error})")
             threading.Event().wait(1.0)  # past the start-up burst of a joining reader
             t_a = time.time() * 1000

@@ -38,7 +38,23 @@ def ramp(base: RunSpec, ks: list[int], material: Material, progress: Progress) -
         if not p["held"]:
             break
         best = k
-    return {"size": base.size, "mode": base.mode, "largest_k_held": best, "points": points}
+    return {"size": base.size, "mode": base.mode, "largest_k_held": best, "points": points,
+            "largest_k_by_p99_bound_ms": by_latency_bound(points)}
+
+
+def by_latency_bound(points: list[dict[str, Any]], bounds: tuple[float, ...] = (100, 200, 500, 1000)
+                     ) -> dict[str, int]:
+    """Largest K held under each tighter p99 bound too (every other target unchanged): one ramp,
+    run at a loose bound, answers "how many streams at 200 ms?" and "at 500 ms?" alike."""
+    out = {}
+    for bound in bounds:
+        best = 0
+        for p in points:
+            if not p.get("held") or p["latency_ms"]["p99"] is None or p["latency_ms"]["p99"] >= bound:
+                break
+            best = p["k"]
+        out[f"{bound:g}"] = best
+    return out
 
 
 def throughput(run: dict[str, Any]) -> float:
