@@ -3,8 +3,10 @@
 Why blocks: they survive H.264 at any sane bitrate (each block is at least 8x8 luma pixels, far
 above what quantisation smears), they need no library to read back, and they look nothing like a
 face or a plate, so no detector masks them. The strip sits on the top rows of the frame; the
-scene keeps every face and plate (including its mask enlargement) clear of it. A blanked frame
-carries no stamp (its strip is black): readers count such frames as blanked, never as leaks.
+scene keeps every face and plate (including its mask enlargement) clear of it. Only a mask that
+drifts far from its object (a coasted track under overload) can reach the strip; the frame then
+reads as unreadable, which reports count, never as clean. A blanked frame carries no stamp (its
+strip is black): readers count such frames as blanked, never as leaks.
 
 Layout: ROWS x COLS blocks across the full width; 96 bits, most significant first:
 magic (4) | stream id (8) | sequence (24, wraps) | send time in ms since the epoch (44) | CRC-16 (16).
