@@ -157,7 +157,8 @@ class OrtBackend(Backend):
 class TorchBackend(Backend):
     """The ONNX graph converted to a torch module (onnx2torch), on a CUDA device or the CPU.
 
-    fp16 halves the weights and activations on the GPU; outputs come back as float32.
+    fp16 runs under autocast (convolutions in half precision, numerically touchy ops kept in
+    float32, as the converted graph's constants stay float32); outputs come back as float32.
     """
 
     def __init__(self, model: onnx.ModelProto, device: str = "cuda:0", fp16: bool = True) -> None:
@@ -176,8 +177,9 @@ class TorchBackend(Backend):
         self.device = device
         self.name = "torch-cuda" if device.startswith("cuda") else "torch-cpu"
         self.fp16 = fp16 and self.on_gpu
-        module = convert(model).eval().to(device)
-        self.module = module.half() if self.fp16 else module
+        if device.startswith("cuda"):
+            torch.backends.cudnn.benchmark = True  # fixed bucket shapes: pick the fastest kernels once
+        self.module = convert(for_onnx2torch(model)).eval().to(device)
 
     def run(self, x: Any) -> list[np.ndarray]:
         torch = self.torch
@@ -189,13 +191,47 @@ class TorchBackend(Backend):
                     t = t.pin_memory().to(self.device, non_blocking=True)
             else:
                 t = x.to(self.device)
-            t = t.half() if self.fp16 else t.float()
-            outs = self.module(t)
+            t = t.float()
+            if self.fp16:
+                with torch.autocast(device_type="cuda", dtype=torch.float16):
+                    outs = self.module(t)
+            else:
+                outs = self.module(t)
             outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
             host = [o.float().cpu().numpy() for o in outs]
         if self.on_gpu:
             TRANSFERS.add(d2h=sum(o.nbytes for o in host))
         return host
+
+
+TORCH_OPSET = 17
+"""newest opset onnx2torch converts"""
+SAME_SINCE_13 = {"Add", "Concat", "Conv", "Div", "MaxPool", "Mul", "Reshape", "Resize", "Sigmoid", "Slice",
+                 "Softmax", "Sub", "Transpose", "Relu", "BatchNormalization", "ConvTranspose", "Exp", "Sqrt",
+                 "Clip", "Flatten", "Gather", "Shape", "Unsqueeze", "Cast", "Constant"}
+
+
+def for_onnx2torch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph at an opset onnx2torch knows (17).
+
+    onnx's version converter has no downgrade for some ops (Split 18 -> 17). Where every op of
+    the graph means the same at 17 as at its own opset (the ops above; Split with its sizes given
+    as an input), the opset is relabelled. Anything else is refused rather than converted wrongly.
+    """
+    version = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if version <= TORCH_OPSET:
+        return model
+    ops = {n.op_type for n in model.graph.node}
+    split_as_input = all(len(n.input) == 2 for n in model.graph.node if n.op_type == "Split")
+    if not ops <= SAME_SINCE_13 | {"Split"} or not split_as_input:
+        raise BackendError(f"the torch backend cannot run this opset-{version} graph (ops "
+                           f"{sorted(ops - SAME_SINCE_13)}); use detection.backend: onnxruntime")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for o in out.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = TORCH_OPSET
+    return out
 
 
 def _to_host(x: Any) -> np.ndarray:

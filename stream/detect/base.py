@@ -35,6 +35,9 @@ class OnnxDetector(ABC):
     per_shape: bool = False  # models whose graph bakes in its input size get one backend per size
     rgb: bool = False
     unit: bool = False
+    unused_outputs: tuple[str, ...] = ()
+    """graph outputs the decoder never reads (landmarks): dropped, so they are neither computed
+    nor copied back from the device"""
 
     def __init__(
         self,
@@ -72,7 +75,12 @@ class OnnxDetector(ABC):
 
     def load_model(self) -> onnx.ModelProto:
         model = onnx.load(str(self._path))
-        return make_dynamic(model) if self.dynamic_rewrite else model
+        model = make_dynamic(model) if self.dynamic_rewrite else model
+        if self.unused_outputs:
+            keep = [o for o in model.graph.output if o.name not in self.unused_outputs]
+            del model.graph.output[:]
+            model.graph.output.extend(keep)
+        return model
 
     def _profile(self, shape: tuple[int, int] | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """TensorRT's shape range: batch 1..largest bucket, canvas up to ``input_size`` square."""

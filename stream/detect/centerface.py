@@ -15,6 +15,7 @@ class CenterFace(OnnxDetector):
     dynamic_rewrite = True
 
     rgb = True  # the network was trained on RGB 0-255 without normalisation
+    unused_outputs = ("540",)  # landmarks: 10 channels at stride 4, the largest output
 
     def decode(self, outputs: list[np.ndarray], index: int) -> tuple[np.ndarray, np.ndarray]:
         heat, scale, offset = outputs[0][index, 0], outputs[1][index], outputs[2][index]

@@ -14,6 +14,7 @@ class YuNet(OnnxDetector):
     model_name = "yunet"
     label = "face"
     dynamic_rewrite = True  # BGR 0-255: the default input convention
+    unused_outputs = ("kps_8", "kps_16", "kps_32")
 
     def begin(self, n: int, canvas: tuple[int, int], backend: Backend) -> None:
         self._n, self._hw, self._names = n, canvas, backend.output_names

@@ -1,0 +1,651 @@
+"""GPU check: GPU inference against the CPU on the same frames, per-bucket timings, and K 1080p30
+streams through the batching stage, in one run of a few minutes.
+
+What it runs on: the best GPU path the machine has. ONNX Runtime's TensorRT/CUDA providers where
+onnxruntime-gpu is installed (the production path), else the same ONNX graphs under torch
+(onnx2torch) on CUDA, else the CPU (a dry run). The JSON names the path behind every number.
+
+Sections:
+1. ``correctness``: every model on the same synthetic 1080p frames, ONNX Runtime CPU (reference)
+   against the GPU path in fp32 and fp16, with device preprocessing: share of reference boxes
+   matched (IoU >= 0.7) and the largest corner difference in pixels.
+2. ``models``: per model and batch bucket, ms per batch for upload, device letterbox, inference
+   (with the download of outputs) and the whole run with decoding; frames/s.
+3. ``preprocess``: device letterbox (1080p uint8 up, resize there) against host letterbox
+   (OpenCV resize, float32 canvas up), per frame.
+4. ``detector``: the whole detector (faces + plates + heads, every model on every frame) per
+   bucket: frames/s, and the 1080p30 streams that rate could serve.
+5. ``decode``: H.264 1080p decode on the CPU (OpenCV's FFmpeg), frames/s per process.
+6. ``pipeline``: K synthetic 1080p30 streams in P worker processes sharing the GPU. Each process
+   runs the product's Batcher, JobQueues, tracker and redactor (not its RTSP decode or x264
+   encode, which run on CPU cores and are sized separately). Per K: delivered fps, blanked and
+   dropped frames, capture-to-redacted latency p50/p95/p99, and leaks (ground-truth faces and
+   plates not covered by a painted region). K is raised until a step fails: p99 >= 250 ms,
+   delivered < 97%, or any blanked/dropped frame.
+
+Run: ``python benchmarks/gpu_check.py [--quick] [--out DIR]`` (on a GPU machine: torch + onnx2torch,
+or onnxruntime-gpu). Writes ``gpu_check.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+from gpu_scene import Scene  # noqa: E402
+
+from stream.detect import backend as backend_mod  # noqa: E402
+from stream.detect.nms import iou_matrix  # noqa: E402
+
+BUCKETS = (1, 2, 4, 8, 16, 32)
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def gpu_path() -> tuple[str, list[str]]:
+    """(backend, providers) for the best GPU path here; ('onnxruntime', ['cpu']) without a GPU."""
+    if backend_mod.ort_gpu_available():
+        return "onnxruntime", ["tensorrt", "cuda", "cpu"]
+    if backend_mod.torch_cuda_available():
+        return "torch", ["cuda"]
+    return "onnxruntime", ["cpu"]
+
+
+def sync() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    except ImportError:
+        pass
+
+
+def timed(fn: Any, reps: int, warm: int = 2) -> float:
+    """Median ms of ``fn`` over ``reps`` runs after ``warm`` runs (device synchronised)."""
+    for _ in range(warm):
+        fn()
+    sync()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(out)
+
+
+def environment() -> dict[str, Any]:
+    import onnxruntime as ort
+
+    env: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count(),
+                           "onnxruntime": ort.__version__, "ort_providers": ort.get_available_providers(),
+                           "opencv": cv2.__version__}
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            p = torch.cuda.get_device_properties(0)
+            env["gpu"] = p.name
+            env["gpu_memory_gib"] = round(p.total_memory / 2**30, 1)
+    except ImportError:
+        env["torch"] = None
+    env["onnx2torch"] = backend_mod.torch_cuda_available() or None
+    return env
+
+
+# -- 1. correctness ------------------------------------------------------------------------------
+def model_classes() -> dict[str, tuple[type, dict[str, Any]]]:
+    from stream.detect.centerface import CenterFace
+    from stream.detect.yolo import PersonYolo, PlateYolo
+    from stream.detect.yunet import YuNet
+
+    return {
+        "yunet": (YuNet, {"threshold": 0.5, "input_size": 640, "min_input": 640}),
+        "centerface": (CenterFace, {"threshold": 0.35, "input_size": 960, "min_input": 640}),
+        "plate": (PlateYolo, {"threshold": 0.2, "input_size": 960}),
+        "person": (PersonYolo, {"threshold": 0.3, "input_size": 960, "min_input": 640}),
+    }
+
+
+def frames_for(n: int, seed: int = 0) -> tuple[list[np.ndarray], list[dict]]:
+    scene = Scene(seed=seed)
+    pairs = [scene.render(t * 13, phase=t) for t in range(n)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def compare(ref: list, got: list, min_score: float) -> dict[str, Any]:
+    matched = total = 0
+    worst = 0.0
+    for a, b in zip(ref, got, strict=True):
+        keep = a.scores >= min_score
+        boxes = a.boxes[keep]
+        total += len(boxes)
+        if not len(boxes):
+            continue
+        if not len(b):
+            continue
+        iou = iou_matrix(boxes, b.boxes)
+        j = iou.argmax(axis=1)
+        ok = iou[np.arange(len(boxes)), j] >= 0.7
+        matched += int(ok.sum())
+        if ok.any():
+            worst = max(worst, float(np.abs(boxes[ok] - b.boxes[j[ok]]).max()))
+    return {"reference_boxes": total, "matched": matched,
+            "match_rate": round(matched / total, 4) if total else None, "max_corner_px": round(worst, 2)}
+
+
+def correctness(backend: str, providers: list[str], n: int) -> dict[str, Any]:
+    from stream.detect.device import DeviceFrames, torch_device_ok
+
+    frames, _ = frames_for(n)
+    out: dict[str, Any] = {}
+    for name, (cls, kw) in model_classes().items():
+        ref_model = cls(providers=["cpu"], backend="onnxruntime", **kw)
+        ref = ref_model.run(frames)
+        row: dict[str, Any] = {}
+        for fp16 in (False, True):
+            model = cls(providers=providers, backend=backend, fp16=fp16, **kw)
+            on_dev = model.on_gpu and torch_device_ok(model.device)
+            got = model.run(frames, DeviceFrames(frames, model.device) if on_dev else None)
+            row["fp16" if fp16 else "fp32"] = compare(ref, got, kw["threshold"] + 0.1)
+            row["path"] = (model.backend_for(384, 640) if model.per_shape else model.backend).describe()
+        out[name] = row
+        say(f"correctness {name}: fp32 {row['fp32']} fp16 {row['fp16']}")
+    return out
+
+
+# -- 2./3. per-model timings -----------------------------------------------------------------------
+def model_timings(backend: str, providers: list[str], buckets: tuple[int, ...], reps: int) -> dict[str, Any]:
+    pool, _ = frames_for(max(buckets))
+    out: dict[str, Any] = {}
+    for name, (cls, kw) in model_classes().items():
+        model = cls(providers=providers, backend=backend, fp16=True, buckets=buckets, **kw)
+        out[name] = time_model(model, pool, buckets, reps)
+        rows = out[name]["buckets"]
+        say(f"models {name} ({out[name]['path']}): " + ", ".join(
+            f"b{r['bucket']} {r['run_ms']:.1f} ms ({r['fps']} fps)" for r in rows))
+    return out
+
+
+def time_model(model: Any, pool: list[np.ndarray], buckets: tuple[int, ...], reps: int) -> dict[str, Any]:
+    from stream.detect.device import DeviceFrames, torch_device_ok
+    from stream.detect.letterbox import letterbox_batch
+
+    on_dev = model.on_gpu and torch_device_ok(model.device)
+    geometry = {"pad": model.pad_value, "min_side": model.min_input}
+    rows = []
+    bk = None
+    for b in buckets:
+        frames = pool[:b]
+        row: dict[str, Any] = {"bucket": b}
+        if on_dev:
+            row["upload_ms"] = timed(lambda frames=frames: DeviceFrames(frames, model.device), reps)
+            dev = DeviceFrames(frames, model.device)
+            row["letterbox_ms"] = timed(lambda dev=dev: dev.letterbox(
+                model.input_size, rgb=model.rgb, unit=model.unit, **geometry), reps)
+            x, _ = dev.letterbox(model.input_size, rgb=model.rgb, unit=model.unit, **geometry)
+        else:
+            batch, _ = letterbox_batch(frames, model.input_size, **geometry)
+            row["letterbox_ms"] = timed(
+                lambda frames=frames: letterbox_batch(frames, model.input_size, **geometry), reps)
+            x = model.preprocess(batch)
+        bk = model.backend_for(*x.shape[2:4])
+        row["canvas"] = list(x.shape[2:4])
+        row["infer_ms"] = timed(lambda bk=bk, x=x: bk.run(x), reps)
+        row["run_ms"] = timed(lambda frames=frames: model.run(
+            frames, DeviceFrames(frames, model.device) if on_dev else None), reps)
+        row["fps"] = round(b * 1000 / row["run_ms"], 1)
+        rows.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+    return {"path": bk.describe() if bk else "", "device_preprocess": on_dev, "buckets": rows}
+
+
+def preprocess_compare(backend: str, providers: list[str], reps: int) -> dict[str, Any]:
+    """Device letterbox of 1080p frames vs the host path (OpenCV + float32 canvas upload)."""
+    from stream.detect.centerface import CenterFace
+    from stream.detect.device import DeviceFrames, torch_device_ok
+    from stream.detect.letterbox import letterbox_batch
+
+    model = CenterFace(providers=providers, backend=backend, threshold=0.35, input_size=960, min_input=640)
+    if not (model.on_gpu and torch_device_ok(model.device)):
+        return {"skipped": "no GPU path with torch here"}
+    import torch
+
+    frames, _ = frames_for(8)
+
+    def device() -> Any:
+        return DeviceFrames(frames, model.device).letterbox(960, min_side=640, rgb=True)
+
+    def host() -> Any:
+        batch, _ = letterbox_batch(frames, 960, min_side=640)
+        return torch.from_numpy(model.preprocess(batch)).to(model.device)
+
+    d, h = timed(device, reps), timed(host, reps)
+    res = {"frames": 8, "device_ms_per_frame": round(d / 8, 3), "host_ms_per_frame": round(h / 8, 3),
+           "host_cpu_note": "host path is one Python thread: OpenCV resize + float32 conversion + upload"}
+    say(f"preprocess per 1080p frame: device {res['device_ms_per_frame']} ms, "
+        f"host {res['host_ms_per_frame']} ms")
+    return res
+
+
+# -- 4. the whole detector -----------------------------------------------------------------------
+def detector_config_for(backend: str, providers: list[str], buckets: tuple[int, ...]) -> Any:
+    from stream.detect.presets import detector_config
+
+    # faces (CenterFace 960), plates (960) and heads of small people (960) on every frame
+    return detector_config("accurate", providers=providers, backend=backend, fp16=True, buckets=buckets)
+
+
+def detector_timings(backend: str, providers: list[str], buckets: tuple[int, ...],
+                     reps: int) -> dict[str, Any]:
+    from stream.detect.ensemble import FrameDetector
+
+    det = FrameDetector(detector_config_for(backend, providers, buckets))
+    pool, _ = frames_for(max(buckets))
+    rows = []
+    for b in buckets:
+        ms = timed(lambda b=b: det(pool[:b]), reps)
+        fps = b * 1000 / ms
+        rows.append({"bucket": b, "ms": round(ms, 2), "fps": round(fps, 1),
+                     "streams_1080p30": int(fps // 30)})
+    say("detector: " + ", ".join(f"b{r['bucket']} {r['fps']} fps" for r in rows))
+    return {"device": det.device, "device_preprocess": det.upload, "buckets": rows}
+
+
+# -- 5. decode -----------------------------------------------------------------------------------
+def decode_timing(clip: Path) -> dict[str, Any]:
+    if not clip.exists():
+        return {"skipped": f"{clip} missing"}
+    cap = cv2.VideoCapture(str(clip))
+    n = 0
+    t0 = time.perf_counter()
+    while True:
+        ok, _ = cap.read()
+        if not ok:
+            break
+        n += 1
+    dt = time.perf_counter() - t0
+    res = {"clip": clip.name, "frames": n, "fps": round(n / dt, 1), "decoder": "OpenCV FFmpeg (CPU)"}
+    say(f"decode 1080p H.264 on CPU: {res['fps']} fps in one process")
+    return res
+
+
+# -- 6. pipeline -----------------------------------------------------------------------------------
+def covered(gt: tuple[int, int, int, int], regions: list[Any]) -> bool:
+    """True when painted regions cover at least 80% of a ground-truth box (ellipses counted by the
+    box inscribed in them)."""
+    gx1, gy1, gx2, gy2 = gt
+    mask = np.zeros((gy2 - gy1, gx2 - gx1), bool)
+    for r in regions:
+        x1, y1, x2, y2 = r.box
+        if r.shape == "ellipse":
+            cx, cy, hw, hh = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2 / 2**0.5, (y2 - y1) / 2 / 2**0.5
+            x1, y1, x2, y2 = cx - hw, cy - hh, cx + hw, cy + hh
+        a, b = int(max(x1, gx1) - gx1), int(max(y1, gy1) - gy1)
+        c, d = int(min(x2, gx2) - gx1), int(min(y2, gy2) - gy1)
+        if c > a and d > b:
+            mask[b:d, a:c] = True
+    return mask.mean() >= 0.8
+
+
+def _worker(conn: Any, backend: str, providers: list[str], buckets: tuple[int, ...], max_batch: int,
+            max_wait_ms: float, deadline_ms: float, fps: float, seed: int) -> None:
+    """A pipeline process: one detector and batcher; runs the stream counts it is sent."""
+    from stream.detect.ensemble import FrameDetector
+
+    det = FrameDetector(detector_config_for(backend, providers, buckets))
+    det.warmup(max_batch=max_batch)
+    scene = Scene(seed=seed)
+    ring = [scene.render(t) for t in range(48)]
+    conn.send("ready")
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        conn.send(_step(det, ring, msg, max_batch, max_wait_ms, deadline_ms, fps))
+
+
+def _step(det: Any, ring: list, msg: tuple, max_batch: int, max_wait_ms: float, deadline_ms: float,
+          fps: float) -> list[dict]:
+    """One K step in a worker: its streams produced at ``fps``, batched, tracked and painted."""
+    from stream.detect.batcher import Batcher
+    from stream.detect.detections import Detections
+    from stream.frames import Drop, Failure, Frame, Job, JobQueue
+    from stream.metrics import Metrics
+    from stream.redact import RedactConfig, Redactor
+    from stream.track import Tracker, TrackerConfig
+
+    n_streams, start_at, seconds, warm_s, prefix = msg
+    metrics = Metrics()
+    batcher = Batcher(lambda: det, metrics, max_batch=max_batch, max_wait_s=max_wait_ms / 1000,
+                      hang_timeout_s=10)
+    stats = [{"sent": 0, "published": 0, "blanked": 0, "dropped": 0, "lat": [], "gt": {}, "leaks": {}}
+             for _ in range(n_streams)]
+    stop = threading.Event()
+    threads = []
+
+    def produce(i: int, q: JobQueue, ordered: deque, cond: threading.Condition) -> None:
+        st = stats[i]
+        t0 = start_at
+        t = 0
+        while not stop.is_set():
+            due = t0 + t / fps
+            delay = due - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            if time.time() > start_at + warm_s + seconds:
+                break
+            image, gt = ring[(t + i * 5) % len(ring)]
+            now = time.monotonic()
+            frame = Frame(f"{prefix}{i}", t, image.copy(), now, time.time())  # a decoder's new buffer
+            job = Job(frame, deadline=now + deadline_ms / 1000)
+            job.gt = gt  # type: ignore[attr-defined]
+            job.measured = time.time() >= start_at + warm_s  # type: ignore[attr-defined]
+            if job.measured:
+                st["sent"] += 1
+            evicted = q.put(job)
+            if evicted is not None:
+                evicted.resolve(dropped=Drop.QUEUE_FULL)
+            with cond:
+                ordered.append(job)
+                cond.notify()
+            t += 1
+        with cond:
+            ordered.append(None)
+            cond.notify()
+
+    def consume(i: int, ordered: deque, cond: threading.Condition) -> None:
+        st = stats[i]
+        tracker, redactor = Tracker(TrackerConfig()), Redactor(RedactConfig())
+        while True:
+            with cond:
+                while not ordered:
+                    cond.wait()
+                job = ordered.popleft()
+            if job is None:
+                return
+            if not job.wait(max(0.0, job.deadline - time.monotonic())):
+                job.resolve(failure=Failure.DEADLINE)
+            if job.dropped is not None:
+                st["dropped"] += job.measured
+                continue
+            if job.detections is None:
+                tracker.update(Detections(observed=frozenset()))
+                st["blanked"] += job.measured
+                continue
+            tracked = tracker.update(job.detections)
+            regions = redactor.apply(job.frame.image, tracked)
+            lat = (time.monotonic() - job.frame.captured_at) * 1000
+            if job.measured:
+                st["published"] += 1
+                st["lat"].append(lat)
+                for label, boxes in job.gt.items():
+                    mine = [r for r in regions if r.label == label]
+                    st["gt"][label] = st["gt"].get(label, 0) + len(boxes)
+                    st["leaks"][label] = st["leaks"].get(label, 0) + sum(not covered(b, mine) for b in boxes)
+
+    batcher.start()
+    for i in range(n_streams):
+        q = JobQueue(f"{prefix}{i}", 2)
+        batcher.attach(q)
+        ordered: deque = deque()
+        cond = threading.Condition()
+        threads += [threading.Thread(target=produce, args=(i, q, ordered, cond), daemon=True),
+                    threading.Thread(target=consume, args=(i, ordered, cond), daemon=True)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(warm_s + seconds + 30)
+    stop.set()
+    batcher.stop()
+    return stats
+
+
+class Usage:
+    """GPU utilisation (NVML, sampled every 0.2 s) and CPU cores used by the workers over a step."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._cpu0 = 0.0
+        self._t0 = 0.0
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nvml: Any = pynvml
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:
+            self.nvml = None
+
+    def _cpu(self) -> float:
+        try:
+            import psutil
+        except ImportError:
+            return float("nan")
+        total = 0.0
+        for pid in self.pids:
+            with contextlib.suppress(Exception):
+                t = psutil.Process(pid).cpu_times()
+                total += t.user + t.system
+        return total
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            u = self.nvml.nvmlDeviceGetUtilizationRates(self.handle)
+            m = self.nvml.nvmlDeviceGetMemoryInfo(self.handle)
+            self.samples.append((u.gpu, m.used / 2**30))
+
+    def begin(self) -> None:
+        self._cpu0, self._t0 = self._cpu(), time.monotonic()
+        if self.nvml is not None:
+            threading.Thread(target=self._sample, daemon=True).start()
+
+    def end(self) -> dict[str, Any]:
+        self._stop.set()
+        out: dict[str, Any] = {"worker_cpu_cores": round((self._cpu() - self._cpu0) /
+                                                         max(1e-6, time.monotonic() - self._t0), 2)}
+        if self.samples:
+            util = [u for u, _ in self.samples]
+            out.update(gpu_util_mean=round(statistics.mean(util), 1), gpu_util_max=max(util),
+                       gpu_mem_gib=round(max(m for _, m in self.samples), 2))
+        return out
+
+
+class Workers:
+    """P pipeline processes sharing the GPU, each with its own models, kept across K steps."""
+
+    def __init__(self, procs: int, backend: str, providers: list[str], buckets: tuple[int, ...],
+                 max_batch: int, max_wait_ms: float, deadline_ms: float, fps: float) -> None:
+        ctx = mp.get_context("spawn")
+        self.conns, self.procs = [], []
+        for i in range(procs):
+            a, b = ctx.Pipe()
+            p = ctx.Process(target=_worker, args=(b, backend, providers, buckets, max_batch, max_wait_ms,
+                                                  deadline_ms, fps, i), daemon=True)
+            p.start()
+            self.conns.append(a)
+            self.procs.append(p)
+        for c in self.conns:
+            if c.recv() != "ready":
+                raise RuntimeError("worker failed to start")
+
+    def run(self, k: int, seconds: float, warm_s: float) -> tuple[list[dict], dict[str, Any]]:
+        """Per-stream stats, and the step's GPU utilisation and worker CPU use (where measurable)."""
+        n = len(self.conns)
+        split = [k // n + (1 if i < k % n else 0) for i in range(n)]
+        start_at = time.time() + 1.0
+        for i, (c, m) in enumerate(zip(self.conns, split, strict=True)):
+            c.send((m, start_at, seconds, warm_s, f"p{i}s"))
+        usage = Usage([p.pid for p in self.procs])
+        time.sleep(max(0.0, start_at + warm_s - time.time()))
+        usage.begin()
+        out = []
+        for c in self.conns:
+            out.extend(c.recv())
+        return out, usage.end()
+
+    def close(self) -> None:
+        for c in self.conns:
+            c.send(None)
+        for p in self.procs:
+            p.join(10)
+
+
+def summarise(k: int, stats: list[dict], fps: float, seconds: float) -> dict[str, Any]:
+    lat = np.array([x for s in stats for x in s["lat"]] or [np.nan])
+    sent = sum(s["sent"] for s in stats)
+    pub = sum(s["published"] for s in stats)
+    gt: dict[str, int] = {}
+    leaks: dict[str, int] = {}
+    for s in stats:
+        for label, v in s["gt"].items():
+            gt[label] = gt.get(label, 0) + v
+        for label, v in s["leaks"].items():
+            leaks[label] = leaks.get(label, 0) + v
+    worst_stream = min((s["published"] / s["sent"] for s in stats if s["sent"]), default=0.0)
+    row = {"streams": k, "sent": sent, "published": pub,
+           "delivered_ratio": round(pub / sent, 4) if sent else 0.0,
+           "worst_stream_ratio": round(worst_stream, 4),
+           "fps_per_stream": round(pub / max(1, k) / seconds, 2),
+           "blanked": sum(s["blanked"] for s in stats), "dropped": sum(s["dropped"] for s in stats),
+           **{f"p{q}_ms": round(float(np.percentile(lat, q)), 1) for q in (50, 95, 99)},
+           "ground_truth": gt, "leaks": leaks,
+           "leak_rate": {lb: round(leaks.get(lb, 0) / n, 5) for lb, n in gt.items() if n}}
+    row["held"] = bool(row["p99_ms"] < 250 and row["worst_stream_ratio"] >= 0.97 and not row["blanked"]
+                       and not row["dropped"])
+    return row
+
+
+def pipeline(backend: str, providers: list[str], buckets: tuple[int, ...], ks: list[int], procs: int,
+             seconds: float, warm_s: float, budget_s: float) -> dict[str, Any]:
+    fps, max_batch, max_wait_ms, deadline_ms = 30.0, max(buckets), 8.0, 1000.0
+    t_start = time.monotonic()
+    workers = Workers(procs, backend, providers, buckets, max_batch, max_wait_ms, deadline_ms, fps)
+    say(f"pipeline: {procs} worker processes ready in {time.monotonic() - t_start:.1f} s")
+    rows = []
+    try:
+        for k in ks:
+            if time.monotonic() - t_start + seconds + warm_s + 5 > budget_s:
+                say(f"pipeline: time budget reached before K={k}")
+                break
+            stats, usage = workers.run(k, seconds, warm_s)
+            row = summarise(k, stats, fps, seconds) | usage
+            rows.append(row)
+            say(f"pipeline K={k}: delivered {row['delivered_ratio']:.3f} "
+                f"(worst {row['worst_stream_ratio']:.3f}), "
+                f"blanked {row['blanked']}, dropped {row['dropped']}, p50/p95/p99 {row['p50_ms']}/"
+                f"{row['p95_ms']}/{row['p99_ms']} ms, leaks {row['leaks']} of {row['ground_truth']} "
+                f"-> {'held' if row['held'] else 'FAILED'}; usage {usage}")
+            if not row["held"]:
+                break
+    finally:
+        workers.close()
+    held = [r["streams"] for r in rows if r["held"]]
+    return {"fps": fps, "max_batch": max_batch, "max_wait_ms": max_wait_ms, "deadline_ms": deadline_ms,
+            "procs": procs, "seconds": seconds, "largest_k_held": max(held) if held else 0, "steps": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="few reps, small K: a dry run of every section")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")))
+    ap.add_argument("--clip", type=Path, default=ROOT / ".gpu" / "clip_1080p30.mp4")
+    ap.add_argument("--ks", default="", help="comma-separated stream counts for the pipeline ramp")
+    ap.add_argument("--procs", type=int, default=0, help="pipeline worker processes (default: cpus / 2)")
+    ap.add_argument("--seconds", type=float, default=6.0, help="measured seconds per K step")
+    ap.add_argument("--budget", type=float, default=240.0, help="seconds the pipeline ramp may take")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip")
+    ap.add_argument("--backend", choices=["auto", "onnxruntime", "torch"], default="auto",
+                    help="force a backend (with --providers), e.g. torch on the CPU for a dry run")
+    ap.add_argument("--providers", default="", help="comma-separated, e.g. cpu or tensorrt,cuda,cpu")
+    args = ap.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    backend, providers = gpu_path()
+    if args.backend != "auto":
+        backend, providers = args.backend, (args.providers or "cpu").split(",")
+    buckets = (1, 2, 4, 8) if args.quick else BUCKETS
+    reps = 2 if args.quick else 10
+    result: dict[str, Any] = {"environment": environment(), "backend": backend, "providers": providers}
+    say(f"path: backend={backend} providers={providers} env={result['environment']}")
+    t0 = time.monotonic()
+    sections = [
+        ("correctness", lambda: correctness(backend, providers, 4 if args.quick else 12)),
+        ("models", lambda: model_timings(backend, providers, buckets, reps)),
+        ("preprocess", lambda: preprocess_compare(backend, providers, reps)),
+        ("detector", lambda: detector_timings(backend, providers, buckets, reps)),
+        ("decode", lambda: decode_timing(args.clip)),
+    ]
+    for name, fn in sections:
+        if name in skip:
+            continue
+        t = time.monotonic()
+        try:
+            result[name] = fn()
+        except Exception as e:  # one broken section must not lose the others' numbers
+            say(f"{name} FAILED: {type(e).__name__}: {e}")
+            result[name] = {"error": f"{type(e).__name__}: {e}"}
+        result.setdefault("section_seconds", {})[name] = round(time.monotonic() - t, 1)
+        write(args.out, result)
+    if "pipeline" not in skip:
+        ks = [int(k) for k in args.ks.split(",")] if args.ks else ([1, 2] if args.quick else
+                                                                   [8, 16, 32, 48, 64, 96, 128, 160, 192])
+        procs = args.procs or max(1, (os.cpu_count() or 2) // 2)
+        try:
+            result["pipeline"] = pipeline(backend, providers, buckets, ks, min(procs, max(ks)),
+                                          2.0 if args.quick else args.seconds, 1.0 if args.quick else 2.0,
+                                          args.budget)
+        except Exception as e:
+            say(f"pipeline FAILED: {type(e).__name__}: {e}")
+            result["pipeline"] = {"error": f"{type(e).__name__}: {e}"}
+    result["total_seconds"] = round(time.monotonic() - t0, 1)
+    write(args.out, result)
+    table(result)
+    return 0
+
+
+def write(out: Path, result: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
+
+
+def table(r: dict[str, Any]) -> None:
+    print("\n## GPU check:", r["environment"].get("gpu", "no GPU"), "| backend", r["backend"], r["providers"])
+    if isinstance(r.get("detector"), dict) and "buckets" in r["detector"]:
+        print("| detector bucket | ms/batch | frames/s | 1080p30 streams |\n|---|---|---|---|")
+        for b in r["detector"]["buckets"]:
+            print(f"| {b['bucket']} | {b['ms']} | {b['fps']} | {b['streams_1080p30']} |")
+    p = r.get("pipeline", {})
+    if "steps" in p:
+        print(f"\n| K streams ({p['procs']} procs) | delivered | blanked | dropped | p50 | p99 | leaks "
+              "| held |")
+        print("|---|---|---|---|---|---|---|---|")
+        for s in p["steps"]:
+            print(f"| {s['streams']} | {s['delivered_ratio']} | {s['blanked']} | {s['dropped']} | "
+                  f"{s['p50_ms']} | {s['p99_ms']} | {s['leaks']} | {s['held']} |")
+        print(f"largest K held: {p['largest_k_held']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
