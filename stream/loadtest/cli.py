@@ -57,7 +57,8 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="sweep these stream counts per mode, stopping a mode at its first failure")
     g.add_argument("--modes", nargs="+", choices=PUBLIC_MODES, default=None,
                    help="redact (preset, batching on), redact-b1 (max_batch 1), redact-faces (faces only), "
-                        "transcode (no detection: the ceiling). Default: redact; with --ramp all four")
+                        "redact-faces-b1, "
+                        "transcode (no detection: the ceiling). Default: redact; with --ramp all five")
     g.add_argument("--size", type=_size, nargs="+", default=[(640, 360)], metavar="WxH",
                    help="camera resolution(s) (default 640x360)")
     g.add_argument("--fps", type=float, default=25.0)
@@ -112,7 +113,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except SampleError as e:
         print(f"stream-redact: error: {e}", file=sys.stderr)
         return 2
-    ramp_modes = ["redact", "redact-b1", "redact-faces", "transcode"]
+    ramp_modes = ["redact", "redact-b1", "redact-faces", "redact-faces-b1", "transcode"]
     modes = list(args.modes or (ramp_modes if args.ramp else ["redact"]))
     if args.no_redact:
         print("stream-redact bench: WARNING: --no-redact-test-only runs a pipeline that DOES NOT REDACT, "

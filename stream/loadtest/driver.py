@@ -39,8 +39,8 @@ from stream.loadtest.reader import Check, OutputReader, Received
 from stream.loadtest.scene import Material, Scene
 from stream.loadtest.tracks import completeness, read_track_events
 
-MODES = ("redact", "redact-b1", "redact-faces", "transcode", "no-redact")
-"""redact: the preset, batching on; redact-b1: max_batch 1; redact-faces: faces only;
+MODES = ("redact", "redact-b1", "redact-faces", "redact-faces-b1", "transcode", "no-redact")
+"""redact: the preset, batching on; redact-b1: max_batch 1; redact-faces(-b1): faces only;
 transcode: no detection (the ceiling; leaks not judged); no-redact: no detection, leaks judged
 (the test-only switch that proves the leak check can fail)"""
 NO_DETECTION = ("transcode", "no-redact")
@@ -170,11 +170,11 @@ def stream_doc(sid: str, cam_url: str, out_url: str, bitrate_kbps: int) -> dict[
 def pipeline_doc(spec: RunSpec, streams: list[dict[str, Any]], events_path: Path) -> dict[str, Any]:
     """The generated pipeline config of a local point."""
     detection: dict[str, Any] = {"preset": spec.preset}
-    if spec.mode == "redact-faces":
+    if spec.mode.startswith("redact-faces"):
         detection.update(plates=False, heads=False)
     return {
         "streams": streams if spec.register == "config" else [],
-        "batcher": {"max_batch": 1 if spec.mode == "redact-b1" else spec.max_batch,
+        "batcher": {"max_batch": 1 if spec.mode.endswith("-b1") else spec.max_batch,
                     "max_wait_ms": spec.max_wait_ms},
         "detection": detection,
         "http": {"port": 0},
@@ -207,7 +207,7 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
         server.start()
         url = server.url
     cams = [SyntheticCamera(scenes[sid], url(f"/lt-cam{i}"), spec.bitrate_kbps) for i, sid in enumerate(sids)]
-    judged = {"face"} if spec.mode == "redact-faces" else {"face", "plate"}
+    judged = {"face"} if spec.mode.startswith("redact-faces") else {"face", "plate"}
     readers = [OutputReader(scenes[sid], url(f"/lt-out{i}"), spec.mode != "transcode", judged)
                for i, sid in enumerate(sids)]
     docs = [stream_doc(sid, url(f"/lt-cam{i}"), url(f"/lt-out{i}"), spec.bitrate_kbps)
@@ -243,12 +243,17 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
             r.start()
         deadline = time.monotonic() + spec.start_timeout_s
         for r in readers:
-            if not r.first_frame.wait(max(0.1, deadline - time.monotonic())):
-                tail = "".join(pipeline.tail)[-2000:] if pipeline else ""
-                cam = cams[readers.index(r)].stats.error
-                raise RuntimeError(f"no frame from {r.url} within {spec.start_timeout_s:g} s "
-                                   f"(reader: {r.error}; camera: {cam})\n{tail}")
-        progress(f"all {k} outputs live; warming up {spec.warmup_s:g} s")
+            r.first_frame.wait(max(0.0, deadline - time.monotonic()))
+        not_live = [sid for sid, r in zip(sids, readers, strict=True) if not r.first_frame.is_set()]
+        if len(not_live) == k:  # nothing at all: a broken set-up, not a measurement
+            tail = "".join(pipeline.tail)[-2000:] if pipeline else ""
+            raise RuntimeError(f"no output delivered a frame within {spec.start_timeout_s:g} s "
+                               f"(reader: {readers[0].error}; camera: {cams[0].stats.error})\n{tail}")
+        readyz = None
+        if not_live:  # an overloaded pipeline may never bring some streams up: measured as 0 fps
+            progress(f"outputs never live within {spec.start_timeout_s:g} s: {', '.join(not_live)}")
+            readyz = _readyz(api_base, [s for s in not_live])
+        progress(f"{k - len(not_live)} of {k} outputs live; warming up {spec.warmup_s:g} s")
         threading.Event().wait(spec.warmup_s)  # pacing of the measurement, not synchronisation
         snap_a = probe.scrape(metrics_url)
         pid_cpu_a = probe.proc_cpu_rss(pipeline.proc.pid)[0] if pipeline else None
@@ -324,6 +329,8 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
         "relay_cpu_cores": round((srv_cpu_b - srv_cpu_a) / window_s, 2)
         if srv_cpu_a is not None and srv_cpu_b is not None else None,
         "machine_busy_cores": round((sys_b - sys_a) / window_s, 2),
+        "other_load_cores": round((sys_b - sys_a - self_b + self_a - (pid_cpu_b or 0) + (pid_cpu_a or 0)
+                                   - (srv_cpu_b or 0) + (srv_cpu_a or 0)) / window_s, 2),
         "leaks_judged": sorted(judged) if spec.mode != "transcode" else [],
         "leaks": _leaks(checks) if spec.mode != "transcode" else None,
         "leak_examples": examples,
@@ -331,8 +338,10 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
         if spec.mode not in NO_DETECTION and not spec.api else None,
         "streams": per_stream,
     }
+    point["not_live"] = not_live
+    point["readyz_not_live"] = readyz
     p = point
-    reasons = []
+    reasons = [f"never live: {', '.join(not_live)}"] if not_live else []
     if p["pipeline"]["dropped"] > 0:
         reasons.append(f"{p['pipeline']['dropped']:.0f} dropped")
     if p["pipeline"]["blanked"] + p["blanked_seen"] > 0:
@@ -346,6 +355,26 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
     p["held"] = not reasons
     p["broke_on"] = reasons
     return p
+
+
+def _readyz(base: str, sids: list[str]) -> Any:
+    """What the pipeline says about streams that never delivered (its /readyz), for the report."""
+    try:
+        with urllib.request.urlopen(base.rstrip("/") + "/readyz", timeout=10) as r:
+            doc = json.loads(r.read())
+    except urllib.error.HTTPError as e:  # 503 while not ready still carries the JSON
+        try:
+            doc = json.loads(e.read())
+        except ValueError:
+            return None
+    except (OSError, ValueError):
+        return None
+    streams = doc.get("streams", doc) if isinstance(doc, dict) else doc
+    if isinstance(streams, dict):
+        return {sid: streams.get(sid) for sid in sids}
+    if isinstance(streams, list):
+        return [st for st in streams if isinstance(st, dict) and st.get("id") in sids]
+    return streams
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -79,6 +79,7 @@ def ratios(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         by = {r["mode"]: r for r in runs if r["size"] == size}
         pairs = {"batched_vs_unbatched": ("redact", "redact-b1"),
                  "redact_vs_transcode": ("redact", "transcode"),
-                 "faces_vs_transcode": ("redact-faces", "transcode")}
+                 "faces_vs_transcode": ("redact-faces", "transcode"),
+                 "faces_batched_vs_unbatched": ("redact-faces", "redact-faces-b1")}
         out[size] = {name: r for name, (a, b) in pairs.items() if (r := _ratio(by, a, b)) is not None}
     return out

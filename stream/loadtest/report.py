@@ -46,10 +46,10 @@ def _points(report: dict[str, Any]) -> list[dict[str, Any]]:
 def table(report: dict[str, Any]) -> str:
     """A short Markdown table: one row per point, then the ramp results and ratios."""
     lines = ["| size | mode | K | held | fps min/sent | p50/p99 ms | dropped | blanked | leaks | events | "
-             "pipeline CPU | harness CPU |", "|" + "---|" * 12]
+             "pipeline CPU | harness CPU | other load |", "|" + "---|" * 13]
     for p in _points(report):
         if "latency_ms" not in p:
-            lines.append(f"| {p['size']} | {p['mode']} | {p['k']} | error | | | | | | | | |")
+            lines.append(f"| {p['size']} | {p['mode']} | {p['k']} | error | | | | | | | | | |")
             continue
         ev = p.get("events") or {}
         lines.append(
@@ -58,7 +58,8 @@ def table(report: dict[str, Any]) -> str:
             f"{_fmt(p['latency_ms']['p50'], 0)}/{_fmt(p['latency_ms']['p99'], 0)} | "
             f"{p['pipeline']['dropped']:.0f} | {max(p['pipeline']['blanked'], p['blanked_seen']):.0f} | "
             f"{_leak_rate(p)} | {_fmt(ev.get('completeness'), 2) if ev else '-'} | "
-            f"{_fmt(p['pipeline']['cpu_cores'], 2)} | {_fmt(p['harness_cpu_cores'], 2)} |")
+            f"{_fmt(p['pipeline']['cpu_cores'], 2)} | {_fmt(p['harness_cpu_cores'], 2)} | "
+            f"{_fmt(p.get('other_load_cores'), 2)} |")
     if report.get("runs"):
         lines += ["", "| size | mode | largest K held |", "|---|---|---|"]
         lines += [f"| {r['size']} | {r['mode']} | {r['largest_k_held']} |" for r in report["runs"]]
@@ -210,8 +211,9 @@ def write_html(report: dict[str, Any], path: Path) -> Path:
             parts.append("<table><tr><th>object, height px</th><th>checked</th><th>visible</th></tr>"
                          + rows + "</table>")
         parts.append("</div><pre>" + html.escape(json.dumps(
-            {k: p[k] for k in ("latency_ms", "pipeline", "harness_cpu_cores", "relay_cpu_cores",
-                               "machine_busy_cores", "events", "blanked_seen", "unreadable")}, indent=1))
+            {k: p.get(k) for k in ("latency_ms", "pipeline", "harness_cpu_cores", "relay_cpu_cores",
+                               "machine_busy_cores", "other_load_cores", "events", "blanked_seen",
+                               "unreadable", "leak_examples")}, indent=1))
                      + "</pre>")
     parts.append("</body></html>")
     path.parent.mkdir(parents=True, exist_ok=True)
