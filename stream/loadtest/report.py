@@ -72,7 +72,7 @@ def table(report: dict[str, Any]) -> str:
 
 # -- inline SVG ---------------------------------------------------------------------------------------
 def _axes(w: int, h: int, x0: float, x1: float, y0: float, y1: float, title: str, xl: str, yl: str,
-          pad: int = 46) -> tuple[list[str], Any, Any]:
+          pad: int = 52, xticks: bool = True) -> tuple[list[str], Any, Any]:
     def sx(x: float) -> float:
         return pad + (x - x0) / ((x1 - x0) or 1) * (w - pad - 12)
 
@@ -89,10 +89,11 @@ def _axes(w: int, h: int, x0: float, x1: float, y0: float, y1: float, title: str
          f'{html.escape(yl)}</text>']
     for i in range(5):
         yv = y0 + (y1 - y0) * i / 4
-        e.append(f'<text x="{pad - 4}" y="{sy(yv) + 4}" text-anchor="end">{yv:.3g}</text>')
+        e.append(f'<text x="{pad - 4}" y="{sy(yv) + 4}" text-anchor="end">{yv:.4g}</text>')
         e.append(f'<line x1="{pad}" y1="{sy(yv)}" x2="{w - 12}" y2="{sy(yv)}" stroke="#eee"/>')
         xv = x0 + (x1 - x0) * i / 4
-        e.append(f'<text x="{sx(xv)}" y="{sy(y0) + 14}" text-anchor="middle">{xv:.3g}</text>')
+        if xticks:
+            e.append(f'<text x="{sx(xv)}" y="{sy(y0) + 14}" text-anchor="middle">{xv:.3g}</text>')
     return e, sx, sy
 
 
@@ -122,7 +123,7 @@ def bar_chart(labels: list[str], values: list[float], title: str, yl: str, ref: 
     if not values:
         return ""
     y1 = max(max(values), ref or 0) * 1.15 or 1.0
-    e, sx, sy = _axes(w, h, 0, len(values), 0, y1, title, "", yl)
+    e, sx, sy = _axes(w, h, 0, len(values), 0, y1, title, "", yl, xticks=False)
     bw = (sx(1) - sx(0)) * 0.8
     for i, (lab, v) in enumerate(zip(labels, values, strict=True)):
         e.append(f'<rect x="{sx(i) + bw * 0.1:.1f}" y="{sy(v):.1f}" width="{bw:.1f}" '
