@@ -298,6 +298,9 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
     lat = [lat for r in readers for lat in _latencies(r.frames, t_a, t_b)]
     checks = [o for r in readers for f in r.frames for o in f.objects if o.label in judged]
     examples = _leak_examples(sids, readers, judged, spec.work / tag) if spec.mode != "transcode" else []
+    # what processes other than the pipeline, the harness and the relay used: the machine's share
+    others = (sys_b - sys_a) - (self_b - self_a) - ((pid_cpu_b or 0) - (pid_cpu_a or 0)) \
+        - ((srv_cpu_b or 0) - (srv_cpu_a or 0))
     point: dict[str, Any] = {
         "spec": {k2: (str(v) if isinstance(v, Path) else v) for k2, v in asdict(spec).items()
                  if k2 not in ("token_env",)},
@@ -329,8 +332,7 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
         "relay_cpu_cores": round((srv_cpu_b - srv_cpu_a) / window_s, 2)
         if srv_cpu_a is not None and srv_cpu_b is not None else None,
         "machine_busy_cores": round((sys_b - sys_a) / window_s, 2),
-        "other_load_cores": round((sys_b - sys_a - self_b + self_a - (pid_cpu_b or 0) + (pid_cpu_a or 0)
-                                   - (srv_cpu_b or 0) + (srv_cpu_a or 0)) / window_s, 2),
+        "other_load_cores": round(max(0.0, others) / window_s, 2),
         "leaks_judged": sorted(judged) if spec.mode != "transcode" else [],
         "leaks": _leaks(checks) if spec.mode != "transcode" else None,
         "leak_examples": examples,
