@@ -86,6 +86,9 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     d.add_argument("--media", metavar="rtsp://HOST:PORT",
                    help="a media server both sides reach (e.g. MediaMTX), instead of the built-in "
                         "local relay")
+    d.add_argument("--judge", nargs="+", choices=["face", "plate"],
+                   help="classes the pipeline is set to redact, whose leaks count (default: from the mode; "
+                        "for a remote deployment say what it redacts)")
     d.add_argument("--metrics", metavar="URL", help="the deployment's /metrics (default: API URL + /metrics)")
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, default=Path("loadtest"),
@@ -141,7 +144,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                            latency_bound_ms=args.latency_bound_ms, faces=args.faces, plates=args.plates,
                            register=args.register, api=args.api, token_env=args.token_env, media=args.media,
-                           metrics_url=args.metrics, work=args.work, mode=modes[0])
+                           metrics_url=args.metrics, work=args.work, mode=modes[0],
+                           judge=tuple(args.judge) if args.judge else None)
             if not args.no_calibrate and not args.media:
                 _progress(f"calibrating the harness path at {w}x{h}")
                 cal = calibrate(material, w, h, args.fps, bitrate_kbps=args.bitrate_kbps)

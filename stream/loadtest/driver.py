@@ -74,6 +74,7 @@ class RunSpec:
     media: str | None = None
     metrics_url: str | None = None
     start_timeout_s: float = 90.0
+    judge: tuple[str, ...] | None = None  # classes the pipeline redacts (None: from the mode)
     work: Path = field(default_factory=lambda: Path("/tmp/stream-redact-bench"))
 
     def __post_init__(self) -> None:
@@ -207,7 +208,7 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
         server.start()
         url = server.url
     cams = [SyntheticCamera(scenes[sid], url(f"/lt-cam{i}"), spec.bitrate_kbps) for i, sid in enumerate(sids)]
-    judged = {"face"} if spec.mode.startswith("redact-faces") else {"face", "plate"}
+    judged = set(spec.judge or (("face",) if spec.mode.startswith("redact-faces") else ("face", "plate")))
     readers = [OutputReader(scenes[sid], url(f"/lt-out{i}"), spec.mode != "transcode", judged)
                for i, sid in enumerate(sids)]
     docs = [stream_doc(sid, url(f"/lt-cam{i}"), url(f"/lt-out{i}"), spec.bitrate_kbps)
@@ -332,7 +333,7 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
         "relay_cpu_cores": round((srv_cpu_b - srv_cpu_a) / window_s, 2)
         if srv_cpu_a is not None and srv_cpu_b is not None else None,
         "machine_busy_cores": round((sys_b - sys_a) / window_s, 2),
-        "other_load_cores": round(max(0.0, others) / window_s, 2),
+        "other_load_cores": round(max(0.0, others) / window_s, 2) if pipeline is not None else None,
         "leaks_judged": sorted(judged) if spec.mode != "transcode" else [],
         "leaks": _leaks(checks) if spec.mode != "transcode" else None,
         "leak_examples": examples,
