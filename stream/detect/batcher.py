@@ -125,9 +125,25 @@ class Batcher:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        """Build the first detector here, so a bad model fails the start with its own error."""
-        detector = self.factory()
-        self._worker = _Worker(self.factory, self._worker_ready, "detector-0", detector=detector)
+        """Build the first detector, failing the start with its own error if it cannot load.
+
+        It is built on the worker thread that will run it: GPU libraries keep per-thread state
+        (cuDNN's autotuned kernels among it), so a detector warmed up on one thread and run on
+        another would tune every shape again, for seconds, on its first real frames.
+        """
+        built = threading.Event()
+        outcome: list[BaseException | None] = []
+
+        def first_ready(worker: _Worker, error: BaseException | None) -> None:
+            outcome.append(error)
+            built.set()
+
+        worker = _Worker(self.factory, first_ready, "detector-0")
+        built.wait()
+        if outcome[0] is not None:
+            raise outcome[0]
+        worker._on_ready = self._worker_ready  # later rebuilds report as usual
+        self._worker = worker
         self.metrics.detector_up.set(1)
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
         self._thread.start()
