@@ -162,3 +162,28 @@ def test_stop_leaves_no_job_waiting() -> None:
     queues[0].put(waiting)
     b.stop()
     wait_for(lambda: waiting.done, timeout=5, what="the waiting job to be resolved by stop()")
+
+
+def test_a_frame_after_a_gap_runs_every_model() -> None:
+    """After dropped frames, every-n-th-frame detectors must not leave objects to stale boxes."""
+    seen: list[list[int | None]] = []
+
+    class Recording(NoFaces):
+        def __call__(self, images, seqs=None):  # noqa: ANN001, ANN202
+            seen.append(list(seqs))
+            return super().__call__(images, seqs)
+
+    b, _, queues = make(Recording, max_batch=1, max_wait_s=0.0)
+    try:
+        now = time.monotonic()
+        for seq in (5, 6, 7, 10, 11):
+            j = Job(Frame("s0", seq, np.zeros((8, 8, 3), np.uint8), now, time.time()), deadline=now + 5)
+            queues[0].put(j)
+            wait_for(lambda j=j: j.done, what=f"frame {seq}")
+        flat = [s for call in seen for s in call]
+        assert flat[0] is None, "a stream's first frame runs every model"
+        assert flat[1] is not None and flat[2] is not None and flat[2] - flat[1] == 1
+        assert flat[3] is None, "10 after 7: frames were dropped, every model runs"
+        assert flat[4] is not None
+    finally:
+        b.stop()

@@ -22,9 +22,9 @@ class Spy:
         self.inner = inner
         self.calls: list[list[np.ndarray]] = []
 
-    def __call__(self, images: list[np.ndarray]) -> list[Detections]:
+    def __call__(self, images: list[np.ndarray], frames: object = None) -> list[Detections]:
         self.calls.append(list(images))
-        return self.inner(images)
+        return self.inner(images, frames)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,9 @@ def plate_frames(chelsea: np.ndarray, n: int) -> list[np.ndarray]:
         ([9, 10, 11, 12], [True, False, False, True]),
         ([1, 2], [False, False]),
         (None, [True, True, True, True]),  # no frame numbers: every model runs on every frame
+        ([1, None, 2], [False, True, False]),  # None: the frame after a gap, every model runs
     ],
-    ids=["0-3", "4-7", "9-12", "1-2-none-due", "no-seqs"],
+    ids=["0-3", "4-7", "9-12", "1-2-none-due", "no-seqs", "after-a-gap"],
 )
 def test_plate_model_runs_only_on_every_third_frame(every3: FrameDetector, spy: Spy, chelsea: np.ndarray,
                                                     seqs: Sequence[int] | None, due: list[bool]) -> None:

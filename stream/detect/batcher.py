@@ -25,7 +25,7 @@ from stream.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-Detect = Callable[[list[np.ndarray], Sequence[int] | None], list[Detections]]
+Detect = Callable[[list[np.ndarray], Sequence[int | None] | None], list[Detections]]
 DetectorFactory = Callable[[], Detect]
 
 MAX_ABANDONED = 4
@@ -122,6 +122,7 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self.batches = 0
         self._transfers = (0, 0)
+        self._last_seq: dict[str, int] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -176,6 +177,7 @@ class Batcher:
     def detach(self, stream_id: str) -> None:
         with self.cond:
             q = self._queues.pop(stream_id, None)
+            self._last_seq.pop(stream_id, None)
         if q is not None:
             for job in q.drain():
                 job.resolve(failure=Failure.DETECTOR_UNAVAILABLE)
@@ -236,7 +238,7 @@ class Batcher:
             self._maybe_rebuild()
             self._fail(live, Failure.DETECTOR_UNAVAILABLE, None)
             return
-        call = _Call([j.frame.image for j in live], [j.frame.seq + phase(j.frame.stream_id) for j in live])
+        call = _Call([j.frame.image for j in live], [self._schedule_seq(j) for j in live])
         t0 = time.perf_counter()
         worker.submit(call)
         if not call.done.wait(self.hang_timeout_s):
@@ -275,6 +277,21 @@ class Batcher:
         if d2h > last_d2h:
             self.metrics.transfer_bytes.labels("d2h").inc(d2h - last_d2h)
         self._transfers = (max(h2d, last_h2d), max(d2h, last_d2h))
+
+    def _schedule_seq(self, job: Job) -> int | None:
+        """The number the every-n-th-frame schedules see for this frame; None: run every model.
+
+        Right after a gap (frames dropped under load, or a stream's first frame) a detector that
+        runs on every 3rd frame could last have run seconds ago, and the tracker would carry its
+        boxes far from where plates now are. Such a frame runs every model: under overload the
+        stage gets slower and drops more frames, but never leaves an object to a stale box.
+        """
+        f = job.frame
+        last = self._last_seq.get(f.stream_id)
+        self._last_seq[f.stream_id] = f.seq
+        if last is None or f.seq - last != 1:
+            return None
+        return f.seq + phase(f.stream_id)
 
     def _fail(self, jobs: list[Job], why: Failure, detail: str | None) -> None:
         for job in jobs:

@@ -139,28 +139,31 @@ class FrameDetector:
         found = [m for m, _ in self.face_models] + [self.plate_model, self.person_model]
         return [m for m in found if m is not None]
 
-    def __call__(self, images: list[np.ndarray], seqs: Sequence[int] | None = None) -> list[Detections]:
+    def __call__(self, images: list[np.ndarray],
+                 seqs: Sequence[int | None] | None = None) -> list[Detections]:
         return self.detect(images, seqs)
 
     @staticmethod
     def _scheduled(model: OnnxDetector | None, mcfg: ModelConfig | None, images: list[np.ndarray],
-                   seqs: Sequence[int] | None,
+                   seqs: Sequence[int | None] | None,
                    frames: DeviceFrames | None = None) -> tuple[list[Detections], list[bool]]:
         """Run ``model`` on the frames it is due on; the flags say which frames it looked at."""
         n = len(images)
         if model is None or mcfg is None:
             return [Detections()] * n, [False] * n
         every = max(1, mcfg.every)
-        due = [True] * n if seqs is None or every == 1 else [s % every == 0 for s in seqs]
+        # a None seq (after a gap in the stream) runs every model: see Batcher._schedule_seq
+        due = [True] * n if seqs is None or every == 1 else [s is None or s % every == 0 for s in seqs]
         picked = [i for i in range(n) if due[i]]
         sub = frames.subset(picked) if frames is not None and model.on_gpu else None
-        found = model([images[i] for i in picked], sub) if picked else []
+        chosen = [images[i] for i in picked]
+        found = (model(chosen, sub) if sub is not None else model(chosen)) if picked else []
         out = [Detections()] * n
         for i, d in zip(picked, found, strict=True):
             out[i] = d
         return out, due
 
-    def detect(self, images: list[np.ndarray], seqs: Sequence[int] | None = None) -> list[Detections]:
+    def detect(self, images: list[np.ndarray], seqs: Sequence[int | None] | None = None) -> list[Detections]:
         """Detections per frame; ``seqs`` (per-stream frame numbers) drive the ``every`` schedule."""
         frames = DeviceFrames(images, self.device) if self.upload and images else None
         face_runs = [self._scheduled(m, c, images, seqs, frames) for m, c in self.face_models]

@@ -103,7 +103,9 @@ class RtspSource(Source):
                 raise SourceError("not_video", f"{mask_url(cfg.url)}: the stream has no video track; "
                                                "point the URL at a camera's video stream")
             vs = container.streams.video[0]
-            vs.thread_type = "AUTO"
+            # frame threading holds frames back (a camera measured p50 195 ms with AUTO against 89 ms
+            # with SLICE through the load test): a live source wants each frame as soon as it is whole
+            vs.thread_type = "SLICE"
             announced = False
             bad = 0
             for packet in container.demux(vs):
