@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     from stream.events.tail import add_events_parser
 
     add_events_parser(sub, _Parser)
+    from stream.loadtest.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

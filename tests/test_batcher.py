@@ -169,7 +169,7 @@ def test_a_frame_after_a_gap_runs_every_model() -> None:
     seen: list[list[int | None]] = []
 
     class Recording(NoFaces):
-        def __call__(self, images, seqs=None):  # noqa: ANN001, ANN202
+        def __call__(self, images, seqs=None):
             seen.append(list(seqs))
             return super().__call__(images, seqs)
 
