@@ -101,6 +101,7 @@ class StreamRunner:
         self.blanked = 0
         self.last_frame_at: float | None = None
         self._tracked_size: tuple[int, int] | None = None
+        self._tracked_seq: int | None = None
         self._latency_ms: float | None = None
         self._newest_track = 0
         self.recent: deque[dict[str, Any]] = deque(maxlen=8)
@@ -252,7 +253,7 @@ class StreamRunner:
             return  # counted where it was dropped; nothing is published
         frame = job.frame
         if job.detections is None:
-            self.tracker.update(NOT_OBSERVED)
+            self.tracker.update(NOT_OBSERVED, self._elapsed(frame))
             self._fail_closed(job, job.failure or Failure.DEADLINE)
             return
         self._end_incident()
@@ -260,7 +261,7 @@ class StreamRunner:
             # boxes of another resolution mean nothing here: start tracking afresh
             self.tracker = Tracker(self.tracker.config)
             self._tracked_size = frame.size
-        tracked = self.tracker.update(job.detections)
+        tracked = self.tracker.update(job.detections, self._elapsed(frame))
         # painted in place: no copy on the hot path, and no unredacted copy left for any hook to see
         image = frame.image
         regions = self.redactor.apply(image, tracked)
@@ -269,6 +270,11 @@ class StreamRunner:
         self._note_new_tracks(frame, tracked)
         self._publish(frame, image, tracked)
         self._notify("frame", frame, tracked, None)
+
+    def _elapsed(self, frame: Frame) -> int:
+        """Source frames since the last tracked one: dropped frames still moved the objects."""
+        last, self._tracked_seq = self._tracked_seq, frame.seq
+        return frame.seq - last if last is not None and frame.seq > last else 1
 
     def _note_new_tracks(self, frame: Frame, tracked: Detections) -> None:
         if tracked.track_ids is None:

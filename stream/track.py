@@ -40,17 +40,24 @@ class Track:
     last_detected: np.ndarray | None = None
     missed: int = 0
     since: int = 0
+    """updates since the last detection"""
+    coast_frames: int = 0
+    """source frames since the last detection (more than ``since`` when frames were dropped)"""
     hits: int = 1
     frames: int = 1
     best_score: float = 0.0
     best_box: np.ndarray | None = None
 
-    def shown(self, growth: float) -> np.ndarray:
-        """The box to mask: as detected, or grown about its centre while coasting."""
+    def shown(self, growth: float, max_frames: int = 48) -> np.ndarray:
+        """The box to mask: as detected, or grown about its centre while coasting.
+
+        Growth follows the source frames that passed (capped), not the updates: under overload an
+        update can come a second after the previous one, and the object has moved that far.
+        """
         if not self.since:
             return self.box
         c = (self.box[:2] + self.box[2:]) / 2
-        half = (self.box[2:] - self.box[:2]) / 2 * (1 + growth * self.since)
+        half = (self.box[2:] - self.box[:2]) / 2 * (1 + growth * min(self.coast_frames, max_frames))
         return np.concatenate([c - half, c + half]).astype(np.float32)
 
 
@@ -63,13 +70,19 @@ class Tracker:
         self.ended: list[Track] = []
         self._next_id = 1
 
-    def update(self, dets: Detections) -> Detections:
-        """Match ``dets`` to the live tracks; return detected plus coasted boxes for this frame."""
+    def update(self, dets: Detections, elapsed: int = 1) -> Detections:
+        """Match ``dets`` to the live tracks; return detected plus coasted boxes for this frame.
+
+        ``elapsed`` is the number of source frames since the previous update (more than 1 when
+        frames were dropped): tracks are predicted, and coasting boxes grown, that many frames on.
+        """
         cfg = self.config
         self.ended = []
+        elapsed = max(1, int(elapsed))
         for t in self.tracks:  # predict every track to this frame
-            t.box = (t.box + t.velocity).astype(np.float32)
-            t.frames += 1
+            t.box = (t.box + t.velocity * elapsed).astype(np.float32)
+            t.frames += elapsed
+            t.coast_frames += elapsed
         matched_t: set[int] = set()
         matched_d: set[int] = set()
         for label in sorted(set(dets.labels)):
@@ -117,14 +130,16 @@ class Tracker:
     def _refresh(self, t: Track, box: np.ndarray, score: float) -> None:
         a = self.config.velocity_smoothing
         if t.last_detected is not None:
-            step = (box - t.last_detected) / (t.since + 1)
-            t.velocity = (a * step + (1 - a) * t.velocity).astype(np.float32)
+            step = (box - t.last_detected) / max(1, t.coast_frames)  # per source frame
+            # the first step is the only estimate there is; smoothing it with zero would halve it
+            t.velocity = (step if t.hits == 1 else a * step + (1 - a) * t.velocity).astype(np.float32)
         t.box = t.last_detected = box.astype(np.float32)
         t.score = score
         if score > t.best_score:
             t.best_score, t.best_box = score, t.box
         t.missed = 0
         t.since = 0
+        t.coast_frames = 0
         t.hits += 1
 
     def current(self) -> Detections:

@@ -176,14 +176,14 @@ def test_a_frame_after_a_gap_runs_every_model() -> None:
     b, _, queues = make(Recording, max_batch=1, max_wait_s=0.0)
     try:
         now = time.monotonic()
-        for seq in (5, 6, 7, 10, 11):
+        for seq in [*range(5, 16), 30, 31]:
             j = Job(Frame("s0", seq, np.zeros((8, 8, 3), np.uint8), now, time.time()), deadline=now + 5)
             queues[0].put(j)
             wait_for(lambda j=j: j.done, what=f"frame {seq}")
         flat = [s for call in seen for s in call]
-        assert flat[0] is None, "a stream's first frame runs every model"
-        assert flat[1] is not None and flat[2] is not None and flat[2] - flat[1] == 1
-        assert flat[3] is None, "10 after 7: frames were dropped, every model runs"
-        assert flat[4] is not None
+        assert flat[:9] == [None] * 9, "the first frame (5) and the 8 after it run every model"
+        assert flat[9] is not None and flat[10] is not None and flat[10] - flat[9] == 1, \
+            "14 and 15: the schedule again once the stream runs without gaps"
+        assert flat[11:] == [None, None], "30 after 15: frames were dropped, every model runs"
     finally:
         b.stop()

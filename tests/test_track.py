@@ -231,3 +231,18 @@ def test_observed_is_per_label() -> None:
     out = t.update(observed(seen=FACES_ONLY))
     assert out.labels == ("plate",) and out.track_ids.tolist() == [ids["plate"]]
     assert [tr.track_id for tr in t.ended] == [ids["face"]]
+
+
+@pytest.mark.parametrize("speed", [4, 8, -6])
+def test_dropped_frames_move_and_grow_the_coasted_box_by_the_frames_that_passed(speed: float) -> None:
+    """Under overload the next update comes many source frames later: the object kept moving."""
+    t = Tracker(TrackerConfig(max_coast=12))
+    naive = Tracker(TrackerConfig(max_coast=12))  # the same updates, told nothing of the gap
+    for f in range(5):  # detected on consecutive frames
+        t.update(dets(moving(f, speed)))
+        naive.update(dets(moving(f, speed)))
+    out = t.update(Detections(), elapsed=8)  # frames 5-11 dropped, missed on frame 12
+    truth = moving(12, speed)
+    assert contains(out.boxes[0], truth), f"{out.boxes[0].round(1)} misses {truth}"
+    stale = naive.update(Detections()).boxes[0]
+    assert not contains(stale, truth), "told nothing of the gap, the box lags behind the object"

@@ -32,6 +32,10 @@ MAX_ABANDONED = 4
 """hung workers kept waiting for their detector to return; beyond this, no new detector is built"""
 
 
+AFTER_GAP = 8
+"""frames after a gap in a stream on which every model runs, whatever its schedule"""
+
+
 def phase(stream_id: str) -> int:
     """A stable per-stream offset for the every-n-th-frame schedules.
 
@@ -123,6 +127,7 @@ class Batcher:
         self.batches = 0
         self._transfers = (0, 0)
         self._last_seq: dict[str, int] = {}
+        self._all_until: dict[str, int] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -178,6 +183,7 @@ class Batcher:
         with self.cond:
             q = self._queues.pop(stream_id, None)
             self._last_seq.pop(stream_id, None)
+            self._all_until.pop(stream_id, None)
         if q is not None:
             for job in q.drain():
                 job.resolve(failure=Failure.DETECTOR_UNAVAILABLE)
@@ -290,6 +296,10 @@ class Batcher:
         last = self._last_seq.get(f.stream_id)
         self._last_seq[f.stream_id] = f.seq
         if last is None or f.seq - last != 1:
+            # and for the next few frames: under steady overload gaps come every other frame
+            self._all_until[f.stream_id] = f.seq + AFTER_GAP
+            return None
+        if f.seq <= self._all_until.get(f.stream_id, -1):
             return None
         return f.seq + phase(f.stream_id)
 
