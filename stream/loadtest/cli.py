@@ -20,6 +20,7 @@ from typing import Any
 from stream.loadtest.driver import MODES, RunSpec, calibrate, run_point
 from stream.loadtest.ramp import ramp, ratios
 from stream.loadtest.report import table, write_html, write_json
+from stream.urls import mask_url
 
 PUBLIC_MODES = tuple(m for m in MODES if m != "no-redact")
 TEST_SWITCH = "--no-redact-test-only"
@@ -45,6 +46,30 @@ def _ks(text: str) -> list[int]:
     return ks
 
 
+def _bounded(kind: type, lo: float, hi: float, what: str) -> Any:
+    """An argparse type: a number of ``kind`` within [lo, hi], with an error that says so."""
+    def parse(text: str) -> Any:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {what}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{text!r}: {what} must be between {lo:g} and {hi:g}")
+        return v
+    return parse
+
+
+def _url(*schemes: str) -> Any:
+    def parse(text: str) -> str:
+        scheme, sep, rest = text.partition("://")
+        if not sep or scheme.lower() not in schemes or not rest.strip("/"):
+            raise argparse.ArgumentTypeError(
+                f"{mask_url(text)!r} is not a {' or '.join(schemes)} URL; write "
+                f"{schemes[0]}://host:port")
+        return text
+    return parse
+
+
 def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `bench` on the CLI's subparsers and return its parser."""
     p = subparsers.add_parser(
@@ -52,7 +77,8 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=__doc__.split("\n")[0] + " Synthetic RTSP cameras with stamped frames and known faces "
         "and plates go through a pipeline; the outputs are read back and checked frame by frame.")
     g = p.add_argument_group("load")
-    g.add_argument("--streams", type=int, default=2, help="synthetic cameras for a single run (default 2)")
+    g.add_argument("--streams", type=_bounded(int, 1, 255, "a stream count"), default=2,
+                   help="synthetic cameras for a single run (default 2)")
     g.add_argument("--ramp", type=_ks, metavar="K1,K2,...",
                    help="sweep these stream counts per mode, stopping a mode at its first failure")
     g.add_argument("--modes", nargs="+", choices=PUBLIC_MODES, default=None,
@@ -61,35 +87,43 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "transcode (no detection: the ceiling). Default: redact; with --ramp all five")
     g.add_argument("--size", type=_size, nargs="+", default=[(640, 360)], metavar="WxH",
                    help="camera resolution(s) (default 640x360)")
-    g.add_argument("--fps", type=float, default=25.0)
-    g.add_argument("--bitrate-kbps", type=int, default=1500, help="camera and output bitrate")
-    g.add_argument("--faces", type=int, default=2, help="faces per camera (default 2)")
-    g.add_argument("--plates", type=int, default=1, help="plates per camera (default 1)")
-    g.add_argument("--overload", type=int, metavar="K",
+    g.add_argument("--fps", type=_bounded(float, 1, 120, "frames per second"), default=25.0)
+    g.add_argument("--bitrate-kbps", type=_bounded(int, 50, 100_000, "a bitrate in kbps"), default=1500,
+                   help="camera and output bitrate")
+    g.add_argument("--faces", type=_bounded(int, 0, 8, "faces per camera"), default=2,
+                   help="faces per camera (default 2)")
+    g.add_argument("--plates", type=_bounded(int, 0, 8, "plates per camera"), default=1,
+                   help="plates per camera (default 1)")
+    g.add_argument("--overload", type=_bounded(int, 1, 255, "a stream count"), metavar="K",
                    help="also run K streams in the first mode, far beyond capacity: leaks must stay 0")
     t = p.add_argument_group("timing and targets")
-    t.add_argument("--duration", type=float, default=10.0, help="measured seconds per point (default 10)")
-    t.add_argument("--warmup", type=float, default=3.0, help="seconds after all outputs are live (default 3)")
-    t.add_argument("--latency-bound-ms", type=float, default=200.0, help="p99 target (default 200)")
+    t.add_argument("--duration", type=_bounded(float, 1, 3600, "seconds"), default=10.0,
+                   help="measured seconds per point (default 10)")
+    t.add_argument("--warmup", type=_bounded(float, 0, 600, "seconds"), default=3.0,
+                   help="seconds after all outputs are live (default 3)")
+    t.add_argument("--latency-bound-ms", type=_bounded(float, 1, 60_000, "milliseconds"), default=200.0,
+                   help="p99 target (default 200)")
     t.add_argument("--no-calibrate", action="store_true",
                    help="skip measuring the harness's own latency floor")
     d = p.add_argument_group("pipeline")
     d.add_argument("--preset", choices=["fast", "accurate"], default="fast")
-    d.add_argument("--max-batch", type=int, default=8)
-    d.add_argument("--max-wait-ms", type=float, default=10.0)
+    d.add_argument("--max-batch", type=_bounded(int, 1, 256, "a batch size"), default=8)
+    d.add_argument("--max-wait-ms", type=_bounded(float, 0, 1000, "milliseconds"), default=10.0)
     d.add_argument("--register", choices=["config", "api"], default="config",
                    help="local pipeline: streams in its config file, or added through its control API")
-    d.add_argument("--api", metavar="URL", help="a running deployment's base URL (http://host:9108): "
+    d.add_argument("--api", metavar="URL", type=_url("http", "https"),
+                   help="a running deployment's base URL (http://host:9108): "
                    "streams are added through POST /api/streams and removed afterwards")
     d.add_argument("--token-env", metavar="VAR", default="STREAM_REDACT_TOKEN",
                    help="environment variable holding the API token (never printed)")
-    d.add_argument("--media", metavar="rtsp://HOST:PORT",
+    d.add_argument("--media", metavar="rtsp://HOST:PORT", type=_url("rtsp"),
                    help="a media server both sides reach (e.g. MediaMTX), instead of the built-in "
                         "local relay")
     d.add_argument("--judge", nargs="+", choices=["face", "plate"],
                    help="classes the pipeline is set to redact, whose leaks count (default: from the mode; "
                         "for a remote deployment say what it redacts)")
-    d.add_argument("--metrics", metavar="URL", help="the deployment's /metrics (default: API URL + /metrics)")
+    d.add_argument("--metrics", metavar="URL", type=_url("http", "https"),
+                   help="the deployment's /metrics (default: API URL + /metrics)")
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, default=Path("loadtest"),
                    help="report path without suffix: writes OUT.json and OUT.html (default ./loadtest)")
