@@ -34,6 +34,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from stream.loadtest.probe import bucket_quantile  # noqa: E402
 from stream.sim.server import RtspServer, transcode_clip  # noqa: E402
 
 SAMPLE = ROOT / ".samples" / "talking-face"
@@ -77,17 +78,7 @@ def total(snap: dict, name: str, **want: str) -> float:
 
 def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
     """Upper-bound estimate from cumulative (le, count) pairs, interpolated inside the bucket."""
-    if not buckets or buckets[-1][1] <= 0:
-        return None
-    target = q * buckets[-1][1]
-    prev_le, prev_c = 0.0, 0.0
-    for le, c in buckets:
-        if c >= target:
-            if le == float("inf"):
-                return prev_le
-            return prev_le + (le - prev_le) * ((target - prev_c) / (c - prev_c) if c > prev_c else 1)
-        prev_le, prev_c = le, c
-    return None
+    return bucket_quantile(buckets, q)
 
 
 def latency_buckets(a: dict, b: dict, stream: str | None = None) -> list[tuple[float, float]]:

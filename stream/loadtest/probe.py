@@ -50,7 +50,11 @@ def histogram_quantile(a: Snapshot, b: Snapshot, name: str, q: float) -> float |
         if n == name + "_bucket":
             le = float(dict(labels)["le"])
             acc[le] = acc.get(le, 0.0) + v - a.get((n, labels), 0.0)
-    buckets = sorted(acc.items())
+    return bucket_quantile(sorted(acc.items()), q)
+
+
+def bucket_quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """Quantile from cumulative (le, count) pairs, interpolated inside its bucket."""
     if not buckets or buckets[-1][1] <= 0:
         return None
     target = q * buckets[-1][1]
