@@ -184,7 +184,6 @@ class TorchBackend(Backend):
         if self.on_gpu:
             torch.backends.cudnn.benchmark = True  # fixed bucket shapes: pick the fastest kernels once
             module = module.to(memory_format=torch.channels_last)
-        self.module = module
         self._float = module
         if self.fp16:
             self._half = copy.deepcopy(module).half()

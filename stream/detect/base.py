@@ -150,7 +150,7 @@ class OnnxDetector(ABC):
         n = len(images)
         if frames is not None:
             x, places = frames.letterbox(self.input_size, pad=self.pad_value, min_side=self.min_input,
-                                         rgb=self.rgb, unit=self.unit, fp16=False, pad_to=bucket)
+                                         rgb=self.rgb, unit=self.unit, pad_to=bucket)
             canvas = tuple(x.shape[2:4])
         else:
             batch, places = letterbox_batch(images, self.input_size, pad=self.pad_value,

@@ -148,7 +148,6 @@ class Batcher:
         built.wait()
         if outcome[0] is not None:
             raise outcome[0]
-        worker._on_ready = self._worker_ready  # later rebuilds report as usual
         self._worker = worker
         self.metrics.detector_up.set(1)
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)

@@ -47,9 +47,10 @@ class DeviceFrames:
         return len(self.tensors)
 
     def letterbox(self, long_side: int, *, stride: int = 32, pad: int = 0, min_side: int | None = None,
-                  rgb: bool = False, unit: bool = False, fp16: bool = False,
+                  rgb: bool = False, unit: bool = False,
                   pad_to: int | None = None) -> tuple[Any, list[Placement]]:
-        """NCHW model input on the device (float16/32), frames top-left on a ``pad`` canvas.
+        """NCHW float32 model input on the device, frames top-left on a ``pad`` canvas (the
+        backend casts to half precision where it runs in it).
 
         Frames of the same size are resized together in one call. ``pad_to`` appends padding
         frames up to a batch bucket.
@@ -59,7 +60,7 @@ class DeviceFrames:
 
         sizes, (ch, cw) = layout(list(self.shapes), long_side, stride, True, min_side)
         n = max(len(self), pad_to or 0)
-        dtype = torch.float16 if fp16 else torch.float32
+        dtype = torch.float32
         scale = 1 / 255 if unit else 1.0
         canvas = torch.full((n, 3, ch, cw), pad * scale, dtype=dtype, device=self.device)
         groups: dict[tuple, list[int]] = {}
