@@ -102,12 +102,12 @@ async def add_stream(request: web.Request) -> web.Response:
     if cfg.source.type == "file" and not request.app[ALLOW_FILES]:
         return error(403, "file sources cannot be added through the API (api.allow_file_sources is off); "
                           "add an rtsp source, or the file in the config")
-    shard = sharding.current()
+    p = request.app[PIPE]
+    shard = p.shard
     if shard is not None and not shard.owns(cfg.id):  # every stream runs on exactly one worker
         return error(421, f"stream {cfg.id!r} belongs to {shard.owner_name(cfg.id)}, not to this worker "
                           f"(shard {shard.index} of {shard.count}); add it there",
                      shard=sharding.owner(cfg.id, shard.count), shard_count=shard.count)
-    p = request.app[PIPE]
     if cfg.id in p.streams:
         return error(409, f"stream {cfg.id!r} already exists; DELETE /api/streams/{cfg.id} first or use "
                           "another id")

@@ -211,10 +211,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         logging.getLogger("stream").setLevel(logging.INFO)
     if shard is not None:
         print(f"stream-redact: {taken}", file=sys.stderr, flush=True)
-        sharding.set_current(shard)
     from stream.service import serve
 
-    return asyncio.run(serve(config, insecure_no_auth=args.insecure_no_auth))
+    return asyncio.run(serve(config, insecure_no_auth=args.insecure_no_auth, shard=shard))
 
 
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:

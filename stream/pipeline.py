@@ -33,6 +33,7 @@ from stream.publish.encoder import EncoderOutput
 from stream.publish.file import FileOutput
 from stream.publish.rtsp import RtspOutput
 from stream.redact import Redactor
+from stream.shard import Shard
 from stream.sources.base import PushedSource, Source
 from stream.sources.file import FileSource
 from stream.sources.rtsp import RtspSource
@@ -354,6 +355,8 @@ class Pipeline:
         self._lock = threading.Lock()
         self.started = False
         self.gpu_monitor: GpuMonitor | None = None
+        self.shard: Shard | None = None
+        """this worker's shard (`run --shard-index`): the API refuses streams other workers own"""
 
     def start(self) -> None:
         self.batcher.start()

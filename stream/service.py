@@ -21,13 +21,15 @@ from stream.events.sinks import start_events
 from stream.http import start_http
 from stream.pipeline import Pipeline
 from stream.rtc import RtcGateway
+from stream.shard import Shard
 
 log = logging.getLogger(__name__)
 
 
 async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None = None,
                 stop: asyncio.Event | None = None, stop_timeout: float = 5.0,
-                insecure_no_auth: bool = False, on_listen: Callable[[int], None] | None = None) -> int:
+                insecure_no_auth: bool = False, on_listen: Callable[[int], None] | None = None,
+                shard: Shard | None = None) -> int:
     """Run until ``stop`` is set, a signal arrives, or every source has ended; 0 on a clean stop."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
@@ -37,6 +39,7 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
             loop.add_signal_handler(sig, stop.set)
     tokens = load_tokens(config.auth.tokens_env, config.auth.tokens_file, insecure_no_auth)
     pipeline = Pipeline(config, detector_factory)
+    pipeline.shard = shard
     events = start_events(config, pipeline.metrics)  # before start: the first frames have events too
     if events is not None:
         pipeline.observers.append(events)

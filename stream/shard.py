@@ -118,20 +118,6 @@ def resolve(index: str | None, count: str | int | None, environ: dict[str, str] 
     return Shard(i, n, prefix)
 
 
-# The shard of this worker process, set once by `stream-redact run` before it serves: the control
-# API refuses to add a stream that another worker owns. A process-wide value because a worker is
-# one process; None (the default) means unsharded and the API accepts every stream.
-_current: Shard | None = None
-
-
-def set_current(shard: Shard | None) -> None:
-    global _current
-    _current = shard
-
-
-def current() -> Shard | None:
-    return _current
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m stream.shard",

@@ -20,7 +20,6 @@ from helpers import CLI, ROOT, make_clip
 from live_helpers import NoFaces, wait_for
 from test_api import Server, call
 
-from stream import shard as sharding
 from stream.auth import Tokens
 from stream.config import parse_config
 from stream.errors import UserError
@@ -160,8 +159,8 @@ def test_api_refuses_a_stream_another_worker_owns(clip: Path) -> None:
     cfg = parse_config({"streams": [], "api": {"allow_file_sources": True}})
     pipeline = Pipeline(cfg, NoFaces)
     pipeline.start()
+    pipeline.shard = Shard(0, 3, "stream-redact")
     server = Server(pipeline, Tokens((TOKEN.encode(),)), allow_files=True)
-    sharding.set_current(Shard(0, 3, "stream-redact"))
     try:
         body = {"id": "lobby", "source": {"type": "file", "path": str(clip), "loop": True}}
         status, doc, _ = call("POST", f"{server.base}/api/streams", body, token=TOKEN)
@@ -174,7 +173,6 @@ def test_api_refuses_a_stream_another_worker_owns(clip: Path) -> None:
         assert status == 201, doc
         assert "car-park" in pipeline.streams
     finally:
-        sharding.set_current(None)
         server.close()
         pipeline.stop()
 
