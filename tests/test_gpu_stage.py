@@ -296,6 +296,27 @@ def test_nvdec_falls_back_to_cpu_decoding_with_one_warning(caplog: pytest.LogCap
         open_video("/no/such/clip.mp4", "nvdec", "nvdec-cam")
 
 
+def test_nvdec_fallback_warning_never_shows_camera_credentials(monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    from stream.sources import decode
+
+    url = "rtsp://admin:s3cretpass@192.0.2.7:554/live"
+    opened = []
+
+    def fake_open(target: str, **kw: object) -> str:
+        if "hwaccel" in kw:  # FFmpeg quotes the URL in its errors
+            raise OSError(f"[Errno 1] Operation not permitted: '{target}'")
+        opened.append(target)
+        return "container"
+
+    monkeypatch.setattr(decode, "hwdevices_available", lambda: ["cuda"])
+    monkeypatch.setattr(decode.av, "open", fake_open)
+    with caplog.at_level(logging.WARNING):
+        assert decode.open_video(url, "nvdec", "cred-cam") == ("container", "cpu")
+    assert opened == [url] and "decoding on the CPU" in caplog.text
+    assert "s3cretpass" not in caplog.text
+
+
 # -- device preprocessing and the torch backend (where torch is installed) ------------------------
 @pytest.mark.skipif(not HAS_TORCH, reason="torch and onnx2torch are not installed")
 def test_device_letterbox_matches_the_host_path() -> None:

@@ -13,6 +13,8 @@ from typing import Any
 import av
 from av.codec.hwaccel import HWAccel, hwdevices_available
 
+from stream.urls import mask_text
+
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
 
@@ -41,5 +43,5 @@ def open_video(url: str, decode: str, stream_id: str, device_id: int = 0,
                        **kwargs), "nvdec"
     except (av.error.FFmpegError, OSError) as e:
         container = av.open(url, **kwargs)  # a network or file error is raised here, as without nvdec
-        _warn(stream_id, f"nvdec unavailable ({e})")
+        _warn(stream_id, f"nvdec unavailable ({mask_text(str(e), url)})")  # FFmpeg errors quote the URL
         return container, "cpu"
