@@ -246,7 +246,7 @@ def phase_drain(broker: Broker, n: int, spool: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     for e in events:
         sink.submit(e)
-    wait(lambda: sink.spool.next_seq > n, 120, "every event to be spooled")
+    wait(lambda: sink.spool.written_seq > n, 120, "every event to be spooled")
     spool_s = time.perf_counter() - t0
     spooled_bytes = sink.spool.bytes
     broker.start()

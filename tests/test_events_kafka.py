@@ -331,7 +331,7 @@ for i in range(int(sys.argv[2])):
     ids.append(e["id"])
     sink.submit(e)
 deadline = time.monotonic() + 30
-while sink.spool.next_seq <= len(ids) and time.monotonic() < deadline:
+while sink.spool.written_seq <= len(ids) and time.monotonic() < deadline:
     time.sleep(0.01)
 print(json.dumps(ids), flush=True)
 time.sleep(120)  # killed here, with every event accepted and none delivered

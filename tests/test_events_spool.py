@@ -42,6 +42,24 @@ def test_records_come_back_in_order_with_keys_and_sequence_numbers(tmp_path: Pat
         assert sp.pending == 6
 
 
+def test_written_seq_moves_only_once_the_records_are_in_the_file(tmp_path: Path) -> None:
+    """What another thread may call accepted: ``next_seq`` runs ahead while ``append`` is writing."""
+    with open_spool(tmp_path) as sp:
+        seen: list[tuple[int, int, int]] = []
+
+        def watch(payload: bytes, seq: int) -> bytes:
+            size = sum(p.stat().st_size for p in tmp_path.glob("*" + SUFFIX))
+            seen.append((sp.next_seq, sp.written_seq, size))
+            return enc(payload, seq)
+
+        sp.append([("cam1", "track", 1.0, b"%d" % n) for n in range(3)], watch)
+        assert [s[0] for s in seen] == [1, 2, 3]  # numbering advanced record by record ...
+        assert all(w == 1 and size == 0 for _, w, size in seen)  # ... while nothing was in the file
+        assert sp.written_seq == sp.next_seq == 4
+    with open_spool(tmp_path) as sp:
+        assert sp.written_seq == 4
+
+
 def test_unacknowledged_records_are_read_again_after_a_restart(tmp_path: Path) -> None:
     with open_spool(tmp_path) as sp:
         put(sp, *range(10))

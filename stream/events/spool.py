@@ -147,6 +147,10 @@ class Spool:
         self.next_seq = max(cseq, 1)
         if segs:
             self.next_seq = max(self.next_seq, self._scan_tail(segs[-1]))
+        self.written_seq = self.next_seq
+        """every record below this is in the segment files: a crash of this process loses none of
+        them (power loss only per the fsync policy). ``next_seq`` runs ahead of it while ``append``
+        is still writing, so it is what "accepted" means to anyone watching from another thread."""
         # the cursor may point into a segment deleted after it was written: start at the first one left
         if cseg not in self._sizes or coff > self._sizes[cseg]:
             later = [s for s in segs if s >= cseq] or segs[-1:]
@@ -227,6 +231,7 @@ class Spool:
                 self.next_seq += 1
                 result.written += 1
             self._write(buf, buffered)
+            self.written_seq = self.next_seq
             self._remember(fresh)
             if result.written:
                 assert self._fd is not None
