@@ -276,7 +276,40 @@ def detector_timings(backend: str, providers: list[str], buckets: tuple[int, ...
     th.join()
     say(f"detector b1 on a worker thread: {box.get('ms', float('nan')):.1f} ms")
     return {"device": det.device, "device_preprocess": det.upload, "buckets": rows,
-            "b1_thread_ms": round(box.get("ms", float("nan")), 2)}
+            "b1_thread_ms": round(box.get("ms", float("nan")), 2),
+            "overlap": overlap_timing(det, pool, max(buckets), reps)}
+
+
+def overlap_timing(det: Any, pool: list[np.ndarray], b: int, reps: int) -> dict[str, Any]:
+    """Batches of ``b`` one after another, against two in flight: one thread prepares the next
+    batch (upload, letterbox) while another runs the current one, as the batcher's worker does."""
+    import queue
+
+    n = max(4, reps)
+    det.detect(pool[:b])
+    sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        det.detect(pool[:b])
+    sync()
+    serial = (time.perf_counter() - t) * 1000 / n
+    handoff: queue.Queue = queue.Queue(maxsize=1)
+
+    def prepare_all() -> None:
+        for _ in range(n):
+            handoff.put(det.prepare(pool[:b]))
+
+    t = time.perf_counter()
+    th = threading.Thread(target=prepare_all)
+    th.start()
+    for _ in range(n):
+        det.complete(handoff.get())
+    th.join()
+    sync()
+    both = (time.perf_counter() - t) * 1000 / n
+    say(f"overlap b{b}: {serial:.1f} ms per batch one at a time, {both:.1f} ms with two in flight")
+    return {"bucket": b, "serial_ms": round(serial, 2), "two_in_flight_ms": round(both, 2),
+            "speedup": round(serial / both, 3) if both else None}
 
 
 # -- 5. decode -----------------------------------------------------------------------------------
@@ -316,7 +349,7 @@ def covered(gt: tuple[int, int, int, int], regions: list[Any]) -> bool:
 
 
 def _worker(conn: Any, backend: str, providers: list[str], buckets: tuple[int, ...], max_batch: int,
-            max_wait_ms: float, deadline_ms: float, fps: float, seed: int) -> None:
+            max_wait_ms: float, deadline_ms: float, fps: float, seed: int, inflight: int | None) -> None:
     """A pipeline process: one detector and batcher; runs the stream counts it is sent."""
     from stream.detect.batcher import Batcher
     from stream.detect.ensemble import FrameDetector
@@ -325,18 +358,30 @@ def _worker(conn: Any, backend: str, providers: list[str], buckets: tuple[int, .
     det = FrameDetector(detector_config_for(backend, providers, buckets))
     calls: list[tuple[float, float, int]] = []
 
-    def timed_det(images: list, seqs: Any = None) -> Any:
-        t = time.monotonic()
-        out = det(images, seqs)
-        calls.append((t, time.monotonic() - t, len(images)))
-        return out
+    class Timed:
+        """The detector with its prepare/complete halves (two batches in flight), runs timed."""
+
+        device = det.device
+
+        def prepare(self, images: list, seqs: Any = None) -> Any:
+            return time.monotonic(), len(images), det.prepare(images, seqs)
+
+        def complete(self, work: Any) -> Any:
+            t, n, prepared = work
+            out = det.complete(prepared)
+            calls.append((t, time.monotonic() - t, n))
+            return out
+
+        def __call__(self, images: list, seqs: Any = None) -> Any:
+            return self.complete(self.prepare(images, seqs))
 
     def factory() -> Any:  # runs on the batcher's worker thread, as the product's factory does
         det.warmup(max_batch=max_batch)
-        return timed_det
+        return Timed()
 
     metrics = Metrics()
-    batcher = Batcher(factory, metrics, max_batch=max_batch, max_wait_s=max_wait_ms / 1000, hang_timeout_s=10)
+    batcher = Batcher(factory, metrics, max_batch=max_batch, max_wait_s=max_wait_ms / 1000, hang_timeout_s=10,
+                      inflight=inflight)
     batcher.start()
     scene = Scene(seed=seed)
     ring = [scene.render(t) for t in range(48)]
@@ -505,13 +550,14 @@ class Workers:
     """P pipeline processes sharing the GPU, each with its own models, kept across K steps."""
 
     def __init__(self, procs: int, backend: str, providers: list[str], buckets: tuple[int, ...],
-                 max_batch: int, max_wait_ms: float, deadline_ms: float, fps: float) -> None:
+                 max_batch: int, max_wait_ms: float, deadline_ms: float, fps: float,
+                 inflight: int | None = None) -> None:
         ctx = mp.get_context("spawn")
         self.conns, self.procs = [], []
         for i in range(procs):
             a, b = ctx.Pipe()
             p = ctx.Process(target=_worker, args=(b, backend, providers, buckets, max_batch, max_wait_ms,
-                                                  deadline_ms, fps, i), daemon=True)
+                                                  deadline_ms, fps, i, inflight), daemon=True)
             p.start()
             self.conns.append(a)
             self.procs.append(p)
@@ -567,10 +613,10 @@ def summarise(k: int, stats: list[dict], fps: float, seconds: float) -> dict[str
 
 
 def pipeline(backend: str, providers: list[str], buckets: tuple[int, ...], ks: list[int], procs: int,
-             seconds: float, warm_s: float, budget_s: float) -> dict[str, Any]:
+             seconds: float, warm_s: float, budget_s: float, inflight: int | None = None) -> dict[str, Any]:
     fps, max_batch, max_wait_ms, deadline_ms = 30.0, max(buckets), 8.0, 1000.0
     t_start = time.monotonic()
-    workers = Workers(procs, backend, providers, buckets, max_batch, max_wait_ms, deadline_ms, fps)
+    workers = Workers(procs, backend, providers, buckets, max_batch, max_wait_ms, deadline_ms, fps, inflight)
     say(f"pipeline: {procs} worker processes ready in {time.monotonic() - t_start:.1f} s")
     rows = []
     try:
@@ -592,7 +638,8 @@ def pipeline(backend: str, providers: list[str], buckets: tuple[int, ...], ks: l
         workers.close()
     held = [r["streams"] for r in rows if r["held"]]
     return {"fps": fps, "max_batch": max_batch, "max_wait_ms": max_wait_ms, "deadline_ms": deadline_ms,
-            "procs": procs, "seconds": seconds, "largest_k_held": max(held) if held else 0, "steps": rows}
+            "procs": procs, "inflight": inflight or "default (2 on a GPU)", "seconds": seconds,
+            "largest_k_held": max(held) if held else 0, "steps": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -606,6 +653,8 @@ def main(argv: list[str] | None = None) -> int:
                          "time-slicing the GPU without MPS were slower than one with larger batches)")
     ap.add_argument("--seconds", type=float, default=6.0, help="measured seconds per K step")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds the pipeline ramp may take")
+    ap.add_argument("--inflight", type=int, choices=[1, 2, 3, 4], default=None,
+                    help="batches in flight in the pipeline section (default: the product's, 2 on a GPU)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip")
     ap.add_argument("--backend", choices=["auto", "onnxruntime", "torch"], default="auto",
                     help="force a backend (with --providers), e.g. torch on the CPU for a dry run")
@@ -645,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result["pipeline"] = pipeline(backend, providers, buckets, ks, min(procs, max(ks)),
                                           2.0 if args.quick else args.seconds, 1.0 if args.quick else 2.0,
-                                          args.budget)
+                                          args.budget, args.inflight)
         except Exception as e:
             say(f"pipeline FAILED: {type(e).__name__}: {e}")
             result["pipeline"] = {"error": f"{type(e).__name__}: {e}"}

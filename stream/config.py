@@ -163,6 +163,10 @@ class StreamConfig(_Model):
 class BatcherConfig(_Model):
     max_batch: int = Field(8, ge=1, le=256, description="most frames, from all streams, per detector run")
     max_wait_ms: float = Field(10.0, ge=0, le=1000, description="longest wait to fill a batch")
+    inflight: int | None = Field(
+        None, ge=1, le=4,
+        description="batches handed to the detector at once: with 2 the next batch is uploaded and "
+                    "letterboxed while the current one runs (default: 2 on a GPU, 1 on CPU)")
     buckets: list[int] = Field(
         default_factory=lambda: [1, 2, 4, 8, 16, 32], min_length=1,
         description="GPU batch sizes (engines are built once per bucket); a batch is split into "

@@ -345,7 +345,8 @@ class Pipeline:
         self.batcher = Batcher(detector_factory or default_detector_factory(config), self.metrics,
                                max_batch=config.batcher.max_batch,
                                max_wait_s=config.batcher.max_wait_ms / 1000,
-                               hang_timeout_s=hang_timeout_ms(fc) / 1000)
+                               hang_timeout_s=hang_timeout_ms(fc) / 1000,
+                               inflight=config.batcher.inflight)
         self.streams: dict[str, StreamRunner] = {}
         self.observers: list[Observer] = []
         self.on_stream_added: list[Callable[[StreamRunner], None]] = []

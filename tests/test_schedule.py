@@ -22,9 +22,15 @@ class Spy:
         self.inner = inner
         self.calls: list[list[np.ndarray]] = []
 
-    def __call__(self, images: list[np.ndarray], frames: object = None) -> list[Detections]:
+    def prepare(self, images: list[np.ndarray], frames: object = None) -> list:
         self.calls.append(list(images))
-        return self.inner(images, frames)
+        return self.inner.prepare(images, frames)
+
+    def complete(self, chunks: list) -> list[Detections]:
+        return self.inner.complete(chunks)
+
+    def __call__(self, images: list[np.ndarray], frames: object = None) -> list[Detections]:
+        return self.complete(self.prepare(images, frames))
 
 
 @pytest.fixture(scope="module")
@@ -103,14 +109,23 @@ def test_skipped_plate_frames_stay_masked_through_the_tracker(every3: FrameDetec
     assert len(ids) == 1, f"the plate changed track id: {ids}"
 
 
+class Blind:
+    """A face model that runs on every frame and, as for a face a few pixels tall, finds nothing."""
+
+    def prepare(self, images: list[np.ndarray], frames: object = None) -> list[int]:
+        return [len(images)]
+
+    def complete(self, chunks: list[int]) -> list[Detections]:
+        return [Detections()] * sum(chunks)
+
+
 def test_head_masks_stay_through_skipped_person_frames(astronaut: np.ndarray) -> None:
     """--person-every 4 with --coast 2: a distant person's head is masked in every frame."""
     import cv2
 
     det = FrameDetector(DetectorConfig(faces={}, plate=None,
                                        person_heads=ModelConfig(0.3, 640, every=4), providers=("cpu",)))
-    # a face model that runs on every frame and, as for a face a few pixels tall, finds nothing
-    det.face_models = [(lambda images: [Detections()] * len(images), ModelConfig(0.35, 640))]
+    det.face_models = [(Blind(), ModelConfig(0.35, 640))]  # type: ignore[list-item]
     frame = np.full((300, 451, 3), 128, np.uint8)
     frame[160:280, 200:320] = cv2.resize(astronaut, (120, 120), interpolation=cv2.INTER_AREA)
     tracker = Tracker(TrackerConfig(max_coast=2))

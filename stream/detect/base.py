@@ -5,7 +5,9 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -13,11 +15,23 @@ import onnx
 from stream.detect.backend import Backend, BackendName, make_backend, runs_on_gpu
 from stream.detect.buckets import DEFAULT_BUCKETS, check_buckets, plan
 from stream.detect.detections import Detections
-from stream.detect.device import DeviceFrames
+from stream.detect.device import DeviceFrames, claim_on_this_stream
 from stream.detect.letterbox import Placement, letterbox_batch
 from stream.detect.models import model_path, spec
 from stream.detect.nms import clip_boxes, nms
 from stream.detect.runtime import DEFAULT_PROVIDERS, make_dynamic
+
+
+@dataclass
+class Chunk:
+    """One bucket-sized run of a model, prepared: its input (host array or device tensor) and
+    where each frame sits on the canvas."""
+
+    x: Any
+    places: list[Placement]
+    canvas: tuple[int, int]
+    shapes: list[tuple[int, ...]]
+    """source frame shapes, to clip the boxes mapped back"""
 
 
 class OnnxDetector(ABC):
@@ -131,22 +145,36 @@ class OnnxDetector(ABC):
 
     def run(self, images: list[np.ndarray], frames: DeviceFrames | None = None) -> list[Detections]:
         """Detections per image; ``frames`` are the same images already on this model's device."""
-        if not images:
-            return []
-        if frames is None and not self.on_gpu:
-            return self._run_chunk(images, None, len(images))
-        out: list[Detections] = []
-        at = 0
-        for n, bucket in plan(len(images), self.buckets):
-            sub = frames.subset(list(range(at, at + n))) if frames is not None else None
-            out.extend(self._run_chunk(images[at:at + n], sub, bucket))
-            at += n
-        return out
+        return self.complete(self.prepare(images, frames))
 
     __call__ = run
 
-    def _run_chunk(self, images: list[np.ndarray], frames: DeviceFrames | None,
-                   bucket: int) -> list[Detections]:
+    def prepare(self, images: list[np.ndarray], frames: DeviceFrames | None = None) -> list[Chunk]:
+        """The model inputs of a batch, letterboxed and normalised, split into bucket-sized runs.
+
+        Kept apart from :meth:`complete` so that the next batch can be prepared (uploaded and
+        letterboxed) while the previous one is still running on the device.
+        """
+        if not images:
+            return []
+        if frames is None and not self.on_gpu:
+            return [self._prepare_chunk(images, None, len(images))]
+        out: list[Chunk] = []
+        at = 0
+        for n, bucket in plan(len(images), self.buckets):
+            sub = frames.subset(list(range(at, at + n))) if frames is not None else None
+            out.append(self._prepare_chunk(images[at:at + n], sub, bucket))
+            at += n
+        return out
+
+    def complete(self, chunks: list[Chunk]) -> list[Detections]:
+        """Run the prepared inputs and decode them: detections per image, in order."""
+        out: list[Detections] = []
+        for chunk in chunks:
+            out.extend(self._complete_chunk(chunk))
+        return out
+
+    def _prepare_chunk(self, images: list[np.ndarray], frames: DeviceFrames | None, bucket: int) -> Chunk:
         n = len(images)
         if frames is not None:
             x, places = frames.letterbox(self.input_size, pad=self.pad_value, min_side=self.min_input,
@@ -159,15 +187,18 @@ class OnnxDetector(ABC):
                 blank = np.full((bucket - n, *batch.shape[1:]), self.pad_value, np.uint8)
                 batch = np.concatenate([batch, blank])
             canvas = batch.shape[1:3]
-            x = None
-        backend = self.backend_for(*canvas)
+            x = self.preprocess(batch)
+        return Chunk(x, places, (int(canvas[0]), int(canvas[1])), [im.shape for im in images])
+
+    def _complete_chunk(self, chunk: Chunk) -> list[Detections]:
+        backend = self.backend_for(*chunk.canvas)
+        claim_on_this_stream(chunk.x)
         # decode may keep per-batch state (YuNet's grid size): same lock as the run
         with self._lock:
-            if x is None:
-                x = self.preprocess(batch)
-            outputs = backend.run(x)
-            self.begin(x.shape[0], canvas, backend)
-            return [self._finish(outputs, i, places[i], images[i].shape) for i in range(n)]
+            outputs = backend.run(chunk.x)
+            self.begin(chunk.x.shape[0], chunk.canvas, backend)
+            return [self._finish(outputs, i, place, shape)
+                    for i, (place, shape) in enumerate(zip(chunk.places, chunk.shapes, strict=True))]
 
     def _finish(self, outputs: list[np.ndarray], i: int, place: Placement, shape: tuple) -> Detections:
         boxes, scores = self.decode(outputs, i)

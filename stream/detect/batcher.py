@@ -15,7 +15,10 @@ import random
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -46,15 +49,29 @@ def phase(stream_id: str) -> int:
 
 
 class _Call:
-    def __init__(self, images: list[np.ndarray], seqs: list[int]) -> None:
+    def __init__(self, images: list[np.ndarray], seqs: list[int | None], notify: threading.Condition) -> None:
         self.images, self.seqs = images, seqs
         self.result: list[Detections] | None = None
         self.error: BaseException | None = None
         self.done = threading.Event()
+        self.started = self.finished = 0.0
+        self._notify = notify
+
+    def finish(self) -> None:
+        self.finished = time.perf_counter()
+        self.done.set()
+        with self._notify:  # wakes the batcher loop, which may be collecting the next batch
+            self._notify.notify_all()
 
 
 class _Worker:
-    """A thread that builds one detector and runs batches on it, one at a time."""
+    """Two threads around one detector: one prepares batches, one runs them, in order.
+
+    A detector with ``prepare``/``complete`` (:class:`FrameDetector`) gets the next batch
+    uploaded and letterboxed while the current one runs: with two batches in flight the copies
+    and resizes overlap the inference. A plain callable is simply run. The run thread builds
+    the detector, since GPU libraries keep per-thread state (cuDNN's autotuned kernels).
+    """
 
     def __init__(self, factory: DetectorFactory, on_ready: Callable[[_Worker, BaseException | None], None],
                  name: str, detector: Detect | None = None) -> None:
@@ -62,20 +79,44 @@ class _Worker:
         self.detector = detector
         self.ready = detector is not None
         self.abandoned = False
-        self._call: _Call | None = None
+        self._incoming: deque[_Call] = deque()
+        self._prepared: deque[tuple[_Call, Any]] = deque()
         self._wake = threading.Condition()
+        self._prepare: Callable[[list[np.ndarray], list[int | None]], Any] | None = None
+        self.name = name
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.prep_thread: threading.Thread | None = None
         self.thread.start()
 
     def submit(self, call: _Call) -> None:
         with self._wake:
-            self._call = call
-            self._wake.notify()
+            self._incoming.append(call)
+            self._wake.notify_all()
 
     def abandon(self) -> None:
         with self._wake:
             self.abandoned = True
-            self._wake.notify()
+            self._wake.notify_all()
+
+    def _next(self, queue: deque) -> Any:
+        with self._wake:
+            while not queue and not self.abandoned:
+                self._wake.wait()
+            return None if self.abandoned else queue.popleft()
+
+    def _prepare_loop(self) -> None:
+        prepare = self._prepare
+        while (call := self._next(self._incoming)) is not None:
+            call.started = time.perf_counter()
+            try:
+                work = prepare(call.images, call.seqs) if prepare is not None else None
+            except BaseException as e:
+                call.error = e
+                call.finish()
+                continue
+            with self._wake:
+                self._prepared.append((call, work))
+                self._wake.notify_all()
 
     def _run(self) -> None:
         if self.detector is None:
@@ -84,31 +125,51 @@ class _Worker:
             except Exception as e:  # a model that fails to load again: the batcher retries later
                 self._on_ready(self, e)
                 return
-            self.ready = True
-            self._on_ready(self, None)
-        while True:
-            with self._wake:
-                while self._call is None and not self.abandoned:
-                    self._wake.wait()
-                if self.abandoned:
-                    return
-                call, self._call = self._call, None
+        complete = getattr(self.detector, "complete", None)
+        prepare = getattr(self.detector, "prepare", None)
+        self._prepare = prepare if complete is not None else None
+        self.prep_thread = threading.Thread(target=self._prepare_loop, name=f"{self.name}-prepare",
+                                            daemon=True)
+        self.prep_thread.start()
+        self.ready = True
+        self._on_ready(self, None)
+        while (item := self._next(self._prepared)) is not None:
+            call, work = item
             try:
-                call.result = self.detector(call.images, call.seqs)
+                if self._prepare is not None:
+                    call.result = complete(work)
+                else:
+                    call.result = self.detector(call.images, call.seqs)
                 if len(call.result) != len(call.images):
                     raise RuntimeError(f"detector returned {len(call.result)} results for "
                                        f"{len(call.images)} frames")
             except BaseException as e:
                 call.error = e
-            call.done.set()
+            call.finish()
+
+
+@dataclass
+class _Flight:
+    """A batch handed to a worker and not yet resolved."""
+
+    call: _Call
+    jobs: list[Job]
+    worker: _Worker
+    deadline: float = float("inf")
+    """when the oldest batch in flight counts as hung (set once it is the oldest)"""
 
 
 class Batcher:
     """Collects jobs across streams and resolves each with detections or a :class:`Failure`."""
 
     def __init__(self, factory: DetectorFactory, metrics: Metrics, max_batch: int = 8,
-                 max_wait_s: float = 0.01, hang_timeout_s: float = 1.0) -> None:
+                 max_wait_s: float = 0.01, hang_timeout_s: float = 1.0, inflight: int | None = None) -> None:
         self.factory = factory
+        self.inflight = inflight
+        """batches handed to the detector at once; None: 2 on a GPU (the next one is uploaded
+        and letterboxed while the current one runs), 1 on CPU (nothing to overlap: the cores
+        are busy with inference, and a second batch would only wait longer)"""
+        self._flights: deque[_Flight] = deque()
         self.metrics = metrics
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -149,6 +210,8 @@ class Batcher:
         if outcome[0] is not None:
             raise outcome[0]
         self._worker = worker
+        if self.inflight is None:
+            self.inflight = 2 if getattr(worker.detector, "device", "cpu") != "cpu" else 1
         self.metrics.detector_up.set(1)
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
         self._thread.start()
@@ -161,6 +224,9 @@ class Batcher:
             self._thread.join(timeout)
         if self._worker is not None:
             self._worker.abandon()
+        while self._flights:
+            for job in self._flights.popleft().jobs:
+                job.resolve(failure=Failure.DETECTOR_UNAVAILABLE)
         for q in list(self._queues.values()):
             for job in q.drain():
                 job.resolve(failure=Failure.DETECTOR_UNAVAILABLE)
@@ -195,15 +261,19 @@ class Batcher:
                 total = sum(len(q) for q in self._queues.values())
                 if total >= self.max_batch:
                     break
+                now = time.monotonic()
+                oldest = self._flights[0] if self._flights else None
+                if oldest is not None and (oldest.call.done.is_set() or now >= oldest.deadline):
+                    return []  # the loop resolves it first; what is queued is taken right after
+                until_oldest = oldest.deadline - now if oldest is not None else 0.2
                 if total:
-                    now = time.monotonic()
                     first_seen = first_seen or now
                     left = first_seen + self.max_wait_s - now
                     if left <= 0:
                         break
-                    self.cond.wait(left)
+                    self.cond.wait(min(left, until_oldest))
                 else:
-                    self.cond.wait(0.2)
+                    self.cond.wait(min(0.2, until_oldest))
             queues = list(self._queues.values())
         if not queues:
             return []
@@ -224,11 +294,18 @@ class Batcher:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._reap()
+            if len(self._flights) >= (self.inflight or 1):
+                oldest = self._flights[0]
+                with self.cond:  # woken by the call finishing (or stop); re-checked under the lock
+                    if not oldest.call.done.is_set() and not self._stop.is_set():
+                        self.cond.wait(max(0.0, oldest.deadline - time.monotonic()))
+                continue
             batch = self._collect()
             if batch:
-                self._run(batch)
+                self._submit(batch)
 
-    def _run(self, batch: list[Job]) -> None:
+    def _submit(self, batch: list[Job]) -> None:
         now = time.monotonic()
         live = []
         for job in batch:
@@ -243,20 +320,40 @@ class Batcher:
             self._maybe_rebuild()
             self._fail(live, Failure.DETECTOR_UNAVAILABLE, None)
             return
-        call = _Call([j.frame.image for j in live], [self._schedule_seq(j) for j in live])
-        t0 = time.perf_counter()
+        call = _Call([j.frame.image for j in live], [self._schedule_seq(j) for j in live], self.cond)
+        flight = _Flight(call, live, worker)
+        if not self._flights:
+            flight.deadline = now + self.hang_timeout_s
+        self._flights.append(flight)
         worker.submit(call)
-        if not call.done.wait(self.hang_timeout_s):
-            self._fail(live, Failure.DETECTOR_HUNG,
-                       f"detector did not return within {self.hang_timeout_s * 1000:.0f} ms")
-            self._replace(worker, "hung")
-            return
+
+    def _reap(self) -> None:
+        """Resolve the batches in flight that are done, oldest first; fail a hung one closed."""
+        while self._flights:
+            oldest = self._flights[0]
+            if oldest.call.done.is_set():
+                self._flights.popleft()
+                if self._flights:  # the next one now has the detector to itself
+                    self._flights[0].deadline = time.monotonic() + self.hang_timeout_s
+                self._settle(oldest)
+            elif time.monotonic() >= oldest.deadline:
+                self._abort(oldest.worker, Failure.DETECTOR_HUNG,
+                            f"detector did not return within {self.hang_timeout_s * 1000:.0f} ms", "hung")
+            else:
+                return
+
+    def _settle(self, flight: _Flight) -> None:
+        call, live, worker = flight.call, flight.jobs, flight.worker
         if call.error is not None:
-            self._fail(live, Failure.DETECTOR_ERROR,
-                       f"detector raised {type(call.error).__name__}: {call.error}")
-            self._replace(worker, "error")
+            error = call.error
+            self._fail(live, Failure.DETECTOR_ERROR, f"detector raised {type(error).__name__}: {error}")
+            if worker is self._worker:
+                self._abort(worker, Failure.DETECTOR_ERROR, None, "error")
             return
-        self.metrics.inference_seconds.observe(time.perf_counter() - t0)
+        if worker is not self._worker:  # from a detector abandoned meanwhile: not trusted
+            self._fail(live, Failure.DETECTOR_UNAVAILABLE, None)
+            return
+        self.metrics.inference_seconds.observe(call.finished - call.started)
         self.metrics.batch_size.observe(len(live))
         self.metrics.batch_fill.observe(len(live) / self.max_batch)
         self._count_transfers(worker.detector)
@@ -269,6 +366,18 @@ class Batcher:
         assert call.result is not None
         for job, dets in zip(live, call.result, strict=True):
             job.resolve(detections=dets)
+
+    def _abort(self, worker: _Worker, why: Failure, detail: str | None, reason: str) -> None:
+        """A detector that raised or hung: every batch still in flight on it fails closed (a CUDA
+        error leaves the device's state in doubt) and a fresh detector is scheduled."""
+        mine = [f for f in self._flights if f.worker is worker]
+        self._flights = deque(f for f in self._flights if f.worker is not worker)
+        if self._flights:
+            self._flights[0].deadline = min(self._flights[0].deadline,
+                                            time.monotonic() + self.hang_timeout_s)
+        for f in mine:
+            self._fail(f.jobs, why, detail)
+        self._replace(worker, reason)
 
     def _count_transfers(self, detector: Detect | None) -> None:
         """Export the bytes the detector's GPU backends moved since the last batch."""
@@ -314,6 +423,8 @@ class Batcher:
     # -- recovery --------------------------------------------------------------------------------
     def _replace(self, worker: _Worker, reason: str) -> None:
         """Abandon a worker that raised or hung and schedule a fresh detector."""
+        if worker is not self._worker:
+            return  # already replaced
         worker.abandon()
         if worker.thread.is_alive():
             self._abandoned.append(worker)

@@ -79,6 +79,46 @@ class DeviceFrames:
         return canvas, [Placement(scale=s) for s, _, _ in sizes]
 
 
+class SideStream:
+    """A CUDA stream of its own for preparing batches (upload, letterbox).
+
+    With two batches in flight one thread prepares the next batch while another runs the current
+    one; on separate streams the copy and the resize kernels overlap the inference instead of
+    queueing behind it. ``done`` waits (on the preparing thread only) until the prepared tensors
+    are complete, so the running thread and ONNX Runtime's own stream can use them at once.
+    On CPU all of this is a no-op.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.stream = None
+        if device.startswith("cuda"):
+            import torch
+
+            self.stream = torch.cuda.Stream(device=device)
+
+    def __enter__(self) -> SideStream:
+        if self.stream is not None:
+            import torch
+
+            self._ctx = torch.cuda.stream(self.stream)
+            self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.stream is not None:
+            self._ctx.__exit__(*exc)
+            self.stream.synchronize()
+
+
+def claim_on_this_stream(x: Any) -> None:
+    """Tell torch's allocator that a tensor made on the side stream is used on this thread's
+    stream, so its memory is not handed to the next upload while kernels here still read it."""
+    if getattr(x, "is_cuda", False):
+        import torch
+
+        x.record_stream(torch.cuda.current_stream(x.device))
+
+
 def torch_device_ok(device: str) -> bool:
     """True when torch can place tensors on ``device`` (used to enable the device path)."""
     try:

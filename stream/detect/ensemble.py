@@ -11,6 +11,7 @@ different sizes) and merges their results per frame:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from stream.detect.backend import TRANSFERS, BackendName
-from stream.detect.base import OnnxDetector
+from stream.detect.base import Chunk, OnnxDetector
 from stream.detect.buckets import DEFAULT_BUCKETS
 from stream.detect.centerface import CenterFace
 from stream.detect.detections import Detections
-from stream.detect.device import DeviceFrames, torch_device_ok
+from stream.detect.device import DeviceFrames, SideStream, torch_device_ok
 from stream.detect.nms import iou_matrix, nms
 from stream.detect.runtime import DEFAULT_PROVIDERS
 from stream.detect.yolo import PersonYolo, PlateYolo
@@ -94,6 +95,15 @@ def heads_from_people(people: Detections, max_height: float) -> Detections:
     return Detections(boxes=heads, scores=s.astype(np.float32), labels=("face",) * len(heads))
 
 
+@dataclass
+class Prepared:
+    """A batch made ready for every model (see :meth:`FrameDetector.prepare`)."""
+
+    n: int
+    runs: list[tuple[OnnxDetector | None, list[bool], list[Chunk]]]
+    """per model, in the order faces..., plate, person: the frames it is due on and its inputs"""
+
+
 class FrameDetector:
     """Runs every configured model on a batch and returns one :class:`Detections` per frame."""
 
@@ -115,6 +125,7 @@ class FrameDetector:
         self.device = f"cuda:{cfg.device_id}" if gpu else "cpu"
         # frames go up once per batch and every model cuts its canvas from that copy
         self.upload = bool(gpu) and cfg.device_preprocess and torch_device_ok(self.device)
+        self._side: SideStream | None = None
         if gpu and cfg.device_preprocess and not self.upload:
             log.warning("preprocessing on the host: torch is not installed (pip install torch) so "
                         "frames cannot be letterboxed on the GPU")
@@ -143,35 +154,60 @@ class FrameDetector:
                  seqs: Sequence[int | None] | None = None) -> list[Detections]:
         return self.detect(images, seqs)
 
-    @staticmethod
-    def _scheduled(model: OnnxDetector | None, mcfg: ModelConfig | None, images: list[np.ndarray],
-                   seqs: Sequence[int | None] | None,
-                   frames: DeviceFrames | None = None) -> tuple[list[Detections], list[bool]]:
-        """Run ``model`` on the frames it is due on; the flags say which frames it looked at."""
-        n = len(images)
-        if model is None or mcfg is None:
-            return [Detections()] * n, [False] * n
-        every = max(1, mcfg.every)
-        # a None seq (after a gap in the stream) runs every model: see Batcher._schedule_seq
-        due = [True] * n if seqs is None or every == 1 else [s is None or s % every == 0 for s in seqs]
-        picked = [i for i in range(n) if due[i]]
-        sub = frames.subset(picked) if frames is not None and model.on_gpu else None
-        chosen = [images[i] for i in picked]
-        found = (model(chosen, sub) if sub is not None else model(chosen)) if picked else []
-        out = [Detections()] * n
-        for i, d in zip(picked, found, strict=True):
-            out[i] = d
-        return out, due
-
     def detect(self, images: list[np.ndarray], seqs: Sequence[int | None] | None = None) -> list[Detections]:
         """Detections per frame; ``seqs`` (per-stream frame numbers) drive the ``every`` schedule."""
-        frames = DeviceFrames(images, self.device) if self.upload and images else None
-        face_runs = [self._scheduled(m, c, images, seqs, frames) for m, c in self.face_models]
-        plates, plate_due = self._scheduled(self.plate_model, self.config.plate, images, seqs, frames)
-        people, people_due = self._scheduled(self.person_model, self.config.person_heads, images, seqs,
-                                             frames)
+        return self.complete(self.prepare(images, seqs))
+
+    @staticmethod
+    def _schedule(model: OnnxDetector | None, mcfg: ModelConfig | None, n: int,
+                  seqs: Sequence[int | None] | None) -> list[bool]:
+        """Which frames ``model`` is due on (the every-n-th-frame schedule)."""
+        if model is None or mcfg is None:
+            return [False] * n
+        every = max(1, mcfg.every)
+        # a None seq (after a gap in the stream) runs every model: see Batcher._schedule_seq
+        return [True] * n if seqs is None or every == 1 else [s is None or s % every == 0 for s in seqs]
+
+    def prepare(self, images: list[np.ndarray], seqs: Sequence[int | None] | None = None) -> Prepared:
+        """Upload and letterbox a batch for every model due on it; no inference yet.
+
+        The batcher's worker calls this for the next batch while :meth:`complete` runs the
+        previous one (two batches in flight); on a GPU it works on a stream of its own.
+        """
+        n = len(images)
+        runs: list[tuple[OnnxDetector | None, list[bool], list[Chunk]]] = []
+        if self._side is None and self.upload:
+            self._side = SideStream(self.device)
+        with self._side or contextlib.nullcontext():
+            frames = DeviceFrames(images, self.device) if self.upload and images else None
+            plan = [*self.face_models, (self.plate_model, self.config.plate),
+                    (self.person_model, self.config.person_heads)]
+            for model, mcfg in plan:
+                due = self._schedule(model, mcfg, n, seqs)
+                picked = [i for i in range(n) if due[i]]
+                chunks: list[Chunk] = []
+                if model is not None and picked:
+                    sub = frames.subset(picked) if frames is not None and model.on_gpu else None
+                    chunks = model.prepare([images[i] for i in picked], sub)
+                runs.append((model, due, chunks))
+        return Prepared(n, runs)
+
+    def complete(self, prepared: Prepared) -> list[Detections]:
+        """Run every model on a prepared batch and merge their boxes per frame."""
+        n = prepared.n
+        results: list[tuple[list[Detections], list[bool]]] = []
+        for model, due, chunks in prepared.runs:
+            out = [Detections()] * n
+            if model is not None and chunks:
+                found = model.complete(chunks)
+                for i, d in zip([i for i in range(n) if due[i]], found, strict=True):
+                    out[i] = d
+            results.append((out, due))
+        face_runs = results[:len(self.face_models)]
+        plates, plate_due = results[-2]
+        people, people_due = results[-1]
         out = []
-        for i in range(len(images)):
+        for i in range(n):
             observed = set()
             # head masks from the person model are faces too: faces count as looked for only
             # when every source of face boxes ran on this frame
