@@ -56,6 +56,13 @@ def _scale(text: str) -> float:
     return v
 
 
+def _non_negative(text: str) -> float:
+    v = _number(text)
+    if not 0 <= v <= 4096:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 4096 pixels, got {v}")
+    return v
+
+
 def add_redact_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "redact",
@@ -94,6 +101,9 @@ def add_redact_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-plates", action="store_true", help="do not detect licence plates")
     p.add_argument("--no-heads", action="store_true",
                    help="do not mask heads of distant people found by the person detector")
+    p.add_argument("--vehicle-plates", type=_non_negative, default=None, metavar="PX",
+                   help="vehicles up to PX pixels tall with no plate found on them get a mask over "
+                        "their middle, where a plate too small to detect is (default 200; 0: off)")
     p.add_argument("--coast", type=int, default=None,
                    help="frames a mask stays after its detection is lost (default 12)")
     p.add_argument("--lookback", type=int, default=4,
@@ -146,7 +156,7 @@ def cmd_redact(args: argparse.Namespace) -> int:
                           plate_threshold=args.plate_threshold, input_size=args.input_size,
                           plate_every=args.plate_every, person_every=args.person_every,
                           plates=not args.no_plates, heads=not args.no_heads, providers=providers,
-                          threads=args.threads, model_dir=args.model_dir)
+                          threads=args.threads, model_dir=args.model_dir, vehicle_plates=args.vehicle_plates)
     rcfg = RedactConfig(style=Style(args.style))
     if args.face_scale:
         rcfg.mask_scale["face"] = args.face_scale

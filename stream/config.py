@@ -208,6 +208,10 @@ class DetectionConfig(_Model):
     person_every: int | None = Field(None, ge=1, le=30)
     plates: bool = Field(True, description="detect licence plates")
     heads: bool = Field(True, description="mask heads of small, distant people (CCTV)")
+    vehicle_plates_px: float | None = Field(
+        None, ge=0, le=4096,
+        description="vehicles up to this many pixels tall with no plate found on them get a plate mask "
+                    "over their middle (default 200; 0: off). Needs plates and heads (the person model)")
     faces: bool = Field(True, description="detect faces; off only for load-test baselines")
     providers: list[Literal["tensorrt", "cuda", "cpu"]] = Field(
         default_factory=lambda: ["tensorrt", "cuda", "cpu"], min_length=1)

@@ -66,7 +66,8 @@ def default_detector_factory(config: PipelineConfig) -> DetectorFactory:
         detector = FrameDetector(detector_config(
             d.preset, face_model=d.face_model, face_threshold=d.face_threshold,
             plate_threshold=d.plate_threshold, input_size=d.input_size, plate_every=d.plate_every,
-            person_every=d.person_every, plates=d.plates, heads=d.heads, providers=d.providers,
+            person_every=d.person_every, plates=d.plates, heads=d.heads, vehicle_plates=d.vehicle_plates_px,
+            providers=d.providers,
             threads=d.threads, model_dir=d.model_dir, backend=d.backend, device_id=d.device_id,
             fp16=d.fp16, cache_dir=d.engine_cache_dir, buckets=tuple(config.batcher.buckets),
             device_preprocess=d.device_preprocess))

@@ -18,6 +18,9 @@ ROOT = TESTS.parent
 FIXTURES = TESTS / "fixtures"
 ASTRONAUT = FIXTURES / "astronaut_256.jpg"
 CHELSEA = FIXTURES / "chelsea.jpg"
+BUS = FIXTURES / "bus_360.jpg"
+BUS_VEHICLE = (7, 77, 270, 249)
+"""the bus in ``bus_360.jpg`` (left edge of its front to the right border, roof to the wheels)"""
 
 # hand-checked in tests/fixtures/README.md (x1, y1, x2, y2; x2/y2 exclusive)
 ASTRONAUT_FACE = (89, 33, 140, 90)

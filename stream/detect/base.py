@@ -202,6 +202,11 @@ class OnnxDetector(ABC):
 
     def _finish(self, outputs: list[np.ndarray], i: int, place: Placement, shape: tuple) -> Detections:
         boxes, scores = self.decode(outputs, i)
+        return self._boxes(boxes, scores, place, shape, self.label)
+
+    def _boxes(self, boxes: np.ndarray, scores: np.ndarray, place: Placement, shape: tuple,
+               label: str) -> Detections:
+        """Canvas boxes above the threshold, NMS'd, mapped back to the source frame and clipped."""
         keep = scores >= self.threshold
         boxes, scores = boxes[keep], scores[keep]
         if len(boxes):
@@ -211,7 +216,7 @@ class OnnxDetector(ABC):
             ok = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
             boxes, scores = boxes[ok], scores[ok]
         return Detections(boxes=boxes.astype(np.float32), scores=scores.astype(np.float32),
-                          labels=(self.label,) * len(boxes))
+                          labels=(label,) * len(boxes))
 
 def bgr_planar(batch: np.ndarray) -> np.ndarray:
     """NHWC uint8 BGR -> NCHW float32 BGR 0-255."""

@@ -2,10 +2,12 @@
 
 A loop thread collects jobs from the per-stream queues (up to ``max_batch``, waiting at most
 ``max_wait_s`` for a batch to fill, round robin so no stream starves the others) and hands each
-batch to an inference worker thread that owns the detector. The loop waits for the worker with
-a timeout: a run that raises or hangs fails its frames (the redaction stage blanks them), the
-worker is abandoned and a fresh detector is built in a new one, and until it is ready frames are
-failed at once, so outputs stay live and blank rather than frozen or, worse, unredacted.
+batch to a worker that owns the detector, keeping up to ``inflight`` batches there at once (on a
+GPU the next one is prepared while the current one runs). Batches are resolved in order, each
+with a timeout: a run that raises or hangs fails its frames and every other batch on that worker
+(the redaction stage blanks them), the worker is abandoned and a fresh detector is built in a new
+one, and until it is ready frames are failed at once, so outputs stay live and blank rather than
+frozen or, worse, unredacted.
 """
 
 from __future__ import annotations

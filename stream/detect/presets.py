@@ -12,11 +12,14 @@ from typing import Any
 
 from stream.detect.ensemble import DetectorConfig, ModelConfig
 
+VEHICLE_PLATES_PX = 200.0
+"""vehicles up to this tall get a plate mask when no plate is found on them (0: off)"""
+
 PRESETS: dict[str, dict[str, object]] = {
     "accurate": {"face_model": "centerface", "input_size": 960, "plate_size": 960,
-                 "plate_every": 1, "person_every": 1},
+                 "plate_every": 1, "person_every": 1, "vehicle_plates": VEHICLE_PLATES_PX},
     "fast": {"face_model": "yunet", "input_size": 640, "plate_size": 640,
-             "plate_every": 3, "person_every": 3},
+             "plate_every": 3, "person_every": 3, "vehicle_plates": VEHICLE_PLATES_PX},
 }
 FACE_THRESHOLDS = {"centerface": 0.35, "yunet": 0.5}
 
@@ -25,6 +28,7 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
                     face_threshold: float | None = None, plate_threshold: float | None = None,
                     input_size: int | None = None, plate_every: int | None = None,
                     person_every: int | None = None, plates: bool = True, heads: bool = True,
+                    vehicle_plates: float | None = None,
                     providers: Sequence[str] = ("cuda", "cpu"), threads: int = 0,
                     model_dir: Path | None = None, **runtime: Any) -> DetectorConfig:
     """A preset with the options given explicitly taking precedence over it.
@@ -33,6 +37,7 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
     device_preprocess): fields of :class:`DetectorConfig` that do not change what is detected.
     """
     p = PRESETS[preset]
+    vp = float(p["vehicle_plates"]) if vehicle_plates is None else vehicle_plates  # type: ignore[arg-type]
     face_model = face_model or str(p["face_model"])
     size = input_size or int(p["input_size"])  # type: ignore[call-overload]
     plate_size = input_size or int(p["plate_size"])  # type: ignore[call-overload]
@@ -46,6 +51,7 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
         cfg.plate.threshold = plate_threshold or cfg.plate.threshold
         cfg.plate.input_size = plate_size
         cfg.plate.every = plate_every or int(p["plate_every"])  # type: ignore[call-overload]
+    cfg.plate_max_vehicle_px = vp or None
     if not heads:
         cfg.person_heads = None
     elif cfg.person_heads is not None:
