@@ -205,9 +205,9 @@ class OnnxDetector(ABC):
         return self._boxes(boxes, scores, place, shape, self.label)
 
     def _boxes(self, boxes: np.ndarray, scores: np.ndarray, place: Placement, shape: tuple,
-               label: str) -> Detections:
+               label: str, threshold: float | None = None) -> Detections:
         """Canvas boxes above the threshold, NMS'd, mapped back to the source frame and clipped."""
-        keep = scores >= self.threshold
+        keep = scores >= (self.threshold if threshold is None else threshold)
         boxes, scores = boxes[keep], scores[keep]
         if len(boxes):
             k = nms(boxes, scores, self.nms_iou)

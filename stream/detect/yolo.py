@@ -35,6 +35,8 @@ class PlateYolo(YoloV8):
 
 VEHICLE_CLASSES = (2, 3, 5, 7)
 """COCO car, motorcycle, bus, truck"""
+VEHICLE_THRESHOLD = 0.2
+"""lower than for people: a vehicle only places a plate mask, and distant cars score 0.2-0.3"""
 
 
 class PersonYolo(YoloV8):
@@ -45,9 +47,11 @@ class PersonYolo(YoloV8):
     label = "person"
     per_shape = True
 
-    def __init__(self, *args: object, vehicles: bool = False, **kw: object) -> None:
+    def __init__(self, *args: object, vehicles: bool = False, vehicle_threshold: float = VEHICLE_THRESHOLD,
+                 **kw: object) -> None:
         super().__init__(*args, **kw)  # type: ignore[arg-type]
         self.vehicles = vehicles
+        self.vehicle_threshold = vehicle_threshold
 
     def reshape_model(self, model: onnx.ModelProto, height: int, width: int) -> onnx.ModelProto:
         last = max(VEHICLE_CLASSES) if self.vehicles else self.class_index
@@ -59,10 +63,10 @@ class PersonYolo(YoloV8):
             return people
         out = outputs[0][i]
         scores = out[[4 + c for c in VEHICLE_CLASSES]].max(axis=0)
-        sel = np.flatnonzero(scores >= self.threshold)
+        sel = np.flatnonzero(scores >= self.vehicle_threshold)
         cx, cy, w, h = out[:4, sel]
         boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
-        cars = self._boxes(boxes, scores[sel], place, shape, "vehicle")
+        cars = self._boxes(boxes, scores[sel], place, shape, "vehicle", self.vehicle_threshold)
         return Detections.concat([people, cars])
 
 
