@@ -17,6 +17,20 @@ from stream.detect.detections import Detections
 from stream.detect.nms import iou_matrix
 
 
+def predict(box: np.ndarray, velocity: np.ndarray, frames: int) -> np.ndarray:
+    """``box`` moved ``frames`` on: its centre at the tracked velocity, its size only ever growing.
+
+    Detected boxes of one object vary in size from frame to frame by several pixels, and more
+    when it is partly occluded for a moment. Extrapolated, that noise reads as shrinking and,
+    over the frames a box coasts, pulls its edges inside the object or turns the box inside out.
+    An object that really moves away gets a slightly larger mask than needed, never a smaller one.
+    """
+    v = velocity
+    centre = (box[:2] + box[2:]) / 2 + (v[:2] + v[2:]) / 2 * frames
+    half = (box[2:] - box[:2]) / 2 + np.maximum(v[2:] - v[:2], 0) / 2 * frames
+    return np.concatenate([centre - half, centre + half]).astype(np.float32)
+
+
 @dataclass
 class TrackerConfig:
     max_coast: int = 12
@@ -80,7 +94,7 @@ class Tracker:
         self.ended = []
         elapsed = max(1, int(elapsed))
         for t in self.tracks:  # predict every track to this frame
-            t.box = (t.box + t.velocity * elapsed).astype(np.float32)
+            t.box = predict(t.box, t.velocity, elapsed)
             t.frames += elapsed
             t.coast_frames += elapsed
         matched_t: set[int] = set()

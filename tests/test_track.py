@@ -246,3 +246,19 @@ def test_dropped_frames_move_and_grow_the_coasted_box_by_the_frames_that_passed(
     assert contains(out.boxes[0], truth), f"{out.boxes[0].round(1)} misses {truth}"
     stale = naive.update(Detections()).boxes[0]
     assert not contains(stale, truth), "told nothing of the gap, the box lags behind the object"
+
+
+def test_size_noise_between_detections_never_shrinks_a_coasted_box() -> None:
+    """Two detections of a still object whose boxes happen to differ by 20 px (detector jitter, or
+    a moment of occlusion), then missed: extrapolated, that shrink would turn the box inside out."""
+    t = Tracker(TrackerConfig(max_coast=12))
+    t.update(dets((100, 100, 160, 160), label="plate"))
+    t.update(dets((110, 110, 150, 150), label="plate"))
+    for missed in range(1, 6):
+        box = t.update(Detections()).boxes[0]
+        assert contains(box, (110, 110, 150, 150)), f"missed {missed}: {box.round(1)}"
+    moving_away = Tracker(TrackerConfig(max_coast=12))  # a growing box still grows
+    moving_away.update(dets((100, 100, 140, 140)))
+    moving_away.update(dets((95, 95, 145, 145)))
+    box = moving_away.update(Detections()).boxes[0]
+    assert contains(box, (90, 90, 150, 150))
