@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -72,6 +72,20 @@ class Split:
 
     def __call__(self, images: list[np.ndarray], seqs: list[int | None]) -> list[Detections]:
         return self.complete(self.prepare(images, seqs))
+
+
+def first_one(configure: Callable[[Split], None]) -> tuple[Callable[[], Split], list[Split]]:
+    """A detector factory whose first detector is set up by ``configure``; rebuilt ones are plain."""
+    built: list[Split] = []
+
+    def factory() -> Split:
+        d = Split()
+        if not built:
+            configure(d)
+        built.append(d)
+        return d
+
+    return factory, built
 
 
 @pytest.fixture
@@ -142,17 +156,12 @@ def test_results_stay_with_their_frames_with_two_in_flight() -> None:
 
 
 def test_an_error_fails_every_batch_in_flight_closed(released: list[threading.Event]) -> None:
-    built: list[Split] = []
+    def fails(d: Split) -> None:
+        d.hold.clear()
+        released.append(d.hold)
+        d.fail_complete = RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    def factory() -> Split:
-        d = Split()
-        if not built:
-            d.hold.clear()
-            released.append(d.hold)
-            d.fail_complete = RuntimeError("CUDA error: an illegal memory access was encountered")
-        built.append(d)
-        return d
-
+    factory, built = first_one(fails)
     b, m, q = make(factory, max_batch=1, max_wait_s=0.0, inflight=2)
     try:
         first, second = job("s0", 1), job("s0", 2)
@@ -179,16 +188,11 @@ def test_an_error_fails_every_batch_in_flight_closed(released: list[threading.Ev
 
 
 def test_a_hang_fails_every_batch_in_flight_closed_in_time(released: list[threading.Event]) -> None:
-    built: list[Split] = []
+    def hangs(d: Split) -> None:
+        d.hang = threading.Event()
+        released.append(d.hang)
 
-    def factory() -> Split:
-        d = Split()
-        if not built:
-            d.hang = threading.Event()
-            released.append(d.hang)
-        built.append(d)
-        return d
-
+    factory, _ = first_one(hangs)
     b, m, q = make(factory, max_batch=1, max_wait_s=0.0, inflight=2, hang_timeout_s=0.3)
     try:
         first, second = job("s0", 1), job("s0", 2)
@@ -210,15 +214,10 @@ def test_a_hang_fails_every_batch_in_flight_closed_in_time(released: list[thread
 
 
 def test_a_batch_that_cannot_be_prepared_fails_closed() -> None:
-    built: list[Split] = []
+    def fails(d: Split) -> None:
+        d.fail_prepare = RuntimeError("CUDA error: out of memory")
 
-    def factory() -> Split:
-        d = Split()
-        if not built:
-            d.fail_prepare = RuntimeError("CUDA error: out of memory")
-        built.append(d)
-        return d
-
+    factory, _ = first_one(fails)
     b, m, q = make(factory, max_batch=1, max_wait_s=0.0, inflight=2)
     try:
         first = job("s0", 1)
