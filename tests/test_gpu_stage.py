@@ -104,7 +104,11 @@ def test_auto_backend_prefers_onnxruntime_and_uses_torch_only_when_it_alone_reac
     assert choose_backend("torch", ["cpu"]) == "torch"
 
 
-def test_gpu_providers_fall_back_to_cpu_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+def test_gpu_providers_fall_back_to_cpu_with_a_warning(caplog: pytest.LogCaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from stream.detect import runtime
+
+    monkeypatch.setattr(runtime, "_warned", set())  # warned once per process: any earlier test may have
     model = make_dynamic(onnx.load(str(model_path("yunet"))))
     with caplog.at_level(logging.WARNING):
         b = make_backend(model, "onnxruntime", ["tensorrt", "cuda", "cpu"])

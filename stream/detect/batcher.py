@@ -87,7 +87,6 @@ class _Worker:
         self._prepare: Callable[[list[np.ndarray], list[int | None]], Any] | None = None
         self.name = name
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.prep_thread: threading.Thread | None = None
         self.thread.start()
 
     def submit(self, call: _Call) -> None:
@@ -130,9 +129,7 @@ class _Worker:
         complete = getattr(self.detector, "complete", None)
         prepare = getattr(self.detector, "prepare", None)
         self._prepare = prepare if complete is not None else None
-        self.prep_thread = threading.Thread(target=self._prepare_loop, name=f"{self.name}-prepare",
-                                            daemon=True)
-        self.prep_thread.start()
+        threading.Thread(target=self._prepare_loop, name=f"{self.name}-prepare", daemon=True).start()
         self.ready = True
         self._on_ready(self, None)
         while (item := self._next(self._prepared)) is not None:
@@ -330,10 +327,14 @@ class Batcher:
         worker.submit(call)
 
     def _reap(self) -> None:
-        """Resolve the batches in flight that are done, oldest first; fail a hung one closed."""
+        """Resolve the batches in flight that are done, oldest first; fail a broken one closed."""
         while self._flights:
             oldest = self._flights[0]
-            if oldest.call.done.is_set():
+            error = oldest.call.error if oldest.call.done.is_set() else None
+            if error is not None:
+                self._abort(oldest.worker, Failure.DETECTOR_ERROR,
+                            f"detector raised {type(error).__name__}: {error}", "error")
+            elif oldest.call.done.is_set():
                 self._flights.popleft()
                 if self._flights:  # the next one now has the detector to itself
                     self._flights[0].deadline = time.monotonic() + self.hang_timeout_s
@@ -346,15 +347,6 @@ class Batcher:
 
     def _settle(self, flight: _Flight) -> None:
         call, live, worker = flight.call, flight.jobs, flight.worker
-        if call.error is not None:
-            error = call.error
-            self._fail(live, Failure.DETECTOR_ERROR, f"detector raised {type(error).__name__}: {error}")
-            if worker is self._worker:
-                self._abort(worker, Failure.DETECTOR_ERROR, None, "error")
-            return
-        if worker is not self._worker:  # from a detector abandoned meanwhile: not trusted
-            self._fail(live, Failure.DETECTOR_UNAVAILABLE, None)
-            return
         self.metrics.inference_seconds.observe(call.finished - call.started)
         self.metrics.batch_size.observe(len(live))
         self.metrics.batch_fill.observe(len(live) / self.max_batch)
@@ -370,15 +362,11 @@ class Batcher:
             job.resolve(detections=dets)
 
     def _abort(self, worker: _Worker, why: Failure, detail: str | None, reason: str) -> None:
-        """A detector that raised or hung: every batch still in flight on it fails closed (a CUDA
-        error leaves the device's state in doubt) and a fresh detector is scheduled."""
-        mine = [f for f in self._flights if f.worker is worker]
-        self._flights = deque(f for f in self._flights if f.worker is not worker)
-        if self._flights:
-            self._flights[0].deadline = min(self._flights[0].deadline,
-                                            time.monotonic() + self.hang_timeout_s)
-        for f in mine:
-            self._fail(f.jobs, why, detail)
+        """A detector that raised or hung: every batch in flight (all of them on this worker) fails
+        closed, since a CUDA error leaves the device's state in doubt, and a fresh detector is
+        scheduled."""
+        while self._flights:
+            self._fail(self._flights.popleft().jobs, why, detail)
         self._replace(worker, reason)
 
     def _count_transfers(self, detector: Detect | None) -> None:
@@ -425,8 +413,6 @@ class Batcher:
     # -- recovery --------------------------------------------------------------------------------
     def _replace(self, worker: _Worker, reason: str) -> None:
         """Abandon a worker that raised or hung and schedule a fresh detector."""
-        if worker is not self._worker:
-            return  # already replaced
         worker.abandon()
         if worker.thread.is_alive():
             self._abandoned.append(worker)

@@ -84,8 +84,9 @@ class SideStream:
 
     With two batches in flight one thread prepares the next batch while another runs the current
     one; on separate streams the copy and the resize kernels overlap the inference instead of
-    queueing behind it. ``done`` waits (on the preparing thread only) until the prepared tensors
-    are complete, so the running thread and ONNX Runtime's own stream can use them at once.
+    queueing behind it. Leaving the ``with`` block waits (on the preparing thread only) until the
+    prepared tensors are complete, so the running thread and ONNX Runtime's own stream can use
+    them at once.
     On CPU all of this is a no-op.
     """
 

@@ -83,7 +83,7 @@ def plates_from_vehicles(vehicles: Detections, plates: Detections, max_height: f
 
     A car 60-200 px tall carries a plate of 5-15 px, which no plate model here detects. Where it
     sits depends on the view (front, rear, three-quarter): on the development footage its centre
-    was at 20-60% of the vehicle's width and 26-70% of its height. The mask (an ellipse, enlarged
+    was at 20-60% of the vehicle's width and 26-70% of its height. The mask (a rectangle, enlarged
     by the plate mask scale) is drawn on the middle of the vehicle, 15-85% across and 25-80% down,
     which covered every such plate; a vehicle that already has a detected plate inside gets none.
     """

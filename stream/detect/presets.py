@@ -13,13 +13,13 @@ from typing import Any
 from stream.detect.ensemble import DetectorConfig, ModelConfig
 
 VEHICLE_PLATES_PX = 200.0
-"""vehicles up to this tall get a plate mask when no plate is found on them (0: off)"""
+"""vehicles up to this tall get a plate mask when no plate is found on them (both presets; 0: off)"""
 
 PRESETS: dict[str, dict[str, object]] = {
     "accurate": {"face_model": "centerface", "input_size": 960, "plate_size": 960,
-                 "plate_every": 1, "person_every": 1, "vehicle_plates": VEHICLE_PLATES_PX},
+                 "plate_every": 1, "person_every": 1},
     "fast": {"face_model": "yunet", "input_size": 640, "plate_size": 640,
-             "plate_every": 3, "person_every": 3, "vehicle_plates": VEHICLE_PLATES_PX},
+             "plate_every": 3, "person_every": 3},
 }
 FACE_THRESHOLDS = {"centerface": 0.35, "yunet": 0.5}
 
@@ -37,7 +37,7 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
     device_preprocess): fields of :class:`DetectorConfig` that do not change what is detected.
     """
     p = PRESETS[preset]
-    vp = float(p["vehicle_plates"]) if vehicle_plates is None else vehicle_plates  # type: ignore[arg-type]
+    vp = VEHICLE_PLATES_PX if vehicle_plates is None else vehicle_plates
     face_model = face_model or str(p["face_model"])
     size = input_size or int(p["input_size"])  # type: ignore[call-overload]
     plate_size = input_size or int(p["plate_size"])  # type: ignore[call-overload]

@@ -11,6 +11,12 @@ from stream.detect.detections import Detections
 from stream.detect.letterbox import Placement
 
 
+def corners(out: np.ndarray, sel: np.ndarray) -> np.ndarray:
+    """x1, y1, x2, y2 of the anchors ``sel`` from a YOLOv8 head's cx, cy, w, h rows."""
+    cx, cy, w, h = out[:4, sel]
+    return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+
+
 class YoloV8(OnnxDetector):
     """Output (N, 4 + classes, anchors): cx, cy, w, h then one score per class, no objectness."""
 
@@ -23,9 +29,7 @@ class YoloV8(OnnxDetector):
         out = outputs[0][index]
         score = out[4 + self.class_index]
         sel = np.flatnonzero(score >= self.threshold)
-        cx, cy, w, h = out[:4, sel]
-        boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
-        return boxes, score[sel]
+        return corners(out, sel), score[sel]
 
 
 class PlateYolo(YoloV8):
@@ -47,11 +51,9 @@ class PersonYolo(YoloV8):
     label = "person"
     per_shape = True
 
-    def __init__(self, *args: object, vehicles: bool = False, vehicle_threshold: float = VEHICLE_THRESHOLD,
-                 **kw: object) -> None:
+    def __init__(self, *args: object, vehicles: bool = False, **kw: object) -> None:
         super().__init__(*args, **kw)  # type: ignore[arg-type]
         self.vehicles = vehicles
-        self.vehicle_threshold = vehicle_threshold
 
     def reshape_model(self, model: onnx.ModelProto, height: int, width: int) -> onnx.ModelProto:
         last = max(VEHICLE_CLASSES) if self.vehicles else self.class_index
@@ -63,10 +65,8 @@ class PersonYolo(YoloV8):
             return people
         out = outputs[0][i]
         scores = out[[4 + c for c in VEHICLE_CLASSES]].max(axis=0)
-        sel = np.flatnonzero(scores >= self.vehicle_threshold)
-        cx, cy, w, h = out[:4, sel]
-        boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
-        cars = self._boxes(boxes, scores[sel], place, shape, "vehicle", self.vehicle_threshold)
+        sel = np.flatnonzero(scores >= VEHICLE_THRESHOLD)
+        cars = self._boxes(corners(out, sel), scores[sel], place, shape, "vehicle", VEHICLE_THRESHOLD)
         return Detections.concat([people, cars])
 
 
