@@ -9,18 +9,34 @@ objects of at most ``MAX_BODY`` bytes; every failure is a 4xx with ``{"error": .
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
+import os
+import re
+import socket
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import numpy as np
 from aiohttp import web
 from pydantic import ValidationError
 
 from stream import __version__
 from stream import shard as sharding
 from stream.auth import Tokens
-from stream.config import StreamConfig, format_errors
-from stream.pipeline import Pipeline
+from stream.config import (
+    MAX_DEPTH,
+    ApiConfig,
+    FileOutput,
+    RtspOutput,
+    RtspSource,
+    StreamConfig,
+    format_errors,
+)
+from stream.httpbody import BodyTooLarge, read_limited
+from stream.pipeline import Pipeline, StreamLimit
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +45,7 @@ PROTECTED = ("/api/", "/whip/", "/whep/")
 TOKENS = web.AppKey("tokens", Tokens)
 PIPE = web.AppKey("api_pipeline", Pipeline)
 ALLOW_FILES = web.AppKey("allow_file_sources", bool)
+ADDING = web.AppKey("adding", asyncio.Lock)
 
 
 def error(status: int, message: str, **extra: Any) -> web.Response:
@@ -53,16 +70,35 @@ def protect(*prefixes: str) -> Any:
     return middleware
 
 
+def json_depth(raw: bytes) -> int:
+    """How deep the brackets of a JSON text nest (strings skipped), without parsing it: a deep
+    ``[[[...`` would exhaust the parser's recursion before any size check could help."""
+    if not raw:
+        return 0
+    unescaped = re.sub(rb"\\.", b"", raw, flags=re.DOTALL)  # \" and \\ never open or close a string
+    b = np.frombuffer(unescaped, dtype=np.uint8)
+    quote = b == ord('"')
+    inside = (np.cumsum(quote) - quote) % 2 == 1
+    step = np.where(inside, 0, np.isin(b, (ord("["), ord("{"))).astype(np.int64)
+                    - np.isin(b, (ord("]"), ord("}"))).astype(np.int64))
+    return int(np.cumsum(step).max(initial=0))
+
+
 async def _json_body(request: web.Request) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=request.content_length)
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=len(raw))
+    try:
+        raw = await read_limited(request, MAX_BODY)
+    except BodyTooLarge:
+        raise _Bad(413, f"body larger than {MAX_BODY} bytes; a stream definition is a few hundred") from None
+    if b"${" in raw:
+        raise _Bad(400, "'${' is not allowed in API requests: environment variables are expanded only in the "
+                        "config file; write the value itself")
+    if json_depth(raw) > MAX_DEPTH:
+        raise _Bad(400, f"body nests deeper than {MAX_DEPTH} levels; a stream definition needs about 4")
     try:
         body = json.loads(raw or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8" if isinstance(
+            e, UnicodeDecodeError) else "nested too deeply"
         raise _Bad(400, f"body is not valid JSON ({why}); send a JSON object") from None
     if not isinstance(body, dict):
         raise _Bad(400, "body must be a JSON object describing the stream: {\"id\": ..., \"source\": {...}}")
@@ -88,21 +124,106 @@ async def get_stream(request: web.Request) -> web.Response:
     return web.json_response(runner.status())
 
 
+def _in_output_dir(body: dict[str, Any], api: ApiConfig) -> dict[str, Any]:
+    """Relative file-output paths of an API body, taken relative to ``api.file_output_dir``."""
+    outputs = body.get("outputs")
+    if api.file_output_dir is None or not isinstance(outputs, list):
+        return body
+    fixed = []
+    for o in outputs:
+        if isinstance(o, dict) and o.get("type") == "file" and isinstance(o.get("path"), str) \
+                and not os.path.isabs(o["path"]):
+            o = {**o, "path": str(api.file_output_dir / o["path"])}
+        fixed.append(o)
+    return {**body, "outputs": fixed}
+
+
+def _file_output_problem(cfg: StreamConfig, api: ApiConfig, p: Pipeline) -> tuple[int, str] | None:
+    """Why an API stream may not write its file outputs, or None: only under the one configured
+    folder, never over an existing file, never where another stream (config ones too) records."""
+    outputs = [o for o in cfg.outputs if isinstance(o, FileOutput)]
+    if not outputs:
+        return None
+    if not api.allow_file_outputs or api.file_output_dir is None:
+        return 403, ("file outputs cannot be added through the API (api.allow_file_outputs is off); add "
+                     "an rtsp output, or the recording in the config")
+    root = Path(os.path.realpath(api.file_output_dir))
+    mine = cfg.file_paths()
+    if len(set(mine)) < len(mine):
+        return 409, "two file outputs of this stream name the same file; give each its own path"
+    taken = {path: s.id for s in [*p.config.streams, *(r.config for r in list(p.streams.values()))]
+             for path in s.file_paths()}
+    for o, path in zip(outputs, mine, strict=True):
+        if path.parent != root and root not in path.parents:
+            return 403, (f"file output {o.path.name!r} is outside api.file_output_dir; give a file name "
+                         "(it is written there)")
+        if os.path.lexists(o.path) or os.path.lexists(path):
+            return 409, f"file output {path.name!r} exists already; API recordings never overwrite a file"
+        if path in taken:
+            return 409, (f"file output {path.name!r} is stream {taken[path]!r}'s recording; choose another "
+                         "name")
+    return None
+
+
+def _allowed(addr: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip.version == n.version and ip in n for n in networks)
+
+
+async def _host_problem(cfg: StreamConfig, api: ApiConfig) -> str | None:
+    """Why this worker may not connect where an API stream says (api.allowed_source_networks)."""
+    urls = [x.url for x in (cfg.source, *cfg.outputs) if isinstance(x, RtspSource | RtspOutput)]
+    if not urls:
+        return None
+    names = {e.lower().rstrip(".") for e in api.allowed_source_networks if "/" not in e and not _is_ip(e)}
+    networks = [ipaddress.ip_network(e, strict=False) for e in api.allowed_source_networks
+                if "/" in e or _is_ip(e)]
+    loop = asyncio.get_running_loop()
+    for url in urls:
+        host = (urlsplit(url).hostname or "").rstrip(".")
+        if host.lower() in names:
+            continue
+        if _is_ip(host):
+            addrs = [host]
+        else:
+            try:
+                infos = await asyncio.wait_for(loop.getaddrinfo(host, None, type=socket.SOCK_STREAM), 5)
+            except (OSError, TimeoutError):
+                return f"host {host!r} does not resolve; check the name or use an IP address"
+            addrs = sorted({str(info[4][0]) for info in infos})
+        refused = [a for a in addrs if not _allowed(a, networks)]
+        if refused:
+            return (f"{host} ({', '.join(refused)}) is outside api.allowed_source_networks; API streams may "
+                    "only reach the networks listed there (add the camera's network or name to it)")
+    return None
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
 async def add_stream(request: web.Request) -> web.Response:
+    p = request.app[PIPE]
+    api = p.config.api
     try:
         body = await _json_body(request)
     except _Bad as e:
         return error(e.status, str(e))
-    except web.HTTPRequestEntityTooLarge:
-        return error(413, f"body larger than {MAX_BODY} bytes")
     try:
-        cfg = StreamConfig.model_validate(body)
+        cfg = StreamConfig.model_validate(_in_output_dir(body, api))
     except ValidationError as e:
         return error(400, "invalid stream", details=format_errors(e).split("\n  "))
+    except RecursionError:
+        return error(400, f"body nests deeper than {MAX_DEPTH} levels")
     if cfg.source.type == "file" and not request.app[ALLOW_FILES]:
         return error(403, "file sources cannot be added through the API (api.allow_file_sources is off); "
                           "add an rtsp source, or the file in the config")
-    p = request.app[PIPE]
     shard = p.shard
     if shard is not None and not shard.owns(cfg.id):  # every stream runs on exactly one worker
         return error(421, f"stream {cfg.id!r} belongs to {shard.owner_name(cfg.id)}, not to this worker "
@@ -111,11 +232,22 @@ async def add_stream(request: web.Request) -> web.Response:
     if cfg.id in p.streams:
         return error(409, f"stream {cfg.id!r} already exists; DELETE /api/streams/{cfg.id} first or use "
                           "another id")
+    why_host = await _host_problem(cfg, api)
+    if why_host is not None:
+        return error(403, why_host)
     loop = asyncio.get_running_loop()
-    try:
-        runner = await loop.run_in_executor(None, p.add_stream, cfg)
-    except ValueError as e:
-        return error(409, str(e))
+    async with request.app[ADDING]:  # the output-path check and the add are one step
+        why_file = _file_output_problem(cfg, api, p)
+        if why_file is not None:
+            return error(*why_file)
+        try:
+            runner = await loop.run_in_executor(None, lambda: p.add_stream(cfg, limit=api.max_streams))
+        except StreamLimit as e:
+            resp = error(429, str(e))
+            resp.headers["Retry-After"] = "10"
+            return resp
+        except ValueError as e:
+            return error(409, str(e))
     log.info("stream %s added through the API", cfg.id)
     resp = web.json_response(runner.status(), status=201)
     resp.headers["Location"] = f"/api/streams/{cfg.id}"
@@ -168,7 +300,7 @@ def openapi_document() -> dict[str, Any]:
                          "responses": {"201": {"description": "added", "content": {"application/json": {
                              "schema": status}}},
                              "400": err, "401": err, "403": err, "409": err, "413": err,
-                             "421": err}},
+                             "421": err, "429": err}},
             },
             "/api/streams/{stream_id}": {
                 "parameters": [sid_param],
@@ -197,6 +329,7 @@ def add_routes(app: web.Application, pipeline: Pipeline, tokens: Tokens, allow_f
     app[PIPE] = pipeline
     app[TOKENS] = tokens
     app[ALLOW_FILES] = allow_file_sources
+    app[ADDING] = asyncio.Lock()
     app.middlewares.append(protect(*PROTECTED))
     app.router.add_get("/api/streams", list_streams)
     app.router.add_post("/api/streams", add_stream)

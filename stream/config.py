@@ -8,6 +8,7 @@ leaking or stalling in production.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -23,7 +24,11 @@ from stream.redact import RedactConfig, Style
 from stream.track import TrackerConfig
 from stream.urls import mask_url
 
-STREAM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+STREAM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""matched whole (``fullmatch``): ``$`` would let a trailing newline through into headers and metrics"""
+MAX_DEPTH = 32
+"""deepest nesting a config document or API body may have (the real schema needs 5)"""
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
 
 
 class _Model(BaseModel):
@@ -31,23 +36,66 @@ class _Model(BaseModel):
 
 
 _UNSET_VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
+_URL_KEYS = ("url",)
+"""the only values where ``${VAR}`` is expanded, and only when they come from the config file"""
 
 
 def _rtsp_url(value: str) -> str:
-    value = os.path.expandvars(value)
-    unset = _UNSET_VAR.search(value)
-    if unset:
-        raise ValueError(f"environment variable {unset.group(1)} is not set; export it or write the value")
     parts = urlsplit(value)
     if parts.scheme not in ("rtsp", "rtsps"):
         raise ValueError(f"{mask_url(value)!r} is not an RTSP URL; write rtsp://host[:port]/path")
+    if "@" in parts.path + parts.query + parts.fragment or "#" in value:
+        raise ValueError(f"{mask_url(value)!r} cannot be read unambiguously: a user name or password holding "
+                         "'/', '#', '?' or '@' must be percent-encoded (%2F, %23, %3F, %40)")
     if not parts.hostname:
         raise ValueError(f"{mask_url(value)!r} has no host; write rtsp://host[:port]/path")
     try:
-        parts.port  # noqa: B018 (raises on a bad port)
+        port = parts.port
     except ValueError:
+        port = 0
+    if port == 0:
         raise ValueError(f"{mask_url(value)!r} has a bad port; use 1-65535") from None
     return value
+
+
+def expand_env(data: Any, where: str = "") -> Any:
+    """Expand ``${VAR}`` / ``$VAR`` in the URLs of a config document (never in API bodies).
+
+    Only the config file may name environment variables: its author is the operator. An unset
+    variable is an error naming the key, so a typo does not reach a camera as a literal."""
+    if isinstance(data, dict):
+        out = {}
+        for k, v in data.items():
+            at = f"{where}.{k}" if where else str(k)
+            out[k] = _expand_one(v, at) if k in _URL_KEYS and isinstance(v, str) else expand_env(v, at)
+        return out
+    if isinstance(data, list):
+        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(data)]
+    return data
+
+
+def _expand_one(value: str, where: str) -> str:
+    expanded = os.path.expandvars(value)
+    unset = _UNSET_VAR.search(expanded)
+    if unset:
+        raise UserError(f"{where}: environment variable {unset.group(1)} is not set; export it or write the "
+                        "value", exit_code=2)
+    return expanded
+
+
+def nesting_depth(data: Any, limit: int = MAX_DEPTH) -> int:
+    """How deep ``data`` nests (iteratively, stopping past ``limit``): no recursion to exhaust."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, dict | list):
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 class Reconnect(_Model):
@@ -155,9 +203,13 @@ class StreamConfig(_Model):
     @field_validator("id")
     @classmethod
     def _id(cls, v: str) -> str:
-        if not STREAM_ID.match(v):
+        if not STREAM_ID.fullmatch(v):
             raise ValueError(f"{v!r} is not a valid stream id; use 1-64 letters, digits, '_', '.', '-'")
         return v
+
+    def file_paths(self) -> list[Path]:
+        """Where this stream's file outputs write, resolved (two streams must never share one)."""
+        return [Path(os.path.realpath(o.path)) for o in self.outputs if isinstance(o, FileOutput)]
 
 
 class BatcherConfig(_Model):
@@ -246,9 +298,28 @@ class RedactionConfig(_Model):
         return TrackerConfig(max_coast=self.coast)
 
 
+_HOSTNAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
+                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
+def _host(v: str) -> str:
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        if not _HOSTNAME.fullmatch(v):
+            raise ValueError(f"{v!r} is neither an IP address nor a host name; write e.g. 127.0.0.1, 0.0.0.0 "
+                             "or worker-1.example.org") from None
+    return v
+
+
 class HttpConfig(_Model):
     host: str = Field("127.0.0.1", description="address for /metrics and health; 0.0.0.0 to expose it")
     port: int = Field(9108, ge=0, le=65535, description="0 picks a free port")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        return _host(v)
 
 
 class AuthConfig(_Model):
@@ -259,10 +330,87 @@ class AuthConfig(_Model):
     tokens_file: Path | None = Field(None, description="file with one token per line (e.g. a mounted secret)")
 
 
+DEFAULT_SOURCE_NETWORKS = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                           "100.64.0.0/10", "fc00::/7", "fe80::/10")
+"""loopback and private ranges: where cameras, VMSs and media servers of a control room live"""
+
+
 class ApiConfig(_Model):
     allow_file_sources: bool = Field(
         False, description="let API clients add `file` sources; off, since a file source reads any local "
                            "video the process can read")
+    allow_file_outputs: bool = Field(
+        False, description="let API clients add `file` outputs (recordings); they are written only under "
+                           "api.file_output_dir, never over an existing file or another stream's output")
+    file_output_dir: Path | None = Field(
+        None, description="the one folder API-added recordings go to (needed by allow_file_outputs); a "
+                          "relative output path in an API request is taken relative to it")
+    max_streams: int = Field(64, ge=1, le=10_000,
+                             description="most streams this worker runs (config and API together); "
+                                         "an API add beyond it gets 429")
+    allowed_source_networks: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_SOURCE_NETWORKS),
+        description="hosts API clients may make this worker connect to (RTSP sources and outputs added "
+                    "through the API): CIDRs (10.0.0.0/8) or host names; a name in a URL must resolve "
+                    "into these networks or be listed itself. Default: loopback and private ranges; "
+                    "'0.0.0.0/0' and '::/0' allow any. Config streams are not limited")
+
+    @field_validator("allowed_source_networks")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                if not _HOSTNAME.fullmatch(entry):
+                    raise ValueError(f"{entry!r} is neither a CIDR network nor a host name; write e.g. "
+                                     "10.0.0.0/8 or cam.example.org") from None
+        return v
+
+    @model_validator(mode="after")
+    def _output_dir(self) -> ApiConfig:
+        if self.allow_file_outputs:
+            if self.file_output_dir is None:
+                raise ValueError("allow_file_outputs needs file_output_dir: the one folder API recordings "
+                                 "may be written to")
+            if not self.file_output_dir.is_dir():
+                raise ValueError(f"file_output_dir {self.file_output_dir} is not a folder; create it or "
+                                 "choose another")
+        return self
+
+
+class WebRtcConfig(_Model):
+    """WHIP/WHEP limits and where WebRTC media may flow (so a firewall can be written for it)."""
+
+    max_viewers_per_stream: int = Field(16, ge=1, le=1000,
+                                        description="WHEP viewers per stream; more get 503")
+    max_viewers: int = Field(64, ge=1, le=10_000,
+                             description="WHEP viewers of this worker in all; more get 503")
+    host_candidates: list[str] | None = Field(
+        None, description="IP addresses offered as ICE host candidates (default: http.host when it is "
+                          "one address, else every interface but loopback)")
+    udp_ports: tuple[int, int] | None = Field(
+        None, description="[first, last] local UDP ports WebRTC media may use (default: any ephemeral)")
+
+    @field_validator("host_candidates")
+    @classmethod
+    def _candidates(cls, v: list[str] | None) -> list[str] | None:
+        for addr in v or ():
+            try:
+                ipaddress.ip_address(addr)
+            except ValueError:
+                raise ValueError(f"{addr!r} is not an IP address; write e.g. 10.0.0.5") from None
+        if v is not None and not v:
+            raise ValueError("give at least one address, or leave host_candidates out")
+        return v
+
+    @field_validator("udp_ports")
+    @classmethod
+    def _ports(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not (1024 <= v[0] <= v[1] <= 65535):
+            raise ValueError(f"{list(v)} is not a port range; write [first, last] with 1024 <= first <= last "
+                             "<= 65535")
+        return v
 
 
 class PipelineConfig(_Model):
@@ -275,16 +423,27 @@ class PipelineConfig(_Model):
     http: HttpConfig = HttpConfig()
     auth: AuthConfig = AuthConfig()
     api: ApiConfig = ApiConfig()
+    webrtc: WebRtcConfig = WebRtcConfig()
     events: EventsConfig = Field(EventsConfig(), description="detection/stream/incident events: jsonl file "
                                                              "or Kafka")
 
     @model_validator(mode="after")
     def _unique(self) -> PipelineConfig:
         seen: set[str] = set()
+        paths: dict[Path, str] = {}
         for s in self.streams:
             if s.id in seen:
                 raise ValueError(f"stream id {s.id!r} is used twice; give each stream its own id")
             seen.add(s.id)
+            for path in s.file_paths():
+                if path in paths:
+                    raise ValueError(f"streams {paths[path]!r} and {s.id!r} both record to {path}; give each "
+                                     "file output its own path")
+                paths[path] = s.id
+        if len(self.streams) > self.api.max_streams:
+            raise ValueError(f"{len(self.streams)} streams are configured but api.max_streams is "
+                             f"{self.api.max_streams}; raise api.max_streams or split the streams over "
+                             "workers")
         gap = max(self.detection.plate_every or 1, self.detection.person_every or 1)
         if self.redaction.coast < gap:
             raise ValueError(f"redaction.coast ({self.redaction.coast}) is shorter than the detector gap "
@@ -326,6 +485,10 @@ def parse_config(data: Any, origin: str = "config", base_dir: Path | None = None
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"{origin}: the top level must be a mapping with a 'streams' list", exit_code=2)
+    if nesting_depth(data) > MAX_DEPTH:
+        raise UserError(f"{origin} nests deeper than {MAX_DEPTH} levels; a stream-redact config needs about "
+                        "5: check its indentation", exit_code=2)
+    data = expand_env(data)  # a config document, never an API body: only its author names variables
     try:
         return PipelineConfig.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as e:
@@ -339,10 +502,16 @@ def load_config(path: Path) -> PipelineConfig:
         raise UserError(f"config file {path} not found; pass an existing YAML file to --config", 2) from None
     except OSError as e:
         raise UserError(f"cannot read config {path}: {e.strerror}", exit_code=2) from None
+    if len(text) > MAX_CONFIG_BYTES:
+        raise UserError(f"config {path} is larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MiB; a config "
+                        "this big is not a stream-redact config", exit_code=2)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise UserError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}", exit_code=2) from None
+    except RecursionError:
+        raise UserError(f"{path} nests too deeply to read; a stream-redact config needs about 5 levels: "
+                        "check its indentation", exit_code=2) from None
     return parse_config(data, origin=str(path), base_dir=path.resolve().parent)

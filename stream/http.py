@@ -7,9 +7,14 @@ whose detector is being rebuilt but does not restart it for that.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from stream.api import MAX_BODY, add_routes
@@ -17,7 +22,11 @@ from stream.auth import Tokens
 from stream.pipeline import Pipeline
 from stream.rtc import RtcGateway
 
+log = logging.getLogger(__name__)
+
 PIPELINE = web.AppKey("pipeline", Pipeline)
+MAX_HEADER_BYTES = 8190
+"""longest request line or header value; aiohttp's own limit, refused here without quoting it"""
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -48,8 +57,9 @@ async def page(request: web.Request) -> web.Response:
         raise web.HTTPNotFound(text="no such page")
     return web.Response(body=(WEB / name).read_bytes(), content_type=PAGES[name],
                         headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+                                 "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
                                  "Content-Security-Policy": "default-src 'self'; media-src 'self' blob:; "
-                                                            "connect-src 'self'"})
+                                                            "connect-src 'self'; frame-ancestors 'none'"})
 
 
 def make_app(pipeline: Pipeline, tokens: Tokens | None = None, allow_file_sources: bool = False,
@@ -68,18 +78,60 @@ def make_app(pipeline: Pipeline, tokens: Tokens | None = None, allow_file_source
     return app
 
 
+class QuietRequestHandler(web.RequestHandler):
+    """A malformed request gets a plain status and reason: aiohttp's own error text quotes the first
+    100 bytes of the offending line, which for an oversized ``Authorization`` header is the token."""
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        if isinstance(exc, LineTooLong):
+            status = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+            why = f"a request line or header is longer than {MAX_HEADER_BYTES} bytes; send shorter headers"
+        else:
+            why = "malformed HTTP request"
+        log.warning("refused a malformed HTTP request from %s (%s)", request.remote, type(exc).__name__)
+        resp = web.Response(status=status, text=f"{int(status)} {HTTPStatus(status).phrase}: {why}\n")
+        resp.force_close()
+        return resp
+
+
+class QuietSite(web.BaseSite):
+    """A TCP site whose connections use :class:`QuietRequestHandler`; knows the port it bound."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int) -> None:
+        super().__init__(runner)
+        self.host, self.port = host, port
+
+    @property
+    def name(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        manager = self._runner.server
+        assert manager is not None, "runner.setup() first"
+
+        def protocol() -> QuietRequestHandler:
+            return QuietRequestHandler(manager, loop=loop, access_log=None, max_line_size=MAX_HEADER_BYTES,
+                                       max_field_size=MAX_HEADER_BYTES)
+
+        self._server = await loop.create_server(protocol, self.host, self.port, reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+
 async def start_http(pipeline: Pipeline, host: str, port: int, tokens: Tokens | None = None,
                      allow_file_sources: bool = False,
                      gateway: RtcGateway | None = None) -> tuple[web.AppRunner, int]:
     """Serve the app; returns the runner (to clean up) and the bound port (``port`` may be 0)."""
     runner = web.AppRunner(make_app(pipeline, tokens, allow_file_sources, gateway), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = QuietSite(runner, host, port)
     try:
         await site.start()
     except OSError as e:
         await runner.cleanup()
         raise OSError(f"cannot listen on {host}:{port} ({e.strerror}); choose another http.port") from None
-    server = site._server
-    bound = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port
-    return runner, bound
+    return runner, site.port

@@ -9,11 +9,12 @@ wait is the only place a frame can leave for an output, which is what makes the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -38,8 +39,13 @@ from stream.sources.base import PushedSource, Source
 from stream.sources.file import FileSource
 from stream.sources.rtsp import RtspSource
 from stream.track import Tracker
+from stream.urls import origins_only
 
 log = logging.getLogger(__name__)
+
+
+class StreamLimit(Exception):
+    """No room for another stream (``api.max_streams``)."""
 
 NOT_OBSERVED = Detections(observed=frozenset())
 """what the tracker is told about a frame that got no detections: nothing was looked for"""
@@ -326,7 +332,9 @@ class StreamRunner:
         name = "stream_redact_frames_dropped_total"
         dropped = sum(sample(m, name, stream=sid, reason=d.value) for d in Drop)
         return {
-            "id": sid, "state": self.state, "error": self.error, "size": self.size,
+            # open (/readyz) and shown on the page: a URL's path or query may carry a token
+            "id": sid, "state": self.state, "error": None if self.error is None else origins_only(self.error),
+            "size": self.size,
             "frames_in": self.seq, "published": self.published, "blanked": self.blanked,
             "dropped": int(dropped), "queue": len(self.queue),
             "latency_ms": None if self._latency_ms is None else round(self._latency_ms, 1),
@@ -352,9 +360,11 @@ class Pipeline:
         self.observers: list[Observer] = []
         self.on_stream_added: list[Callable[[StreamRunner], None]] = []
         """called with each new stream before it starts (WebRTC viewers attach their feed here)"""
-        self.on_stream_removed: list[Callable[[str], None]] = []
-        """told about every stream's frames, states and incidents (events); shared by all streams"""
+        self.on_stream_removed: list[Callable[[StreamRunner], None]] = []
+        """called with each removed stream after it stopped; a hook must act on that runner only,
+        since a stream of the same id may already be on its way back"""
         self._lock = threading.Lock()
+        self._id_locks: dict[str, tuple[threading.Lock, int]] = {}
         self.started = False
         self.gpu_monitor: GpuMonitor | None = None
         self.shard: Shard | None = None
@@ -367,26 +377,54 @@ class Pipeline:
         for s in self.config.streams:
             self.add_stream(s)
 
-    def add_stream(self, config: StreamConfig) -> StreamRunner:
+    @contextlib.contextmanager
+    def _serialised(self, stream_id: str) -> Iterator[None]:
+        """Adds and removals of one id run one at a time, start to finish (others run freely).
+
+        Without it a removal still stopping its runner could forget the metrics and viewers of
+        the stream re-added under the same id meanwhile."""
         with self._lock:
-            if config.id in self.streams:
-                raise ValueError(f"stream {config.id!r} already exists; remove it first or use another id")
-            runner = StreamRunner(config, self.config, self.batcher, self.metrics, observers=self.observers)
-            self.streams[config.id] = runner
-        for hook in list(self.on_stream_added):
-            hook(runner)
-        runner.start()
-        return runner
+            lock, users = self._id_locks.get(stream_id, (threading.Lock(), 0))
+            self._id_locks[stream_id] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                lock, users = self._id_locks[stream_id]
+                if users == 1:
+                    del self._id_locks[stream_id]
+                else:
+                    self._id_locks[stream_id] = (lock, users - 1)
+
+    def add_stream(self, config: StreamConfig, limit: int | None = None) -> StreamRunner:
+        """Start a stream; ValueError if the id is taken, StreamLimit if ``limit`` streams run already."""
+        with self._serialised(config.id):
+            with self._lock:
+                if config.id in self.streams:
+                    raise ValueError(f"stream {config.id!r} already exists; remove it first or use "
+                                     "another id")
+                if limit is not None and len(self.streams) >= limit:
+                    raise StreamLimit(f"{len(self.streams)} streams run already, the most api.max_streams "
+                                      f"({limit}) allows; remove one or raise api.max_streams")
+                runner = StreamRunner(config, self.config, self.batcher, self.metrics,
+                                      observers=self.observers)
+                self.streams[config.id] = runner
+            for hook in list(self.on_stream_added):
+                hook(runner)
+            runner.start()
+            return runner
 
     def remove_stream(self, stream_id: str, timeout: float = 5.0) -> None:
-        with self._lock:
-            runner = self.streams.pop(stream_id, None)
-        if runner is None:
-            raise KeyError(stream_id)
-        runner.stop(timeout)
-        self.metrics.forget_stream(stream_id)
-        for hook in list(self.on_stream_removed):
-            hook(stream_id)
+        with self._serialised(stream_id):
+            with self._lock:
+                runner = self.streams.pop(stream_id, None)
+            if runner is None:
+                raise KeyError(stream_id)
+            runner.stop(timeout)
+            self.metrics.forget_stream(stream_id)
+            for hook in list(self.on_stream_removed):
+                hook(runner)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop every stream in parallel, then the batcher; returns within about ``timeout``."""

@@ -124,6 +124,9 @@ def test_viewer_page_plays_the_redacted_stream(service: Service, browser: object
     size = page.evaluate(f"[document.querySelector('{video}').videoWidth, "
                          f"document.querySelector('{video}').videoHeight]")
     assert size == [320, 240]
+    # the token handed over in the link is kept for the tab and gone from the address bar and history
+    assert TOKEN not in page.url and page.evaluate("location.hash") == ""
+    assert page.evaluate("sessionStorage.getItem('stream-redact-token')") == TOKEN
     t0 = page.evaluate(f"document.querySelector('{video}').currentTime")
     page.wait_for_function(f"document.querySelector('{video}').currentTime > {t0} + 1", timeout=20_000)
     yunet = YuNet(threshold=0.6, providers=("cpu",))

@@ -7,7 +7,20 @@ const message = document.getElementById("message");
 const conn = document.getElementById("conn");
 const tokenInput = document.getElementById("token");
 const tiles = new Map();   // stream id -> {el, pc, resource, last}
-let token = sessionStorage.getItem("stream-redact-token") || new URLSearchParams(location.hash.slice(1)).get("token") || "";
+let token = takeHashToken() || sessionStorage.getItem("stream-redact-token") || "";
+
+// A token handed over as #token=... is read once, kept for this tab only, and removed from the
+// address bar and history, so it is not left on screen, in a screenshot or in a shared link.
+function takeHashToken() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  const given = params.get("token");
+  if (given === null) return "";
+  params.delete("token");
+  const rest = params.toString();
+  history.replaceState(null, "", location.pathname + location.search + (rest ? `#${rest}` : ""));
+  if (given) sessionStorage.setItem("stream-redact-token", given);
+  return given;
+}
 let timer = null;
 
 function headers(extra = {}) {
