@@ -345,7 +345,7 @@ class ApiConfig(_Model):
     file_output_dir: Path | None = Field(
         None, description="the one folder API-added recordings go to (needed by allow_file_outputs); a "
                           "relative output path in an API request is taken relative to it")
-    max_streams: int = Field(64, ge=1, le=10_000,
+    max_streams: int = Field(128, ge=1, le=10_000,
                              description="most streams this worker runs (config and API together); "
                                          "an API add beyond it gets 429")
     allowed_source_networks: list[str] = Field(
@@ -384,7 +384,7 @@ class WebRtcConfig(_Model):
 
     max_viewers_per_stream: int = Field(16, ge=1, le=1000,
                                         description="WHEP viewers per stream; more get 503")
-    max_viewers: int = Field(64, ge=1, le=10_000,
+    max_viewers: int = Field(256, ge=1, le=10_000,
                              description="WHEP viewers of this worker in all; more get 503")
     host_candidates: list[str] | None = Field(
         None, description="IP addresses offered as ICE host candidates (default: http.host when it is "
