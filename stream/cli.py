@@ -63,6 +63,20 @@ def _non_negative(text: str) -> float:
     return v
 
 
+def _pixel_count(text: str) -> int:
+    """A pixel count: 100000000, or in megapixels 100M; 0 turns the limit off."""
+    t = text.strip().upper().removesuffix("P")
+    mega = t.endswith("M")
+    try:
+        v = float(t.removesuffix("M")) * (1_000_000 if mega else 1)
+    except ValueError:
+        msg = f"expected a pixel count like 100M or 100000000, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not 0 <= v < 1e15:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: no limit), got {text!r}")
+    return int(v)
+
+
 def add_redact_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "redact",
@@ -117,6 +131,10 @@ def add_redact_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads per model (default: all cores)")
     p.add_argument("--model-dir", type=Path, default=None, help="directory holding the model files")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--max-pixels", type=_pixel_count, default=None, metavar="N",
+                   help="refuse an image or video frame larger than N pixels (width x height), "
+                        "read from the file's header before anything is decoded; 100M means 100 "
+                        "megapixels, 0 means no limit (default 100M)")
     p.set_defaults(func=cmd_redact)
 
 
@@ -128,13 +146,53 @@ def _apply_preset(args: argparse.Namespace) -> None:
             setattr(args, key, preset[key])
 
 
+class _Stopped(BaseException):
+    """Raised by the SIGTERM/SIGHUP handler; a BaseException, like KeyboardInterrupt, so no
+    ``except Exception`` on the way mistakes it for a detector error and every cleanup runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def cmd_redact(args: argparse.Namespace) -> int:
+    """Redact one file. SIGTERM and SIGHUP stop it the way SIGINT does: their default action kills
+    the process on the spot and would leave the temp output behind, so while the job runs they
+    raise :class:`_Stopped` and unwind through the cleanup instead."""
+    import signal
+    import threading
+
+    fired = False
+
+    def handler(signum: int, frame: object) -> None:
+        nonlocal fired
+        if not fired:  # a second signal must not cut the cleanup of the first short
+            fired = True
+            raise _Stopped(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _redact(args)
+    except _Stopped as e:
+        name = signal.Signals(e.signum).name
+        raise UserError(f"stopped by {name} before the redaction finished; {args.output} was not written "
+                        "(run it again to redact the file)", exit_code=128 + e.signum) from None
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _redact(args: argparse.Namespace) -> int:
     from stream.detect.ensemble import FrameDetector
-    from stream.files import JobOptions, check_paths, run_job
+    from stream.files import JobOptions, check_paths, check_size, run_job
     from stream.redact import RedactConfig, Redactor, Style
     from stream.track import Tracker, TrackerConfig
 
     kind = check_paths(args.input, args.output, args.masks_json)  # before any model loads
+    max_pixels = JobOptions.max_pixels if args.max_pixels is None else args.max_pixels
+    check_size(args.input, kind, max_pixels)
     _apply_preset(args)
     if args.coast is not None and args.coast < 0:
         raise UserError("--coast must be >= 0", exit_code=2)
@@ -167,7 +225,7 @@ def cmd_redact(args: argparse.Namespace) -> int:
         tcfg.max_coast = args.coast
     detector = FrameDetector(cfg)
     opts = JobOptions(batch=args.batch, lookback=args.lookback, keep_audio=args.keep_audio,
-                      progress=not args.no_progress and sys.stderr.isatty())
+                      progress=not args.no_progress and sys.stderr.isatty(), max_pixels=max_pixels)
     t0 = time.perf_counter()
     report = run_job(args.input, args.output, args.masks_json, detector, Tracker(tcfg), Redactor(rcfg), opts,
                      kind=kind)
@@ -214,6 +272,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         taken = (f"shard {shard.index} of {shard.count}: {len(mine)} stream(s) here "
                  f"({', '.join(mine) or 'none'}), {len(others)} left to the other workers")
     if args.check:
+        from stream.auth import load_tokens
+
+        # everything `run` reads before it starts is checked here too (a missing tokens file included)
+        load_tokens(config.auth.tokens_env, config.auth.tokens_file, args.insecure_no_auth)
         print(f"{args.config}: ok, {len(config.streams)} stream(s)" + (f"; {taken}" if taken else ""),
               file=sys.stderr)
         return 0

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import queue
+import secrets
+import stat
+import struct
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -31,6 +36,10 @@ VIDEO_EXT = {".mp4", ".mov", ".avi", ".mkv"}
 
 Detect = Callable[[list[np.ndarray], list[int]], list[Detections]]
 
+DEFAULT_MAX_PIXELS = 100_000_000
+"""Largest image or video frame (width x height) redacted unless the caller raises it: a decoded
+100 MP frame is 300 MB of BGR, and the copies made while painting take several times that."""
+
 
 @dataclass
 class JobOptions:
@@ -40,6 +49,8 @@ class JobOptions:
     crf: int = 18
     preset: str = "veryfast"
     progress: bool = True
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """0: no limit"""
 
 
 @dataclass
@@ -54,16 +65,139 @@ class MaskReport:
     def add(self, m: Masked) -> None:
         self.frames.append({"frame": m.index, "regions": [r.as_json() for r in m.regions]})
 
-    def write(self, path: Path) -> None:
+    def to_json(self) -> str:
+        """The document as compact JSON; ``warnings`` only when there are any."""
         doc: dict[str, Any] = {"width": self.width, "height": self.height, "frames": self.frames}
         if self.warnings:
             doc["warnings"] = self.warnings
-        tmp = path.with_name(path.name + ".tmp")
+        return json.dumps(doc, separators=(",", ":"))
+
+    def write(self, path: Path) -> None:
+        """Write the document atomically: ``path`` is either complete or untouched."""
+        with Staged() as staged:
+            _write_bytes(staged.new(path), self.to_json().encode(), path)
+            staged.commit()
+
+
+_WRITE_PROBLEMS = {
+    errno.ENOSPC: ("no space left on device", "free space or choose another folder"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or choose another folder"),
+    errno.EFBIG: ("file too large for this filesystem", "choose another folder"),
+    errno.EROFS: ("read-only filesystem", "choose a writable folder"),
+    errno.EACCES: ("permission denied", "choose a writable location"),
+    errno.EPERM: ("permission denied", "choose a writable location"),
+    errno.EIO: ("I/O error", "check the disk or choose another folder"),
+}
+
+
+def write_error(e: OSError, path: Path) -> UserError:
+    """One line naming what went wrong writing ``path`` (the final name, never the temp file) and the fix."""
+    problem, fix = _WRITE_PROBLEMS.get(e.errno or 0, (e.strerror or str(e), "choose another location"))
+    return UserError(f"cannot write {path}: {problem}; {fix}")
+
+
+class Staged:
+    """Temp files next to their targets, renamed into place only once every one is complete.
+
+    A full disk, a crash or a signal then leaves the targets untouched: no half-written video
+    without its index, no masks JSON for a video that was never written. The temp file sits in
+    the target's own folder so the final rename stays on one filesystem (atomic). Leaving the
+    ``with`` block without :meth:`commit` removes every temp file.
+    """
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[Path, Path]] = []
+
+    def new(self, dst: Path) -> Path:
+        """Create an empty temp file for ``dst`` (same folder, same extension) and return its path."""
+        parent = dst.parent if str(dst.parent) else Path(".")
+        while True:
+            tmp = parent / f".{dst.stem}.partial-{secrets.token_hex(4)}{dst.suffix}"
+            # recorded before it exists, so a signal between creation and bookkeeping leaks nothing
+            self.pairs.append((tmp, dst))
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            except FileExistsError:
+                self.pairs.pop()  # someone else's file: never ours to remove
+                continue
+            except OSError:
+                self.pairs.pop()
+                raise
+            break
+        os.close(fd)
+        return tmp
+
+    def commit(self) -> None:
+        """Flush every temp file to disk and rename it over its target; the first error aborts all.
+
+        Raises :class:`UserError` naming the target (never the temp file) on a write error.
+        """
+        for tmp, dst in self.pairs:
+            try:
+                _fsync(tmp)
+            except OSError as e:
+                raise write_error(e, dst) from None
+        done: list[Path] = []
         try:
-            tmp.write_text(json.dumps(doc, separators=(",", ":")))
-            tmp.replace(path)
-        except OSError as e:
-            raise UserError(f"cannot write masks JSON {path}: {e.strerror or e}") from None
+            for tmp, dst in self.pairs:
+                # a replaced file keeps its mode; a new one has the umask's, set when the temp was made
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(tmp, stat.S_IMODE(dst.stat().st_mode))
+                try:
+                    os.replace(tmp, dst)
+                except OSError as e:
+                    raise write_error(e, dst) from None
+                done.append(dst)
+        except BaseException:
+            for dst in done:  # all or nothing: a masks JSON without its video is a lie
+                dst.unlink(missing_ok=True)
+            raise
+        self.pairs = []
+        for folder in {dst.parent for dst in done}:
+            _fsync_dir(folder)
+
+    def discard(self) -> None:
+        """Remove every temp file not yet committed (a no-op after :meth:`commit`)."""
+        for tmp, _ in self.pairs:
+            tmp.unlink(missing_ok=True)
+        self.pairs = []
+
+    def __enter__(self) -> Staged:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+
+def _fsync(path: Path) -> None:
+    """Force the data to disk now: some filesystems (NFS, quotas, delayed allocation) only report
+    a full disk here, and a rename over the target must not publish data that is not there."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder if str(folder) else ".", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot sync a directory; the rename itself has happened
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(tmp: Path, data: bytes, label: Path) -> None:
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+    except OSError as e:
+        raise write_error(e, label) from None
 
 
 def kind_of(path: Path) -> str:
@@ -77,6 +211,16 @@ def kind_of(path: Path) -> str:
         f"use an image ({', '.join(sorted(IMAGE_EXT))}) or a video ({', '.join(sorted(VIDEO_EXT))})",
         exit_code=2,
     )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Same file on disk: hard links and symlinks included, not just the same spelling."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False  # one of them does not exist (yet)
 
 
 def check_paths(src: Path, dst: Path, masks: Path | None) -> str:
@@ -97,9 +241,10 @@ def check_paths(src: Path, dst: Path, masks: Path | None) -> str:
             raise UserError(f"output directory does not exist: {parent} (create it first)")
         if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
             raise UserError(f"cannot write {p}: permission denied; choose a writable location")
-    if dst.resolve() == src.resolve():
-        raise UserError(f"output {dst} would overwrite the input; choose another output path")
-    if masks is not None and masks.resolve() in (src.resolve(), dst.resolve()):
+    if _same_file(src, dst):
+        raise UserError(f"output {dst} would overwrite the input (it is the same file, or a link to it); "
+                        "choose another output path")
+    if masks is not None and (_same_file(masks, src) or _same_file(masks, dst)):
         raise UserError(f"--masks-json {masks} is the same file as the input or output; choose another path")
     for p in (dst, masks):
         if p is not None:
@@ -108,27 +253,123 @@ def check_paths(src: Path, dst: Path, masks: Path | None) -> str:
 
 
 def _probe_writable(path: Path) -> None:
-    """Open the file for writing now, so an unwritable target fails before any work is done."""
-    existed = path.exists()
+    """Create (and remove) a temp file beside the target now, so an unwritable folder fails before
+    any work is done; the target itself is never opened, it may be a link to something else."""
     try:
-        with path.open("ab"):
-            pass
+        with Staged() as staged:
+            staged.new(path)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}; choose a writable location") from None
-    if not existed:
-        path.unlink(missing_ok=True)
 
 
-def redact_image(src: Path, dst: Path, detect: Detect, stage: MaskingStage) -> MaskReport:
+def _png_size(head: bytes) -> tuple[int, int] | None:
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and len(head) >= 24:
+        return struct.unpack(">II", head[16:24])
+    return None
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(path: Path) -> tuple[int, int] | None:
+    """Walk the JPEG segments up to the frame header; the pixels are never read."""
+    with path.open("rb") as f:
+        if f.read(2) != b"\xff\xd8":
+            return None
+        for _ in range(10_000):
+            b = f.read(1)
+            while b == b"\xff":
+                b = f.read(1)  # fill bytes
+            if not b:
+                return None
+            marker = b[0]
+            if marker == 0x01 or 0xD0 <= marker <= 0xD8:
+                continue  # standalone markers carry no length
+            seg = f.read(2)
+            if len(seg) < 2 or marker == 0xDA:  # start of scan: no frame header came first
+                return None
+            length = struct.unpack(">H", seg)[0]
+            if marker in _JPEG_SOF:
+                body = f.read(5)
+                if len(body) < 5:
+                    return None
+                height, width = struct.unpack(">HH", body[1:5])
+                return width, height
+            f.seek(length - 2, os.SEEK_CUR)
+    return None
+
+
+def image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from a PNG or JPEG header, or None when the header cannot be read."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(24)
+        return _png_size(head) or _jpeg_size(path)
+    except (OSError, struct.error):
+        return None
+
+
+def _open_video(src: Path) -> av.container.InputContainer:
+    try:
+        container = av.open(str(src))
+    except (av.error.FFmpegError, OSError) as e:
+        raise UserError(f"cannot open video {src}: {e}; the file is corrupt or not a video") from None
+    if not container.streams.video:
+        container.close()
+        raise UserError(f"{src} has no video stream")
+    return container
+
+
+def _pixels(n: int) -> str:
+    return f"{n / 1e6:.1f} megapixels" if n >= 1_000_000 else f"{n} pixels"
+
+
+def _check_pixels(src: Path, width: int, height: int, max_pixels: int) -> None:
+    n = width * height
+    if max_pixels and n > max_pixels:
+        raise UserError(
+            f"{src} is {width}x{height} ({_pixels(n)}), over the limit of {_pixels(max_pixels)}; "
+            f"downscale it first, or raise --max-pixels (e.g. --max-pixels {-(-n // 1_000_000)}M) "
+            "if this machine has the memory"
+        )
+
+
+def check_size(src: Path, kind: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Refuse an input over ``max_pixels`` from its header alone, before anything is decoded:
+    a 20000x20000 PNG otherwise takes gigabytes and many seconds before the first error."""
+    if not max_pixels:
+        return
+    if kind == "image":
+        size = image_size(src)
+        if size is not None:
+            _check_pixels(src, *size, max_pixels)
+        return
+    container = _open_video(src)
+    try:
+        cc = container.streams.video[0].codec_context
+        _check_pixels(src, cc.width, cc.height, max_pixels)
+    finally:
+        container.close()
+
+
+def redact_image(src: Path, dst: Path, detect: Detect, stage: MaskingStage,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, label: Path | None = None) -> MaskReport:
+    """Redact one image into ``dst``; ``label`` is the name errors show (the final output)."""
+    label = label or dst
+    check_size(src, "image", max_pixels)
     image = cv2.imread(str(src), cv2.IMREAD_COLOR)
     if image is None:
         raise UserError(f"cannot decode image {src}: the file is corrupt or not a {src.suffix} image")
+    _check_pixels(src, image.shape[1], image.shape[0], max_pixels)  # a header the probe could not read
     report = MaskReport(width=image.shape[1], height=image.shape[0])
     dets = detect([image], [0])[0]
     for m in [*stage.push(0, image, dets), *stage.flush()]:
         report.add(m)
-        if not cv2.imwrite(str(dst), m.image):
-            raise UserError(f"cannot write image {dst}")
+        # encoded in memory and written here: cv2.imwrite reports a full disk only as False
+        ok, data = cv2.imencode(dst.suffix.lower(), m.image)
+        if not ok:
+            raise UserError(f"cannot encode image for {label}")
+        _write_bytes(dst, data.tobytes(), label)
     return report
 
 
@@ -215,9 +456,17 @@ class _Encoder:
             self.container.mux(packet)
 
     def close(self) -> None:
+        """Flush the encoder and write the index; a full disk surfaces here, so it must propagate."""
         for packet in self.stream.encode(None):
             self.container.mux(packet)
         self.container.close()
+
+    def abort(self) -> None:
+        """Release the file after a failure; the temp file is removed by its owner."""
+        try:
+            self.container.close()
+        except (av.error.FFmpegError, OSError) as e:
+            log.debug("closing the aborted output failed: %s", e)
 
 
 def _pump(frames: queue.Queue, detect: Detect, stage: MaskingStage, encoder: _Encoder, report: MaskReport,
@@ -246,17 +495,19 @@ def _pump(frames: queue.Queue, detect: Detect, stage: MaskingStage, encoder: _En
     return index
 
 
-def redact_video(src: Path, dst: Path, detect: Detect, stage: MaskingStage, opts: JobOptions) -> MaskReport:
-    try:
-        container = av.open(str(src))
-    except (av.error.FFmpegError, OSError) as e:
-        raise UserError(f"cannot open video {src}: {e}; the file is corrupt or not a video") from None
-    if not container.streams.video:
-        container.close()
-        raise UserError(f"{src} has no video stream")
+def redact_video(src: Path, dst: Path, detect: Detect, stage: MaskingStage, opts: JobOptions,
+                 label: Path | None = None) -> MaskReport:
+    """Redact one video into ``dst``; ``label`` is the name errors show (the final output)."""
+    label = label or dst
+    container = _open_video(src)
     vstream = container.streams.video[0]
     vstream.thread_type = "AUTO"
     width, height = vstream.codec_context.width, vstream.codec_context.height
+    try:
+        _check_pixels(src, width, height, opts.max_pixels)
+    except UserError:
+        container.close()
+        raise
     rate = vstream.average_rate or vstream.guessed_rate or Fraction(25)
     total = vstream.frames or None
     audio = container.streams.audio[0] if opts.keep_audio and container.streams.audio else None
@@ -271,9 +522,12 @@ def redact_video(src: Path, dst: Path, detect: Detect, stage: MaskingStage, opts
     )
     try:
         encoder = _Encoder(dst, width, height, rate, opts, audio)
-    except (av.error.FFmpegError, OSError, ValueError) as e:
+    except OSError as e:
         container.close()
-        raise UserError(f"cannot write video {dst}: {e}") from None
+        raise write_error(e, label) from None
+    except (av.error.FFmpegError, ValueError) as e:
+        container.close()
+        raise UserError(f"cannot write video {label}: {e}") from None
     progress = None
     if opts.progress:
         from tqdm import tqdm
@@ -281,32 +535,32 @@ def redact_video(src: Path, dst: Path, detect: Detect, stage: MaskingStage, opts
         progress = tqdm(total=total, unit="frame", desc=src.name, file=sys.stderr, leave=False)
     decoder.start()
     index = 0
-    failed = True
+    closed = False
     try:
         index = _pump(frames, detect, stage, encoder, report, opts, audio_q, decoder, progress)
-        failed = False
-    except (av.error.FFmpegError, OSError) as e:
-        raise UserError(f"cannot write video {dst}: {e}") from None
+        encoder.close()
+        closed = True
+    except OSError as e:  # av.error.OSError too: ENOSPC from mux or from the trailer
+        raise write_error(e, label) from None
+    except av.error.FFmpegError as e:
+        raise UserError(f"cannot write video {label}: {e}") from None
     except Exception as e:
         # fail closed: only painted frames were ever encoded, but a half-finished file must not be
         # mistaken for a complete redaction, so it is removed
         raise UserError(f"detection failed after {len(report.frames)} frames ({type(e).__name__}: {e}); "
-                        f"removed the incomplete output {dst}") from e
+                        f"removed the incomplete output, {label} was not written") from e
     finally:
         if progress is not None:
             progress.close()
         stop.set()  # on an error the decoder may be blocked on a full queue
         decoder.join(timeout=5)
-        try:
-            encoder.close()
-        except (av.error.FFmpegError, OSError) as e:
-            log.debug("closing %s failed: %s", dst, e)
+        if not closed:
+            encoder.abort()
         container.close()
-        if failed:
-            dst.unlink(missing_ok=True)
 
     if index == 0:
         raise UserError(f"no frame of {src} could be decoded: the file is corrupt or truncated")
+    _check_readable(dst, label)
     # containers round their declared count (an AVI with audio may declare 10 for 8 frames), so
     # only a clear shortfall is reported as truncation
     if total and index < total * 0.95 - 2 and not report.warnings:
@@ -317,14 +571,45 @@ def redact_video(src: Path, dst: Path, detect: Detect, stage: MaskingStage, opts
     return report
 
 
+def _check_readable(path: Path, label: Path) -> None:
+    """Open the written video again: a muxer can lose its index without an error code."""
+    try:
+        with av.open(str(path)) as c:
+            ok = bool(c.streams.video)
+    except (av.error.FFmpegError, OSError) as e:
+        ok, why = False, str(e)
+    else:
+        why = "it has no video stream"
+    if not ok:
+        raise UserError(f"the video written for {label} cannot be read back ({why}); "
+                        "check the disk and free space, then run again")
+
+
 def run_job(src: Path, dst: Path, masks: Path | None, detect: Detect, tracker: Tracker,
             redactor: Redactor, opts: JobOptions, kind: str | None = None) -> MaskReport:
-    """Redact one file; ``kind`` is what :func:`check_paths` returned, if the caller ran it."""
+    """Redact one file; ``kind`` is what :func:`check_paths` returned, if the caller ran it.
+
+    Everything is written to temp files beside the targets and renamed into place at the end, so
+    a failure (full disk, detector error, signal) leaves neither a partial output nor a temp file,
+    and the input is never opened for writing.
+    """
     kind = kind or check_paths(src, dst, masks)
-    if kind == "image":
-        report = redact_image(src, dst, detect, MaskingStage(tracker, redactor, lookback=0))
-    else:
-        report = redact_video(src, dst, detect, MaskingStage(tracker, redactor, opts.lookback), opts)
-    if masks is not None:
-        report.write(masks)
+    with Staged() as staged:
+        try:
+            out = staged.new(dst)
+        except OSError as e:
+            raise write_error(e, dst) from None
+        if kind == "image":
+            report = redact_image(src, out, detect, MaskingStage(tracker, redactor, lookback=0),
+                                  opts.max_pixels, label=dst)
+        else:
+            report = redact_video(src, out, detect, MaskingStage(tracker, redactor, opts.lookback), opts,
+                                  label=dst)
+        if masks is not None:
+            try:
+                tmp = staged.new(masks)
+            except OSError as e:
+                raise write_error(e, masks) from None
+            _write_bytes(tmp, report.to_json().encode(), masks)
+        staged.commit()
     return report
