@@ -82,6 +82,10 @@ class Metrics:
                                           ["sink", "reason"], registry=r)
         self.events_sink_up = Gauge(p + "events_sink_up", "1 while the event sink delivers", ["sink"],
                                     registry=r)
+        self.events_storage_failing = Gauge(p + "events_storage_failing",
+                                            "1 while the sink cannot write events to its local storage "
+                                            "(disk full, quota, I/O error); they are dropped meanwhile",
+                                            ["sink"], registry=r)
         self.events_queue_depth = Gauge(p + "events_queue_depth",
                                         "Events waiting in memory for the sink thread", registry=r)
         self.events_spool_events = Gauge(p + "events_spool_events", "Events in the spool not yet delivered",

@@ -12,6 +12,10 @@ first failed send the producer is stopped at once (nothing later can overtake th
 event) and sending resumes from the oldest unacknowledged event.
 
 Nothing here ever blocks a redaction thread: they only append to the sink's in-memory queue.
+
+A spool the disk refuses (full, quota, I/O error) drops and counts the new events it cannot write,
+keeps delivering what it holds, and takes new events again as soon as writes work (see
+:mod:`stream.events.sink`); ``events_sink_up`` is 0 meanwhile.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from stream.events import schema
@@ -271,7 +276,7 @@ class KafkaSink(EventSink):
         m.events_spool_events.set_function(lambda: self.spool.pending)
         m.events_spool_bytes.set_function(lambda: self.spool.bytes)
         m.events_spool_full.set(0)
-        m.events_sink_up.labels(self.name).set(0)
+        self._update_up()
         for r in REASONS:
             m.events_failed.labels(self.name, r)
             m.events_sink_errors.labels(self.name, r)
@@ -282,16 +287,27 @@ class KafkaSink(EventSink):
         super().start()
         self._sender.start()
 
-    @property
-    def problem(self) -> str | None:
+    # -- health ------------------------------------------------------------------------------------
+    def _delivery_problem(self) -> str | None:
         """What keeps events from the brokers right now (None while they are delivered)."""
         return None if self._problem is None else str(self._problem)
+
+    def _delivering(self) -> bool:
+        return (super()._delivering() and self._producer is not None and self._problem is None
+                and not self._shut)
+
+    def _storage_dir(self) -> Path:
+        return self.spool.dir
 
     # -- sink thread: into the spool ---------------------------------------------------------------
     def _store(self, batch: list[dict[str, Any]]) -> None:
         items = [(e.get("subject"), schema.category(e["type"]), _event_time(e), e) for e in batch]
         res = self.spool.append(items, _stamp)
         self.metrics.events_spooled.inc(res.written)
+        if res.error is not None:
+            self._storage_failed(res.error, res.failed)
+        else:
+            self._storage_ok()
         if res.dropped_new or res.dropped_old:
             self._overflowed(res.dropped_new + res.dropped_old)
         elif self._overflow is not None and self.spool.bytes < 0.9 * self.spool.max_bytes:
@@ -309,7 +325,8 @@ class KafkaSink(EventSink):
             log.error("events: spool %s is full (%d bytes, events.spool.max_bytes); %s (overflow: %s) and "
                       "counted in stream_redact_events_dropped_total{reason=\"spool_full\"}: the brokers "
                       "have been unavailable too long (%s); fix them or raise events.spool.max_bytes",
-                      self.spool.dir, self.spool.max_bytes, how, self.spool.overflow, self.problem or "slow")
+                      self.spool.dir, self.spool.max_bytes, how, self.spool.overflow,
+                      self._delivery_problem() or "slow")
         self._overflow["count"] += n
         self._overflow["last"] = now
 
@@ -326,6 +343,8 @@ class KafkaSink(EventSink):
             "first_at": schema.rfc3339(o["first"]), "last_at": schema.rfc3339(o["last"])})
         res = self.spool.append([(None, "pipeline", o["last"], event)], _stamp)
         self.metrics.events_spooled.inc(res.written)
+        if res.error is not None:
+            self._storage_failed(res.error, res.failed)
 
     def _idle_tick(self) -> None:
         self.spool.tick()
@@ -425,8 +444,7 @@ class KafkaSink(EventSink):
         self._producer = producer
         self._partitions.clear()
         self._last_progress = time.monotonic()
-        if self._problem is None:
-            self.metrics.events_sink_up.labels(self.name).set(1)
+        self._update_up()
         log.info("events: connected to Kafka at %s", ",".join(k.bootstrap_servers))
 
     def _check_topic(self, producer: Any, topic: str) -> None:
@@ -594,7 +612,7 @@ class KafkaSink(EventSink):
 
     def _drop_producer(self) -> None:
         producer, self._producer = self._producer, None
-        self.metrics.events_sink_up.labels(self.name).set(0)
+        self._update_up()
         if producer is not None:
             _halt(producer)
             with contextlib.suppress(Exception):
@@ -620,7 +638,7 @@ class KafkaSink(EventSink):
                 self._halted_gen = self._gen
                 _halt(self._producer)
         elif self._producer is not None and self._problem is None:
-            self.metrics.events_sink_up.labels(self.name).set(1)
+            self._update_up()
 
     # -- alarms ------------------------------------------------------------------------------------
     def _scrub(self, text: str) -> str:
@@ -634,11 +652,11 @@ class KafkaSink(EventSink):
 
     def _trouble(self, problem: SinkProblem, quiet: bool = False) -> None:
         problem = SinkProblem(problem.reason, self._scrub(str(problem)))
-        self.metrics.events_sink_up.labels(self.name).set(0)
         new = self._problem is None or str(self._problem) != str(problem)
         if self._problem_since is None:
             self._problem_since = time.monotonic()
         self._problem = problem
+        self._update_up()
         if new:
             text = str(problem)
             stop = "" if text.endswith((".", "?")) else "."
@@ -652,7 +670,7 @@ class KafkaSink(EventSink):
         log.warning("events: delivering to Kafka again after %.0f s; %d event(s) still in the spool",
                     time.monotonic() - since, self.spool.pending)
         self._problem = self._problem_since = None
-        self.metrics.events_sink_up.labels(self.name).set(1)
+        self._update_up()
 
     # -- stopping ----------------------------------------------------------------------------------
     def _stop_storage(self, deadline: float) -> None:
@@ -678,7 +696,7 @@ class KafkaSink(EventSink):
         with contextlib.suppress(Exception):
             self.spool.commit(compact=True)
         self.spool.close()
-        self.metrics.events_sink_up.labels(self.name).set(0)
+        self._update_up()
         if left:
             log.warning("events: %d event(s) not yet delivered stay in the spool %s; they are sent when the "
                         "pipeline starts again with this spool", left, self.spool.dir)

@@ -45,3 +45,17 @@ def start_events(config: PipelineConfig, metrics: Metrics) -> EventEmitter | Non
                                                     if config.events.kafka else [])
     log.info("events: %s sink -> %s", sink.name, where)
     return EventEmitter(sink, config.events, model_info(config.detection))
+
+
+def sink_health(emitter: EventEmitter | None) -> tuple[bool, str | None]:
+    """``(healthy, problem)`` of the sink behind ``emitter``, for ``/readyz`` and status pages.
+
+    Events switched off (no emitter) count as healthy. ``problem`` is a short sentence with the
+    fix and no secrets (e.g. a full disk under the spool, brokers that cannot be reached)."""
+    if emitter is None:
+        return True, None
+    sink = emitter.sink
+    if not isinstance(sink, EventSink):
+        return True, None
+    problem = sink.problem
+    return problem is None, problem

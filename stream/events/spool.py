@@ -18,11 +18,18 @@ Layout of the folder:
 The spool is bounded by ``max_bytes``. When full, ``drop_oldest`` deletes the oldest segment
 (its undelivered records are counted as dropped) and ``drop_newest`` refuses new records
 (counted); both are reported to the caller, which raises the alarm.
+
+When the file system refuses a write (no space, quota, I/O error), ``append`` keeps the records
+that reached the file whole, cuts a record torn by the failed write off the segment (so the next
+record starts on a line of its own), reuses the sequence numbers of the records it could not
+write, and reports them and the error to the caller instead of raising. Nothing written before
+is touched; the next ``append`` simply tries again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -35,7 +42,7 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 from stream.errors import UserError
-from stream.events.sink import FsyncPolicy
+from stream.events.sink import FsyncPolicy, write_records
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +76,19 @@ class Appended:
     """records of this call refused (drop_newest)"""
     dropped_old: int = 0
     """older, never-sent records deleted to make room (drop_oldest)"""
+    failed: int = 0
+    """records of this call not stored because the file system refused the write (see ``error``)"""
+    error: OSError | None = None
+    """why writing failed (records already written stay; a torn one was cut off)"""
+
+
+class _WriteFailed(Exception):
+    """A write stopped part way: ``records`` whole records of the buffer reached the file."""
+
+    def __init__(self, records: int, error: OSError) -> None:
+        super().__init__(str(error))
+        self.records = records
+        self.error = error
 
 
 def encode_record(seq: int, key: str | None, category: str, when: float, value: bytes) -> bytes:
@@ -132,6 +152,9 @@ class Spool:
         """the newest records as written, so a reader that keeps up never reads the disk back"""
         self._tail_bytes = 0
         self._closed = False
+        self._torn = False
+        """a failed write left bytes after the last whole record that could not be cut off yet"""
+        self._cursor_error: str | None = None
         self._recover()
 
     # -- opening -----------------------------------------------------------------------------------
@@ -198,45 +221,84 @@ class Spool:
         """Append ``(key, category, time, payload)`` records in order; durable per the fsync policy.
 
         ``encode(payload, seq)`` makes each record's value once its sequence number is known, so the
-        number can be stamped into the event itself."""
+        number can be stamped into the event itself. A write the file system refuses does not raise:
+        the result says how many records were stored and why the others were not."""
         with self._lock:
             result = Appended(self.next_seq)
-            buf: list[bytes] = []
-            buffered = 0
-            total = self._total()
             fresh: list[tuple[int, bytes | None, str, float, bytes, int]] = []
-            for key, category, when, payload in items:
-                value = encode(payload, self.next_seq)
-                line = encode_record(self.next_seq, key, category, when, value)
-                while total + buffered + len(line) > self.max_bytes:
-                    if self.overflow == "drop_newest" or len(line) > self.max_bytes // 2:
-                        line = b""
-                        break
-                    buffered = self._write(buf, buffered)
-                    buf = []
-                    result.dropped_old += self._drop_oldest()
-                    total = self._total()
-                if not line:
-                    result.dropped_new += 1
-                    continue
-                if self._fd is None or self._sizes[self._active()] + buffered >= self.segment_bytes:
-                    buffered = self._write(buf, buffered)
-                    buf = []
-                    self._roll()
-                    total = self._total()
-                buf.append(line)
-                fresh.append((self.next_seq, key.encode() if key else None, category, when, value,
-                              len(line)))
-                buffered += len(line)
-                self.next_seq += 1
-                result.written += 1
-            self._write(buf, buffered)
+            stored = 0
+            """records of ``fresh`` known to be whole in a segment file"""
+            try:
+                self._untear()
+                buf: list[bytes] = []
+                buffered = 0
+                total = self._total()
+                for key, category, when, payload in items:
+                    value = encode(payload, self.next_seq)
+                    line = encode_record(self.next_seq, key, category, when, value)
+                    while total + buffered + len(line) > self.max_bytes:
+                        if self.overflow == "drop_newest" or len(line) > self.max_bytes // 2:
+                            line = b""
+                            break
+                        stored += self._write(buf)
+                        buf, buffered = [], 0
+                        result.dropped_old += self._drop_oldest()
+                        total = self._total()
+                    if not line:
+                        result.dropped_new += 1
+                        continue
+                    if self._fd is None or self._sizes[self._active()] + buffered >= self.segment_bytes:
+                        stored += self._write(buf)
+                        buf, buffered = [], 0
+                        self._roll()
+                        total = self._total()
+                    buf.append(line)
+                    fresh.append((self.next_seq, key.encode() if key else None, category, when, value,
+                                  len(line)))
+                    buffered += len(line)
+                    self.next_seq += 1
+                stored += self._write(buf)
+            except _WriteFailed as e:
+                stored += e.records
+                result.error = e.error
+            except OSError as e:
+                result.error = e
+            if result.error is not None:
+                if not self._torn:  # (still torn: _untear tried already)
+                    self._cut()
+                if stored < len(fresh):
+                    self.next_seq = fresh[stored][0]  # numbers of records not stored are used again
+                del fresh[stored:]
+                result.failed = len(items) - stored - result.dropped_new
+            result.written = stored
             self.written_seq = self.next_seq
             self._remember(fresh)
-            if result.written:
-                assert self._fd is not None
-                self._fsync.after_write(self._fd)
+            if stored and self._fd is not None:
+                try:
+                    self._fsync.after_write(self._fd)
+                except OSError as e:  # the records are in the file (and are sent); the disk is in trouble
+                    result.error = result.error or e
             return result
+
+    def _untear(self) -> None:
+        """Before writing: cut off what an earlier failed write left, if that could not be done then."""
+        if self._torn:
+            self._cut()
+            if self._torn:
+                raise OSError(errno.EIO, "cannot cut a torn record off the spool segment")
+
+    def _cut(self) -> None:
+        """Make the active segment end at its last whole record (what ``_sizes`` says)."""
+        self._torn = False
+        if self._fd is None:
+            return
+        try:
+            if os.fstat(self._fd).st_size != self._sizes[self._active()]:
+                os.ftruncate(self._fd, self._sizes[self._active()])
+        except OSError as e:
+            self._torn = True
+            log.error("events: cannot cut a torn record off spool segment %s (%s); trying again before the "
+                      "next write", self._path(self._active()).name, e.strerror)
 
     def _remember(self, fresh: list[tuple[int, bytes | None, str, float, bytes, int]]) -> None:
         """Keep what was just written in memory (bounded) for the reader; positions are computed back
@@ -267,14 +329,19 @@ class Spool:
     def _total(self) -> int:
         return sum(self._sizes.values())
 
-    def _write(self, buf: list[bytes], n: int) -> int:
-        if buf:
-            assert self._fd is not None
-            data = memoryview(b"".join(buf))
-            while data:
-                data = data[os.write(self._fd, data):]
-            self._sizes[self._active()] += n
-        return 0
+    def _write(self, buf: list[bytes]) -> int:
+        """Write ``buf`` to the active segment; returns how many records it held.
+
+        On a failure the whole records that reached the file count as written and the error is
+        raised as ``_WriteFailed``; the caller cuts off the torn rest."""
+        if not buf:
+            return 0
+        assert self._fd is not None
+        records, whole, e = write_records(self._fd, buf)
+        self._sizes[self._active()] += whole
+        if e is not None:
+            raise _WriteFailed(records, e) from e
+        return records
 
     def _roll(self) -> None:
         """Start a new segment at ``next_seq``."""
@@ -288,10 +355,10 @@ class Spool:
             return
         self._fd = os.open(self._path(seg), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o640)
         self._sizes[seg] = 0
-        if self._fsync.mode != "never":
-            self._sync_dir()
         if len(self._sizes) == 1 and self.cursor[1] != seg and self.cursor[0] >= seg:
             self.cursor = self.read_pos = (seg, seg, 0)
+        if self._fsync.mode != "never":
+            self._sync_dir()
 
     def _sync_dir(self) -> None:
         fd = os.open(self.dir, os.O_RDONLY)
@@ -426,7 +493,10 @@ class Spool:
             return self._total()
 
     def commit(self, compact: bool = False) -> None:
-        """Write the cursor to disk; with ``compact``, delete the segments of a fully delivered spool."""
+        """Write the cursor to disk; with ``compact``, delete the segments of a fully delivered spool.
+
+        A cursor the disk refuses (full) is not an error for the caller: the one on disk is older, so
+        after a crash a few more records are sent twice, none is skipped; it is written again next time."""
         with self._lock:
             if compact and self.pending == 0 and self._sizes and self._total() > 0:
                 if self._fd is not None:
@@ -436,8 +506,20 @@ class Spool:
                     self._delete(seg)
                 self.cursor = self.read_pos = (self.next_seq, self.next_seq, 0)
             tmp = self.dir / "cursor.tmp"
-            tmp.write_text("{} {} {}\n".format(*self.cursor))
-            os.replace(tmp, self.dir / "cursor")
+            try:
+                tmp.write_text("{} {} {}\n".format(*self.cursor))
+                os.replace(tmp, self.dir / "cursor")
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                if self._cursor_error is None:
+                    log.warning("events: cannot write the spool cursor in %s (%s); delivery goes on, after a "
+                                "crash some events would be sent twice", self.dir, e.strerror)
+                self._cursor_error = e.strerror or str(e)
+                return
+            if self._cursor_error is not None:
+                log.info("events: the spool cursor in %s is written again", self.dir)
+                self._cursor_error = None
 
     def tick(self) -> None:
         """Called when idle: fsync per an interval policy."""
@@ -451,7 +533,10 @@ class Spool:
                 return
             self._closed = True
             if self._fd is not None:
-                self._fsync.sync(self._fd)
+                try:
+                    self._fsync.sync(self._fd)
+                except OSError as e:
+                    log.error("events: fsync of the spool in %s failed at close (%s)", self.dir, e.strerror)
                 os.close(self._fd)
                 self._fd = None
             if self._reader is not None:
