@@ -4,23 +4,35 @@ WHIP (RFC 9725): a publisher POSTs an SDP offer to ``/whip/{stream_id}`` of a st
 with ``source: {type: whip}``; its frames enter that stream like any camera's. WHEP: a viewer
 POSTs to ``/whep/{stream_id}`` and receives the stream's *redacted* frames, taken from the same
 hook that feeds the outputs, after the redaction stage; there is no route to a source frame.
-Both answer ``201`` with the SDP answer and a ``Location`` to DELETE; trickle ICE (PATCH) is
-not supported and answers ``405``, as the specs allow.
+Both answer ``201`` with the SDP answer and a ``Location`` to DELETE; a session can be deleted
+only under the stream it belongs to. Trickle ICE (PATCH) is not supported and answers ``405``,
+as the specs allow.
+
+Limits (``webrtc:`` in the config): at most ``max_viewers_per_stream`` WHEP viewers of one stream
+and ``max_viewers`` in all; an offer beyond them gets ``503`` with ``Retry-After``, counted in
+``stream_redact_whep_viewers_refused_total``. ICE host candidates are ``webrtc.host_candidates``,
+else ``http.host`` when that is one address (a server bound to 127.0.0.1 offers media on loopback
+only), else every interface but loopback; ``webrtc.udp_ports`` holds their UDP ports to a range.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
 
 import numpy as np
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter
 
+from stream.config import WebRtcConfig
 from stream.frames import Frame
+from stream.httpbody import BodyTooLarge, read_limited
 from stream.pipeline import Pipeline, StreamRunner
-from stream.webrtc.ice import IceConfig
-from stream.webrtc.whep import FrameFeed, WhepPlayback
+from stream.webrtc.ice import IceConfig, host_addresses_for
+from stream.webrtc.whep import FrameFeed, TooManyViewers, WhepPlayback
 from stream.webrtc.whip import MAX_SDP_BYTES, OfferError, WhipIngest
 
 log = logging.getLogger(__name__)
@@ -35,14 +47,59 @@ def _text(status: int, message: str, **headers: str) -> web.Response:
     return web.Response(status=status, text=message + "\n", headers=headers)
 
 
-class RtcGateway:
-    """One per process: a frame feed per stream, the WHIP publishers and the WHEP viewers."""
+_REFUSED: weakref.WeakKeyDictionary[CollectorRegistry, Counter] = weakref.WeakKeyDictionary()
 
-    def __init__(self, pipeline: Pipeline, ice: IceConfig | None = None) -> None:
+
+def viewers_refused(registry: CollectorRegistry) -> Counter:
+    """WHEP offers refused at a viewer limit, by the config key of the limit (on the pipeline's registry).
+
+    One counter per registry, however many gateways a pipeline gets (a registry refuses a name twice).
+    """
+    counter = _REFUSED.get(registry)
+    if counter is None:
+        counter = _REFUSED[registry] = Counter(
+            "stream_redact_whep_viewers_refused", "WHEP viewers refused at a limit (webrtc.<limit>)",
+            ["limit"], registry=registry)
+        for limit in ("max_viewers_per_stream", "max_viewers"):
+            counter.labels(limit=limit)  # present at 0, so a dashboard can rate() it from the start
+    return counter
+
+
+def ice_for(webrtc: WebRtcConfig, http_host: str | None, ice: IceConfig | None = None) -> IceConfig:
+    """The ICE settings a gateway uses: ``ice``'s servers, with host addresses and ports from the config.
+
+    Host addresses: ``webrtc.host_candidates``, else ``ice.host_addresses``, else ``http_host`` when it
+    is one address (a server listening only on loopback must not offer media on other interfaces),
+    else aioice's default. Ports: ``webrtc.udp_ports``, else ``ice.udp_ports``.
+    """
+    base = ice or IceConfig()
+    hosts = (tuple(webrtc.host_candidates) if webrtc.host_candidates
+             else base.host_addresses if base.host_addresses is not None
+             else host_addresses_for(http_host))
+    ports = webrtc.udp_ports if webrtc.udp_ports is not None else base.udp_ports
+    return dataclasses.replace(base, host_addresses=hosts, udp_ports=ports)
+
+
+class RtcGateway:
+    """One per process: a frame feed per stream, the WHIP publishers and the WHEP viewers.
+
+    ``webrtc`` (default: the config's defaults) sets the viewer limits, host candidates and UDP
+    ports; ``http_host`` is the HTTP listen address, used for the host candidates when
+    ``webrtc.host_candidates`` is not set; ``ice`` adds STUN/TURN servers. Create it on the event
+    loop that serves HTTP. ICE settings are process-wide (see :mod:`stream.webrtc.ice`).
+    """
+
+    def __init__(self, pipeline: Pipeline, webrtc: WebRtcConfig | None = None, http_host: str | None = None,
+                 ice: IceConfig | None = None) -> None:
         self.pipeline = pipeline
-        self.whip = WhipIngest(ice)
-        self.whep = WhepPlayback(ice)
+        self.webrtc = webrtc = webrtc or WebRtcConfig()
+        self.ice = ice_for(webrtc, http_host, ice)
+        self.whip = WhipIngest(self.ice)
+        self.whep = WhepPlayback(self.ice, max_viewers_per_stream=webrtc.max_viewers_per_stream,
+                                 max_viewers=webrtc.max_viewers)
+        self.refused = viewers_refused(pipeline.metrics.registry)
         self.feeds: dict[str, FrameFeed] = {}
+        self._runner_feeds: dict[StreamRunner, FrameFeed] = {}
         self.loop = asyncio.get_running_loop()
         pipeline.on_stream_added.append(self._attach)
         pipeline.on_stream_removed.append(self._detach)
@@ -52,23 +109,29 @@ class RtcGateway:
     def _attach(self, runner: StreamRunner) -> None:
         feed = FrameFeed(runner.id)
         self.feeds[runner.id] = feed
+        self._runner_feeds[runner] = feed
 
         def push(frame: Frame, image: np.ndarray, _dets: object) -> None:
             feed.push(image, frame.captured_at)  # the painted (or blanked) frame, nothing earlier
 
         runner.on_redacted.append(push)
 
-    def _detach(self, stream_id: str) -> None:
-        feed = self.feeds.pop(stream_id, None)
-        if feed is not None:
-            feed.close()
-        asyncio.run_coroutine_threadsafe(self._close_stream(stream_id), self.loop)
+    def _detach(self, runner: StreamRunner) -> None:
+        stream_id = runner.id
+        feed = self.feeds.get(stream_id)
+        if feed is None or feed is not self._runner_feeds.pop(runner, None):
+            return  # the id is already another runner's: leave its feed and viewers alone
+        del self.feeds[stream_id]
+        feed.close()
+        asyncio.run_coroutine_threadsafe(self._close_stream(runner, feed), self.loop)
 
-    async def _close_stream(self, stream_id: str) -> None:
-        await self.whep.close_stream(stream_id)
-        publisher = self.whip.publisher(stream_id)
-        if publisher is not None:
-            log.info("stream %s removed: closing its WHIP publisher", stream_id)
+    async def _close_stream(self, runner: StreamRunner, feed: FrameFeed) -> None:
+        """End the removed runner's viewers and publisher only: by the time this runs on the loop, a
+        stream of the same id may be back with viewers and a publisher of its own."""
+        await self.whep.close_stream(runner.id, feed)
+        publisher = self.whip.publisher(runner.id)
+        if publisher is not None and publisher.handler is runner:
+            log.info("stream %s removed: closing its WHIP publisher", runner.id)
             await self.whip.delete(publisher.id)
 
     async def close(self) -> None:
@@ -81,10 +144,9 @@ class RtcGateway:
         ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if ctype != SDP:
             return _text(415, f"send the SDP offer with Content-Type: {SDP}")
-        if request.content_length is not None and request.content_length > MAX_SDP_BYTES:
-            return _text(413, f"SDP offer larger than {MAX_SDP_BYTES} bytes")
-        raw = await request.content.read(MAX_SDP_BYTES + 1)
-        if len(raw) > MAX_SDP_BYTES:
+        try:
+            raw = await read_limited(request, MAX_SDP_BYTES)  # whole, even when it comes chunked
+        except BodyTooLarge:
             return _text(413, f"SDP offer larger than {MAX_SDP_BYTES} bytes")
         try:
             return raw.decode("utf-8")
@@ -100,7 +162,11 @@ class RtcGateway:
         try:
             answer, session = await asyncio.wait_for(answer_for(offer), OFFER_TIMEOUT_S)
         except OfferError as e:
-            return _text(getattr(e, "http_status", 400), str(e))
+            if isinstance(e, TooManyViewers):
+                self.refused.labels(limit=e.limit).inc()
+                log.info("WHEP viewer for %s refused: %s", request.match_info["stream_id"], e)
+            retry = {} if e.retry_after_s is None else {"Retry-After": str(e.retry_after_s)}
+            return _text(e.http_status, str(e), **retry)
         except TimeoutError:
             log.error("%s offer for %s not answered within %g s", kind.upper(),
                       request.match_info["stream_id"], OFFER_TIMEOUT_S)
@@ -129,13 +195,13 @@ class RtcGateway:
         return await self._negotiate(request, "whep", lambda sdp: self.whep.offer(sid, sdp, feed))
 
     async def whip_delete(self, request: web.Request) -> web.Response:
-        if not await self.whip.delete(request.match_info["session"]):
-            return _text(404, "no such WHIP session")
+        if not await self.whip.delete(request.match_info["session"], request.match_info["stream_id"]):
+            return _text(404, "no such WHIP session for this stream")
         return web.Response(status=200)
 
     async def whep_delete(self, request: web.Request) -> web.Response:
-        if not await self.whep.delete(request.match_info["session"]):
-            return _text(404, "no such WHEP session")
+        if not await self.whep.delete(request.match_info["session"], request.match_info["stream_id"]):
+            return _text(404, "no such WHEP session for this stream")
         return web.Response(status=200)
 
     @staticmethod

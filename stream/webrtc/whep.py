@@ -47,14 +47,17 @@ import numpy as np
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.codecs.vpx import number_of_threads
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.sdp import SessionDescription
 from av import VideoFrame
 
 from stream.webrtc.ice import IceConfig, apply
 from stream.webrtc.whip import (
     MAX_SDP_BYTES,
     VIDEO_CODECS,
+    NoCandidates,
     OfferError,
     StreamGone,
+    has_candidates,
     new_session_id,
     parse_offer,
     short,
@@ -79,6 +82,18 @@ VIEWER_QUEUE = 8
 
 class FeedClosed(Exception):
     """The feed's stream has stopped; no more frames will come."""
+
+
+class TooManyViewers(OfferError):
+    """A viewer limit is reached; ``limit`` is the config key that sets it. Another viewer leaving frees a
+    place, so the client may try again later."""
+
+    http_status = 503
+    retry_after_s = 10
+
+    def __init__(self, message: str, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 @dataclass(frozen=True)
@@ -440,6 +455,8 @@ class WhepSession:
     pc: RTCPeerConnection
     codec: str
     track: MediaStreamTrack
+    feed: FrameFeed | None = None
+    """what the viewer watches: tells a removed stream's viewers from those of one re-added under its id"""
     created_at: float = field(default_factory=time.monotonic)
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
@@ -451,8 +468,14 @@ class WhepPlayback:
 
     def __init__(self, ice: IceConfig | None = None, *, codecs: Sequence[str] = VIDEO_CODECS,
                  shared_encoding: bool = True, bitrate: int | None = None,
-                 max_sdp_bytes: int = MAX_SDP_BYTES, connect_timeout_s: float = 15.0) -> None:
-        """``codecs``: what to send, in order of preference; the first one the viewer offers is used."""
+                 max_sdp_bytes: int = MAX_SDP_BYTES, connect_timeout_s: float = 15.0,
+                 max_viewers_per_stream: int | None = None, max_viewers: int | None = None) -> None:
+        """``codecs``: what to send, in order of preference; the first one the viewer offers is used.
+
+        ``max_viewers_per_stream`` and ``max_viewers`` (all streams) bound the sessions, connecting
+        ones included, since each costs a peer connection, a UDP port and packetizing work; None is
+        no limit. An offer beyond either gets :class:`TooManyViewers`.
+        """
         bad = [c for c in codecs if c.upper() not in VIDEO_CODECS]
         if bad or not codecs:
             raise ValueError(f"WHEP codecs {list(codecs)}: choose from {', '.join(VIDEO_CODECS)}")
@@ -462,7 +485,11 @@ class WhepPlayback:
         self.bitrate = bitrate
         self.max_sdp_bytes = max_sdp_bytes
         self.connect_timeout_s = connect_timeout_s
+        self.max_viewers_per_stream = max_viewers_per_stream
+        self.max_viewers = max_viewers
         self._sessions: dict[str, WhepSession] = {}
+        self._negotiating: dict[str, int] = {}
+        """offers being answered, per stream: they count against the limits before they are sessions"""
         self._encoders: dict[tuple[int, str], SharedEncoder] = {}
         self._background: set[asyncio.Task[None]] = set()
 
@@ -493,6 +520,34 @@ class WhepPlayback:
         desc = parse_offer(sdp, "recv", self.max_sdp_bytes, self.codecs)
         if feed.closed:
             raise StreamGone(f"stream {stream_id} is not running; nothing to watch")
+        self._admit(stream_id)
+        self._negotiating[stream_id] = self._negotiating.get(stream_id, 0) + 1
+        try:
+            return await self._answer(stream_id, sdp, desc, feed)
+        finally:
+            left = self._negotiating.pop(stream_id) - 1
+            if left:
+                self._negotiating[stream_id] = left
+
+    def _admit(self, stream_id: str) -> None:
+        """Refuse a viewer beyond the limits; sessions and offers still being answered both count."""
+        if self.max_viewers_per_stream is not None:
+            n = self.viewers(stream_id) + self._negotiating.get(stream_id, 0)
+            if n >= self.max_viewers_per_stream:
+                raise TooManyViewers(
+                    f"stream {stream_id!r} already has {n} WHEP viewers, the most "
+                    f"webrtc.max_viewers_per_stream ({self.max_viewers_per_stream}) allows; try again later, "
+                    "or raise webrtc.max_viewers_per_stream", "max_viewers_per_stream")
+        if self.max_viewers is not None:
+            n = len(self._sessions) + sum(self._negotiating.values())
+            if n >= self.max_viewers:
+                raise TooManyViewers(
+                    f"this server already has {n} WHEP viewers, the most webrtc.max_viewers "
+                    f"({self.max_viewers}) allows; try again later, or raise webrtc.max_viewers",
+                    "max_viewers")
+
+    async def _answer(self, stream_id: str, sdp: str, desc: SessionDescription,
+                      feed: FrameFeed) -> tuple[str, str]:
         offered = {c.name.upper() for m in desc.media if m.kind == "video" for c in m.rtp.codecs}
         codec = next(c for c in self.codecs if c in offered)
         pc = RTCPeerConnection(self._rtc_config)
@@ -503,7 +558,7 @@ class WhepPlayback:
             track = encoder.subscribe()
         else:
             track = FeedTrack(feed)
-        session = WhepSession(new_session_id(), stream_id, pc, codec, track)
+        session = WhepSession(new_session_id(), stream_id, pc, codec, track, feed)
         transceiver = pc.addTransceiver(track, direction="sendonly")
         wanted = (f"VIDEO/{codec}", "VIDEO/RTX")
         caps = RTCRtpSender.getCapabilities("video").codecs
@@ -532,24 +587,36 @@ class WhepPlayback:
             session.closed = True
             await self._discard(session)
             raise OfferError(f"the SDP offer could not be negotiated ({type(e).__name__}: {e})") from None
+        if not has_candidates(pc.localDescription.sdp):
+            session.closed = True
+            await self._discard(session)
+            raise NoCandidates
         self._sessions[session.id] = session
         self._spawn(session, self._watch_connect(session))
         log.info("stream %s: WHEP viewer %s (%s, %d watching)", stream_id, short(session.id), codec,
                  self.viewers(stream_id))
         return pc.localDescription.sdp, session.id
 
-    async def delete(self, session_id: str) -> bool:
-        """End a viewer's session (WHEP DELETE); False when there is no such session."""
+    async def delete(self, session_id: str, stream_id: str | None = None) -> bool:
+        """End a viewer's session (WHEP DELETE); False when there is no such session.
+
+        With ``stream_id`` the session must also be that stream's: a session URL is only valid
+        under the stream it was created for.
+        """
         session = self._sessions.get(session_id)
-        if session is None:
+        if session is None or (stream_id is not None and session.stream_id != stream_id):
             return False
         await self._close(session, "viewer ended the session")
         return True
 
-    async def close_stream(self, stream_id: str) -> None:
-        """Close every viewer of one stream (the stream was removed)."""
+    async def close_stream(self, stream_id: str, feed: FrameFeed | None = None) -> None:
+        """Close the viewers of one stream (it was removed); with ``feed``, only those watching that feed.
+
+        A stream can be removed and added again under its id before this runs: passing the removed
+        stream's feed leaves the viewers of the new one alone.
+        """
         await asyncio.gather(*(self._close(s, "stream closed") for s in list(self._sessions.values())
-                               if s.stream_id == stream_id))
+                               if s.stream_id == stream_id and (feed is None or s.feed is feed)))
 
     async def close_all(self) -> None:
         await asyncio.gather(*(self._close(s, "server shutting down") for s in list(self._sessions.values())))

@@ -52,6 +52,8 @@ class OfferError(ValueError):
     """An SDP offer refused before or while negotiating; the message says what is wrong and what to send."""
 
     http_status = 400
+    retry_after_s: int | None = None
+    """set where trying again later can succeed (a full server): the HTTP layer sends ``Retry-After``"""
 
 
 class OfferTooLarge(OfferError):
@@ -68,6 +70,18 @@ class StreamGone(OfferError):
     """The stream to watch is not running (its frame feed is closed)."""
 
     http_status = 404
+
+
+class NoCandidates(OfferError):
+    """This end gathered no ICE candidate: an answer without one could never connect."""
+
+    http_status = 503
+    retry_after_s = 10
+
+    def __init__(self) -> None:
+        super().__init__("this server has no ICE candidate to offer: no free UDP port in webrtc.udp_ports "
+                         "(try again later, or widen the range), or no usable host address (check "
+                         "webrtc.host_candidates and http.host)")
 
 
 def require_sdp_content_type(content_type: str | None) -> None:
@@ -128,6 +142,11 @@ def new_session_id() -> str:
 def short(session_id: str) -> str:
     """Enough of a session id to tell sessions apart in logs, not enough to act on one."""
     return session_id[:6] + "…"
+
+
+def has_candidates(sdp: str) -> bool:
+    """Whether ``sdp`` names at least one ICE candidate (host, server-reflexive or relayed)."""
+    return any(line.startswith("a=candidate:") for line in sdp.splitlines())
 
 
 def video_codec_name(answer_sdp: str) -> str:
@@ -216,6 +235,9 @@ class WhipIngest:
         except Exception as e:
             await self._discard(session)
             raise OfferError(f"the SDP offer could not be negotiated ({type(e).__name__}: {e})") from None
+        if not has_candidates(pc.localDescription.sdp):
+            await self._discard(session)
+            raise NoCandidates
         session.codec = video_codec_name(pc.localDescription.sdp)
         self._sessions[session.id] = session
         old = self._by_stream.get(stream_id)
@@ -229,10 +251,14 @@ class WhipIngest:
             log.info("stream %s: WHIP publisher %s (%s)", stream_id, short(session.id), session.codec)
         return pc.localDescription.sdp, session.id
 
-    async def delete(self, session_id: str) -> bool:
-        """End a publisher's session (WHIP DELETE); False when there is no such session."""
+    async def delete(self, session_id: str, stream_id: str | None = None) -> bool:
+        """End a publisher's session (WHIP DELETE); False when there is no such session.
+
+        With ``stream_id`` the session must also be that stream's: a session URL is only valid
+        under the stream it was created for, not under any path that happens to end in its id.
+        """
         session = self._sessions.get(session_id)
-        if session is None:
+        if session is None or (stream_id is not None and session.stream_id != stream_id):
             return False
         await self._close(session, "publisher ended the WHIP session")
         return True
