@@ -369,6 +369,8 @@ class Pipeline:
         self.gpu_monitor: GpuMonitor | None = None
         self.shard: Shard | None = None
         """this worker's shard (`run --shard-index`): the API refuses streams other workers own"""
+        self.events_health: Callable[[], tuple[bool, str | None]] | None = None
+        """``(up, problem)`` of the event sink, shown by ``/readyz``; None when events are off"""
 
     def start(self) -> None:
         self.batcher.start()
@@ -448,5 +450,11 @@ class Pipeline:
         return self.started and self.batcher.alive and self.batcher.ready
 
     def status(self) -> dict[str, Any]:
-        return {"ready": self.ready, "detector": "up" if self.batcher.ready else "down",
-                "streams": [r.status() for r in self.streams.values()]}
+        """What ``/readyz`` shows. Readiness is the detector's alone: events that cannot be stored or
+        delivered are reported here (and in metrics) but do not take redacted video off the air."""
+        body: dict[str, Any] = {"ready": self.ready, "detector": "up" if self.batcher.ready else "down",
+                                "streams": [r.status() for r in self.streams.values()]}
+        if self.events_health is not None:
+            up, problem = self.events_health()
+            body["events"] = {"up": up, "problem": problem}
+        return body

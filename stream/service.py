@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import sys
@@ -17,7 +18,7 @@ from stream.auth import load_tokens
 from stream.config import PipelineConfig
 from stream.detect.batcher import DetectorFactory
 from stream.errors import UserError
-from stream.events.sinks import start_events
+from stream.events.sinks import sink_health, start_events
 from stream.http import start_http
 from stream.pipeline import Pipeline
 from stream.rtc import RtcGateway
@@ -43,6 +44,7 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
     events = start_events(config, pipeline.metrics)  # before start: the first frames have events too
     if events is not None:
         pipeline.observers.append(events)
+        pipeline.events_health = functools.partial(sink_health, events)
 
     async def close_events() -> None:
         if events is not None:  # after the pipeline: what it observed last is stored, then delivered
@@ -54,7 +56,7 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
         await loop.run_in_executor(None, pipeline.stop, 1.0)
         await close_events()
         raise
-    gateway = RtcGateway(pipeline)
+    gateway = RtcGateway(pipeline, config.webrtc, config.http.host)
     try:
         runner, port = await start_http(pipeline, config.http.host, config.http.port, tokens,
                                         config.api.allow_file_sources, gateway)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from stream.detect.detections import Detections
 from stream.metrics import Metrics, sample
+from stream.service import serve
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
@@ -64,3 +67,41 @@ class Slow(NoFaces):
 
 def counter(metrics: Metrics, name: str, **labels: str) -> float:
     return sample(metrics, f"stream_redact_{name}_total", **labels)
+
+
+class ServiceThread:
+    """`serve()` (what `stream-redact run` runs) on a thread with its own event loop, for tests that
+    talk to it over real HTTP; ``detector_factory`` None uses the real detectors."""
+
+    def __init__(self, config: Any, detector_factory: Callable[[], Any] | None = None) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        self.listening = threading.Event()
+        self.done = threading.Event()
+        self.stop_event: asyncio.Event | None = None
+        self.thread = threading.Thread(target=self._run, args=(config, detector_factory), daemon=True)
+        self.thread.start()
+        assert self.listening.wait(60), "service did not start"
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def _run(self, config: Any, detector_factory: Callable[[], Any] | None) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def main() -> None:
+            self.stop_event = asyncio.Event()
+
+            def on_listen(port: int) -> None:
+                self.port = port
+                self.listening.set()
+
+            await serve(config, detector_factory=detector_factory, stop=self.stop_event, on_listen=on_listen)
+
+        try:
+            self.loop.run_until_complete(main())
+        finally:
+            self.done.set()
+
+    def stop(self) -> None:
+        if self.stop_event is not None:
+            self.loop.call_soon_threadsafe(self.stop_event.set)
+        assert self.done.wait(30), "service did not stop"

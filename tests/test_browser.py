@@ -7,10 +7,8 @@ Security Policy forbids eval, which Playwright's string predicates use, so test 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,11 +16,10 @@ import cv2
 import numpy as np
 import pytest
 from helpers import TESTS, make_clip
-from live_helpers import wait_for
+from live_helpers import ServiceThread, wait_for
 
-from stream.config import PipelineConfig, parse_config
+from stream.config import parse_config
 from stream.detect.yunet import YuNet
-from stream.service import serve
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = TESTS / "artifacts"
@@ -37,45 +34,11 @@ playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="apt-get install chromium")
 
 
-class Service:
-    """`serve()` (what `stream-redact run` runs) on a thread with its own event loop."""
 
-    def __init__(self, config: PipelineConfig) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.port: int | None = None
-        self.listening = threading.Event()
-        self.done = threading.Event()
-        self.stop_event: asyncio.Event | None = None
-        self.thread = threading.Thread(target=self._run, args=(config,), daemon=True)
-        self.thread.start()
-        assert self.listening.wait(60), "service did not start"
-        self.base = f"http://127.0.0.1:{self.port}"
-
-    def _run(self, config: PipelineConfig) -> None:
-        asyncio.set_event_loop(self.loop)
-
-        async def main() -> None:
-            self.stop_event = asyncio.Event()
-
-            def on_listen(port: int) -> None:
-                self.port = port
-                self.listening.set()
-
-            await serve(config, stop=self.stop_event, on_listen=on_listen)
-
-        try:
-            self.loop.run_until_complete(main())
-        finally:
-            self.done.set()
-
-    def stop(self) -> None:
-        if self.stop_event is not None:
-            self.loop.call_soon_threadsafe(self.stop_event.set)
-        assert self.done.wait(30), "service did not stop"
 
 
 @pytest.fixture
-def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]:
+def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ServiceThread]:
     monkeypatch.setenv("BROWSER_TEST_TOKENS", TOKEN)
     clip = make_clip(tmp_path / "face.mp4", frames=50, width=320, height=240)
     cfg = parse_config({
@@ -85,7 +48,7 @@ def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Service
         "auth": {"tokens_env": "BROWSER_TEST_TOKENS"},
         "http": {"port": 0},
     })
-    svc = Service(cfg)
+    svc = ServiceThread(cfg)
     yield svc
     svc.stop()
 
@@ -115,7 +78,7 @@ def grab(page: object, selector: str) -> np.ndarray:
     return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
 
 
-def test_viewer_page_plays_the_redacted_stream(service: Service, browser: object) -> None:
+def test_viewer_page_plays_the_redacted_stream(service: ServiceThread, browser: object) -> None:
     page = new_page(browser)
     page.goto(f"{service.base}/#token={TOKEN}")
     video = '[data-stream="lobby"] video'
@@ -144,7 +107,7 @@ def test_viewer_page_plays_the_redacted_stream(service: Service, browser: object
     page.screenshot(path=str(ARTIFACTS / "control-room.png"))
 
 
-def test_viewer_page_asks_for_a_token(service: Service, browser: object) -> None:
+def test_viewer_page_asks_for_a_token(service: ServiceThread, browser: object) -> None:
     page = new_page(browser)
     page.goto(f"{service.base}/")
     page.wait_for_function("document.getElementById('message').textContent.includes('not authorised')",
@@ -155,7 +118,7 @@ def test_viewer_page_asks_for_a_token(service: Service, browser: object) -> None
     page.wait_for_function("document.querySelectorAll('#grid video').length === 2", timeout=10_000)
 
 
-def test_chromium_publishes_over_whip(service: Service, browser: object) -> None:
+def test_chromium_publishes_over_whip(service: ServiceThread, browser: object) -> None:
     page = new_page(browser)
     page.goto(f"{service.base}/static/style.css")  # same origin as the API, no page script running
     status = page.evaluate("""async (token) => {

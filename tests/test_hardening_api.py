@@ -6,7 +6,6 @@ gateway in place; sources are RTSP URLs on closed loopback ports, so no camera i
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import json
 import logging
@@ -14,61 +13,29 @@ import os
 import socket
 import subprocess
 import sys
-import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import ROOT
-from live_helpers import NoFaces, wait_for
+from live_helpers import NoFaces, ServiceThread, wait_for
 from test_api import call
 
 from stream.config import PipelineConfig, parse_config
 from stream.errors import UserError
-from stream.service import serve
 from stream.urls import mask_text, mask_url, origin, origins_only
 
 TOKEN = "hardening-token-0123456789abcdef"
 ENV = "HARDENING_TEST_TOKENS"
 
 
-class Service:
+class Service(ServiceThread):
     """`serve()` on a thread with its own event loop, detection replaced by a no-face detector."""
 
     def __init__(self, config: PipelineConfig) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
-        self.listening = threading.Event()
-        self.done = threading.Event()
-        self.stop_event: asyncio.Event | None = None
-        self.pipeline: Any = None
-        self.thread = threading.Thread(target=self._run, args=(config,), daemon=True)
-        self.thread.start()
-        assert self.listening.wait(60), "service did not start"
-        self.base = f"http://127.0.0.1:{self.port}"
-
-    def _run(self, config: PipelineConfig) -> None:
-        asyncio.set_event_loop(self.loop)
-
-        async def main() -> None:
-            self.stop_event = asyncio.Event()
-
-            def on_listen(port: int) -> None:
-                self.port = port
-                self.listening.set()
-
-            await serve(config, detector_factory=NoFaces, stop=self.stop_event, on_listen=on_listen)
-
-        try:
-            self.loop.run_until_complete(main())
-        finally:
-            self.done.set()
-
-    def stop(self) -> None:
-        if self.stop_event is not None:
-            self.loop.call_soon_threadsafe(self.stop_event.set)
-        assert self.done.wait(30), "service did not stop"
+        super().__init__(config, NoFaces)
 
 
 def config(tmp_path: Path, **extra: Any) -> PipelineConfig:
@@ -395,3 +362,39 @@ def test_default_allows_private_networks_only(service: Service) -> None:
     assert api(service, "POST", "/api/streams", rtsp("lan", "rtsp://10.255.255.1:554/x"))[0] == 201
     shown = origins_only("open rtsp://***@10.0.0.1:554/a/b?c=d: refused")
     assert shown == "open rtsp://10.0.0.1:554: refused"
+
+
+# -- events health on /readyz ------------------------------------------------------------------------
+def test_readyz_reports_events_that_cannot_be_delivered_without_taking_video_off_air(
+        tmp_path: Path, tokens_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("READYZ_SASL_PW", "sasl-Secret-991")
+    port = closed_port()
+    svc = Service(config(tmp_path, events={
+        "kafka": {"bootstrap_servers": [f"127.0.0.1:{port}"], "topic": "t", "connect_timeout_s": 1,
+                  "security_protocol": "SASL_PLAINTEXT",
+                  "sasl": {"mechanism": "SCRAM-SHA-256", "username": "u", "password_env": "READYZ_SASL_PW"}},
+        "spool": {"dir": str(tmp_path / "spool")}}))
+    try:
+        seen: dict[str, Any] = {}
+
+        def events_down() -> bool:
+            seen.update(json.loads(urllib.request.urlopen(svc.base + "/readyz", timeout=5).read()))
+            return seen.get("events", {}).get("up") is False
+
+        wait_for(events_down, timeout=30, what="/readyz to report the unreachable brokers")
+        body = seen
+        assert body["ready"] is True and body["detector"] == "up"  # readiness is the detector's
+        assert body["events"]["problem"] and "sasl-Secret-991" not in json.dumps(body)
+    finally:
+        svc.stop()
+
+
+def test_readyz_shows_events_up_and_none_when_events_are_off(tmp_path: Path, service: Service) -> None:
+    body = json.loads(urllib.request.urlopen(service.base + "/readyz", timeout=5).read())
+    assert "events" not in body  # events: {sink: none}
+    svc = Service(config(tmp_path, events={"sink": "jsonl", "jsonl": {"path": str(tmp_path / "e.jsonl")}}))
+    try:
+        body = json.loads(urllib.request.urlopen(svc.base + "/readyz", timeout=5).read())
+        assert body["events"] == {"up": True, "problem": None}
+    finally:
+        svc.stop()
