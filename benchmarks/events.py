@@ -45,9 +45,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from kafka_broker import Broker, read_topic  # noqa: E402
 
 from stream.config import parse_config  # noqa: E402
+from stream.core.metrics import Metrics  # noqa: E402
 from stream.events import schema  # noqa: E402
 from stream.events.kafka import KafkaSink  # noqa: E402
-from stream.metrics import Metrics  # noqa: E402
 
 STREAMS = [f"cam-{i:02d}" for i in range(8)]
 TICKS = os.sysconf("SC_CLK_TCK")

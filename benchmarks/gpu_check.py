@@ -51,8 +51,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from gpu_scene import Scene  # noqa: E402
 
+from stream.core.nms import iou_matrix  # noqa: E402
 from stream.detect import backend as backend_mod  # noqa: E402
-from stream.detect.nms import iou_matrix  # noqa: E402
 
 BUCKETS = (1, 2, 4, 8, 16, 32)
 
@@ -351,9 +351,9 @@ def covered(gt: tuple[int, int, int, int], regions: list[Any]) -> bool:
 def _worker(conn: Any, backend: str, providers: list[str], buckets: tuple[int, ...], max_batch: int,
             max_wait_ms: float, deadline_ms: float, fps: float, seed: int, inflight: int | None) -> None:
     """A pipeline process: one detector and batcher; runs the stream counts it is sent."""
-    from stream.detect.batcher import Batcher
+    from stream.core.metrics import Metrics
     from stream.detect.ensemble import FrameDetector
-    from stream.metrics import Metrics
+    from stream.live.batcher import Batcher
 
     det = FrameDetector(detector_config_for(backend, providers, buckets))
     calls: list[tuple[float, float, int]] = []
@@ -397,10 +397,10 @@ def _worker(conn: Any, backend: str, providers: list[str], buckets: tuple[int, .
 
 def _step(batcher: Any, calls: list, ring: list, msg: tuple, deadline_ms: float, fps: float) -> list[dict]:
     """One K step in a worker: its streams produced at ``fps``, batched, tracked and painted."""
-    from stream.detect.detections import Detections
-    from stream.frames import Drop, Failure, Frame, Job, JobQueue
-    from stream.redact import RedactConfig, Redactor
-    from stream.track import Tracker, TrackerConfig
+    from stream.core.detections import Detections
+    from stream.core.frames import Drop, Failure, Frame, Job, JobQueue
+    from stream.core.redact import RedactConfig, Redactor
+    from stream.core.track import Tracker, TrackerConfig
 
     n_streams, start_at, seconds, warm_s, prefix = msg
     stats = [{"sent": 0, "published": 0, "blanked": 0, "dropped": 0, "lat": [], "gt": {}, "leaks": {}}

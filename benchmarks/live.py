@@ -45,8 +45,8 @@ MODES = ("transcode", "redact", "redact-b1", "redact-faces")
 WORKER = """
 import asyncio, sys
 from stream.config import load_config
-from stream.detect.detections import Detections
-from stream.service import serve
+from stream.core.detections import Detections
+from stream.live.service import serve
 
 def no_detection():  # transcode ceiling only: looks at nothing, so the frame goes out unchanged
     return lambda images, seqs=None: [Detections(observed=frozenset()) for _ in images]

@@ -22,7 +22,7 @@ from typing import Any
 import av
 import numpy as np
 
-from stream import track
+from stream.core import track
 from stream.detect.ensemble import FrameDetector
 from stream.detect.presets import detector_config
 from stream.loadtest.scene import Scene, load_material

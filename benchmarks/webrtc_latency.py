@@ -32,13 +32,13 @@ from aiortc.mediastreams import MediaStreamError  # noqa: E402
 from av import VideoFrame  # noqa: E402
 from helpers import face_sprite, textured_background  # noqa: E402
 
-from stream.auth import Tokens  # noqa: E402
 from stream.config import parse_config  # noqa: E402
-from stream.http import start_http  # noqa: E402
-from stream.pipeline import Pipeline  # noqa: E402
-from stream.rtc import RtcGateway  # noqa: E402
-from stream.webrtc.ice import LOOPBACK, rtc_configuration  # noqa: E402
-from stream.webrtc.whip import WhipIngest  # noqa: E402
+from stream.live.auth import Tokens  # noqa: E402
+from stream.live.http import start_http  # noqa: E402
+from stream.live.pipeline import Pipeline  # noqa: E402
+from stream.live.rtc import RtcGateway  # noqa: E402
+from stream.live.webrtc.ice import LOOPBACK, rtc_configuration  # noqa: E402
+from stream.live.webrtc.whip import WhipIngest  # noqa: E402
 
 BITS, BLOCK = 16, 16
 TOKEN = "latency-bench-token-0123456789"

@@ -1,6 +1,6 @@
 """WHEP fan-out: N aiortc viewers on one stream's FrameFeed, received fps per viewer and CPU per side.
 
-The server (this process) runs :class:`stream.webrtc.whep.WhepPlayback` behind a minimal WHEP
+The server (this process) runs :class:`stream.live.webrtc.whep.WhepPlayback` behind a minimal WHEP
 HTTP endpoint on 127.0.0.1, with a thread pushing 640x360 frames (a textured background and a
 moving square, so the encoder has real work) into a :class:`FrameFeed` at 25 fps, as the
 pipeline's redaction thread would. For each mode and N, a separate client process opens N
@@ -40,8 +40,8 @@ from aiohttp import ClientSession, web
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stream.webrtc.ice import LOOPBACK, rtc_configuration, set_host_addresses  # noqa: E402
-from stream.webrtc.whep import FrameFeed, WhepPlayback  # noqa: E402
+from stream.live.webrtc.ice import LOOPBACK, rtc_configuration, set_host_addresses  # noqa: E402
+from stream.live.webrtc.whep import FrameFeed, WhepPlayback  # noqa: E402
 
 STREAM = "bench"
 

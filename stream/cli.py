@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 from stream import __version__
+from stream.core.errors import UserError
 from stream.detect.models import ModelError
 from stream.detect.presets import PRESETS, detector_config
-from stream.errors import UserError
 
 log = logging.getLogger("stream")
 
@@ -185,10 +185,10 @@ def cmd_redact(args: argparse.Namespace) -> int:
 
 
 def _redact(args: argparse.Namespace) -> int:
+    from stream.core.redact import RedactConfig, Redactor, Style
+    from stream.core.track import Tracker, TrackerConfig
     from stream.detect.ensemble import FrameDetector
     from stream.files import JobOptions, check_paths, check_size, run_job
-    from stream.redact import RedactConfig, Redactor, Style
-    from stream.track import Tracker, TrackerConfig
 
     kind = check_paths(args.input, args.output, args.masks_json)  # before any model loads
     max_pixels = JobOptions.max_pixels if args.max_pixels is None else args.max_pixels
@@ -260,8 +260,8 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from stream import shard as sharding
     from stream.config import load_config
+    from stream.live import shard as sharding
 
     shard = sharding.resolve(args.shard_index, args.shard_count)  # bad values stop before the config loads
     config = load_config(args.config)
@@ -272,7 +272,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         taken = (f"shard {shard.index} of {shard.count}: {len(mine)} stream(s) here "
                  f"({', '.join(mine) or 'none'}), {len(others)} left to the other workers")
     if args.check:
-        from stream.auth import load_tokens
+        from stream.live.auth import load_tokens
 
         # everything `run` reads before it starts is checked here too (a missing tokens file included)
         load_tokens(config.auth.tokens_env, config.auth.tokens_file, args.insecure_no_auth)
@@ -283,7 +283,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         logging.getLogger("stream").setLevel(logging.INFO)
     if shard is not None:
         print(f"stream-redact: {taken}", file=sys.stderr, flush=True)
-    from stream.service import serve
+    from stream.live.service import serve
 
     return asyncio.run(serve(config, insecure_no_auth=args.insecure_no_auth, shard=shard))
 
@@ -303,7 +303,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import os
 
     from stream.demo import demo_config, new_token
-    from stream.service import serve
+    from stream.live.service import serve
 
     config = demo_config(args.host, args.port, args.preset)
     token = os.environ.setdefault("STREAM_REDACT_DEMO_TOKEN", new_token())

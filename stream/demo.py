@@ -13,7 +13,7 @@ import secrets
 from typing import Any
 
 from stream.config import PipelineConfig, parse_config
-from stream.errors import UserError
+from stream.core.errors import UserError
 from stream.samples import DEFAULT_SAMPLE, SampleError, sample_path
 
 

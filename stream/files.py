@@ -23,11 +23,11 @@ import av
 import cv2
 import numpy as np
 
-from stream.detect.detections import Detections
-from stream.errors import UserError
-from stream.masking import Masked, MaskingStage
-from stream.redact import Redactor
-from stream.track import Tracker
+from stream.core.detections import Detections
+from stream.core.errors import UserError
+from stream.core.masking import Masked, MaskingStage
+from stream.core.redact import Redactor
+from stream.core.track import Tracker
 
 log = logging.getLogger(__name__)
 

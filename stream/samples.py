@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from stream.checksum import sha256_file
+from stream.core.checksum import sha256_file
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / ".samples"
 """Default store; ``STREAM_REDACT_SAMPLES`` or ``--dir`` override it (e.g. for a wheel install)."""

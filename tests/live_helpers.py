@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from stream.detect.detections import Detections
-from stream.metrics import Metrics, sample
-from stream.service import serve
+from stream.core.detections import Detections
+from stream.core.metrics import Metrics, sample
+from stream.live.service import serve
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:

@@ -18,11 +18,11 @@ import pytest
 from helpers import make_clip
 from live_helpers import NoFaces, counter, wait_for
 
-from stream.auth import Tokens, load_tokens
 from stream.config import parse_config
-from stream.errors import UserError
-from stream.http import start_http
-from stream.pipeline import Pipeline
+from stream.core.errors import UserError
+from stream.live.auth import Tokens, load_tokens
+from stream.live.http import start_http
+from stream.live.pipeline import Pipeline
 
 TOKEN = "test-token-0123456789abcdef"
 

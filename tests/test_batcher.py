@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from live_helpers import Hangs, NoFaces, Raises, counter, wait_for
 
-from stream.detect.batcher import Batcher
-from stream.frames import Drop, Failure, Frame, Job, JobQueue
-from stream.metrics import Metrics
+from stream.core.frames import Drop, Failure, Frame, Job, JobQueue
+from stream.core.metrics import Metrics
+from stream.live.batcher import Batcher
 
 _seq = itertools.count(1)
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from live_helpers import counter, wait_for
 
-from stream.detect.batcher import Batcher
-from stream.detect.detections import Detections
-from stream.frames import Failure, Frame, Job, JobQueue
-from stream.metrics import Metrics
+from stream.core.detections import Detections
+from stream.core.frames import Failure, Frame, Job, JobQueue
+from stream.core.metrics import Metrics
+from stream.live.batcher import Batcher
 
 _seq = iter(range(1, 1 << 30))
 

@@ -141,16 +141,16 @@ def test_truncated_video_warns_on_stderr(full_mp4_faststart: Clip, tmp_path: Pat
 
 def test_detector_failure_mid_video_leaves_no_output(tmp_path: Path) -> None:
     """Fail closed: a detector that raises at frame 5 ends the job with an error and no output file."""
-    from stream.errors import UserError
+    from stream.core.errors import UserError
+    from stream.core.redact import Redactor
+    from stream.core.track import Tracker
     from stream.files import JobOptions, run_job
-    from stream.redact import Redactor
-    from stream.track import Tracker
 
     clip = make_clip(tmp_path / "in.mp4", frames=12)
     calls = []
 
     def detect(images, seqs):
-        from stream.detect.detections import Detections
+        from stream.core.detections import Detections
 
         calls.extend(seqs)
         if max(seqs) >= 5:

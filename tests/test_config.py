@@ -8,8 +8,8 @@ import pytest
 from helpers import ROOT, run_cli
 
 from stream.config import load_config, parse_config
-from stream.errors import UserError
-from stream.urls import mask_text, mask_url
+from stream.core.errors import UserError
+from stream.core.urls import mask_text, mask_url
 
 CLIP = Path(__file__).parent / "fixtures" / "astronaut_256.jpg"  # any existing file will do for `path`
 

@@ -255,7 +255,7 @@ def test_camera_simulator_publishes_a_looping_live_stream(tmp_path: Path) -> Non
     assert 2.7 < result["took"] < 10, f"3 passes of a 1 s clip took {result['took']:.2f} s: not real time"
 
 
-# Being added to stream/metrics.py beside this work (GPU stage); until then the dashboard's GPU
+# Being added to stream/core/metrics.py beside this work (GPU stage); until then the dashboard's GPU
 # panels query them ahead of time. Exactly these names may be missing, nothing else.
 PENDING_GPU_METRICS = {
     "stream_redact_gpu_utilization_ratio": "gauge",
@@ -286,10 +286,10 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     from live_helpers import NoFaces, wait_for
     from test_api import Server, call
 
-    from stream.auth import Tokens
     from stream.config import parse_config
     from stream.events.sinks import start_events
-    from stream.pipeline import Pipeline
+    from stream.live.auth import Tokens
+    from stream.live.pipeline import Pipeline
 
     tmp = tmp_path_factory.mktemp("metrics")
     clip = make_clip(tmp / "cam.mp4", frames=10, width=160, height=120, fps=10).path
@@ -335,7 +335,7 @@ def _check(queried: set[str], exported: dict[str, str]) -> None:
     missing = sorted(queried - set(exported) - pending)
     assert not missing, f"queried but not exported by the pipeline: {missing}"
     if pending:
-        print(f"pending GPU metrics (not in stream/metrics.py yet): {sorted(pending)}")
+        print(f"pending GPU metrics (not in stream/core/metrics.py yet): {sorted(pending)}")
 
 
 def test_dashboard_queries_only_exported_metrics(exported: dict[str, str]) -> None:

@@ -174,9 +174,9 @@ def test_healthcheck_command_works_against_a_live_pipeline() -> None:
 
     from test_api import Server
 
-    from stream.auth import Tokens
     from stream.config import parse_config
-    from stream.pipeline import Pipeline
+    from stream.live.auth import Tokens
+    from stream.live.pipeline import Pipeline
 
     value = next(v for c, _, v in stages()["runtime"] if c == "HEALTHCHECK")
     assert value[:3] == ("CMD", "python", "-c")

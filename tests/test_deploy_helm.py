@@ -15,7 +15,7 @@ from deploy_helpers import run, tool, venv_tool
 from helpers import ROOT
 
 from stream.config import load_config
-from stream.shard import resolve
+from stream.live.shard import resolve
 
 CHART = ROOT / "helm" / "stream-redact"
 VALUES = {

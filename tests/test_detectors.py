@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from helpers import ASTRONAUT_FACE, ASTRONAUT_PERSON, best_iou, finds, iou, uk_plate
 
+from stream.core.detections import LABELS
 from stream.detect.base import OnnxDetector
-from stream.detect.detections import LABELS
 
 
 @pytest.fixture(params=["centerface", "yunet"])

@@ -9,7 +9,7 @@ import pytest
 from helpers import run_cli
 
 from stream.config import load_config, parse_config
-from stream.errors import UserError
+from stream.core.errors import UserError
 from stream.events.kafka import client_settings
 
 SECRET = "Pw-0f-the-broker-7731"
@@ -38,8 +38,8 @@ def test_default_is_a_jsonl_file_in_the_state_directory(tmp_path: Path, monkeypa
     assert ev.spool.folder() == Path(where.format(tmp=tmp_path)) / "spool"
     assert ev.per_frame is False and ev.track_update_interval_s == 1.0
     assert ev.source_uri.startswith("/stream-redact/")
+    from stream.core.metrics import Metrics
     from stream.events.sinks import build_sink
-    from stream.metrics import Metrics
 
     sink = build_sink(load_config(cfg_file), Metrics())  # creates the state directory
     assert sink is not None

@@ -27,12 +27,12 @@ import pytest
 from live_helpers import wait_for
 
 from stream.config import parse_config
+from stream.core.metrics import Metrics, sample
 from stream.events import schema
 from stream.events.emitter import EventEmitter
 from stream.events.jsonl import JsonlSink
 from stream.events.sinks import sink_health
 from stream.events.spool import SUFFIX, Spool, decode_record
-from stream.metrics import Metrics, sample
 
 pytestmark = pytest.mark.timeout(60)
 

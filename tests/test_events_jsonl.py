@@ -11,10 +11,10 @@ import pytest
 from helpers import Clip, make_clip
 
 from stream.config import parse_config
+from stream.core.metrics import Metrics, sample
 from stream.events import schema
 from stream.events.jsonl import JsonlSink, last_sequence
-from stream.metrics import Metrics, sample
-from stream.service import serve
+from stream.live.service import serve
 
 DETECTION = {"preset": "fast", "plates": False, "heads": False, "providers": ["cpu"]}
 
@@ -128,7 +128,7 @@ async def test_run_writes_track_and_stream_events_of_a_face_clip(clip: Clip, tmp
 
 
 def test_an_unwritable_events_file_stops_the_start_naming_the_fix() -> None:
-    from stream.errors import UserError
+    from stream.core.errors import UserError
     from stream.events.sinks import build_sink
 
     cfg = parse_config({"events": {"jsonl": {"path": "/proc/stream-redact-events.jsonl"}}})  # even root can't

@@ -29,12 +29,12 @@ from kafka_broker import Broker, free_port, read_topic
 from live_helpers import NoFaces, wait_for
 
 from stream.config import PipelineConfig, parse_config
+from stream.core.metrics import Metrics, sample
 from stream.events import schema
 from stream.events.emitter import EventEmitter
 from stream.events.kafka import KafkaSink
 from stream.events.sinks import build_sink, start_events
-from stream.metrics import Metrics, sample
-from stream.pipeline import Pipeline
+from stream.live.pipeline import Pipeline
 
 DETECTION = {"preset": "fast", "plates": False, "heads": False, "providers": ["cpu"]}
 SECRET = "s3cret-Broker-Pw-4471"
@@ -322,7 +322,7 @@ import json, sys, time
 from stream.config import parse_config
 from stream.events import schema
 from stream.events.sinks import build_sink
-from stream.metrics import Metrics
+from stream.core.metrics import Metrics
 sink = build_sink(parse_config(json.loads(sys.argv[1])), Metrics())
 sink.start()
 ids = []

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from stream.config import parse_config
-from stream.detect.detections import Detections
+from stream.core.detections import Detections
+from stream.core.frames import Failure, Frame
 from stream.events import schema
 from stream.events.emitter import EventEmitter, model_info
-from stream.frames import Failure, Frame
 
 T0 = 1_764_190_800.0
 IMG = np.zeros((240, 320, 3), np.uint8)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.errors import UserError
+from stream.core.errors import UserError
 from stream.events.spool import SUFFIX, Spool
 
 

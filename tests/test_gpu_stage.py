@@ -16,9 +16,10 @@ import pytest
 from live_helpers import NoFaces, wait_for
 
 from stream.config import parse_config
+from stream.core.frames import Failure, Frame, Job, JobQueue
+from stream.core.metrics import Metrics, sample
 from stream.detect import backend as backend_mod
 from stream.detect.backend import TRANSFERS, BackendError, OrtBackend, choose_backend, make_backend
-from stream.detect.batcher import Batcher
 from stream.detect.buckets import check_buckets, padding, plan
 from stream.detect.ensemble import FrameDetector
 from stream.detect.letterbox import letterbox_batch
@@ -27,10 +28,9 @@ from stream.detect.presets import detector_config
 from stream.detect.runtime import make_dynamic
 from stream.detect.yolo import PersonYolo
 from stream.detect.yunet import YuNet
-from stream.frames import Failure, Frame, Job, JobQueue
-from stream.gpu import GpuMonitor, load_nvml
-from stream.metrics import Metrics, sample
-from stream.sources.decode import open_video
+from stream.live.batcher import Batcher
+from stream.live.gpu import GpuMonitor, load_nvml
+from stream.live.sources.decode import open_video
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HAS_TORCH = all(importlib.util.find_spec(m) is not None for m in ("torch", "onnx2torch"))
@@ -302,7 +302,7 @@ def test_nvdec_falls_back_to_cpu_decoding_with_one_warning(caplog: pytest.LogCap
 
 def test_nvdec_fallback_warning_never_shows_camera_credentials(monkeypatch: pytest.MonkeyPatch,
                                                                caplog: pytest.LogCaptureFixture) -> None:
-    from stream.sources import decode
+    from stream.live.sources import decode
 
     url = "rtsp://admin:s3cretpass@192.0.2.7:554/live"
     opened = []

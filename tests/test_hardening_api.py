@@ -24,8 +24,8 @@ from live_helpers import NoFaces, ServiceThread, wait_for
 from test_api import call
 
 from stream.config import PipelineConfig, parse_config
-from stream.errors import UserError
-from stream.urls import mask_text, mask_url, origin, origins_only
+from stream.core.errors import UserError
+from stream.core.urls import mask_text, mask_url, origin, origins_only
 
 TOKEN = "hardening-token-0123456789abcdef"
 ENV = "HARDENING_TEST_TOKENS"
@@ -300,7 +300,7 @@ def test_the_page_cannot_be_framed(service: Service) -> None:
     assert status == 200
     assert headers["X-Frame-Options"] == "DENY"
     assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
-    script = (Path(__file__).parents[1] / "stream" / "web" / "app.js").read_text()
+    script = (Path(__file__).parents[1] / "stream" / "live" / "web" / "app.js").read_text()
     assert "history.replaceState" in script  # the token leaves the address bar (tests/test_browser.py)
 
 

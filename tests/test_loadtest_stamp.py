@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from helpers import ROOT
 
-from stream.detect.detections import Detections
+from stream.core.detections import Detections
+from stream.core.redact import RedactConfig, Redactor, Style
 from stream.loadtest import leak, stamp
 from stream.loadtest.scene import Material, Scene, load_material
-from stream.redact import RedactConfig, Redactor, Style
 
 CLIP = ROOT / ".samples" / "talking-face" / "WolfgangLanger_Pexels.mp4"
 SENT_MS = 1_790_000_000_123  # a fixed epoch time: the test must not depend on the clock

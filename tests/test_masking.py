@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from helpers import contains, textured_background
 
-from stream.detect.detections import Detections
-from stream.masking import Masked, MaskingStage
-from stream.redact import RedactConfig, Redactor, Style
-from stream.track import Tracker
+from stream.core.detections import Detections
+from stream.core.masking import Masked, MaskingStage
+from stream.core.redact import RedactConfig, Redactor, Style
+from stream.core.track import Tracker
 
 BOX = (120.0, 60.0, 180.0, 130.0)
 

@@ -17,11 +17,11 @@ from helpers import Clip, laplacian_var, make_clip, read_video
 from live_helpers import Hangs, NoFaces, Raises, Slow, counter, wait_for
 
 from stream.config import PipelineConfig, parse_config
-from stream.detect.detections import Detections
-from stream.frames import Failure, Frame
-from stream.metrics import sample
-from stream.observe import Observer
-from stream.pipeline import Pipeline
+from stream.core.detections import Detections
+from stream.core.frames import Failure, Frame
+from stream.core.metrics import sample
+from stream.core.observe import Observer
+from stream.live.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")

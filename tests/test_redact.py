@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from helpers import ASTRONAUT_FACE, laplacian_var
 
-from stream.detect.detections import Detections
-from stream.redact import RedactConfig, Redactor, Region, Style, ellipse_mask
+from stream.core.detections import Detections
+from stream.core.redact import RedactConfig, Redactor, Region, Style, ellipse_mask
 
 STYLES = list(Style)
 

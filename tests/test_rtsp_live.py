@@ -21,7 +21,7 @@ from live_helpers import Hangs, NoFaces, counter, wait_for
 
 from stream.config import PipelineConfig, parse_config
 from stream.detect.yunet import YuNet
-from stream.pipeline import Pipeline
+from stream.live.pipeline import Pipeline
 from stream.sim.server import RtspServer, gst_rtsp_available, transcode_clip
 
 pytestmark = pytest.mark.skipif(not gst_rtsp_available(), reason="GStreamer RTSP server not installed "

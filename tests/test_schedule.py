@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from helpers import finds, uk_plate
 
-from stream.detect.detections import Detections
+from stream.core.detections import Detections
+from stream.core.track import Tracker, TrackerConfig
 from stream.detect.ensemble import DetectorConfig, FrameDetector, ModelConfig
-from stream.track import Tracker, TrackerConfig
 
 PLATE_AT = (20, 250, 140, 278)
 

@@ -18,8 +18,8 @@ from helpers import ROOT, make_clip
 from live_helpers import NoFaces, Raises, counter, wait_for
 
 from stream.config import parse_config
-from stream.http import start_http
-from stream.pipeline import Pipeline
+from stream.live.http import start_http
+from stream.live.pipeline import Pipeline
 
 
 def get(url: str) -> tuple[int, str]:

@@ -20,11 +20,11 @@ from helpers import CLI, ROOT, make_clip
 from live_helpers import NoFaces, wait_for
 from test_api import Server, call
 
-from stream.auth import Tokens
 from stream.config import parse_config
-from stream.errors import UserError
-from stream.pipeline import Pipeline
-from stream.shard import Shard, ordinal_from_hostname, owner, resolve
+from stream.core.errors import UserError
+from stream.live.auth import Tokens
+from stream.live.pipeline import Pipeline
+from stream.live.shard import Shard, ordinal_from_hostname, owner, resolve
 
 IDS = ["gate-north", "gate-south", "lobby", "car-park", "bodycam-7", "platform-2"]
 TOKEN = "shard-test-token-0123456789"
@@ -38,7 +38,7 @@ def test_owner_is_pinned() -> None:
 
 
 def test_owner_does_not_depend_on_the_python_hash_seed() -> None:
-    code = f"from stream.shard import owner; print([owner(i, 5) for i in {IDS!r}])"
+    code = f"from stream.live.shard import owner; print([owner(i, 5) for i in {IDS!r}])"
     outs = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("0", "1", "4242")}
     assert len(outs) == 1, outs
@@ -107,7 +107,7 @@ def test_resolve_rejects(index, count, env, host, message: str) -> None:
 
 
 def test_shard_module_prints_owners() -> None:
-    out = subprocess.run([sys.executable, "-m", "stream.shard", "--count", "3", *IDS], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "stream.live.shard", "--count", "3", *IDS], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     assert out.splitlines() == [f"{i}\t{owner(i, 3)}" for i in IDS]
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from helpers import contains, iou
 
-from stream.detect.detections import Detections
-from stream.redact import RedactConfig, Redactor
-from stream.track import Tracker, TrackerConfig
+from stream.core.detections import Detections
+from stream.core.redact import RedactConfig, Redactor
+from stream.core.track import Tracker, TrackerConfig
 
 
 def dets(*boxes: tuple[float, float, float, float], label: str = "face",

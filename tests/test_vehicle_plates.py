@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers import BUS, BUS_VEHICLE, ROOT, contains, iou, read_bgr
 
-from stream.detect.detections import Detections
+from stream.core.detections import Detections
 from stream.detect.ensemble import FrameDetector, plates_from_vehicles
 from stream.detect.presets import detector_config
 from stream.detect.yolo import PersonYolo

@@ -33,9 +33,9 @@ from webrtc_helpers import (
     watch,
 )
 
-from stream.webrtc.ice import LOOPBACK, IceConfig, IceServer, rtc_configuration, set_host_addresses
-from stream.webrtc.whep import VIEWER_QUEUE, FeedClosed, FrameFeed, PtsClock, SharedEncoder, WhepPlayback
-from stream.webrtc.whip import (
+from stream.live.webrtc.ice import LOOPBACK, IceConfig, IceServer, rtc_configuration, set_host_addresses
+from stream.live.webrtc.whep import VIEWER_QUEUE, FeedClosed, FrameFeed, PtsClock, SharedEncoder, WhepPlayback
+from stream.live.webrtc.whip import (
     MAX_SDP_BYTES,
     NotSdp,
     OfferError,

@@ -23,15 +23,15 @@ from helpers import make_clip
 from live_helpers import NoFaces
 from webrtc_helpers import ClipTrack, Viewer, client_pc, square_frame, wait_until
 
-import stream.rtc
-from stream.auth import Tokens
+import stream.live.rtc
 from stream.config import parse_config
-from stream.http import start_http
-from stream.metrics import sample
-from stream.pipeline import Pipeline
-from stream.rtc import RtcGateway
-from stream.webrtc.ice import set_host_addresses, set_udp_ports
-from stream.webrtc.whip import MAX_SDP_BYTES
+from stream.core.metrics import sample
+from stream.live.auth import Tokens
+from stream.live.http import start_http
+from stream.live.pipeline import Pipeline
+from stream.live.rtc import RtcGateway
+from stream.live.webrtc.ice import set_host_addresses, set_udp_ports
+from stream.live.webrtc.whip import MAX_SDP_BYTES
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -208,13 +208,13 @@ async def test_session_can_only_be_deleted_under_its_own_stream(stack_factory, k
 async def test_chunked_offer_is_read_whole_and_oversized_one_gets_413(stack_factory, monkeypatch) -> None:
     stack = await stack_factory([whip("cam1")])
     reading = asyncio.Event()
-    real_read = stream.rtc.read_limited
+    real_read = stream.live.rtc.read_limited
 
     async def read_limited(request: Any, limit: int) -> bytes:
         reading.set()  # the handler is reading: what is sent from now on comes in later chunks
         return await real_read(request, limit)
 
-    monkeypatch.setattr(stream.rtc, "read_limited", read_limited)
+    monkeypatch.setattr(stream.live.rtc, "read_limited", read_limited)
     _, offer = await stack.viewer_offer()
     raw = offer.encode()
 

@@ -17,12 +17,12 @@ from helpers import face_sprite, laplacian_var, sprite_face_box, textured_backgr
 from live_helpers import counter
 from webrtc_helpers import ClipTrack, Viewer, client_pc, wait_until
 
-from stream.auth import Tokens
 from stream.config import parse_config
 from stream.detect.yunet import YuNet
-from stream.http import start_http
-from stream.pipeline import Pipeline
-from stream.rtc import RtcGateway
+from stream.live.auth import Tokens
+from stream.live.http import start_http
+from stream.live.pipeline import Pipeline
+from stream.live.rtc import RtcGateway
 
 TOKEN = "whip-whep-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -16,9 +16,9 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpSender, RTCSession
 from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
 
-from stream.webrtc.ice import LOOPBACK, rtc_configuration
-from stream.webrtc.whep import FrameFeed, WhepPlayback
-from stream.webrtc.whip import WhipIngest
+from stream.live.webrtc.ice import LOOPBACK, rtc_configuration
+from stream.live.webrtc.whep import FrameFeed, WhepPlayback
+from stream.live.webrtc.whip import WhipIngest
 
 EXECUTOR_PREFIX = "asyncio_"
 """the event loop's default executor: a pool shared by aiortc's encoders and frame conversion"""

@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 import onnx
 
+from stream.core.detections import Detections
+from stream.core.nms import clip_boxes, nms
 from stream.detect.backend import Backend, BackendName, make_backend, runs_on_gpu
 from stream.detect.buckets import DEFAULT_BUCKETS, check_buckets, plan
-from stream.detect.detections import Detections
 from stream.detect.device import DeviceFrames, claim_on_this_stream
 from stream.detect.letterbox import Placement, letterbox_batch
 from stream.detect.models import model_path, spec
-from stream.detect.nms import clip_boxes, nms
 from stream.detect.runtime import DEFAULT_PROVIDERS, make_dynamic
 
 

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from stream.core.detections import Detections
+from stream.core.nms import iou_matrix, nms
 from stream.detect.backend import TRANSFERS, BackendName
 from stream.detect.base import Chunk, OnnxDetector
 from stream.detect.buckets import DEFAULT_BUCKETS
 from stream.detect.centerface import CenterFace
-from stream.detect.detections import Detections
 from stream.detect.device import DeviceFrames, SideStream, torch_device_ok
-from stream.detect.nms import iou_matrix, nms
 from stream.detect.runtime import DEFAULT_PROVIDERS
 from stream.detect.yolo import PersonYolo, PlateYolo
 from stream.detect.yunet import YuNet

@@ -17,7 +17,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from stream.checksum import sha256_file
+from stream.core.checksum import sha256_file
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models"
 MANIFEST_PATH = DEFAULT_MODEL_DIR / "manifest.json"

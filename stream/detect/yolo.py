@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from stream.core.detections import Detections
 from stream.detect.base import OnnxDetector
-from stream.detect.detections import Detections
 from stream.detect.letterbox import Placement
 
 

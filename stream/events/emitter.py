@@ -18,11 +18,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from stream.detect.detections import Detections
+from stream.config.events import EventsConfig
+from stream.core.detections import Detections
+from stream.core.frames import Failure, Frame
+from stream.core.observe import Observer
 from stream.events import schema
-from stream.events.config import EventsConfig
-from stream.frames import Failure, Frame
-from stream.observe import Observer
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stream.errors import UserError
+from stream.config.events import JsonlConfig
+from stream.core.errors import UserError
+from stream.core.metrics import Metrics
 from stream.events import schema
-from stream.events.config import JsonlConfig
 from stream.events.sink import EventSink, FsyncPolicy, write_records
-from stream.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

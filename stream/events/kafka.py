@@ -32,11 +32,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from stream.config.events import EventsConfig, KafkaConfig
+from stream.core.metrics import Metrics
 from stream.events import schema
-from stream.events.config import EventsConfig, KafkaConfig
 from stream.events.sink import EventSink
 from stream.events.spool import Record, Spool
-from stream.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

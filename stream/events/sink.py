@@ -23,8 +23,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from stream.core.metrics import Metrics
 from stream.events import schema
-from stream.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 
 from stream.config import PipelineConfig
+from stream.core.metrics import Metrics
 from stream.events.emitter import EventEmitter, model_info
 from stream.events.sink import EventSink
-from stream.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

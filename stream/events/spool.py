@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from stream.errors import UserError
+from stream.core.errors import UserError
 from stream.events.sink import FsyncPolicy, write_records
 
 log = logging.getLogger(__name__)

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from stream.errors import UserError
+from stream.config.events import KafkaConfig, _host_port
+from stream.core.errors import UserError
 from stream.events import schema
-from stream.events.config import KafkaConfig, _host_port
 
 
 def add_events_parser(sub: argparse._SubParsersAction, parser_class: type[argparse.ArgumentParser]) -> None:

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stream.core.urls import mask_url
 from stream.loadtest.driver import MODES, RunSpec, calibrate, run_point
 from stream.loadtest.ramp import ramp, ratios
 from stream.loadtest.report import table, write_html, write_json
-from stream.urls import mask_url
 
 PUBLIC_MODES = tuple(m for m in MODES if m != "no-redact")
 TEST_SWITCH = "--no-redact-test-only"

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from stream.config import load_config
-from stream.detect.detections import Detections
-from stream.service import serve
+from stream.core.detections import Detections
+from stream.live.service import serve
 
 WARNING = ("stream-redact load test: WARNING: this pipeline DOES NOT REDACT ({mode}); every face and plate "
            "goes out in the clear. For load tests on synthetic cameras only.")

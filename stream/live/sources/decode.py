@@ -13,7 +13,7 @@ from typing import Any
 import av
 from av.codec.hwaccel import HWAccel, hwdevices_available
 
-from stream.urls import mask_text
+from stream.core.urls import mask_text
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()

@@ -1,4 +1,4 @@
-"""The pipeline's HTTP side: ``/metrics``, ``/healthz``, ``/readyz`` and the control API (stream.api).
+"""The pipeline's HTTP side: ``/metrics``, ``/healthz``, ``/readyz`` and the control API (stream.live.api).
 
 Liveness says the process is not wedged (the batcher thread runs); readiness says it can do its
 job (a detector is loaded and healthy), so an orchestrator stops sending viewers to a worker
@@ -17,10 +17,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from stream.api import MAX_BODY, add_routes
-from stream.auth import Tokens
-from stream.pipeline import Pipeline
-from stream.rtc import RtcGateway
+from stream.live.api import MAX_BODY, add_routes
+from stream.live.auth import Tokens
+from stream.live.pipeline import Pipeline
+from stream.live.rtc import RtcGateway
 
 log = logging.getLogger(__name__)
 

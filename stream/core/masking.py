@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from stream.detect.detections import Detections
-from stream.detect.nms import scale_boxes
-from stream.redact import Redactor, Region
-from stream.track import Tracker
+from stream.core.detections import Detections
+from stream.core.nms import scale_boxes
+from stream.core.redact import Redactor, Region
+from stream.core.track import Tracker
 
 
 @dataclass

@@ -11,7 +11,7 @@ import logging
 import threading
 from types import ModuleType
 
-from stream.metrics import Metrics
+from stream.core.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from enum import StrEnum
 
 import numpy as np
 
-from stream.detect.detections import Detections
+from stream.core.detections import Detections
 
 
 @dataclass(frozen=True)

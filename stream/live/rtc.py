@@ -28,12 +28,12 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
 from stream.config import WebRtcConfig
-from stream.frames import Frame
-from stream.httpbody import BodyTooLarge, read_limited
-from stream.pipeline import Pipeline, StreamRunner
-from stream.webrtc.ice import IceConfig, host_addresses_for
-from stream.webrtc.whep import FrameFeed, TooManyViewers, WhepPlayback
-from stream.webrtc.whip import MAX_SDP_BYTES, OfferError, WhipIngest
+from stream.core.frames import Frame
+from stream.live.httpbody import BodyTooLarge, read_limited
+from stream.live.pipeline import Pipeline, StreamRunner
+from stream.live.webrtc.ice import IceConfig, host_addresses_for
+from stream.live.webrtc.whep import FrameFeed, TooManyViewers, WhepPlayback
+from stream.live.webrtc.whip import MAX_SDP_BYTES, OfferError, WhipIngest
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class RtcGateway:
     ``webrtc`` (default: the config's defaults) sets the viewer limits, host candidates and UDP
     ports; ``http_host`` is the HTTP listen address, used for the host candidates when
     ``webrtc.host_candidates`` is not set; ``ice`` adds STUN/TURN servers. Create it on the event
-    loop that serves HTTP. ICE settings are process-wide (see :mod:`stream.webrtc.ice`).
+    loop that serves HTTP. ICE settings are process-wide (see :mod:`stream.live.webrtc.ice`).
     """
 
     def __init__(self, pipeline: Pipeline, webrtc: WebRtcConfig | None = None, http_host: str | None = None,

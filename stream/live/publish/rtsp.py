@@ -15,11 +15,11 @@ import av.error
 import numpy as np
 
 from stream.config import RtspOutput as RtspOutputConfig
-from stream.frames import Drop
-from stream.metrics import Metrics
-from stream.publish.encoder import EncoderOutput
-from stream.sources.base import Backoff
-from stream.urls import mask_text, mask_url
+from stream.core.frames import Drop
+from stream.core.metrics import Metrics
+from stream.core.urls import mask_text, mask_url
+from stream.live.publish.encoder import EncoderOutput
+from stream.live.sources.base import Backoff
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ weight) hashing on SHA-256: it depends only on the id and N (never on Python's p
 seed, the order of the config or the host), and going from N to N+1 workers moves only about
 1/(N+1) of the streams, the ones the new worker takes.
 
-``python -m stream.shard --count N ID...`` prints the owning shard of each id (which pod to ask
+``python -m stream.live.shard --count N ID...`` prints the owning shard of each id (which pod to ask
 for a WHIP/WHEP stream).
 """
 
@@ -22,7 +22,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from stream.errors import UserError
+from stream.core.errors import UserError
 
 INDEX_ENV = "STREAM_REDACT_SHARD_INDEX"
 COUNT_ENV = "STREAM_REDACT_SHARD_COUNT"
@@ -120,7 +120,7 @@ def resolve(index: str | None, count: str | int | None, environ: dict[str, str] 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stream.shard",
+    p = argparse.ArgumentParser(prog="python -m stream.live.shard",
                                 description="Print the shard that runs each stream id.")
     p.add_argument("--count", type=int, required=True, help="number of workers (StatefulSet replicas)")
     p.add_argument("ids", nargs="+", help="stream ids")

@@ -50,8 +50,8 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.sdp import SessionDescription
 from av import VideoFrame
 
-from stream.webrtc.ice import IceConfig, apply
-from stream.webrtc.whip import (
+from stream.live.webrtc.ice import IceConfig, apply
+from stream.live.webrtc.whip import (
     MAX_SDP_BYTES,
     VIDEO_CODECS,
     NoCandidates,

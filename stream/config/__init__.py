@@ -18,11 +18,11 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from stream.errors import UserError
-from stream.events.config import EventsConfig
-from stream.redact import RedactConfig, Style
-from stream.track import TrackerConfig
-from stream.urls import mask_url
+from stream.config.events import EventsConfig
+from stream.core.errors import UserError
+from stream.core.redact import RedactConfig, Style
+from stream.core.track import TrackerConfig
+from stream.core.urls import mask_url
 
 STREAM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 """matched whole (``fullmatch``): ``$`` would let a trailing newline through into headers and metrics"""

@@ -20,8 +20,8 @@ import av.error
 import cv2
 import numpy as np
 
-from stream.frames import Drop
-from stream.metrics import Metrics
+from stream.core.frames import Drop
+from stream.core.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

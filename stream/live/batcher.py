@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from stream.detect.detections import Detections
-from stream.frames import Failure, Job, JobQueue
-from stream.metrics import Metrics
+from stream.core.detections import Detections
+from stream.core.frames import Failure, Job, JobQueue
+from stream.core.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

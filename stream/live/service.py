@@ -14,15 +14,15 @@ import signal
 import sys
 from collections.abc import Callable
 
-from stream.auth import load_tokens
 from stream.config import PipelineConfig
-from stream.detect.batcher import DetectorFactory
-from stream.errors import UserError
+from stream.core.errors import UserError
 from stream.events.sinks import sink_health, start_events
-from stream.http import start_http
-from stream.pipeline import Pipeline
-from stream.rtc import RtcGateway
-from stream.shard import Shard
+from stream.live.auth import load_tokens
+from stream.live.batcher import DetectorFactory
+from stream.live.http import start_http
+from stream.live.pipeline import Pipeline
+from stream.live.rtc import RtcGateway
+from stream.live.shard import Shard
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 :class:`WhipIngest` owns the publishers' peer connections. Each received video frame is decoded
 by aiortc (its own decoder thread per connection), converted to BGR off the event loop and
-handed to the stream's :class:`~stream.sources.base.SourceHandler`, exactly as the RTSP source
+handed to the stream's :class:`~stream.live.sources.base.SourceHandler`, exactly as the RTSP source
 does; from there the pipeline treats it like any other camera.
 
 One publisher per stream id: a new offer for a stream that already has one *replaces* it (the
@@ -34,8 +34,8 @@ from aiortc.mediastreams import MediaStreamError
 from aiortc.sdp import SessionDescription
 from av import VideoFrame
 
-from stream.sources.base import SourceHandler
-from stream.webrtc.ice import IceConfig, apply
+from stream.live.sources.base import SourceHandler
+from stream.live.webrtc.ice import IceConfig, apply
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,6 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from stream import __version__
-from stream import shard as sharding
-from stream.auth import Tokens
 from stream.config import (
     MAX_DEPTH,
     ApiConfig,
@@ -35,8 +33,10 @@ from stream.config import (
     StreamConfig,
     format_errors,
 )
-from stream.httpbody import BodyTooLarge, read_limited
-from stream.pipeline import Pipeline, StreamLimit
+from stream.live import shard as sharding
+from stream.live.auth import Tokens
+from stream.live.httpbody import BodyTooLarge, read_limited
+from stream.live.pipeline import Pipeline, StreamLimit
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stream.errors import UserError
+from stream.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

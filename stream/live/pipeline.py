@@ -24,22 +24,22 @@ from stream.config import FileOutput as FileOutputConfig
 from stream.config import FileSource as FileSourceConfig
 from stream.config import RtspOutput as RtspOutputConfig
 from stream.config import WhipSource as WhipSourceConfig
-from stream.detect.batcher import Batcher, Detect, DetectorFactory
-from stream.detect.detections import Detections
-from stream.frames import Drop, Failure, Frame, Job, JobQueue
-from stream.gpu import GpuMonitor, start_gpu_monitor
-from stream.metrics import Metrics
-from stream.observe import Observer
-from stream.publish.encoder import EncoderOutput
-from stream.publish.file import FileOutput
-from stream.publish.rtsp import RtspOutput
-from stream.redact import Redactor
-from stream.shard import Shard
-from stream.sources.base import PushedSource, Source
-from stream.sources.file import FileSource
-from stream.sources.rtsp import RtspSource
-from stream.track import Tracker
-from stream.urls import origins_only
+from stream.core.detections import Detections
+from stream.core.frames import Drop, Failure, Frame, Job, JobQueue
+from stream.core.metrics import Metrics
+from stream.core.observe import Observer
+from stream.core.redact import Redactor
+from stream.core.track import Tracker
+from stream.core.urls import origins_only
+from stream.live.batcher import Batcher, Detect, DetectorFactory
+from stream.live.gpu import GpuMonitor, start_gpu_monitor
+from stream.live.publish.encoder import EncoderOutput
+from stream.live.publish.file import FileOutput
+from stream.live.publish.rtsp import RtspOutput
+from stream.live.shard import Shard
+from stream.live.sources.base import PushedSource, Source
+from stream.live.sources.file import FileSource
+from stream.live.sources.rtsp import RtspSource
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +326,7 @@ class StreamRunner:
             hook(frame, image, dets)
 
     def status(self) -> dict[str, Any]:
-        from stream.metrics import sample
+        from stream.core.metrics import sample
 
         m, sid = self.metrics, self.id
         name = "stream_redact_frames_dropped_total"

@@ -9,8 +9,8 @@ import av.error
 import numpy as np
 
 from stream.config import FileOutput as FileOutputConfig
-from stream.metrics import Metrics
-from stream.publish.encoder import EncoderOutput
+from stream.core.metrics import Metrics
+from stream.live.publish.encoder import EncoderOutput
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from enum import StrEnum
 import cv2
 import numpy as np
 
-from stream.detect.detections import Detections
+from stream.core.detections import Detections
 
 
 class Style(StrEnum):

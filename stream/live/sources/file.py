@@ -12,8 +12,8 @@ import av
 import av.error
 
 from stream.config import FileSource as FileSourceConfig
-from stream.sources.base import Source, SourceHandler
-from stream.sources.decode import open_video
+from stream.live.sources.base import Source, SourceHandler
+from stream.live.sources.decode import open_video
 
 log = logging.getLogger(__name__)
 

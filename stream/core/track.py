@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stream.detect.detections import Detections
-from stream.detect.nms import iou_matrix
+from stream.core.detections import Detections
+from stream.core.nms import iou_matrix
 
 
 def predict(box: np.ndarray, velocity: np.ndarray, frames: int) -> np.ndarray:

@@ -7,8 +7,8 @@ skipped, never allowed to stop a stream.
 
 from __future__ import annotations
 
-from stream.detect.detections import Detections
-from stream.frames import Failure, Frame
+from stream.core.detections import Detections
+from stream.core.frames import Failure, Frame
 
 
 class Observer:

@@ -15,9 +15,9 @@ import av
 import av.error
 
 from stream.config import RtspSource as RtspSourceConfig
-from stream.sources.base import Backoff, Source, SourceHandler
-from stream.sources.decode import open_video
-from stream.urls import mask_text, mask_url
+from stream.core.urls import mask_text, mask_url
+from stream.live.sources.base import Backoff, Source, SourceHandler
+from stream.live.sources.decode import open_video
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Value types and the redaction itself: frames, detections, tracks, masks. Imports nothing else of stream."""
