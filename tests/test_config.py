@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,128 @@ def test_run_check_accepts_a_good_file(tmp_path: Path) -> None:
     r = run_cli("run", "--config", cfg, "--check", timeout=60)
     assert r.returncode == 0, r.stderr
     assert "1 stream(s)" in r.stderr
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_faces_cannot_be_switched_off(value: bool) -> None:
+    """Faces are always redacted: a config that tries to say otherwise is refused, not ignored."""
+    with pytest.raises(UserError) as e:
+        parse_config({"detection": {"faces": value}})
+    assert "detection.faces: unknown key: faces are always detected and redacted" in str(e.value)
+    assert "remove the key" in str(e.value) and e.value.exit_code == 2
+
+
+def test_every_config_model_is_a_config_model_named_config() -> None:
+    """One base (unknown keys refused, values frozen) and one naming rule for every section."""
+    from pydantic import BaseModel
+
+    from stream.config import PipelineConfig
+    from stream.config.base import ConfigModel
+
+    seen: set[type] = set()
+    todo: list[type] = [PipelineConfig]
+    while todo:
+        model = todo.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        assert issubclass(model, ConfigModel), model
+        assert model.__name__.endswith("Config"), model
+        assert model.model_config["extra"] == "forbid" and model.model_config["frozen"]
+        types = [field.annotation for field in model.model_fields.values()]
+        while types:  # unwrap Optional, list[...], unions and Annotated down to the classes
+            t = types.pop()
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                todo.append(t)
+            types.extend(typing.get_args(t))
+    assert len(seen) > 15  # the walk reached the nested sections (sources, outputs, events, kafka ...)
+
+
+def test_relative_paths_in_a_config_file_are_relative_to_its_folder(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """File sources and outputs, events, tokens, models and the API recordings folder: never the cwd."""
+    conf = tmp_path / "conf"
+    (conf / "media").mkdir(parents=True)
+    (conf / "rec").mkdir()
+    (conf / "api-rec").mkdir()
+    (conf / "media" / "cam.mp4").write_bytes(CLIP.read_bytes())
+    (conf / "tokens").write_text("t" * 32 + "\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # none of these exist relative to the working directory
+    cfg_file = conf / "c.yaml"
+    cfg_file.write_text(
+        "streams:\n"
+        "  - id: cam\n"
+        "    source: {type: file, path: media/cam.mp4}\n"
+        "    outputs: [{type: file, path: rec/out.mp4}]\n"
+        "auth: {tokens_file: tokens}\n"
+        "api: {allow_file_outputs: true, file_output_dir: api-rec}\n"
+        "events: {jsonl: {path: ev.jsonl}, spool: {dir: spool}}\n"
+        "detection: {model_dir: models, engine_cache_dir: trt}\n")
+    cfg = load_config(cfg_file)
+    s = cfg.streams[0]
+    assert s.source.path == conf / "media" / "cam.mp4"
+    assert s.outputs[0].path == conf / "rec" / "out.mp4"
+    assert s.file_paths() == [conf.resolve() / "rec" / "out.mp4"]
+    assert cfg.auth.tokens_file == conf / "tokens"
+    assert cfg.api.file_output_dir == conf / "api-rec"
+    assert cfg.events.jsonl.file() == conf / "ev.jsonl" and cfg.events.spool.folder() == conf / "spool"
+    assert cfg.detection.model_dir == conf / "models" and cfg.detection.engine_cache_dir == conf / "trt"
+    # the same file read from its own folder resolves to the same places
+    monkeypatch.chdir(conf)
+    assert load_config(Path("c.yaml")).streams[0].source.path == conf / "media" / "cam.mp4"
+
+
+def test_a_relative_path_that_only_exists_under_the_cwd_is_refused(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cam.mp4").write_bytes(CLIP.read_bytes())  # next to the cwd, not the config
+    (conf / "c.yaml").write_text("streams:\n  - id: cam\n    source: {type: file, path: cam.mp4}\n")
+    with pytest.raises(UserError, match=rf"streams\[0\].source.path: {conf / 'cam.mp4'} does not exist"):
+        load_config(conf / "c.yaml")
+
+
+def test_api_bodies_are_taken_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same models validate API bodies without the config file's context: no ${VAR}, no base folder."""
+    from stream.config import StreamConfig
+
+    monkeypatch.setenv("CAM_PASS", "hunter2")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cam.mp4").write_bytes(CLIP.read_bytes())
+    body = {"id": "a", "source": {"type": "file", "path": "cam.mp4"},
+            "outputs": [{"type": "rtsp", "url": "rtsp://u:${CAM_PASS}@10.0.0.5/x"}]}
+    cfg = StreamConfig.model_validate(body)
+    assert cfg.source.path == Path("cam.mp4")
+    assert cfg.outputs[0].url == "rtsp://u:${CAM_PASS}@10.0.0.5/x"
+
+
+@pytest.mark.parametrize(("events", "expected"), [
+    ({"kafka": {"bootstrap_servers": ["${EV_HOST}:9092"], "security_protocol": "SASL_SSL",
+                "sasl": {"mechanism": "SCRAM-SHA-512", "username": "${EV_USER}", "password_env": "EV_PW"}}},
+     None),
+    ({"kafka": {"bootstrap_servers": ["k:9092"], "security_protocol": "SASL_SSL",
+                "sasl": {"mechanism": "SCRAM-SHA-512", "username": "${EV_NOT_SET}",
+                         "password_env": "EV_PW"}}},
+     "events.kafka.sasl.username: environment variable EV_NOT_SET is not set; export it or write the value"),
+    ({"kafka": {"bootstrap_servers": ["${EV_NOT_SET}:9092"]}},
+     "events.kafka.bootstrap_servers: environment variable EV_NOT_SET is not set"),
+    ({"jsonl": {"path": "${EV_NOT_SET}/e.jsonl"}},
+     "events.jsonl.path: environment variable EV_NOT_SET is not set"),
+])
+def test_environment_variables_in_events_follow_the_same_rule(monkeypatch: pytest.MonkeyPatch, events: dict,
+                                                              expected: str | None) -> None:
+    monkeypatch.setenv("EV_HOST", "broker-1")
+    monkeypatch.setenv("EV_USER", "alice")
+    monkeypatch.setenv("EV_PW", "pw-of-alice")
+    monkeypatch.delenv("EV_NOT_SET", raising=False)
+    if expected is None:
+        kafka = parse_config({"events": events}).events.kafka
+        assert kafka is not None and kafka.sasl is not None
+        assert kafka.bootstrap_servers == ["broker-1:9092"] and kafka.sasl.username == "alice"
+        return
+    with pytest.raises(UserError) as e:
+        parse_config({"events": events})
+    assert expected in str(e.value)

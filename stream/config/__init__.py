@@ -11,33 +11,29 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from stream.config.base import ENV_NAME, ConfigModel, config_path, expand_env, file_context
 from stream.config.events import EventsConfig
 from stream.core.errors import UserError
 from stream.core.redact import RedactConfig, Style
 from stream.core.track import TrackerConfig
 from stream.core.urls import mask_url
 
+if TYPE_CHECKING:
+    from stream.detect.ensemble import DetectorConfig
+
 STREAM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 """matched whole (``fullmatch``): ``$`` would let a trailing newline through into headers and metrics"""
 MAX_DEPTH = 32
 """deepest nesting a config document or API body may have (the real schema needs 5)"""
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-_UNSET_VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
-_URL_KEYS = ("url",)
-"""the only values where ``${VAR}`` is expanded, and only when they come from the config file"""
 
 
 def _rtsp_url(value: str) -> str:
@@ -58,31 +54,6 @@ def _rtsp_url(value: str) -> str:
     return value
 
 
-def expand_env(data: Any, where: str = "") -> Any:
-    """Expand ``${VAR}`` / ``$VAR`` in the URLs of a config document (never in API bodies).
-
-    Only the config file may name environment variables: its author is the operator. An unset
-    variable is an error naming the key, so a typo does not reach a camera as a literal."""
-    if isinstance(data, dict):
-        out = {}
-        for k, v in data.items():
-            at = f"{where}.{k}" if where else str(k)
-            out[k] = _expand_one(v, at) if k in _URL_KEYS and isinstance(v, str) else expand_env(v, at)
-        return out
-    if isinstance(data, list):
-        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(data)]
-    return data
-
-
-def _expand_one(value: str, where: str) -> str:
-    expanded = os.path.expandvars(value)
-    unset = _UNSET_VAR.search(expanded)
-    if unset:
-        raise UserError(f"{where}: environment variable {unset.group(1)} is not set; export it or write the "
-                        "value", exit_code=2)
-    return expanded
-
-
 def nesting_depth(data: Any, limit: int = MAX_DEPTH) -> int:
     """How deep ``data`` nests (iteratively, stopping past ``limit``): no recursion to exhaust."""
     deepest = 0
@@ -98,42 +69,44 @@ def nesting_depth(data: Any, limit: int = MAX_DEPTH) -> int:
     return deepest
 
 
-class Reconnect(_Model):
+class ReconnectConfig(ConfigModel):
     initial_s: float = Field(0.5, gt=0, le=60, description="first wait before reconnecting")
     max_s: float = Field(10.0, gt=0, le=600, description="longest wait between reconnects")
     jitter: float = Field(0.2, ge=0, le=1, description="random share added to each wait")
 
     @model_validator(mode="after")
-    def _order(self) -> Reconnect:
+    def _order(self) -> ReconnectConfig:
         if self.max_s < self.initial_s:
             raise ValueError("max_s must be >= initial_s")
         return self
 
 
-class RtspSource(_Model):
+class RtspSourceConfig(ConfigModel):
     """A camera or VMS stream pulled over RTSP."""
 
     type: Literal["rtsp"]
-    url: str = Field(description="rtsp://[user:pass@]host[:port]/path; credentials may also come from env")
+    url: str = Field(description="rtsp://[user:pass@]host[:port]/path; in the config file credentials may "
+                                 "come from the environment as ${VAR}")
     transport: Literal["tcp", "udp"] = Field("tcp", description="RTP transport; tcp survives NAT and loss")
     open_timeout_s: float = Field(5.0, gt=0, le=120, description="give up opening after this long")
     read_timeout_s: float = Field(5.0, gt=0, le=120, description="a stream silent this long is reconnected")
-    reconnect: Reconnect = Reconnect()
+    reconnect: ReconnectConfig = ReconnectConfig()
     decode: Literal["cpu", "nvdec"] = Field(
         "cpu", description="nvdec: decode on the GPU (CUDA hwaccel), falling back to the CPU with a "
                            "warning where no GPU or CUDA-enabled FFmpeg is present")
 
     @field_validator("url")
     @classmethod
-    def _url(cls, v: str) -> str:
-        return _rtsp_url(v)
+    def _url(cls, v: str, info: ValidationInfo) -> str:
+        return _rtsp_url(expand_env(v, info))
 
 
-class FileSource(_Model):
+class FileSourceConfig(ConfigModel):
     """A video file played as if it were a live camera (demos, tests, load tests)."""
 
     type: Literal["file"]
-    path: Path = Field(description="video file to play")
+    path: Path = Field(description="video file to play; in the config file a relative path is relative "
+                                   "to the config file's folder")
     loop: bool = Field(False, description="start again at the end instead of ending the stream")
     realtime: bool = Field(True, description="pace frames at the file's frame rate, as a camera would")
     decode: Literal["cpu", "nvdec"] = Field(
@@ -142,49 +115,53 @@ class FileSource(_Model):
 
     @field_validator("path")
     @classmethod
-    def _exists(cls, v: Path) -> Path:
+    def _exists(cls, v: Path, info: ValidationInfo) -> Path:
+        v = config_path(v, info)
         if not v.is_file():
             raise ValueError(f"{v} does not exist or is not a file; give the path of a video file")
         return v
 
 
-class WhipSource(_Model):
+class WhipSourceConfig(ConfigModel):
     """A bodycam, phone or OBS publishing over WebRTC (WHIP): it POSTs its offer to /whip/{id}."""
 
     type: Literal["whip"]
 
 
-Source = Annotated[RtspSource | FileSource | WhipSource, Field(discriminator="type")]
+SourceConfig = Annotated[RtspSourceConfig | FileSourceConfig | WhipSourceConfig, Field(discriminator="type")]
 
 
-class RtspOutput(_Model):
+class RtspOutputConfig(ConfigModel):
     """Push the redacted stream to a media server (ANNOUNCE/RECORD), e.g. MediaMTX."""
 
     type: Literal["rtsp"]
-    url: str = Field(description="rtsp://host:port/path to publish to")
-    transport: Literal["tcp", "udp"] = "tcp"
+    url: str = Field(description="rtsp://host:port/path to publish to; in the config file it may use ${VAR}")
+    transport: Literal["tcp", "udp"] = Field("tcp", description="RTP transport towards the media server")
     bitrate_kbps: int | None = Field(None, ge=50, le=100_000, description="target bitrate; none: CRF 23")
     gop_s: float = Field(1.0, gt=0, le=10,
                          description="seconds between key frames; new viewers wait this long")
-    reconnect: Reconnect = Reconnect()
+    reconnect: ReconnectConfig = ReconnectConfig()
 
     @field_validator("url")
     @classmethod
-    def _url(cls, v: str) -> str:
-        return _rtsp_url(v)
+    def _url(cls, v: str, info: ValidationInfo) -> str:
+        return _rtsp_url(expand_env(v, info))
 
 
-class FileOutput(_Model):
+class FileOutputConfig(ConfigModel):
     """Record the redacted stream to a local file (mp4, mkv or ts)."""
 
     type: Literal["file"]
-    path: Path = Field(description="where to write the recording; its folder must exist")
-    bitrate_kbps: int | None = Field(None, ge=50, le=100_000)
-    gop_s: float = Field(2.0, gt=0, le=10)
+    path: Path = Field(description="where to write the recording; its folder must exist. In the config "
+                                   "file a relative path is relative to the config file's folder; through "
+                                   "the API, to api.file_output_dir")
+    bitrate_kbps: int | None = Field(None, ge=50, le=100_000, description="target bitrate; none: CRF 23")
+    gop_s: float = Field(2.0, gt=0, le=10, description="seconds between keyframes")
 
     @field_validator("path")
     @classmethod
-    def _writable(cls, v: Path) -> Path:
+    def _writable(cls, v: Path, info: ValidationInfo) -> Path:
+        v = config_path(v, info)
         if v.suffix.lower() not in (".mp4", ".mkv", ".ts", ".mov"):
             raise ValueError(f"{v}: use a .mp4, .mkv, .mov or .ts file name")
         if not v.parent.is_dir():
@@ -192,13 +169,13 @@ class FileOutput(_Model):
         return v
 
 
-Output = Annotated[RtspOutput | FileOutput, Field(discriminator="type")]
+OutputConfig = Annotated[RtspOutputConfig | FileOutputConfig, Field(discriminator="type")]
 
 
-class StreamConfig(_Model):
+class StreamConfig(ConfigModel):
     id: str = Field(description="stream id: letters, digits, _ . -; used in metrics, URLs and events")
-    source: Source
-    outputs: list[Output] = Field(default_factory=list, description="where the redacted stream goes")
+    source: SourceConfig
+    outputs: list[OutputConfig] = Field(default_factory=list, description="where the redacted stream goes")
 
     @field_validator("id")
     @classmethod
@@ -209,10 +186,10 @@ class StreamConfig(_Model):
 
     def file_paths(self) -> list[Path]:
         """Where this stream's file outputs write, resolved (two streams must never share one)."""
-        return [Path(os.path.realpath(o.path)) for o in self.outputs if isinstance(o, FileOutput)]
+        return [Path(os.path.realpath(o.path)) for o in self.outputs if isinstance(o, FileOutputConfig)]
 
 
-class BatcherConfig(_Model):
+class BatcherConfig(ConfigModel):
     max_batch: int = Field(8, ge=1, le=256, description="most frames, from all streams, per detector run")
     max_wait_ms: float = Field(10.0, ge=0, le=1000, description="longest wait to fill a batch")
     inflight: int | None = Field(
@@ -234,7 +211,7 @@ class BatcherConfig(_Model):
         return sorted(set(v))
 
 
-class FailClosedConfig(_Model):
+class FailClosedConfig(ConfigModel):
     max_latency_ms: float = Field(
         1000.0, ge=50, le=60_000,
         description="a frame with no detections this long after capture is blanked or withheld")
@@ -247,26 +224,33 @@ class FailClosedConfig(_Model):
                     "at their deadline either way)")
 
 
-class DetectionConfig(_Model):
+class DetectionConfig(ConfigModel):
     preset: Literal["accurate", "fast"] = Field(
         "fast", description="accurate: CenterFace, all detectors every frame; fast: YuNet, plates and "
                             "people every 3rd frame with tracking in between")
-    face_model: Literal["centerface", "yunet", "both"] | None = None
-    face_threshold: float | None = Field(None, gt=0, lt=1)
-    plate_threshold: float | None = Field(None, gt=0, lt=1)
+    face_model: Literal["centerface", "yunet", "both"] | None = Field(
+        None, description="face detector; default from the preset (fast: yunet, accurate: centerface); "
+                          "both merges the two")
+    face_threshold: float | None = Field(
+        None, gt=0, lt=1, description="face score threshold; default per model (centerface 0.35, yunet 0.5)")
+    plate_threshold: float | None = Field(None, gt=0, lt=1,
+                                          description="plate score threshold (default 0.2)")
     input_size: int | None = Field(None, ge=160, le=4096,
                                    description="largest long side frames are detected at")
-    plate_every: int | None = Field(None, ge=1, le=30)
-    person_every: int | None = Field(None, ge=1, le=30)
+    plate_every: int | None = Field(None, ge=1, le=30,
+                                    description="run the plate model on every n-th frame of a stream (the "
+                                                "tracker carries its boxes between); default from the preset")
+    person_every: int | None = Field(None, ge=1, le=30,
+                                     description="the same for the person model (head and vehicle masks)")
     plates: bool = Field(True, description="detect licence plates")
     heads: bool = Field(True, description="mask heads of small, distant people (CCTV)")
     vehicle_plates_px: float | None = Field(
         None, ge=0, le=4096,
         description="vehicles up to this many pixels tall with no plate found on them get a plate mask "
                     "over their middle (default 200; 0: off). Needs plates and heads (the person model)")
-    faces: bool = Field(True, description="detect faces; off only for load-test baselines")
     providers: list[Literal["tensorrt", "cuda", "cpu"]] = Field(
-        default_factory=lambda: ["tensorrt", "cuda", "cpu"], min_length=1)
+        default_factory=lambda: ["tensorrt", "cuda", "cpu"], min_length=1,
+        description="ONNX Runtime providers in order; unavailable ones are skipped with a warning")
     threads: int = Field(0, ge=0, le=256, description="CPU inference threads per session; 0 = ORT default")
     backend: Literal["auto", "onnxruntime", "torch"] = Field(
         "auto", description="onnxruntime (CPU, CUDA, TensorRT providers); torch runs the same ONNX "
@@ -275,20 +259,45 @@ class DetectionConfig(_Model):
     device_id: int = Field(0, ge=0, le=63, description="GPU index")
     fp16: bool = Field(True, description="GPU only: fp16 TensorRT engines and torch modules")
     engine_cache_dir: Path | None = Field(
-        None, description="TensorRT engine cache (default ~/.cache/stream-redact/trt); keep it on a "
-                          "volume so restarts do not rebuild engines")
+        None, description="TensorRT engine cache (default ~/.cache/stream-redact/trt; relative to the "
+                          "config file's folder); keep it on a volume so restarts do not rebuild engines")
     device_preprocess: bool = Field(
         True, description="GPU only: upload each frame once and letterbox/normalise on the GPU "
                           "(needs torch); else on the host")
     warmup: bool = Field(True, description="GPU only: run every model per bucket at start, so the "
                                            "first frames do not wait for engine builds")
-    model_dir: Path | None = None
+    model_dir: Path | None = Field(
+        None, description="folder with the ONNX weights (default: the ones installed with the package); "
+                          "relative to the config file's folder")
+
+    @field_validator("model_dir", "engine_cache_dir")
+    @classmethod
+    def _relative_to_config(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        return None if v is None else config_path(v, info)
+
+    def detector_settings(self, buckets: Sequence[int] | None = None) -> DetectorConfig:
+        """What the detector is built from: the preset, with every field set here taking precedence.
+
+        The one conversion from these settings to the detector's: the live pipeline (with the
+        batcher's ``buckets``), ``redact`` and the benchmarks all call it, so one config means one
+        detector wherever it is used. ``buckets`` None keeps the detector's default sizes."""
+        from stream.detect.presets import detector_config
+
+        runtime: dict[str, Any] = {} if buckets is None else {"buckets": tuple(buckets)}
+        return detector_config(
+            self.preset, face_model=self.face_model, face_threshold=self.face_threshold,
+            plate_threshold=self.plate_threshold, input_size=self.input_size, plate_every=self.plate_every,
+            person_every=self.person_every, plates=self.plates, heads=self.heads,
+            vehicle_plates=self.vehicle_plates_px, providers=self.providers, threads=self.threads,
+            model_dir=self.model_dir, backend=self.backend, device_id=self.device_id, fp16=self.fp16,
+            cache_dir=self.engine_cache_dir, device_preprocess=self.device_preprocess, **runtime)
 
 
-class RedactionConfig(_Model):
-    style: Style = Style.BLUR
-    face_scale: float = Field(1.4, ge=1, le=4)
-    plate_scale: float = Field(1.25, ge=1, le=4)
+class RedactionConfig(ConfigModel):
+    style: Style = Field(Style.BLUR, description="blur (no feature survives at any face size), pixelate "
+                                                 "or solid (black)")
+    face_scale: float = Field(1.4, ge=1, le=4, description="face mask enlargement about the box centre")
+    plate_scale: float = Field(1.25, ge=1, le=4, description="plate mask enlargement about the box centre")
     coast: int = Field(12, ge=0, le=300, description="frames a lost box stays masked")
 
     def redact_config(self) -> RedactConfig:
@@ -312,7 +321,7 @@ def _host(v: str) -> str:
     return v
 
 
-class HttpConfig(_Model):
+class HttpConfig(ConfigModel):
     host: str = Field("127.0.0.1", description="address for /metrics and health; 0.0.0.0 to expose it")
     port: int = Field(9108, ge=0, le=65535, description="0 picks a free port")
 
@@ -322,12 +331,19 @@ class HttpConfig(_Model):
         return _host(v)
 
 
-class AuthConfig(_Model):
+class AuthConfig(ConfigModel):
     """Where bearer tokens for the control API, WHIP and WHEP come from (never the YAML itself)."""
 
-    tokens_env: str = Field("STREAM_REDACT_TOKENS", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+    tokens_env: str = Field("STREAM_REDACT_TOKENS", pattern=f"^{ENV_NAME.pattern}$",
                             description="environment variable holding comma-separated tokens")
-    tokens_file: Path | None = Field(None, description="file with one token per line (e.g. a mounted secret)")
+    tokens_file: Path | None = Field(
+        None, description="file with one token per line (e.g. a mounted secret); a relative path is "
+                          "relative to the config file's folder")
+
+    @field_validator("tokens_file")
+    @classmethod
+    def _tokens_file(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        return None if v is None else config_path(v, info)
 
 
 DEFAULT_SOURCE_NETWORKS = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
@@ -335,7 +351,7 @@ DEFAULT_SOURCE_NETWORKS = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/1
 """loopback and private ranges: where cameras, VMSs and media servers of a control room live"""
 
 
-class ApiConfig(_Model):
+class ApiConfig(ConfigModel):
     allow_file_sources: bool = Field(
         False, description="let API clients add `file` sources; off, since a file source reads any local "
                            "video the process can read")
@@ -344,7 +360,8 @@ class ApiConfig(_Model):
                            "api.file_output_dir, never over an existing file or another stream's output")
     file_output_dir: Path | None = Field(
         None, description="the one folder API-added recordings go to (needed by allow_file_outputs); a "
-                          "relative output path in an API request is taken relative to it")
+                          "relative output path in an API request is taken relative to it. A relative "
+                          "file_output_dir is relative to the config file's folder")
     max_streams: int = Field(128, ge=1, le=10_000,
                              description="most streams this worker runs (config and API together); "
                                          "an API add beyond it gets 429")
@@ -367,6 +384,11 @@ class ApiConfig(_Model):
                                      "10.0.0.0/8 or cam.example.org") from None
         return v
 
+    @field_validator("file_output_dir")
+    @classmethod
+    def _dir(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        return None if v is None else config_path(v, info)
+
     @model_validator(mode="after")
     def _output_dir(self) -> ApiConfig:
         if self.allow_file_outputs:
@@ -379,7 +401,7 @@ class ApiConfig(_Model):
         return self
 
 
-class WebRtcConfig(_Model):
+class WebRtcConfig(ConfigModel):
     """WHIP/WHEP limits and where WebRTC media may flow (so a firewall can be written for it)."""
 
     max_viewers_per_stream: int = Field(16, ge=1, le=1000,
@@ -413,7 +435,7 @@ class WebRtcConfig(_Model):
         return v
 
 
-class PipelineConfig(_Model):
+class PipelineConfig(ConfigModel):
     streams: list[StreamConfig] = Field(default_factory=list)
     queue_size: int = Field(2, ge=1, le=64, description="frames waiting per stream; older ones are dropped")
     batcher: BatcherConfig = BatcherConfig()
@@ -463,12 +485,21 @@ def _where(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
+_NO_SUCH_SWITCH = {
+    "detection.faces": "unknown key: faces are always detected and redacted, nothing turns that off; "
+                       "remove the key",
+}
+"""keys people may expect to exist, with why they do not"""
+
+
 def format_errors(e: ValidationError) -> str:
+    """One line per bad field: where it is, what is wrong with it and the fix."""
     lines = []
     for err in e.errors():
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key; check its spelling against the documented config keys"
+            msg = _NO_SUCH_SWITCH.get(_where(err["loc"]),
+                                      "unknown key; check its spelling against the documented config keys")
         elif err["type"] == "union_tag_invalid":
             msg = f"unknown type; use one of {err.get('ctx', {}).get('expected_tags', '')}"
         elif err["type"] == "union_tag_not_found":
@@ -480,7 +511,8 @@ def format_errors(e: ValidationError) -> str:
 def parse_config(data: Any, origin: str = "config", base_dir: Path | None = None) -> PipelineConfig:
     """Validate a loaded YAML/JSON document; raise UserError listing every bad field.
 
-    ``base_dir`` is the config file's folder: relative paths in ``events`` resolve against it."""
+    ``base_dir`` is the config file's folder: relative paths resolve against it (None: the working
+    directory). ``${VAR}`` is expanded here, in a config document, never in an API body."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -488,9 +520,8 @@ def parse_config(data: Any, origin: str = "config", base_dir: Path | None = None
     if nesting_depth(data) > MAX_DEPTH:
         raise UserError(f"{origin} nests deeper than {MAX_DEPTH} levels; a stream-redact config needs about "
                         "5: check its indentation", exit_code=2)
-    data = expand_env(data)  # a config document, never an API body: only its author names variables
     try:
-        return PipelineConfig.model_validate(data, context={"base_dir": base_dir})
+        return PipelineConfig.model_validate(data, context=file_context(base_dir))
     except ValidationError as e:
         raise UserError(f"{origin} is not valid:\n  {format_errors(e)}", exit_code=2) from None
 

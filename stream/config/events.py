@@ -16,28 +16,14 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from stream.config.base import ConfigModel, config_path, env_name, expand_env
 
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_UNSET_VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
 
 Fsync = Literal["always", "interval", "never"]
 MiB = 1 << 20
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _resolve(path: Path, info: ValidationInfo) -> Path:
-    """A relative path is taken relative to the config file's folder (the working directory for a
-    config that did not come from a file)."""
-    path = Path(os.path.expanduser(os.path.expandvars(str(path))))
-    base = (info.context or {}).get("base_dir") if info.context else None
-    if not path.is_absolute() and base is not None:
-        path = Path(base) / path
-    return path
 
 
 def state_dir() -> Path:
@@ -64,7 +50,7 @@ def _topic(value: str) -> str:
     return value
 
 
-class JsonlConfig(_Model):
+class JsonlConfig(ConfigModel):
     """Events appended to a local JSON Lines file: the embedded default when no Kafka is configured."""
 
     path: Path | None = Field(None, description="file the events are appended to (one JSON object a line); "
@@ -79,7 +65,7 @@ class JsonlConfig(_Model):
     def _path(cls, v: Path | None, info: ValidationInfo) -> Path | None:
         if v is None:
             return v
-        v = _resolve(v, info)
+        v = config_path(v, info)
         if v.is_dir():
             raise ValueError(f"{v} is a folder; give a file name such as {v / 'events.jsonl'}")
         if not v.parent.is_dir():
@@ -90,7 +76,7 @@ class JsonlConfig(_Model):
         return self.path if self.path is not None else state_dir() / "events.jsonl"
 
 
-class SpoolConfig(_Model):
+class SpoolConfig(ConfigModel):
     """The on-disk queue in front of Kafka: every event is written here before it is sent."""
 
     dir: Path | None = Field(None, description="folder for the spool files (created if missing), one per "
@@ -113,7 +99,7 @@ class SpoolConfig(_Model):
     def _dir(cls, v: Path | None, info: ValidationInfo) -> Path | None:
         if v is None:
             return v
-        v = _resolve(v, info)
+        v = config_path(v, info)
         if v.exists() and not v.is_dir():
             raise ValueError(f"{v} exists and is not a folder; choose a folder for the spool")
         parent = next((p for p in (v, *v.parents) if p.exists()), None)
@@ -125,7 +111,7 @@ class SpoolConfig(_Model):
         return self.dir if self.dir is not None else state_dir() / "spool"
 
 
-class SslConfig(_Model):
+class SslConfig(ConfigModel):
     """TLS towards the brokers (security_protocol SSL or SASL_SSL)."""
 
     ca_file: Path | None = Field(None, description="PEM bundle of the CA that signed the brokers' "
@@ -137,13 +123,13 @@ class SslConfig(_Model):
     @field_validator("ca_file")
     @classmethod
     def _ca(cls, v: Path | None, info: ValidationInfo) -> Path | None:
-        return None if v is None else _existing_file(_resolve(v, info), "the CA bundle (PEM) that signed the "
-                                                                        "brokers' certificates")
+        what = "the CA bundle (PEM) that signed the brokers' certificates"
+        return None if v is None else _existing_file(config_path(v, info), what)
 
     @field_validator("cert_file", "key_file")
     @classmethod
     def _client(cls, v: Path | None, info: ValidationInfo) -> Path | None:
-        return None if v is None else _existing_file(_resolve(v, info), "a PEM file")
+        return None if v is None else _existing_file(config_path(v, info), "a PEM file")
 
     @model_validator(mode="after")
     def _pair(self) -> SslConfig:
@@ -152,13 +138,13 @@ class SslConfig(_Model):
         return self
 
 
-class SaslConfig(_Model):
+class SaslConfig(ConfigModel):
     """SASL login (security_protocol SASL_SSL or SASL_PLAINTEXT); the password comes from the
     environment or a file, never from the config itself."""
 
     mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
         description="PLAIN (only over SSL) or SCRAM-SHA-256/512")
-    username: str = Field(min_length=1, description="user name; may use ${ENV_VAR}")
+    username: str = Field(min_length=1, description="user name; may name environment variables as ${VAR}")
     password_env: str | None = Field(None, description="name of the environment variable holding the "
                                                        "password")
     password_file: Path | None = Field(None, description="file holding the password (e.g. a mounted secret); "
@@ -166,20 +152,15 @@ class SaslConfig(_Model):
 
     @field_validator("username")
     @classmethod
-    def _user(cls, v: str) -> str:
-        v = os.path.expandvars(v)
-        unset = _UNSET_VAR.search(v)
-        if unset:
-            raise ValueError(f"environment variable {unset.group(1)} is not set; export it or write the "
-                             "value")
-        return v
+    def _user(cls, v: str, info: ValidationInfo) -> str:
+        return expand_env(v, info)
 
     @field_validator("password_env")
     @classmethod
     def _env(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        if not _ENV_NAME.match(v):
+        if not env_name(v):
             raise ValueError(f"{v!r} is not an environment variable name; give the variable's name, "
                              "not the password")
         if not os.environ.get(v):
@@ -191,7 +172,7 @@ class SaslConfig(_Model):
     def _file(cls, v: Path | None, info: ValidationInfo) -> Path | None:
         if v is None:
             return v
-        v = _existing_file(_resolve(v, info), "the file that holds the password")
+        v = _existing_file(config_path(v, info), "the file that holds the password")
         if v.stat().st_size == 0:
             raise ValueError(f"{v} is empty; write the password into it")
         return v
@@ -224,7 +205,7 @@ class SaslConfig(_Model):
         return f"${self.password_env}" if self.password_env else str(self.password_file)
 
 
-class TopicsConfig(_Model):
+class TopicsConfig(ConfigModel):
     """Per-category topics; each falls back to ``kafka.topic``."""
 
     track: str | None = Field(None, description="track started/updated/ended")
@@ -253,19 +234,21 @@ def _host_port(value: str) -> str:
     return value
 
 
-class KafkaConfig(_Model):
+class KafkaConfig(ConfigModel):
     """Where events go when the sink is Kafka. Producer settings that make delivery safe (acks=all,
     idempotence, retries) are fixed, not configurable."""
 
     bootstrap_servers: list[str] = Field(min_length=1, description="host:port of one or more brokers; a "
-                                                                   "comma-separated string also works")
+                                                                   "comma-separated string also works; "
+                                                                   "may use ${VAR}")
     topic: str = Field("stream-redact.events", description="topic for every event (see `topics` to split)")
     topics: TopicsConfig = TopicsConfig()
     client_id: str = Field("stream-redact", min_length=1, max_length=200, description="client id the "
                                                                                         "brokers see")
     auto_create_topic: bool = Field(False, description="let the broker create a missing topic (if it allows "
                                                        "that); off: a missing topic is an alarm")
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="SSL or SASL_SSL for TLS (see ssl), SASL_* to log in (see sasl)")
     ssl: SslConfig | None = Field(None, description="TLS settings (for SSL and SASL_SSL)")
     sasl: SaslConfig | None = Field(None, description="SASL login (for SASL_PLAINTEXT and SASL_SSL)")
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
@@ -283,8 +266,8 @@ class KafkaConfig(_Model):
 
     @field_validator("bootstrap_servers")
     @classmethod
-    def _servers(cls, v: list[str]) -> list[str]:
-        return [_host_port(os.path.expandvars(s)) for s in v]
+    def _servers(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        return [_host_port(expand_env(s, info)) for s in v]
 
     @field_validator("topic")
     @classmethod
@@ -319,7 +302,7 @@ class KafkaConfig(_Model):
         return getattr(self.topics, category, None) or self.topic
 
 
-class EventsConfig(_Model):
+class EventsConfig(ConfigModel):
     """Detection, stream and incident events: what is emitted and where it goes."""
 
     sink: Literal["jsonl", "kafka", "none"] | None = Field(

@@ -27,9 +27,9 @@ from stream import __version__
 from stream.config import (
     MAX_DEPTH,
     ApiConfig,
-    FileOutput,
-    RtspOutput,
-    RtspSource,
+    FileOutputConfig,
+    RtspOutputConfig,
+    RtspSourceConfig,
     StreamConfig,
     format_errors,
 )
@@ -141,7 +141,7 @@ def _in_output_dir(body: dict[str, Any], api: ApiConfig) -> dict[str, Any]:
 def _file_output_problem(cfg: StreamConfig, api: ApiConfig, p: Pipeline) -> tuple[int, str] | None:
     """Why an API stream may not write its file outputs, or None: only under the one configured
     folder, never over an existing file, never where another stream (config ones too) records."""
-    outputs = [o for o in cfg.outputs if isinstance(o, FileOutput)]
+    outputs = [o for o in cfg.outputs if isinstance(o, FileOutputConfig)]
     if not outputs:
         return None
     if not api.allow_file_outputs or api.file_output_dir is None:
@@ -174,7 +174,7 @@ def _allowed(addr: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Net
 
 async def _host_problem(cfg: StreamConfig, api: ApiConfig) -> str | None:
     """Why this worker may not connect where an API stream says (api.allowed_source_networks)."""
-    urls = [x.url for x in (cfg.source, *cfg.outputs) if isinstance(x, RtspSource | RtspOutput)]
+    urls = [x.url for x in (cfg.source, *cfg.outputs) if isinstance(x, RtspSourceConfig | RtspOutputConfig)]
     if not urls:
         return None
     names = {e.lower().rstrip(".") for e in api.allowed_source_networks if "/" not in e and not _is_ip(e)}
