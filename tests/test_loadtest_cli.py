@@ -28,3 +28,27 @@ def test_bad_bench_options_are_refused_with_the_fix(args: list[str], words: str,
     assert words in r.stderr
     assert "hunter22secret" not in r.stderr + r.stdout, "a password in a URL is never echoed"
     assert not (tmp_path / "lt.json").exists(), "nothing ran"
+
+
+@pytest.mark.parametrize("mode", ["transcode", "no-redact"])
+def test_no_detection_modes_say_when_the_baseline_worker_is_missing(mode: str, tmp_path: Path) -> None:
+    r = subprocess.run([str(BIN), "bench", "--modes", "redact", mode, "--baseline-worker",
+                        str(tmp_path / "absent.py"), "--out", str(tmp_path / "lt")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert f"--baseline-worker {tmp_path / 'absent.py'}: no such file" in r.stderr
+    assert "benchmarks/baseline_worker.py in a stream-redact source checkout" in r.stderr
+    assert not (tmp_path / "lt.json").exists(), "nothing ran, not even the redact mode before it"
+
+
+def test_an_installed_package_has_no_baseline_worker(tmp_path: Path) -> None:
+    """Outside a source checkout (site-packages) the no-detection modes cannot run at all."""
+    from stream.loadtest.driver import CHECKOUT, NoBaselineWorker, find_baseline_worker
+
+    assert find_baseline_worker() == CHECKOUT / "benchmarks" / "baseline_worker.py"  # tests run in one
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "baseline_worker.py").write_text("")  # a stray file is not a checkout
+    with pytest.raises(NoBaselineWorker) as e:
+        find_baseline_worker(checkout=tmp_path)
+    assert "not installed with stream-redact" in str(e.value)
+    assert "pass --baseline-worker PATH, or leave these modes out" in str(e.value)

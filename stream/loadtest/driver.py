@@ -42,8 +42,12 @@ from stream.loadtest.tracks import completeness, read_track_events
 MODES = ("redact", "redact-b1", "redact-faces", "redact-faces-b1", "transcode", "no-redact")
 """redact: the preset, batching on; redact-b1: max_batch 1; redact-faces(-b1): faces only;
 transcode: no detection (the ceiling; leaks not judged); no-redact: no detection, leaks judged
-(the test-only switch that proves the leak check can fail)"""
+(proves the leak check can fail)"""
 NO_DETECTION = ("transcode", "no-redact")
+"""modes run by the baseline worker of a source checkout, never by anything installed"""
+BASELINE_WORKER = Path("benchmarks") / "baseline_worker.py"
+CHECKOUT = Path(__file__).resolve().parents[2]
+"""the source checkout this package runs from, when it runs from one (else site-packages)"""
 FAST_RECONNECT = {"initial_s": 0.2, "max_s": 1.0, "jitter": 0.1}
 HELD_FPS_SHARE = 0.97
 
@@ -75,6 +79,7 @@ class RunSpec:
     metrics_url: str | None = None
     start_timeout_s: float = 90.0
     judge: tuple[str, ...] | None = None  # classes the pipeline redacts (None: from the mode)
+    baseline_worker: Path | None = None  # for NO_DETECTION modes (None: the checkout's)
     work: Path = field(default_factory=lambda: Path("/tmp/stream-redact-bench"))
 
     def __post_init__(self) -> None:
@@ -92,6 +97,30 @@ class RunSpec:
         return f"{self.width}x{self.height}"
 
 
+class NoBaselineWorker(RuntimeError):
+    """A no-detection mode was asked for where there is no baseline worker to run it."""
+
+
+def find_baseline_worker(given: Path | None = None, checkout: Path = CHECKOUT) -> Path:
+    """The no-detection worker of the transcode and no-redact modes: ``given``, else
+    ``benchmarks/baseline_worker.py`` of the source checkout this package runs from.
+
+    It publishes every frame unredacted, so it is not part of the installed package: an installed
+    stream-redact has no way of its own to run a pipeline without detection."""
+    if given is not None:
+        if not given.is_file():
+            raise NoBaselineWorker(f"--baseline-worker {given}: no such file; give the path of "
+                                   f"{BASELINE_WORKER} in a stream-redact source checkout")
+        return given
+    found = checkout / BASELINE_WORKER
+    if (checkout / "pyproject.toml").is_file() and found.is_file():
+        return found
+    raise NoBaselineWorker(f"modes {' and '.join(NO_DETECTION)} run {BASELINE_WORKER}, a pipeline without "
+                           "detection that is not installed with stream-redact, and this stream-redact does "
+                           "not run from a source checkout; run bench from a checkout, pass "
+                           "--baseline-worker PATH, or leave these modes out (--modes redact ...)")
+
+
 def _die_with_parent() -> None:
     """In the child: SIGTERM when the harness goes away, however it ends (Linux; elsewhere a no-op)."""
     try:
@@ -103,11 +132,12 @@ def _die_with_parent() -> None:
 
 
 class LocalPipeline:
-    """`stream-redact run` (or the no-detection worker) as a child process, its stderr drained."""
+    """`stream-redact run` (or the checkout's baseline worker) as a child process, its stderr drained."""
 
-    def __init__(self, config: Path, mode: str, token: str) -> None:
+    def __init__(self, config: Path, mode: str, token: str, baseline_worker: Path | None = None) -> None:
         if mode in NO_DETECTION:
-            cmd = [sys.executable, "-m", "stream.loadtest.worker", str(config), "--mode", mode]
+            worker = find_baseline_worker(baseline_worker)
+            cmd = [sys.executable, str(worker), str(config), "--mode", mode]
         else:
             cmd = [sys.executable, "-m", "stream.cli", "run", "--config", str(config)]
         env = {**os.environ, "STREAM_REDACT_TOKENS": token}
@@ -231,7 +261,7 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
             token = secrets.token_urlsafe(24)
             cfg = spec.work / f"{tag}.yaml"
             cfg.write_text(yaml.safe_dump(pipeline_doc(spec, docs, events_path)))
-            pipeline = LocalPipeline(cfg, spec.mode, token)
+            pipeline = LocalPipeline(cfg, spec.mode, token, spec.baseline_worker)
             progress(f"starting the pipeline ({spec.mode}, {k} x {spec.size} @ {spec.fps:g} fps)")
             pipeline.wait_ready(spec.start_timeout_s)
             api_base = pipeline.base_url

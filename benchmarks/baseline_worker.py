@@ -1,12 +1,16 @@
-"""A pipeline with detection switched off, for two harness uses only; never part of the product CLI.
+"""A pipeline with detection switched off: the load-test harness's baseline, never part of the product.
 
 - ``--mode transcode``: the transcode-only ceiling (decode + re-encode, no detection), a baseline
   every load-test figure is compared with.
 - ``--mode no-redact``: the same process presented as a redacting pipeline that does not redact,
   so the harness can prove its leak check fails when faces go out in the clear.
 
-Both publish every face as it came in, so the worker says so loudly on stderr. Run only by the
-harness (``python -m stream.loadtest.worker CONFIG --mode ...``).
+Both publish every face as it came in, so the worker says so loudly on stderr. It lives here, in
+the source checkout, and not in the installed package: no flag, environment variable or config
+of an installed stream-redact can make it publish unredacted frames. `stream-redact bench` runs
+it by path (``--baseline-worker``, default: this file next to the checkout's ``stream/``):
+
+    python benchmarks/baseline_worker.py CONFIG --mode transcode
 """
 
 from __future__ import annotations
@@ -17,12 +21,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from stream.config import load_config
-from stream.core.detections import Detections
-from stream.live.service import serve
+import numpy as np  # noqa: E402
 
+from stream.config import load_config  # noqa: E402
+from stream.core.detections import Detections  # noqa: E402
+from stream.live.service import serve  # noqa: E402
+
+MODES = ("transcode", "no-redact")
 WARNING = ("stream-redact load test: WARNING: this pipeline DOES NOT REDACT ({mode}); every face and plate "
            "goes out in the clear. For load tests on synthetic cameras only.")
 
@@ -37,9 +45,10 @@ def no_detection() -> object:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m stream.loadtest.worker", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python benchmarks/baseline_worker.py",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("config", type=Path)
-    ap.add_argument("--mode", required=True, choices=["transcode", "no-redact"])
+    ap.add_argument("--mode", required=True, choices=MODES)
     args = ap.parse_args(argv)
     print(WARNING.format(mode=args.mode), file=sys.stderr, flush=True)
     return asyncio.run(serve(load_config(args.config), no_detection))  # type: ignore[arg-type]
