@@ -13,7 +13,7 @@ import stat
 import struct
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -23,8 +23,9 @@ import av
 import cv2
 import numpy as np
 
-from stream.core.detections import Detections
+from stream.core.detections import Detect
 from stream.core.errors import UserError
+from stream.core.h264 import H264Encoder, H264Settings
 from stream.core.masking import Masked, MaskingStage
 from stream.core.redact import Redactor
 from stream.core.track import Tracker
@@ -33,8 +34,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXT = {".jpg", ".jpeg", ".png"}
 VIDEO_EXT = {".mp4", ".mov", ".avi", ".mkv"}
-
-Detect = Callable[[list[np.ndarray], list[int]], list[Detections]]
 
 DEFAULT_MAX_PIXELS = 100_000_000
 """Largest image or video frame (width x height) redacted unless the caller raises it: a decoded
@@ -429,26 +428,26 @@ def _batches(frames: queue.Queue, size: int) -> Iterator[list[np.ndarray]]:
 
 
 class _Encoder:
-    """Writes painted frames with libx264 at the input's frame rate; frames keep their order."""
+    """Writes painted frames with libx264 at the input's frame rate, and the input's audio if kept;
+    frames keep their order. Odd-sized video keeps its exact size (in 4:4:4)."""
 
     def __init__(self, dst: Path, width: int, height: int, rate: Fraction, opts: JobOptions,
                  audio_template: av.audio.stream.AudioStream | None) -> None:
         self.container = av.open(str(dst), mode="w")
-        self.stream = self.container.add_stream("libx264", rate=rate)
-        self.stream.width, self.stream.height = width, height
-        # 4:2:0 needs even sizes; odd-sized video keeps its exact size in 4:4:4
-        self.stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
-        self.stream.options = {"crf": str(opts.crf), "preset": opts.preset}
-        self.audio = self.container.add_stream_from_template(audio_template) if audio_template else None
+        try:
+            self.video = H264Encoder(width, height, H264Settings(preset=opts.preset, crf=opts.crf,
+                                                                 odd_size="yuv444p"),
+                                     rate=rate, container=self.container)
+            self.audio = self.container.add_stream_from_template(audio_template) if audio_template else None
+        except BaseException:
+            self.abort()
+            raise
         self.count = 0
 
     def write(self, image: np.ndarray) -> None:
-        frame = av.VideoFrame.from_ndarray(image, format="bgr24")
-        frame.pts = self.count
-        frame.time_base = Fraction(1, 1) / self.stream.codec_context.framerate
-        self.count += 1
-        for packet in self.stream.encode(frame):
+        for packet in self.video.encode(image, self.count):  # one tick of 1/rate per frame
             self.container.mux(packet)
+        self.count += 1
 
     def write_audio(self, packet: av.Packet) -> None:
         if self.audio is not None:
@@ -457,7 +456,7 @@ class _Encoder:
 
     def close(self) -> None:
         """Flush the encoder and write the index; a full disk surfaces here, so it must propagate."""
-        for packet in self.stream.encode(None):
+        for packet in self.video.flush():
             self.container.mux(packet)
         self.container.close()
 

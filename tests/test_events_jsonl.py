@@ -95,6 +95,19 @@ def test_submit_never_blocks_and_counts_what_does_not_fit(tmp_path: Path) -> Non
     assert len(got) == results.count(True) + len(dropped)
 
 
+def test_an_event_submitted_after_close_is_refused_and_counted(tmp_path: Path) -> None:
+    cfg = parse_config({"events": {"jsonl": {"path": str(tmp_path / "e.jsonl")}}})
+    m = Metrics()
+    s = JsonlSink(cfg.events.jsonl, m)
+    s.start()
+    assert s.submit(event(1))
+    s.close(5)
+    assert s.submit(event(2)) is False
+    assert sample(m, "stream_redact_events_dropped_total", reason="closed") == 1
+    assert sample(m, "stream_redact_events_dropped_total", reason="queue_full") == 0
+    assert [e["sequence"] for e in lines(tmp_path / "e.jsonl")] == [schema.format_sequence(1)]
+
+
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory: pytest.TempPathFactory) -> Clip:
     return make_clip(tmp_path_factory.mktemp("ev") / "face.mp4", frames=40, width=320, height=240)

@@ -13,8 +13,9 @@ import aioice.ice
 import av
 import numpy as np
 import pytest
-from aiortc import RTCSessionDescription
+from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack
+from aiortc.rtp import RTCP_PSFB_FIR, RTCP_PSFB_PLI, RtcpPsfbPacket
 from aiortc.sdp import SessionDescription
 from helpers import face_sprite, textured_background
 from webrtc_helpers import (
@@ -34,17 +35,17 @@ from webrtc_helpers import (
 )
 
 from stream.live.webrtc.ice import LOOPBACK, IceConfig, IceServer, rtc_configuration, set_host_addresses
-from stream.live.webrtc.whep import VIEWER_QUEUE, FeedClosed, FrameFeed, PtsClock, SharedEncoder, WhepPlayback
-from stream.live.webrtc.whip import (
+from stream.live.webrtc.session import (
     MAX_SDP_BYTES,
     NotSdp,
     OfferError,
     OfferTooLarge,
     StreamGone,
-    WhipIngest,
     parse_offer,
     require_sdp_content_type,
 )
+from stream.live.webrtc.whep import VIEWER_QUEUE, FeedClosed, FrameFeed, PtsClock, SharedEncoder, WhepPlayback
+from stream.live.webrtc.whip import WhipIngest
 
 W, H, FPS = 320, 240, 15
 CLIP_FRAMES, STEP, SPRITE_Y = 30, 6, 60
@@ -302,10 +303,10 @@ async def test_whep_shared_encoder_serves_late_joiner():
         assert playback.viewers("cam") == 2 and playback.encoders() == 1, "one encoder for both viewers"
         assert_shows_pushed_square(late.frames[-1][0], pusher.boxes)
 
-        # a picture-loss report from one viewer reaches the shared encoder (aiortc calls this on PLI/FIR)
+        # a picture-loss report from one viewer reaches the shared encoder, through aiortc's own dispatch
         keyframes = playback.stats()["encoders"][0]["keyframes"]
         sender = playback.session(late.session_id).pc.getTransceivers()[0].sender
-        sender._send_keyframe()
+        await sender._handle_rtcp_packet(RtcpPsfbPacket(fmt=RTCP_PSFB_PLI, ssrc=1, media_ssrc=sender._ssrc))
         await wait_until(lambda: playback.stats()["encoders"][0]["keyframes"] > keyframes, 10, "a keyframe")
 
         assert await playback.delete(first.session_id)
@@ -317,6 +318,19 @@ async def test_whep_shared_encoder_serves_late_joiner():
     await first.close()
     await playback.close_all()
     await assert_released(before)
+
+
+@pytest.mark.parametrize("fmt", [RTCP_PSFB_PLI, RTCP_PSFB_FIR])
+async def test_pinned_aiortc_hands_picture_loss_to_send_keyframe(fmt):
+    """WhepPlayback points ``RTCRtpSender._send_keyframe`` at its shared encoder, since aiortc has no public
+    hook for picture-loss reports: this fails if the pinned aiortc stops calling that method for them."""
+    pc = RTCPeerConnection()
+    sender = pc.addTransceiver("video", direction="sendonly").sender
+    asked: list[bool] = []
+    sender._send_keyframe = lambda: asked.append(True)
+    await sender._handle_rtcp_packet(RtcpPsfbPacket(fmt=fmt, ssrc=1, media_ssrc=sender._ssrc))
+    assert asked == [True]
+    await pc.close()
 
 
 async def test_whep_stalled_feed_still_shows_its_last_frame():
@@ -418,12 +432,14 @@ async def test_offer_that_cannot_be_negotiated_leaves_nothing_behind():
     ingest, playback = WhipIngest(LOOPBACK), WhepPlayback(LOOPBACK)
     mode0 = sdp(codec="H264").replace("a=ice-ufrag", "a=fmtp:96 packetization-mode=0;profile-level-id=42e01f"
                                       "\r\na=ice-ufrag")
+    handler = RecordingHandler()
     with pytest.raises(OfferError, match="could not be negotiated"):
-        await ingest.offer("cam", mode0, RecordingHandler())
+        await ingest.offer("cam", mode0, handler)
     with pytest.raises(OfferError, match="could not be negotiated"):
         await playback.offer("cam", mode0.replace("a=sendonly", "a=recvonly"), FrameFeed("cam"))
     assert ingest.publisher("cam") is None and playback.viewers("cam") == 0 and playback.encoders() == 0
     await assert_released(before)
+    assert handler.downs == [], "a refused offer never was a session: its stream is not marked down"
 
 
 @pytest.mark.parametrize(("content_type", "ok"), [
@@ -526,3 +542,14 @@ def test_ice_server_settings_keep_the_credential_secret():
     assert "pw" not in str(e.value)
     with pytest.raises(ValueError, match="'eth0' is not an IP address"):
         IceConfig(host_addresses=("eth0",))
+
+
+async def test_pinned_aiortc_keeps_a_remote_tracks_frames_in_a_queue() -> None:
+    """WHIP skips a publisher's backlog by reading the remote track's frame queue (no public API):
+    this fails if the pinned aiortc renames or replaces it, where the skip would silently stop."""
+    from aiortc.rtcrtpreceiver import RemoteStreamTrack
+
+    track = RemoteStreamTrack(kind="video")
+    assert isinstance(track._queue, asyncio.Queue)
+    track._queue.put_nowait(None)
+    assert track._queue.qsize() == 1

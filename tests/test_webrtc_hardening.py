@@ -31,7 +31,7 @@ from stream.live.http import start_http
 from stream.live.pipeline import Pipeline
 from stream.live.rtc import RtcGateway
 from stream.live.webrtc.ice import set_host_addresses, set_udp_ports
-from stream.live.webrtc.whip import MAX_SDP_BYTES
+from stream.live.webrtc.session import MAX_SDP_BYTES
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,3 +74,9 @@ class Detections:
 
     def with_label(self, label: str) -> Detections:
         return self.select(np.array([lbl == label for lbl in self.labels], dtype=bool))
+
+
+Detect = Callable[[list[np.ndarray], Sequence[int | None] | None], list[Detections]]
+"""A detector as the live batcher and the file redactor call it: BGR images and their frame numbers in,
+one :class:`Detections` per image out. The numbers drive every-n-th-frame model schedules; None (for
+all, or for one frame) runs every model on it."""

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 import numpy as np
 
 from stream.core.detections import Detections
+from stream.core.queues import BoundedQueue
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class Job:
         return (time.monotonic() if now is None else now) >= self.deadline
 
 
-class JobQueue:
+class JobQueue(BoundedQueue[Job]):
     """A per-stream queue of jobs waiting for the batcher: bounded, the newest frame wins.
 
     ``put`` never blocks: when full, the oldest waiting job is resolved as dropped and returned so
@@ -98,37 +98,15 @@ class JobQueue:
     """
 
     def __init__(self, stream_id: str, maxsize: int, notify: threading.Condition | None = None) -> None:
+        super().__init__(maxsize, drop="oldest")
         self.stream_id = stream_id
-        self.maxsize = maxsize
-        self._items: deque[Job] = deque()
-        self._lock = threading.Lock()
         self.notify = notify
 
     def put(self, job: Job) -> Job | None:
-        evicted = None
-        with self._lock:
-            if len(self._items) >= self.maxsize:
-                evicted = self._items.popleft()
-            self._items.append(job)
+        evicted = super().put(job)
         if evicted is not None:
             evicted.resolve(dropped=Drop.QUEUE_FULL)
         if self.notify is not None:
             with self.notify:
                 self.notify.notify()
         return evicted
-
-    def take(self, n: int = 1) -> list[Job]:
-        with self._lock:
-            out = []
-            while self._items and len(out) < n:
-                out.append(self._items.popleft())
-            return out
-
-    def drain(self) -> list[Job]:
-        with self._lock:
-            out = list(self._items)
-            self._items.clear()
-            return out
-
-    def __len__(self) -> int:
-        return len(self._items)

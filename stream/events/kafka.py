@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from stream.config.events import EventsConfig, KafkaConfig
+from stream.core.backoff import Backoff
 from stream.core.metrics import Metrics
 from stream.events import schema
 from stream.events.sink import EventSink
@@ -257,7 +258,7 @@ class KafkaSink(EventSink):
         self._gen = 0
         self._halted_gen = -1
         self._retry_at = 0.0
-        self._backoff = 0.2
+        self._backoff = Backoff(0.2, BACKOFF_MAX_S)
         self._stopping = False
         self._deliver_until = float("inf")
         self._problem: SinkProblem | None = None
@@ -469,8 +470,7 @@ class KafkaSink(EventSink):
                 producer.close(1)
         self.metrics.events_sink_errors.labels(self.name, problem.reason).inc()
         self._trouble(problem)
-        self._retry_at = time.monotonic() + self._backoff
-        self._backoff = min(BACKOFF_MAX_S, self._backoff * 2)
+        self._retry_at = time.monotonic() + self._backoff.next_delay()
 
     def _fill(self) -> int:
         """Send what the spool has, up to the window; returns how many were sent."""
@@ -548,7 +548,7 @@ class KafkaSink(EventSink):
         if self.on_delivered is not None:
             self.on_delivered(done)
         self._last_progress = time.monotonic()
-        self._backoff = 0.2
+        self._backoff.reset()
         if self._problem is not None:
             self._recovered()
         return True
@@ -583,8 +583,7 @@ class KafkaSink(EventSink):
         self._trouble(SinkProblem(reason, f"the brokers did not take events ({name}: {head.error}); "
                                           "resending from the oldest one not acknowledged"),
                       quiet=reason == "unreachable" or "UnknownProducerId" in name)
-        self._retry_at = time.monotonic() + self._backoff
-        self._backoff = min(BACKOFF_MAX_S, self._backoff * 2)
+        self._retry_at = time.monotonic() + self._backoff.next_delay()
 
     def _rejected_too_often(self, head: _Entry) -> bool:
         """A record the brokers refuse for what it is (too large, invalid) would block every later

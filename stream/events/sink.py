@@ -1,10 +1,11 @@
 """The part every sink shares: a bounded in-memory hand-off that never blocks the caller, and one
 thread that makes the events durable.
 
-``submit`` runs on redaction threads. It only appends to a deque under a lock; when the queue is
+``submit`` runs on redaction threads. It only appends to a bounded queue; when the queue is
 full (the disk has stalled for a long while) the new event is dropped, counted and alarmed:
-it was never accepted. An event is *accepted* once the sink thread has written it to durable
-storage (the spool for Kafka, the file for JSON Lines); from then on it is never lost.
+it was never accepted (the events already queued keep their order). An event is *accepted*
+once the sink thread has written it to durable storage (the spool for Kafka, the file for JSON
+Lines); from then on it is never lost.
 
 When storing fails (a full disk, a quota, an I/O error) the sink thread keeps running: the events
 it could not write are dropped and counted by reason, the problem is logged once per outage with
@@ -19,11 +20,11 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
 from stream.core.metrics import Metrics
+from stream.core.queues import BoundedQueue
 from stream.events import schema
 
 log = logging.getLogger(__name__)
@@ -120,10 +121,9 @@ class EventSink:
     def __init__(self, metrics: Metrics, queue_size: int = 10_000) -> None:
         self.metrics = metrics
         self.queue_size = queue_size
-        self._queue: deque[dict[str, Any]] = deque()
-        self._cond = threading.Condition(threading.Lock())
-        self._closing = False
-        self._idle = True
+        self._queue: BoundedQueue[dict[str, Any]] = BoundedQueue(queue_size, drop="newest")
+        self._drops = threading.Lock()
+        """guards the count and times of the drops not yet reported by an events.dropped event"""
         self._dropped = 0
         self._dropped_first: float | None = None
         self._dropped_last = 0.0
@@ -239,22 +239,20 @@ class EventSink:
         if child is None:
             child = self._produced[etype] = self.metrics.events_produced.labels(schema.short_type(etype))
         child.inc()
-        with self._cond:
-            full = not self._closing
-            if full and len(self._queue) >= self.queue_size:
+        if self._queue.put(event) is None:
+            return True
+        full = not self._queue.closed
+        alarm = False
+        if full:
+            with self._drops:
                 self._dropped += 1
                 now = time.time()
                 if self._dropped_first is None:
                     self._dropped_first = now
                 self._dropped_last = now
-            elif full:
-                self._queue.append(event)
-                if self._idle:
-                    self._cond.notify()
-                return True
+                alarm, self._alarmed = not self._alarmed, True
         self.metrics.events_dropped.labels("queue_full" if full else "closed").inc()
-        if full and not self._alarmed:
-            self._alarmed = True
+        if alarm:
             log.error("events: the %s sink has fallen %d events behind (its storage is stalled?); new events "
                       "are dropped and counted in stream_redact_events_dropped_total{reason=\"queue_full\"} "
                       "until it catches up; check the disk, or raise events.queue_size", self.name,
@@ -265,14 +263,10 @@ class EventSink:
     def _run(self) -> None:
         try:
             while True:
-                with self._cond:
-                    if not self._queue and not self._closing:
-                        self._idle = True
-                        self._cond.wait(self._tick_s())
-                        self._idle = False
-                    batch = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
-                    closing = self._closing and not self._queue
-                    dropped = self._take_dropped() if not self._queue else None
+                self._queue.wait(self._tick_s())
+                batch = self._queue.take(BATCH)
+                closing = self._queue.exhausted
+                dropped = self._take_dropped() if not self._queue else None
                 if dropped is not None:
                     batch.append(dropped)
                 try:
@@ -291,16 +285,17 @@ class EventSink:
             self._update_up()
 
     def _take_dropped(self) -> dict[str, Any] | None:
-        """Once the queue has drained, the alarm event about what it dropped (caller holds the lock)."""
-        if not self._dropped or self._dropped_first is None:
-            return None
-        event = schema.envelope(schema.EVENTS_DROPPED, self.source, self._dropped_last, {
-            "count": self._dropped, "reason": "queue_full", "policy": "drop_newest",
-            "first_at": schema.rfc3339(self._dropped_first), "last_at": schema.rfc3339(self._dropped_last)})
-        if not self._closing:
-            log.warning("events: the %s sink caught up; %d event(s) were dropped meanwhile", self.name,
-                        self._dropped)
-        self._dropped, self._dropped_first, self._alarmed = 0, None, False
+        """Once the queue has drained, the alarm event about what it dropped."""
+        with self._drops:
+            if not self._dropped or self._dropped_first is None:
+                return None
+            count, first, last = self._dropped, self._dropped_first, self._dropped_last
+            self._dropped, self._dropped_first, self._alarmed = 0, None, False
+        event = schema.envelope(schema.EVENTS_DROPPED, self.source, last, {
+            "count": count, "reason": "queue_full", "policy": "drop_newest",
+            "first_at": schema.rfc3339(first), "last_at": schema.rfc3339(last)})
+        if not self._queue.closed:
+            log.warning("events: the %s sink caught up; %d event(s) were dropped meanwhile", self.name, count)
         return event
 
     def _tick_s(self) -> float:
@@ -319,11 +314,8 @@ class EventSink:
     def close(self, timeout: float = 5.0) -> None:
         """Store every event submitted so far, deliver for up to ``timeout`` seconds, then stop."""
         deadline = time.monotonic() + timeout
-        with self._cond:
-            if self._closing:
-                return
-            self._closing = True
-            self._cond.notify_all()
+        if not self._queue.close():
+            return
         if self._thread.is_alive():
             # storing is local and quick; it gets at least a few seconds even when timeout is 0
             self._thread.join(max(5.0, deadline - time.monotonic()))

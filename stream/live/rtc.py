@@ -32,13 +32,13 @@ from stream.core.frames import Frame
 from stream.live.httpbody import BodyTooLarge, read_limited
 from stream.live.pipeline import Pipeline, StreamRunner
 from stream.live.webrtc.ice import IceConfig, host_addresses_for
+from stream.live.webrtc.session import MAX_SDP_BYTES, SDP_CONTENT_TYPE, OfferError, require_sdp_content_type
 from stream.live.webrtc.whep import FrameFeed, TooManyViewers, WhepPlayback
-from stream.live.webrtc.whip import MAX_SDP_BYTES, OfferError, WhipIngest
+from stream.live.webrtc.whip import WhipIngest
 
 log = logging.getLogger(__name__)
 
 GATEWAY = web.AppKey("rtc_gateway", "RtcGateway")
-SDP = "application/sdp"
 OFFER_TIMEOUT_S = 15.0
 """an offer not answered by then gets 503: no HTTP request waits on WebRTC forever"""
 
@@ -141,9 +141,10 @@ class RtcGateway:
     # -- HTTP -------------------------------------------------------------------------------------
     @staticmethod
     async def _offer(request: web.Request) -> str | web.Response:
-        ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if ctype != SDP:
-            return _text(415, f"send the SDP offer with Content-Type: {SDP}")
+        try:
+            require_sdp_content_type(request.headers.get("Content-Type"))
+        except OfferError as e:
+            return _text(e.http_status, str(e))
         try:
             raw = await read_limited(request, MAX_SDP_BYTES)  # whole, even when it comes chunked
         except BodyTooLarge:
@@ -173,7 +174,7 @@ class RtcGateway:
             return _text(503, f"the {kind.upper()} offer could not be answered within {OFFER_TIMEOUT_S:g} s; "
                               "try again")
         sid = request.match_info["stream_id"]
-        return web.Response(status=201, text=answer, content_type=SDP,
+        return web.Response(status=201, text=answer, content_type=SDP_CONTENT_TYPE,
                             headers={"Location": f"/{kind}/{sid}/{session}"})
 
     async def whip_post(self, request: web.Request) -> web.Response:

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
 from fractions import Fraction
 
 import av
@@ -21,7 +20,9 @@ import cv2
 import numpy as np
 
 from stream.core.frames import Drop
+from stream.core.h264 import H264Encoder, H264Settings, even_size
 from stream.core.metrics import Metrics
+from stream.core.queues import BoundedQueue
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +48,10 @@ class EncoderOutput:
         self.fps = fps
         self.bitrate_kbps = bitrate_kbps
         self.gop_s = gop_s
-        self._queue: deque[tuple[np.ndarray, float]] = deque()
-        self._queue_size = queue_size
-        self._cond = threading.Condition()
-        self._stop = threading.Event()
+        self._queue: BoundedQueue[tuple[np.ndarray, float]] = BoundedQueue(queue_size)
         self._thread: threading.Thread | None = None
         self._container: av.container.OutputContainer | None = None
-        self._vstream: av.VideoStream | None = None
+        self._encoder: H264Encoder | None = None
         self._size: tuple[int, int] | None = None
         self._t0: float | None = None
         self._last_pts = -1
@@ -63,41 +61,26 @@ class EncoderOutput:
     # -- called by the redaction stage -----------------------------------------------------------
     def submit(self, image: np.ndarray, captured_at: float) -> None:
         """Queue a redacted frame; never blocks."""
-        dropped = False
-        with self._cond:
-            if len(self._queue) >= self._queue_size:
-                self._queue.popleft()
-                dropped = True
-            self._queue.append((image, captured_at))
-            self._cond.notify()
-        if dropped:
-            self.metrics.frames_dropped.labels(self.stream_id, Drop.OUTPUT_BUSY.value).inc()
+        if self._queue.put((image, captured_at)) is not None:
+            why = Drop.STOPPING if self._queue.closed else Drop.OUTPUT_BUSY
+            self.metrics.frames_dropped.labels(self.stream_id, why.value).inc()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"{self.kind}-{self.stream_id}", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        with self._cond:
-            self._cond.notify_all()
+        """Write what is queued, then close the output (within ``timeout``)."""
+        self._queue.close()
         if self._thread is not None:
             self._thread.join(timeout)
 
     # -- the thread ------------------------------------------------------------------------------
-    def _next(self) -> tuple[np.ndarray, float] | None:
-        with self._cond:
-            while not self._queue and not self._stop.is_set():
-                self._cond.wait(0.5)
-            if self._queue:
-                return self._queue.popleft()
-            return None
-
     def _run(self) -> None:
         try:
             while True:
-                item = self._next()
-                if item is None:
+                item = self._queue.get()
+                if item is None:  # stopped, and the queue is written
                     break
                 self.handle(*item)
         except Exception:
@@ -110,8 +93,7 @@ class EncoderOutput:
         self.write(image, captured_at)
 
     def write(self, image: np.ndarray, captured_at: float) -> None:
-        h, w = image.shape[:2]
-        size = (w - w % 2, h - h % 2)  # yuv420p needs even sides: drop a last odd row/column
+        size = even_size(image.shape[1], image.shape[0])  # 4:2:0: a last odd row/column is dropped
         if self._container is not None and size != self._size:
             assert self._size is not None
             if self.keep_size:
@@ -122,16 +104,12 @@ class EncoderOutput:
                 self._close(flush=True)
         if self._container is None:
             self._open(size)
-        image = image[: size[1], : size[0]]
-        assert self._vstream is not None and self._container is not None
+        assert self._encoder is not None and self._container is not None
         if self._t0 is None:
             self._t0 = captured_at
         pts = max(self._last_pts + 1, round((captured_at - self._t0) / TIME_BASE))
         self._last_pts = pts
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="bgr24")
-        frame.pts = pts
-        frame.time_base = TIME_BASE
-        for packet in self._vstream.encode(frame):
+        for packet in self._encoder.encode(image, pts):
             self._container.mux(packet)
         self.frames_written += 1
         self.metrics.frames_sent.labels(self.stream_id, self.label).inc()
@@ -140,38 +118,33 @@ class EncoderOutput:
     def _open(self, size: tuple[int, int]) -> None:
         container = self.open_container()
         try:
-            vs = container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1001))
-            vs.width, vs.height = size
-            vs.pix_fmt = "yuv420p"
-            vs.time_base = TIME_BASE
-            vs.codec_context.time_base = TIME_BASE
-            vs.codec_context.gop_size = max(1, round(self.gop_s * self.fps))
-            vs.codec_context.max_b_frames = 0
-            opts = {"preset": "ultrafast", "tune": "zerolatency", "repeat-headers": "1"}
-            if self.bitrate_kbps:
-                vs.codec_context.bit_rate = self.bitrate_kbps * 1000
-            else:
-                opts["crf"] = "23"
-            vs.options = opts
+            encoder = H264Encoder(*size, self.settings(), rate=Fraction(self.fps).limit_denominator(1001),
+                                  time_base=TIME_BASE, container=container)
         except BaseException:
             container.close()
             raise
-        self._container, self._vstream, self._size = container, vs, size
+        self._container, self._encoder, self._size = container, encoder, size
         self._set_up(True)
+
+    def settings(self) -> H264Settings:
+        """Live H.264: no frame delay, headers with every keyframe (a reader may join at any one)."""
+        return H264Settings(tune="zerolatency", repeat_headers=True, b_frames=0,
+                            gop=max(1, round(self.gop_s * self.fps)),
+                            bitrate=self.bitrate_kbps * 1000 if self.bitrate_kbps else None, crf=23)
 
     def _set_up(self, up: bool) -> None:
         self.up = up
         self.metrics.output_up.labels(self.stream_id, self.label).set(1 if up else 0)
 
     def _close(self, flush: bool) -> None:
-        container, vs = self._container, self._vstream
-        self._container = self._vstream = None
+        container, encoder = self._container, self._encoder
+        self._container, self._encoder = None, None
         self._size = None
         if container is None:
             return
         try:
-            if flush and vs is not None:
-                for packet in vs.encode(None):
+            if flush and encoder is not None:
+                for packet in encoder.flush():
                     container.mux(packet)
         except (av.error.FFmpegError, OSError, ValueError):
             pass  # the peer is gone; nothing left to save

@@ -8,7 +8,7 @@ import av
 import av.error
 import numpy as np
 
-from stream.config import FileOutput as FileOutputConfig
+from stream.config import FileOutputConfig
 from stream.core.metrics import Metrics
 from stream.live.publish.encoder import EncoderOutput
 

@@ -14,12 +14,12 @@ import av
 import av.error
 import numpy as np
 
-from stream.config import RtspOutput as RtspOutputConfig
+from stream.config import RtspOutputConfig
+from stream.core.backoff import Backoff
 from stream.core.frames import Drop
 from stream.core.metrics import Metrics
 from stream.core.urls import mask_text, mask_url
 from stream.live.publish.encoder import EncoderOutput
-from stream.live.sources.base import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class RtspOutput(EncoderOutput):
         super().__init__(stream_id, label, metrics, fps=fps, bitrate_kbps=config.bitrate_kbps,
                          gop_s=config.gop_s)
         self.config = config
-        self.backoff = Backoff(config.reconnect)
+        self.backoff = Backoff.following(config.reconnect)
         self._retry_at = 0.0
         self._failing = False
 

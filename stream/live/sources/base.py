@@ -7,13 +7,10 @@ for each decoded picture and for each change of state; the pipeline decides the 
 from __future__ import annotations
 
 import logging
-import random
 import threading
 from typing import Protocol
 
 import numpy as np
-
-from stream.config import Reconnect
 
 log = logging.getLogger(__name__)
 
@@ -66,22 +63,6 @@ class Source:
 
     def run(self) -> None:
         raise NotImplementedError
-
-
-class Backoff:
-    """Capped exponential backoff with jitter: 0.5, 1, 2, 4 ... max_s seconds, each +0..jitter%."""
-
-    def __init__(self, policy: Reconnect) -> None:
-        self.policy = policy
-        self.attempt = 0
-
-    def next_delay(self) -> float:
-        base = min(self.policy.max_s, self.policy.initial_s * 2 ** self.attempt)
-        self.attempt += 1
-        return base * (1 + self.policy.jitter * random.random())
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 class PushedSource(Source):

@@ -11,7 +11,7 @@ import time
 import av
 import av.error
 
-from stream.config import FileSource as FileSourceConfig
+from stream.config import FileSourceConfig
 from stream.live.sources.base import Source, SourceHandler
 from stream.live.sources.decode import open_video
 

@@ -14,9 +14,10 @@ import time
 import av
 import av.error
 
-from stream.config import RtspSource as RtspSourceConfig
+from stream.config import RtspSourceConfig
+from stream.core.backoff import Backoff
 from stream.core.urls import mask_text, mask_url
-from stream.live.sources.base import Backoff, Source, SourceHandler
+from stream.live.sources.base import Source, SourceHandler
 from stream.live.sources.decode import open_video
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class RtspSource(Source):
     def __init__(self, stream_id: str, config: RtspSourceConfig, handler: SourceHandler) -> None:
         super().__init__(stream_id, handler)
         self.config = config
-        self.backoff = Backoff(config.reconnect)
+        self.backoff = Backoff.following(config.reconnect)
         self._last_kind: str | None = None
 
     def run(self) -> None:

@@ -38,26 +38,27 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import av
 import numpy as np
-from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc import RTCRtpSender
 from aiortc.codecs.vpx import number_of_threads
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.sdp import SessionDescription
 from av import VideoFrame
 
-from stream.live.webrtc.ice import IceConfig, apply
-from stream.live.webrtc.whip import (
+from stream.core.h264 import H264Encoder, H264Settings, VideoEncoder, bgr_frame, even_size
+from stream.live.webrtc.ice import IceConfig
+from stream.live.webrtc.session import (
     MAX_SDP_BYTES,
     VIDEO_CODECS,
-    NoCandidates,
     OfferError,
+    RtcSession,
+    SessionHost,
     StreamGone,
-    has_candidates,
     new_session_id,
     parse_offer,
     short,
@@ -76,6 +77,8 @@ KEYFRAME_WAIT_S = 0.1
 """a keyframe asked for while the stream is stalled is made from the last frame within this long"""
 GOP_S = 2.0
 """periodic keyframe interval: the longest a viewer that lost packets stays broken without PLI"""
+FRAME_RATE = 30
+"""the rate the shared encoders are told (rate control and GOP length); frames carry their own times"""
 VIEWER_QUEUE = 8
 """encoded frames one viewer may have unsent before it is resynchronised at the next keyframe"""
 
@@ -219,18 +222,6 @@ class PtsClock:
         return pts
 
 
-def even(image: np.ndarray) -> np.ndarray:
-    """Crop to even width and height (4:2:0 encoders refuse odd ones)."""
-    h, w = image.shape[:2]
-    return image if not (h | w) & 1 else image[: h & ~1, : w & ~1]
-
-
-def to_video_frame(image: np.ndarray, pts: int) -> VideoFrame:
-    vf = VideoFrame.from_ndarray(np.ascontiguousarray(even(image)), format="bgr24")
-    vf.pts, vf.time_base = pts, TIME_BASE
-    return vf
-
-
 class FeedTrack(MediaStreamTrack):
     """A viewer's own track of decoded frames from a feed (aiortc encodes it for this viewer alone)."""
 
@@ -253,9 +244,9 @@ class FeedTrack(MediaStreamTrack):
                 raise MediaStreamError from None
             if f is not None:
                 self._seq = f.seq
-                return to_video_frame(f.image, self._clock.stamp(f.captured_at))
+                return bgr_frame(f.image, self._clock.stamp(f.captured_at), TIME_BASE)
             if (last := self.feed.latest) is not None:
-                return to_video_frame(last.image, self._clock.stamp(None))
+                return bgr_frame(last.image, self._clock.stamp(None), TIME_BASE)
 
 
 class EncodedTrack(MediaStreamTrack):
@@ -335,7 +326,7 @@ class SharedEncoder:
         self.bitrate = bitrate
         self._on_idle = on_idle
         self._subscribers: set[EncodedTrack] = set()
-        self._context: av.VideoCodecContext | None = None
+        self._encoder: VideoEncoder | None = None
         self._keyframe_wanted = False
         self._last_forced = -1e9
         self._clock = PtsClock()
@@ -369,7 +360,7 @@ class SharedEncoder:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._context = None
+        self._encoder = None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -395,7 +386,7 @@ class SharedEncoder:
                     packets = await loop.run_in_executor(None, self._encode, f.image, pts, force)
                 except (av.FFmpegError, ValueError) as e:  # a bad frame must not end the stream's playback
                     log.warning("stream %s: %s encode failed: %s", self.feed.stream_id, self.codec, e)
-                    self._context = None
+                    self._encoder = None
                     continue
                 self.encoded += 1
                 for packet in packets:
@@ -409,62 +400,52 @@ class SharedEncoder:
                 track.end()
 
     def _encode(self, image: np.ndarray, pts: int, keyframe: bool) -> list[av.Packet]:
-        frame = to_video_frame(image, pts).reformat(format="yuv420p")
-        ctx = self._context
-        if ctx is None or (ctx.width, ctx.height) != (frame.width, frame.height):
-            ctx = self._context = self._open(frame.width, frame.height)
+        size = even_size(image.shape[1], image.shape[0])
+        enc = self._encoder
+        if enc is None or enc.size != size:
+            enc = self._encoder = self._open(*size)
             keyframe = True
-        frame.pict_type = av.video.frame.PictureType.I if keyframe else av.video.frame.PictureType.NONE
-        packets = ctx.encode(frame)
-        for p in packets:
-            p.time_base = TIME_BASE
-        return packets
+        return enc.encode(image, pts, keyframe)
 
-    def _open(self, width: int, height: int) -> av.VideoCodecContext:
+    def _open(self, width: int, height: int) -> VideoEncoder:
         bitrate = self.bitrate or default_bitrate(width, height)
-        ctx: av.VideoCodecContext
         if self.codec == "H264":
-            ctx = av.CodecContext.create("libx264", "w")  # type: ignore[assignment]
-            ctx.options = {"preset": "ultrafast", "tune": "zerolatency", "forced-idr": "1",
-                           "maxrate": str(bitrate), "bufsize": str(bitrate // 2)}
-            ctx.profile = "Baseline"  # constrained baseline: what every WebRTC H.264 decoder takes
-        else:
-            ctx = av.CodecContext.create("libvpx", "w")  # type: ignore[assignment]
-            ctx.qmin, ctx.qmax = 2, 56
-            ctx.options = {"deadline": "realtime", "cpu-used": "-6", "lag-in-frames": "0",
-                           "bufsize": str(bitrate), "minrate": str(bitrate), "maxrate": str(bitrate),
-                           "undershoot-pct": "100", "overshoot-pct": "15", "static-thresh": "1",
-                           "error-resilient": "1"}
-            ctx.thread_count = number_of_threads(width * height, os.cpu_count() or 1)  # as aiortc does
+            settings = H264Settings(tune="zerolatency", forced_idr=True, bitrate=bitrate,
+                                    bufsize=bitrate // 2, profile="Baseline", gop=round(GOP_S * FRAME_RATE))
+            return H264Encoder(width, height, settings, rate=fractions.Fraction(FRAME_RATE),
+                               time_base=TIME_BASE)
+        ctx: av.VideoCodecContext = av.CodecContext.create("libvpx", "w")  # type: ignore[assignment]
+        ctx.qmin, ctx.qmax = 2, 56
+        ctx.options = {"deadline": "realtime", "cpu-used": "-6", "lag-in-frames": "0",
+                       "bufsize": str(bitrate), "minrate": str(bitrate), "maxrate": str(bitrate),
+                       "undershoot-pct": "100", "overshoot-pct": "15", "static-thresh": "1",
+                       "error-resilient": "1"}
+        ctx.thread_count = number_of_threads(width * height, os.cpu_count() or 1)  # as aiortc does
         ctx.width, ctx.height = width, height
         ctx.pix_fmt = "yuv420p"
         ctx.bit_rate = bitrate
         ctx.time_base = TIME_BASE
-        ctx.framerate = fractions.Fraction(30)
-        ctx.gop_size = round(GOP_S * 30)
+        ctx.framerate = fractions.Fraction(FRAME_RATE)
+        ctx.gop_size = round(GOP_S * FRAME_RATE)
         ctx.open()
-        return ctx
+        return VideoEncoder(ctx, TIME_BASE)
 
 
 @dataclass(eq=False)
-class WhepSession:
+class WhepSession(RtcSession):
     """One viewer's connection."""
 
-    id: str
-    stream_id: str
-    pc: RTCPeerConnection
     codec: str
     track: MediaStreamTrack
     feed: FrameFeed | None = None
     """what the viewer watches: tells a removed stream's viewers from those of one re-added under its id"""
-    created_at: float = field(default_factory=time.monotonic)
-    connected: asyncio.Event = field(default_factory=asyncio.Event)
-    closed: bool = False
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
-class WhepPlayback:
+class WhepPlayback(SessionHost[WhepSession]):
     """Serves WHEP viewers the frames of each stream's :class:`FrameFeed`."""
+
+    role = "viewer"
+    protocol = "WHEP"
 
     def __init__(self, ice: IceConfig | None = None, *, codecs: Sequence[str] = VIDEO_CODECS,
                  shared_encoding: bool = True, bitrate: int | None = None,
@@ -479,27 +460,21 @@ class WhepPlayback:
         bad = [c for c in codecs if c.upper() not in VIDEO_CODECS]
         if bad or not codecs:
             raise ValueError(f"WHEP codecs {list(codecs)}: choose from {', '.join(VIDEO_CODECS)}")
-        self._rtc_config = apply(ice or IceConfig())
+        super().__init__(ice, connect_timeout_s)
         self.codecs = tuple(c.upper() for c in codecs)
         self.shared_encoding = shared_encoding
         self.bitrate = bitrate
         self.max_sdp_bytes = max_sdp_bytes
-        self.connect_timeout_s = connect_timeout_s
         self.max_viewers_per_stream = max_viewers_per_stream
         self.max_viewers = max_viewers
-        self._sessions: dict[str, WhepSession] = {}
         self._negotiating: dict[str, int] = {}
         """offers being answered, per stream: they count against the limits before they are sessions"""
         self._encoders: dict[tuple[int, str], SharedEncoder] = {}
-        self._background: set[asyncio.Task[None]] = set()
 
     # -- queries ---------------------------------------------------------------------------------
     def viewers(self, stream_id: str) -> int:
         """Open viewer sessions of a stream (connecting or connected)."""
         return sum(1 for s in self._sessions.values() if s.stream_id == stream_id)
-
-    def session(self, session_id: str) -> WhepSession | None:
-        return self._sessions.get(session_id)
 
     def encoders(self) -> int:
         """Shared encoders running (one per watched stream and codec)."""
@@ -550,7 +525,7 @@ class WhepPlayback:
                       feed: FrameFeed) -> tuple[str, str]:
         offered = {c.name.upper() for m in desc.media if m.kind == "video" for c in m.rtp.codecs}
         codec = next(c for c in self.codecs if c in offered)
-        pc = RTCPeerConnection(self._rtc_config)
+        pc = self._connection()
         track: MediaStreamTrack
         encoder = None
         if self.shared_encoding:
@@ -558,56 +533,26 @@ class WhepPlayback:
             track = encoder.subscribe()
         else:
             track = FeedTrack(feed)
-        session = WhepSession(new_session_id(), stream_id, pc, codec, track, feed)
+        session = WhepSession(new_session_id(), stream_id, pc, codec=codec, track=track, feed=feed)
         transceiver = pc.addTransceiver(track, direction="sendonly")
         wanted = (f"VIDEO/{codec}", "VIDEO/RTX")
         caps = RTCRtpSender.getCapabilities("video").codecs
         transceiver.setCodecPreferences([c for c in caps if c.mimeType.upper() in wanted])
-        if encoder is not None:  # picture-loss reports go to the shared encoder, not the idle per-sender one
+        if encoder is not None:
+            # picture-loss reports (PLI/FIR) go to the shared encoder, not the sender's idle own one; aiortc
+            # has no public hook for them, only this method (tests/test_webrtc.py pins that it is called)
             transceiver.sender._send_keyframe = encoder.request_keyframe  # type: ignore[method-assign]
 
         @track.on("ended")
         def on_ended() -> None:
             self._close_later(session, "track ended")
 
-        @pc.on("connectionstatechange")
-        def on_state() -> None:
-            if pc.connectionState == "connected":
-                session.connected.set()
-            elif pc.connectionState in ("failed", "closed"):
-                self._close_later(session, f"connection {pc.connectionState}")
-
-        try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-            for t in pc.getTransceivers():
-                if t is not transceiver:
-                    t.direction = "inactive"
-            await pc.setLocalDescription(await pc.createAnswer())
-        except Exception as e:
-            session.closed = True
-            await self._discard(session)
-            raise OfferError(f"the SDP offer could not be negotiated ({type(e).__name__}: {e})") from None
-        if not has_candidates(pc.localDescription.sdp):
-            session.closed = True
-            await self._discard(session)
-            raise NoCandidates
-        self._sessions[session.id] = session
-        self._spawn(session, self._watch_connect(session))
+        self._watch_state(session)
+        answer = await self._negotiate(session, sdp, lambda _: [transceiver])
+        self._register(session)
         log.info("stream %s: WHEP viewer %s (%s, %d watching)", stream_id, short(session.id), codec,
                  self.viewers(stream_id))
-        return pc.localDescription.sdp, session.id
-
-    async def delete(self, session_id: str, stream_id: str | None = None) -> bool:
-        """End a viewer's session (WHEP DELETE); False when there is no such session.
-
-        With ``stream_id`` the session must also be that stream's: a session URL is only valid
-        under the stream it was created for.
-        """
-        session = self._sessions.get(session_id)
-        if session is None or (stream_id is not None and session.stream_id != stream_id):
-            return False
-        await self._close(session, "viewer ended the session")
-        return True
+        return answer, session.id
 
     async def close_stream(self, stream_id: str, feed: FrameFeed | None = None) -> None:
         """Close the viewers of one stream (it was removed); with ``feed``, only those watching that feed.
@@ -619,9 +564,7 @@ class WhepPlayback:
                                if s.stream_id == stream_id and (feed is None or s.feed is feed)))
 
     async def close_all(self) -> None:
-        await asyncio.gather(*(self._close(s, "server shutting down") for s in list(self._sessions.values())))
-        while self._background:
-            await asyncio.gather(*list(self._background), return_exceptions=True)
+        await super().close_all()
         for enc in list(self._encoders.values()):
             await enc.close()
         self._encoders.clear()
@@ -640,44 +583,9 @@ class WhepPlayback:
             del self._encoders[key]
         self._background_task(enc.close())
 
-    def _background_task(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _release(self, session: WhepSession) -> None:
+        session.track.stop()  # a track never sent (no connection) still leaves its encoder
 
-    def _spawn(self, session: WhepSession, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        session.tasks.add(task)
-        task.add_done_callback(session.tasks.discard)
-
-    def _close_later(self, session: WhepSession, reason: str) -> None:
-        if not session.closed:
-            self._background_task(self._close(session, reason))
-
-    async def _watch_connect(self, session: WhepSession) -> None:
-        try:
-            await asyncio.wait_for(session.connected.wait(), self.connect_timeout_s)
-        except TimeoutError:
-            self._close_later(session, f"viewer did not connect within {self.connect_timeout_s:g} s")
-
-    async def _close(self, session: WhepSession, reason: str) -> None:
-        if session.closed:
-            return
-        session.closed = True
-        self._sessions.pop(session.id, None)
+    def _ended(self, session: WhepSession, reason: str | None) -> None:
         log.info("stream %s: WHEP viewer %s gone: %s (%d watching)", session.stream_id, short(session.id),
                  reason, self.viewers(session.stream_id))
-        await self._discard(session)
-
-    @staticmethod
-    async def _discard(session: WhepSession) -> None:
-        me = asyncio.current_task()
-        tasks = [t for t in session.tasks if t is not me]
-        for t in tasks:
-            t.cancel()
-        try:
-            await session.pc.close()
-        finally:
-            session.track.stop()  # a track never sent (no connection) still leaves its encoder
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(*tasks, return_exceptions=True)
