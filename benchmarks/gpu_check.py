@@ -250,10 +250,12 @@ def preprocess_compare(backend: str, providers: list[str], reps: int) -> dict[st
 
 # -- 4. the whole detector -----------------------------------------------------------------------
 def detector_config_for(backend: str, providers: list[str], buckets: tuple[int, ...]) -> Any:
-    from stream.detect.presets import detector_config
+    from stream.config import DetectionConfig
 
-    # faces (CenterFace 960), plates (960) and heads of small people (960) on every frame
-    return detector_config("accurate", providers=providers, backend=backend, fp16=True, buckets=buckets)
+    # faces (CenterFace 960), plates (960) and heads of small people (960) on every frame; the same
+    # conversion the live pipeline makes from its config
+    detection = DetectionConfig(preset="accurate", providers=providers, backend=backend, fp16=True)
+    return detection.detector_settings(buckets)
 
 
 def detector_timings(backend: str, providers: list[str], buckets: tuple[int, ...],

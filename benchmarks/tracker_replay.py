@@ -22,9 +22,9 @@ from typing import Any
 import av
 import numpy as np
 
+from stream.config import DetectionConfig
 from stream.core import track
 from stream.detect.ensemble import FrameDetector
-from stream.detect.presets import detector_config
 from stream.loadtest.scene import Scene, load_material
 from stream.samples import sample_path
 
@@ -45,7 +45,7 @@ def detect_encoded(seqs: list[int], kbps: int, work: Path) -> dict[int, tuple[An
                 out.mux(p)
         for p in st.encode():
             out.mux(p)
-    det = FrameDetector(detector_config("fast", providers=("cpu",)))
+    det = FrameDetector(DetectionConfig(preset="fast", providers=["cpu"]).detector_settings())
     frames = {}
     with av.open(str(path)) as inp:
         for seq, fr in zip(seqs, inp.decode(video=0), strict=False):

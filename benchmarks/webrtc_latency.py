@@ -37,6 +37,7 @@ from stream.live.auth import Tokens  # noqa: E402
 from stream.live.http import start_http  # noqa: E402
 from stream.live.pipeline import Pipeline  # noqa: E402
 from stream.live.rtc import RtcGateway  # noqa: E402
+from stream.live.service import detector_factory_for  # noqa: E402
 from stream.live.webrtc.ice import LOOPBACK, rtc_configuration  # noqa: E402
 from stream.live.webrtc.whip import WhipIngest  # noqa: E402
 
@@ -95,7 +96,7 @@ async def run(args: argparse.Namespace) -> dict:
     cfg = parse_config({"streams": [{"id": "cam", "source": {"type": "whip"}}],
                         "detection": {"preset": args.preset, "plates": not args.faces_only,
                                       "heads": not args.faces_only, "providers": ["cpu"]}})
-    pipeline = Pipeline(cfg)
+    pipeline = Pipeline(cfg, detector_factory_for(cfg))
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, pipeline.start)
     gateway = RtcGateway(pipeline)

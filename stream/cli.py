@@ -7,11 +7,15 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stream import __version__
 from stream.core.errors import UserError
 from stream.detect.models import ModelError
-from stream.detect.presets import PRESETS, detector_config
+from stream.detect.presets import PRESETS
+
+if TYPE_CHECKING:
+    from stream.config import DetectionConfig
 
 log = logging.getLogger("stream")
 
@@ -105,13 +109,13 @@ def add_redact_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plate-scale", type=_scale, default=None, help="plate mask enlargement (default 1.25)")
     p.add_argument("--input-size", type=_positive_int, default=None,
                    help="largest long side, in pixels, frames are detected at; smaller frames are "
-                        "detected at their own size, but at least 640 (default 960)")
+                        "detected at their own size, but at least 640 (160-4096; default 960)")
     p.add_argument("--plate-every", type=_positive_int, default=None,
                    help="look for plates on every n-th frame only; the tracker keeps plates masked "
-                        "in between (default 1: every frame)")
+                        "in between (1-30; default 1: every frame)")
     p.add_argument("--person-every", type=_positive_int, default=None,
                    help="run the person detector (heads of distant people) on every n-th frame only "
-                        "(default 1)")
+                        "(1-30; default 1)")
     p.add_argument("--no-plates", action="store_true", help="do not detect licence plates")
     p.add_argument("--no-heads", action="store_true",
                    help="do not mask heads of distant people found by the person detector")
@@ -138,12 +142,37 @@ def add_redact_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_redact)
 
 
-def _apply_preset(args: argparse.Namespace) -> None:
-    """Fill every option the user left unset from the chosen preset."""
-    preset = PRESETS[args.preset]
-    for key in ("face_model", "plate_every", "person_every"):
-        if getattr(args, key) is None:
-            setattr(args, key, preset[key])
+_OPTION = {"vehicle_plates_px": "--vehicle-plates", "plates": "--no-plates", "heads": "--no-heads"}
+"""the ``redact`` option of a detection setting whose name differs from it"""
+
+
+def detection_config(args: argparse.Namespace) -> DetectionConfig:
+    """``redact``'s detector options as the live config's detection settings: the preset, with the
+    options given explicitly taking precedence. Both then become the detector's settings through
+    the one conversion (:meth:`DetectionConfig.detector_settings`), so a file and a live stream
+    with the same settings are searched by the same detector."""
+    from pydantic import ValidationError
+
+    from stream.config import DetectionConfig
+    from stream.detect.runtime import PROVIDER_ALIASES
+
+    names = [p.strip() for p in args.providers.split(",") if p.strip()]
+    bad = [p for p in names if p.lower() not in PROVIDER_ALIASES]
+    if bad or not names:
+        raise UserError(f"--providers: unknown execution provider {', '.join(bad) or '(none)'}; "
+                        f"use a comma-separated list of {', '.join(PROVIDER_ALIASES)}", exit_code=2)
+    try:
+        return DetectionConfig(
+            preset=args.preset, face_model=args.face_model, face_threshold=args.face_threshold,
+            plate_threshold=args.plate_threshold, input_size=args.input_size, plate_every=args.plate_every,
+            person_every=args.person_every, plates=not args.no_plates, heads=not args.no_heads,
+            vehicle_plates_px=args.vehicle_plates, providers=[p.lower() for p in names], threads=args.threads,
+            model_dir=args.model_dir)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = str(err["loc"][0])
+        option = _OPTION.get(field, "--" + field.replace("_", "-"))
+        raise UserError(f"{option}: {err['msg'][:1].lower()}{err['msg'][1:]}", exit_code=2) from None
 
 
 class _Stopped(BaseException):
@@ -193,28 +222,16 @@ def _redact(args: argparse.Namespace) -> int:
     kind = check_paths(args.input, args.output, args.masks_json)  # before any model loads
     max_pixels = JobOptions.max_pixels if args.max_pixels is None else args.max_pixels
     check_size(args.input, kind, max_pixels)
-    _apply_preset(args)
     if args.coast is not None and args.coast < 0:
         raise UserError("--coast must be >= 0", exit_code=2)
-    gap = max(args.plate_every, args.person_every)
+    if args.lookback < 0:
+        raise UserError("--lookback must be >= 0", exit_code=2)
+    cfg = detection_config(args).detector_settings()
+    gap = max([m.every for m in (cfg.plate, cfg.person_heads) if m is not None], default=1)
     if args.coast is not None and gap > 1 and args.coast < gap:
         raise UserError(f"--coast {args.coast} is shorter than the detector gap ({gap} frames from "
                         "--plate-every/--person-every): boxes would vanish between runs; raise --coast",
                         exit_code=2)
-    if args.lookback < 0:
-        raise UserError("--lookback must be >= 0", exit_code=2)
-    from stream.detect.runtime import PROVIDER_ALIASES
-
-    providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
-    bad = [p for p in providers if p.lower() not in PROVIDER_ALIASES]
-    if bad or not providers:
-        raise UserError(f"--providers: unknown execution provider {', '.join(bad) or '(none)'}; "
-                        f"use a comma-separated list of {', '.join(PROVIDER_ALIASES)}", exit_code=2)
-    cfg = detector_config(args.preset, face_model=args.face_model, face_threshold=args.face_threshold,
-                          plate_threshold=args.plate_threshold, input_size=args.input_size,
-                          plate_every=args.plate_every, person_every=args.person_every,
-                          plates=not args.no_plates, heads=not args.no_heads, providers=providers,
-                          threads=args.threads, model_dir=args.model_dir, vehicle_plates=args.vehicle_plates)
     rcfg = RedactConfig(style=Style(args.style))
     if args.face_scale:
         rcfg.mask_scale["face"] = args.face_scale
@@ -243,7 +260,8 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run live streams from a YAML config until stopped (SIGINT/SIGTERM)",
                        description="Pull every configured stream, redact it through one shared detection "
                                    "stage and publish it; serves /metrics, /healthz and /readyz.")
-    p.add_argument("--config", type=Path, required=True, help="pipeline config (YAML); see README")
+    p.add_argument("--config", type=Path, required=True,
+                   help="pipeline config (YAML); see docs/configuration.md")
     p.add_argument("--check", action="store_true", help="validate the config and exit")
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="serve the control API without tokens (local demos only; logged as a warning)")

@@ -23,6 +23,7 @@ from stream.core.errors import UserError
 from stream.live.auth import Tokens, load_tokens
 from stream.live.http import start_http
 from stream.live.pipeline import Pipeline
+from stream.live.service import detector_factory_for
 
 TOKEN = "test-token-0123456789abcdef"
 
@@ -247,7 +248,7 @@ def test_status_lists_new_tracks_and_latency(clip_path: Path) -> None:
     detection = {"preset": "fast", "plates": False, "heads": False, "providers": ["cpu"]}
     cfg = parse_config({"streams": [{"id": "cam", "source": {"type": "file", "path": str(clip_path)}}],
                         "detection": detection})
-    p = Pipeline(cfg)
+    p = Pipeline(cfg, detector_factory_for(cfg))
     p.start()
     try:
         wait_for(lambda: p.ended, timeout=60, what="the clip to end")

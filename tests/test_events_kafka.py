@@ -35,6 +35,7 @@ from stream.events.emitter import EventEmitter
 from stream.events.kafka import KafkaSink
 from stream.events.sinks import build_sink, start_events
 from stream.live.pipeline import Pipeline
+from stream.live.service import detector_factory_for
 
 DETECTION = {"preset": "fast", "plates": False, "heads": False, "providers": ["cpu"]}
 SECRET = "s3cret-Broker-Pw-4471"
@@ -79,7 +80,7 @@ def metric(m: Metrics, name: str, **labels: str) -> float:
 
 
 def start(cfg: PipelineConfig, factory: Any = None) -> tuple[Pipeline, EventEmitter, KafkaSink]:
-    p = Pipeline(cfg, factory)
+    p = Pipeline(cfg, factory or detector_factory_for(cfg))  # None: the configured detector
     em = start_events(cfg, p.metrics)
     assert em is not None and isinstance(em.sink, KafkaSink)
     p.observers.append(em)

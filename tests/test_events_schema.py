@@ -14,6 +14,9 @@ import pytest
 from stream.config import parse_config
 from stream.core.detections import Detections
 from stream.core.frames import Failure, Frame
+from stream.core.masking import NOT_OBSERVED, MaskingStage
+from stream.core.redact import Redactor
+from stream.core.track import Seen, Tracker, TrackerConfig
 from stream.events import schema
 from stream.events.emitter import EventEmitter, model_info
 
@@ -48,6 +51,24 @@ def emitter(**events: Any) -> tuple[EventEmitter, ListSink]:
 
 def frame(seq: int, t: float = 0.0, image: np.ndarray = IMG, sid: str = "cam1") -> Frame:
     return Frame(sid, seq, image, t, T0 + t, t)
+
+
+class Camera:
+    """One stream's frames through the real masking stage (tracker included) into the emitter, as the
+    pipeline feeds it: the tracker decides when tracks start and end."""
+
+    def __init__(self, em: EventEmitter, max_coast: int = 12) -> None:
+        self.em = em
+        self.stage = MaskingStage(Tracker(TrackerConfig(max_coast=max_coast)), Redactor())
+
+    def see(self, f: Frame, *found: tuple[list[float], float], label: str = "face",
+            failure: Failure | None = None) -> None:
+        """``found``: (box, score) per detection; ``failure``: the frame got no detections."""
+        dets = None if failure is not None else Detections(
+            boxes=np.array([b for b, _ in found], np.float32).reshape(-1, 4),
+            scores=np.array([sc for _, sc in found], np.float32), labels=(label,) * len(found))
+        (m,) = self.stage.push(f.seq, f.image.copy(), dets, seen=Seen.of(f))
+        self.em.frame(f, NOT_OBSERVED if m.failed else m.dets, failure, self.stage.tracker.changes)
 
 
 def dets(*tracks: tuple[int, list[float], float, bool], label: str = "face") -> Detections:
@@ -115,12 +136,13 @@ def test_broken_events_are_rejected_naming_the_field(path: str, value: Any, expe
 
 def test_track_lifecycle_started_updated_ended_with_duration_and_best() -> None:
     em, sink = emitter(track_update_interval_s=0.0001)
+    cam = Camera(em, max_coast=1)
     em.state("cam1", "up", None)
-    em.frame(frame(1, 0.0), dets((1, [10, 20, 50, 70], 0.6, False)), None)
-    em.frame(frame(2, 0.04), dets((1, [12, 20, 52, 70], 0.9, False)), None)
-    em.frame(frame(3, 0.08), dets((1, [14, 20, 54, 70], 0.7, False)), None)
-    em.frame(frame(4, 0.12), dets((1, [16, 20, 56, 70], 0.7, True)), None)  # coasting: not a detection
-    em.frame(frame(5, 0.16), dets(), None)  # the tracker let go
+    cam.see(frame(1, 0.0), ([10, 20, 50, 70], 0.6))
+    cam.see(frame(2, 0.04), ([12, 20, 52, 70], 0.9))
+    cam.see(frame(3, 0.08), ([14, 20, 54, 70], 0.7))
+    cam.see(frame(4, 0.12))  # coasting: not a detection
+    cam.see(frame(5, 0.16))  # the tracker let go
     assert sink.types()[0] == "stream.up"
     assert sink.types()[1] == "track.started"
     assert sink.types()[-1] == "track.ended"
@@ -147,17 +169,19 @@ def test_track_lifecycle_started_updated_ended_with_duration_and_best() -> None:
 @pytest.mark.parametrize(("interval", "expected"), [(0, 0), (3600, 0), (0.0001, 9)])
 def test_track_updates_are_rate_limited(interval: float, expected: int) -> None:
     em, sink = emitter(track_update_interval_s=interval)
+    cam = Camera(em)
     for i in range(10):
-        em.frame(frame(i + 1, i * 0.04), dets((7, [10 + i, 20, 50 + i, 70], 0.8, False)), None)
+        cam.see(frame(i + 1, i * 0.04), ([10 + i, 20, 50 + i, 70], 0.8))
     assert sink.types().count("track.started") == 1
     assert sink.types().count("track.updated") == expected
 
 
 def test_failed_frames_do_not_end_tracks_but_stream_down_does() -> None:
     em, sink = emitter()
+    cam = Camera(em)
     em.state("cam1", "up", None)
-    em.frame(frame(1), dets((1, [10, 20, 50, 70], 0.8, False)), None)
-    em.frame(frame(2), Detections(observed=frozenset()), Failure.DETECTOR_HUNG)  # blanked: nothing looked for
+    cam.see(frame(1), ([10, 20, 50, 70], 0.8))
+    cam.see(frame(2), failure=Failure.DETECTOR_HUNG)  # blanked: nothing looked for
     assert "track.ended" not in sink.types()
     em.incident("cam1", Failure.DETECTOR_HUNG, 1, False, "blank")
     em.incident("cam1", Failure.DETECTOR_HUNG, 12, True, "blank")
@@ -176,10 +200,11 @@ def test_failed_frames_do_not_end_tracks_but_stream_down_does() -> None:
 
 def test_tracks_still_open_at_close_end_as_stream_ended_or_stopped() -> None:
     em, sink = emitter()
-    em.frame(frame(1, sid="a"), dets((1, [10, 20, 50, 70], 0.8, False)), None)
-    em.frame(frame(1, sid="b"), dets((4, [10, 20, 50, 70], 0.8, False)), None)
+    a, b = Camera(em), Camera(em)
+    a.see(frame(1, sid="a"), ([10, 20, 50, 70], 0.8))
+    b.see(frame(1, sid="b"), ([10, 20, 50, 70], 0.8))
     em.state("a", "ended", None)  # a file at its end: frames already decoded may still come
-    em.frame(frame(2, sid="a"), dets((1, [11, 20, 51, 70], 0.8, False)), None)
+    a.see(frame(2, sid="a"), ([11, 20, 51, 70], 0.8))
     assert sink.types().count("track.ended") == 0
     em.close(1.0)
     ends = {e["data"]["stream_id"]: e["data"]["reason"]
@@ -190,9 +215,10 @@ def test_tracks_still_open_at_close_end_as_stream_ended_or_stopped() -> None:
 
 def test_resolution_change_ends_tracks() -> None:
     em, sink = emitter()
-    em.frame(frame(1), dets((1, [10, 20, 50, 70], 0.8, False)), None)
+    cam = Camera(em)
+    cam.see(frame(1), ([10, 20, 50, 70], 0.8))
     bigger = np.zeros((480, 640, 3), np.uint8)
-    em.frame(frame(2, image=bigger), dets((1, [20, 40, 100, 140], 0.8, False)), None)
+    cam.see(frame(2, image=bigger), ([20, 40, 100, 140], 0.8))
     assert sink.types() == ["track.started", "track.ended", "track.started"]
     assert sink.events[1]["data"]["reason"] == "resolution_change"
     assert sink.events[2]["data"]["frame"]["width"] == 640
@@ -217,14 +243,31 @@ def test_per_frame_events_are_off_by_default_and_describe_every_frame_when_on() 
 
 def test_plate_tracks_name_the_plate_model() -> None:
     em, sink = emitter()
-    em.frame(frame(1), dets((1, [10, 20, 50, 30], 0.8, False), label="plate"), None)
+    Camera(em).see(frame(1), ([10, 20, 50, 30], 0.8), label="plate")
     assert sink.events[0]["data"]["class"] == "plate"
     assert sink.events[0]["data"]["model"]["name"] == "plate"
 
 
 def test_boxes_outside_the_frame_are_clipped() -> None:
     em, sink = emitter()
-    em.frame(frame(1), dets((1, [-8, -3, 330, 250], 0.8, False)), None)
+    Camera(em).see(frame(1), ([-8, -3, 330, 250], 0.8))
     box = sink.events[0]["data"]["box"]
     assert box["pixel"] == [0, 0, 320, 240] and box["normalized"] == [0, 0, 1, 1]
     schema.validate(sink.events[0])
+
+
+def test_a_track_the_tracker_lets_go_during_an_outage_ends_once_with_no_updates() -> None:
+    """Failed frames say nothing new about a track, but the tracker's word that it is over stands."""
+    em, sink = emitter(track_update_interval_s=0.0001)
+    cam = Camera(em, max_coast=1)  # an unobserved track lives 4 * max_coast updates
+    cam.see(frame(1, 0.0), ([10, 20, 50, 70], 0.8))
+    for i in range(2, 8):
+        cam.see(frame(i, i * 0.04), failure=Failure.DEADLINE)
+    assert sink.types() == ["track.started", "track.ended"]
+    ended = sink.events[1]
+    assert ended["data"]["reason"] == "lost" and ended["data"]["frames"] == 1
+    assert ended["time"] == schema.rfc3339(T0 + 6 * 0.04)  # the update that let it go
+    cam.see(frame(8, 0.32), ([10, 20, 50, 70], 0.8))
+    assert sink.types()[2:] == ["track.started"]
+    for e in sink.events:
+        schema.validate(e)

@@ -81,3 +81,47 @@ def test_lookback_zero_emits_immediately() -> None:
 
 def test_negative_lookback_is_treated_as_zero() -> None:
     assert MaskingStage(Tracker(), Redactor(), lookback=-3).lookback == 0
+
+
+def test_a_frame_without_detections_comes_out_black_and_tracks_coast_through_it() -> None:
+    """Fail closed (live): no detections for a frame means none of its pixels leave the stage."""
+    stage = MaskingStage(Tracker(), Redactor(), lookback=0)
+    (m,) = stage.push(0, textured_background(320, 200, seed=0), face())
+    tid = m.dets.track_ids[0]
+    (black,) = stage.push(1, textured_background(320, 200, seed=1), None, elapsed=1)
+    assert black.failed and black.regions == [] and len(black.dets) == 0
+    assert not black.image.any()
+    (m,) = stage.push(2, textured_background(320, 200, seed=2), Detections())
+    assert m.dets.track_ids.tolist() == [tid], "a failed frame is not a miss: the track goes on"
+
+
+@pytest.mark.parametrize("lookback", [0, 2])
+def test_failed_frames_keep_their_place_and_get_no_lookback_paint(lookback: int) -> None:
+    stage = MaskingStage(Tracker(), Redactor(), lookback=lookback)
+    out: list[Masked] = []
+    for i in range(6):
+        out += stage.push(i, textured_background(320, 200, seed=i), None if i == 3 else
+                          (face() if i >= 4 else Detections()))
+    out += stage.flush()
+    assert [m.index for m in out] == list(range(6))
+    assert [m.failed for m in out] == [i == 3 for i in range(6)]
+    assert not out[3].image.any() and out[3].regions == []
+
+
+def test_a_new_resolution_starts_tracking_afresh_after_the_held_frames() -> None:
+    """Boxes of one resolution mean nothing in another: the held frames go out first, so a face found
+    just after the change paints no look-back mask into frames of the old size, and the tracker is new."""
+    stage = MaskingStage(Tracker(), Redactor(), lookback=2)
+    out: list[Masked] = []
+    out += stage.push(0, textured_background(320, 200, seed=0), face())
+    for i in (1, 2):
+        out += stage.push(i, textured_background(320, 200, seed=i), Detections())
+    old = stage.tracker
+    out += stage.push(3, textured_background(640, 400, seed=3), face((300, 100, 360, 170)))
+    assert stage.tracker is not old
+    assert [m.index for m in out] == [0, 1, 2], "frames of the old size are out before the new one"
+    assert [len(m.regions) for m in out] == [1, 1, 1]  # the old face, detected then coasting
+    assert [t.track_id for t in stage.tracker.changes.started] == [1]
+    out += stage.flush()
+    assert [m.index for m in out] == [0, 1, 2, 3] and len(out[3].regions) == 1
+    assert all(r.track_id == 1 and r.coasted is False for r in out[3].regions)

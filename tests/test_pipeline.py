@@ -21,7 +21,9 @@ from stream.core.detections import Detections
 from stream.core.frames import Failure, Frame
 from stream.core.metrics import sample
 from stream.core.observe import Observer
+from stream.core.track import TrackChanges
 from stream.live.pipeline import Pipeline
+from stream.live.service import detector_factory_for
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,7 @@ class Captured:
 
 
 def run(cfg: PipelineConfig, factory=None, timeout: float = 60) -> tuple[Pipeline, dict[str, Captured]]:
-    p = Pipeline(cfg, factory)
+    p = Pipeline(cfg, factory or detector_factory_for(cfg))  # None: the configured detector
     p.start()
     caps = {}
     for sid, r in p.streams.items():
@@ -201,10 +203,14 @@ class Recorder(Observer):
         self.frames: list[tuple[int, int, object]] = []
         self.states: list[tuple[str, str]] = []
         self.incidents: list[tuple[str, int, bool]] = []
+        self.tracks: list[tuple[int, TrackChanges]] = []
 
-    def frame(self, frame: Frame, detections: Detections, failure: Failure | None) -> None:
+    def frame(self, frame: Frame, detections: Detections, failure: Failure | None,
+              tracks: TrackChanges | None = None) -> None:
         ids = detections.track_ids.tolist() if detections.track_ids is not None else []
         self.frames.append((frame.seq, len(ids), failure))
+        if tracks is not None:
+            self.tracks.append((frame.seq, tracks))
 
     def state(self, stream_id: str, state: str, error: str | None) -> None:
         self.states.append((stream_id, state))
@@ -213,15 +219,20 @@ class Recorder(Observer):
         self.incidents.append((reason.value, frames, ended))
 
 
-def test_observers_see_frames_states_and_incidents(clip: Clip) -> None:
+def run_to_end(p: Pipeline) -> Recorder:
+    """Run ``p`` with a :class:`Recorder` watching until its file sources end."""
     rec = Recorder()
-    p = Pipeline(config(clip), Raises)
     p.observers.append(rec)
     p.start()
     try:
         wait_for(lambda: p.ended, timeout=60, what="the source to end")
     finally:
         p.stop()
+    return rec
+
+
+def test_observers_see_frames_states_and_incidents(clip: Clip) -> None:
+    rec = run_to_end(Pipeline(config(clip), Raises))
     assert rec.states[0] == ("cam0", "up") and ("cam0", "ended") in rec.states
     failed = [f for f in rec.frames if f[2] is not None]
     assert failed and len(failed) == len(rec.frames)
@@ -233,7 +244,8 @@ def test_observers_see_frames_states_and_incidents(clip: Clip) -> None:
 
 def test_observers_get_tracked_detections(clip: Clip) -> None:
     rec = Recorder()
-    p = Pipeline(config(clip))
+    cfg = config(clip)
+    p = Pipeline(cfg, detector_factory_for(cfg))
     p.observers.append(rec)
     p.start()
     try:
@@ -243,3 +255,45 @@ def test_observers_get_tracked_detections(clip: Clip) -> None:
     assert rec.frames and all(f[2] is None for f in rec.frames)
     assert sum(f[1] > 0 for f in rec.frames) >= len(rec.frames) - 2  # face tracked in (nearly) every frame
     assert rec.incidents == []
+
+
+class FaceForAWhile:
+    """Finds one face (its score rising, then falling) in the first ``frames`` frames, then nothing."""
+
+    def __init__(self, frames: int) -> None:
+        self.frames, self.seen = frames, 0
+        self.lock = threading.Lock()
+
+    def __call__(self, images: list[np.ndarray], seqs: object = None) -> list[Detections]:
+        out = []
+        for _ in images:
+            with self.lock:
+                self.seen += 1
+                n = self.seen
+            if n > self.frames:
+                out.append(Detections())
+                continue
+            score = 0.5 + 0.4 * (1 - abs(n - self.frames / 2) / (self.frames / 2))
+            out.append(Detections(boxes=np.array([[100, 60, 160, 130]], np.float32),
+                                  scores=np.array([score], np.float32), labels=("face",)))
+        return out
+
+
+def test_live_frames_report_track_life_from_the_masking_stage(clip: Clip) -> None:
+    """The stream's tracker (in the same masking stage files use) says when a track starts and ends,
+    with its best detection; observers and the control-room list get it from there."""
+    cfg = config(clip, fail_closed={"max_latency_ms": 20_000})  # a loaded machine blanks no frame here
+    det = FaceForAWhile(10)
+    p = Pipeline(cfg, lambda: det)
+    rec = run_to_end(p)
+    started = [(seq, t) for seq, ch in rec.tracks for t in ch.started]
+    ended = [(seq, t) for seq, ch in rec.tracks for t in ch.ended]
+    assert len(started) == 1 and len(ended) == 1, (started, ended)
+    (first_seq, first), (end_seq, last) = started[0], ended[0]
+    assert first.track_id == last.track_id and first.first_seen is not None
+    assert first.first_seen.seq == first_seq and first.first_seen.size == (320, 240)
+    assert last.first_seen == first.first_seen and last.hits == 10
+    assert last.last_seen is not None and last.best_seen is not None
+    assert first_seq <= last.best_seen.seq <= last.last_seen.seq < end_seq
+    assert last.best_score == pytest.approx(0.9)
+    assert [r["track_id"] for r in p.streams["cam0"].status()["recent"]] == [first.track_id]

@@ -22,6 +22,7 @@ from live_helpers import Hangs, NoFaces, counter, wait_for
 from stream.config import PipelineConfig, parse_config
 from stream.detect.yunet import YuNet
 from stream.live.pipeline import Pipeline
+from stream.live.service import detector_factory_for
 from stream.sim.server import RtspServer, gst_rtsp_available, transcode_clip
 
 pytestmark = pytest.mark.skipif(not gst_rtsp_available(), reason="GStreamer RTSP server not installed "
@@ -92,7 +93,8 @@ def test_face_is_obscured_in_the_republished_stream(face_clip: Path, yunet: YuNe
         assert all(len(d) for d in found), "the camera clip must show a detectable face"
         face = tuple(int(v) for v in found[0].boxes[int(np.argmax(found[0].scores))])
 
-        p = Pipeline(pipeline_cfg(stream_cfg("cam", server.url("/cam"), server.url("/redacted"))))
+        cfg = pipeline_cfg(stream_cfg("cam", server.url("/cam"), server.url("/redacted")))
+        p = Pipeline(cfg, detector_factory_for(cfg))
         p.start()
         try:
             got = read_frames(server.url("/redacted"), 40, timeout=60)

@@ -8,7 +8,7 @@ from helpers import contains, iou
 
 from stream.core.detections import Detections
 from stream.core.redact import RedactConfig, Redactor
-from stream.core.track import Tracker, TrackerConfig
+from stream.core.track import Seen, Tracker, TrackerConfig
 
 
 def dets(*boxes: tuple[float, float, float, float], label: str = "face",
@@ -37,7 +37,7 @@ def test_coasts_for_max_coast_frames_then_disappears(max_coast: int) -> None:
         assert len(out) == 1, f"lost after {missed} missed frame(s), max_coast={max_coast}"
         assert bool(out.coasted[0]) and int(out.track_ids[0]) in ids
     assert len(t.update(Detections())) == 0, "still shown after max_coast + 1 missed frames"
-    assert [tr.track_id for tr in t.ended] == list(ids)
+    assert [tr.track_id for tr in t.changes.ended] == list(ids)
 
 
 @pytest.mark.parametrize("speed", [0, 5, 10, -8])
@@ -185,7 +185,7 @@ def test_unobserved_plate_survives_past_max_coast_up_to_four_times(max_coast: in
         assert widths[-1] > widths[-2], f"frame {since}: coasted box did not grow: {widths}"
     assert t.tracks[0].missed == 0, "an unobserved frame was counted as a miss"
     assert len(t.update(observed(seen=FACES_ONLY))) == 0, "still shown after 4 * max_coast unobserved frames"
-    assert [tr.track_id for tr in t.ended] == [tid]
+    assert [tr.track_id for tr in t.changes.ended] == [tid]
 
 
 @pytest.mark.parametrize("max_coast", [1, 3, 12])
@@ -196,7 +196,7 @@ def test_observed_absent_plate_expires_after_max_coast(max_coast: int, seen: fro
         out = t.update(observed(seen=seen))
         assert len(out) == 1 and bool(out.coasted[0]) and int(out.track_ids[0]) == tid, f"miss {missed}"
     assert len(t.update(observed(seen=seen))) == 0, "still shown after max_coast + 1 observed misses"
-    assert [tr.track_id for tr in t.ended] == [tid]
+    assert [tr.track_id for tr in t.changes.ended] == [tid]
 
 
 def test_only_observed_frames_count_as_misses() -> None:
@@ -230,7 +230,7 @@ def test_observed_is_per_label() -> None:
         assert sorted(out.labels) == ["face", "plate"] and all(out.coasted)
     out = t.update(observed(seen=FACES_ONLY))
     assert out.labels == ("plate",) and out.track_ids.tolist() == [ids["plate"]]
-    assert [tr.track_id for tr in t.ended] == [ids["face"]]
+    assert [tr.track_id for tr in t.changes.ended] == [ids["face"]]
 
 
 @pytest.mark.parametrize("speed", [4, 8, -6])
@@ -262,3 +262,70 @@ def test_size_noise_between_detections_never_shrinks_a_coasted_box() -> None:
     moving_away.update(dets((95, 95, 145, 145)))
     box = moving_away.update(Detections()).boxes[0]
     assert contains(box, (90, 90, 150, 150))
+
+
+# --- track life as the tracker reports it (TrackChanges) -----------------------------------------
+
+def at(seq: int) -> Seen:
+    return Seen(seq, 1000.0 + seq / 25, seq / 25, (640, 360))
+
+
+def scored(box: tuple[float, float, float, float], score: float) -> Detections:
+    return Detections(boxes=np.array([box], np.float32), scores=np.array([score], np.float32),
+                      labels=("face",))
+
+
+def test_changes_report_start_going_on_and_end_with_the_best_detection() -> None:
+    t = Tracker(TrackerConfig(max_coast=1))
+    t.update(scored((10, 10, 50, 50), 0.6), seen=at(1))
+    (started,) = t.changes.started
+    assert t.changes.updated == () and t.changes.ended == ()
+    assert (started.label, started.hits, started.coasted) == ("face", 1, False)
+    assert started.score == pytest.approx(0.6)
+    assert started.first_seen == started.last_seen == started.best_seen == at(1)
+    tid = started.track_id
+    t.update(scored((12, 10, 52, 50), 0.9), seen=at(2))
+    t.update(scored((14, 10, 54, 50), 0.7), seen=at(3))
+    (going,) = t.changes.updated
+    assert t.changes.started == () and going.track_id == tid and going.hits == 3
+    assert going.best_score == pytest.approx(0.9) and going.best_seen == at(2)
+    np.testing.assert_array_equal(going.best_box, [12, 10, 52, 50])
+    t.update(Detections(), seen=at(4))  # missed: coasting, the mask grown, the last detection kept
+    (coasting,) = t.changes.updated
+    assert coasting.coasted and coasting.last_seen == at(3)
+    np.testing.assert_array_equal(coasting.box, [14, 10, 54, 50])
+    assert coasting.shown[2] - coasting.shown[0] > coasting.box[2] - coasting.box[0]  # where the mask is now
+    t.update(Detections(), seen=at(5))
+    assert t.changes.updated == () and t.changes.started == ()
+    (ended,) = t.changes.ended
+    assert ended.track_id == tid and ended.hits == 3
+    assert ended.first_seen == at(1) and ended.last_seen == at(3)
+    assert ended.best_score == pytest.approx(0.9) and ended.best_seen == at(2)
+    np.testing.assert_array_equal(ended.best_box, [12, 10, 52, 50])
+
+
+def test_reports_are_copies_later_updates_do_not_change() -> None:
+    t = Tracker()
+    t.update(scored((10, 10, 50, 50), 0.6), seen=at(1))
+    (first,) = t.changes.started
+    t.update(scored((20, 10, 60, 50), 0.9), seen=at(2))
+    np.testing.assert_array_equal(first.box, [10, 10, 50, 50])
+    assert first.score == pytest.approx(0.6) and first.hits == 1 and first.last_seen == at(1)
+
+
+def test_changes_follow_the_order_of_the_masked_boxes() -> None:
+    """Tracks that go on come first, then new ones: the order of ``update``'s boxes."""
+    t = Tracker()
+    t.update(dets((10, 10, 50, 50)))
+    out = t.update(dets((300, 10, 340, 50), (11, 10, 51, 50)))
+    ids = [i.track_id for i in (*t.changes.updated, *t.changes.started)]
+    assert ids == out.track_ids.tolist() and len(t.changes.started) == 1
+
+
+def test_a_nan_score_is_never_the_best() -> None:
+    """A broken detector's NaN must not stick as a track's best score: the next real score wins."""
+    t = Tracker()
+    t.update(scored((10, 10, 50, 50), float("nan")), seen=at(1))
+    t.update(scored((10, 10, 50, 50), 0.4), seen=at(2))
+    (going,) = t.changes.updated
+    assert going.best_score == pytest.approx(0.4) and going.best_seen == at(2)

@@ -23,6 +23,7 @@ from stream.live.auth import Tokens
 from stream.live.http import start_http
 from stream.live.pipeline import Pipeline
 from stream.live.rtc import RtcGateway
+from stream.live.service import detector_factory_for
 
 TOKEN = "whip-whep-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -50,7 +51,7 @@ class Stack:
         cfg = parse_config({"streams": [{"id": "bodycam", "source": {"type": "whip"}}],
                             "detection": {"preset": "fast", "plates": False, "heads": False,
                                           "providers": ["cpu"]}})
-        self.pipeline = Pipeline(cfg, detector_factory)
+        self.pipeline = Pipeline(cfg, detector_factory or detector_factory_for(cfg))
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.pipeline.start)
         self.gateway = RtcGateway(self.pipeline)

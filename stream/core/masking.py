@@ -4,7 +4,7 @@ Detections of frame t decide the masks of frame t; a tracker keeps masks alive t
 detections; with ``lookback`` > 0 the stage holds that many frames back so a face first found
 in frame t is also masked in the frames just before it (a detector usually fires a frame or
 two after a face enters). Look-back costs ``lookback`` frames of latency, so live streams
-default to 0 and files to a few frames.
+use 0 and files a few frames. Files and live streams both mask through this stage.
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ import numpy as np
 from stream.core.detections import Detections
 from stream.core.nms import scale_boxes
 from stream.core.redact import Redactor, Region
-from stream.core.track import Tracker
+from stream.core.track import Seen, Tracker
+
+NOT_OBSERVED = Detections(observed=frozenset())
+"""what the tracker is told about a frame that got no detections: nothing was looked for"""
 
 
 @dataclass
@@ -30,6 +33,10 @@ class Masked:
     image: np.ndarray
     regions: list[Region]
     meta: Any = None
+    dets: Detections = field(default_factory=Detections)
+    """the boxes that were masked: tracked ones plus look-back copies (empty for a failed frame)"""
+    failed: bool = False
+    """the frame got no detections: ``image`` is black, none of the frame's pixels are in it"""
 
 
 @dataclass
@@ -38,6 +45,7 @@ class _Pending:
     image: np.ndarray
     dets: Detections
     meta: Any
+    failed: bool
     extra: list[Detections] = field(default_factory=list)
 
 
@@ -49,23 +57,32 @@ class MaskingStage:
         self.redactor = redactor
         self.lookback = max(0, lookback)
         self._pending: deque[_Pending] = deque()
-        self._last_id = 0  # track ids only grow: a larger id is a track born in this frame
+        self._size: tuple[int, ...] | None = None
 
-    def push(self, index: int, image: np.ndarray, dets: Detections, meta: Any = None) -> Iterator[Masked]:
-        tracked = self.tracker.update(dets)
-        if self.lookback and tracked.track_ids is not None:
-            new = tracked.track_ids > self._last_id
-            if new.any():
-                born = tracked.select(new)
-                growth = self.tracker.config.coast_growth
-                for back, p in enumerate(reversed(self._pending), start=1):
-                    p.extra.append(Detections(
-                        boxes=scale_boxes(born.boxes, 1 + growth * back), scores=born.scores,
-                        labels=born.labels, track_ids=born.track_ids, coasted=np.ones(len(born), bool),
-                    ))
-        if tracked.track_ids is not None and len(tracked.track_ids):
-            self._last_id = max(self._last_id, int(tracked.track_ids.max()))
-        self._pending.append(_Pending(index, image, tracked, meta))
+    def push(self, index: int, image: np.ndarray, dets: Detections | None, meta: Any = None, *,
+             elapsed: int = 1, seen: Seen | None = None) -> Iterator[Masked]:
+        """Mask ``image`` with ``dets`` and what the tracker carries; yield the frames now due.
+
+        ``dets`` None fails closed: the frame got no detections, so it comes out black (tracks
+        coast on: nothing was looked for). A frame of another size starts tracking afresh, since
+        boxes of another resolution mean nothing there. ``elapsed`` and ``seen`` go to the
+        tracker (source frames since the last push; the frame's identity for track reports).
+        """
+        if self._size is not None and image.shape[:2] != self._size:
+            yield from self.flush()
+            self.tracker = Tracker(self.tracker.config)
+        self._size = image.shape[:2]
+        tracked = self.tracker.update(NOT_OBSERVED if dets is None else dets, elapsed, seen)
+        started = self.tracker.changes.started
+        if self.lookback and started and tracked.track_ids is not None:
+            born = tracked.select(np.isin(tracked.track_ids, [t.track_id for t in started]))
+            growth = self.tracker.config.coast_growth
+            for back, p in enumerate(reversed(self._pending), start=1):
+                p.extra.append(Detections(
+                    boxes=scale_boxes(born.boxes, 1 + growth * back), scores=born.scores,
+                    labels=born.labels, track_ids=born.track_ids, coasted=np.ones(len(born), bool),
+                ))
+        self._pending.append(_Pending(index, image, tracked, meta, failed=dets is None))
         while len(self._pending) > self.lookback:
             yield self._emit(self._pending.popleft())
 
@@ -74,6 +91,8 @@ class MaskingStage:
             yield self._emit(self._pending.popleft())
 
     def _emit(self, p: _Pending) -> Masked:
+        if p.failed:
+            return Masked(p.index, np.zeros_like(p.image), [], p.meta, NOT_OBSERVED, failed=True)
         dets = Detections.concat([p.dets, *p.extra]) if p.extra else p.dets
         regions = self.redactor.apply(p.image, dets)
-        return Masked(p.index, p.image, regions, p.meta)
+        return Masked(p.index, p.image, regions, p.meta, dets)

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 from stream.core.detections import Detections
 from stream.core.frames import Failure, Frame
+from stream.core.track import TrackChanges
 
 
 class Observer:
     """No-op base: override what you need."""
 
-    def frame(self, frame: Frame, detections: Detections, failure: Failure | None) -> None:
+    def frame(self, frame: Frame, detections: Detections, failure: Failure | None,
+              tracks: TrackChanges | None = None) -> None:
         """Every frame that left detection: ``detections`` are the tracked boxes that were masked
-        (with track ids), or empty with ``failure`` set when the frame was blanked or withheld."""
+        (with track ids), or empty with ``failure`` set when the frame was blanked or withheld.
+        ``tracks`` is what the frame did to the stream's tracks (started, went on, ended; tracks
+        coasting through a failed frame can end too)."""
 
     def state(self, stream_id: str, state: str, error: str | None) -> None:
         """A stream went ``up``, ``down`` (``error`` says why, credentials masked), ``ended`` or

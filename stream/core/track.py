@@ -5,6 +5,9 @@ A detector that finds a face in frame 10 and misses it in frame 11 must not expo
 *coasts*: its box is predicted forward and grown a little each frame (motion is uncertain) for up
 to ``max_coast`` frames. New tracks mask from their first detection (no confirmation delay: a
 false positive costs a blurred patch, a missed face costs someone's privacy).
+
+The tracker owns track life: every update also says which tracks started, went on and ended
+(:class:`TrackChanges`), each with its best detection, so events need no tracking of their own.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stream.core.detections import Detections
+from stream.core.frames import Frame
 from stream.core.nms import iou_matrix
 
 
@@ -29,6 +33,56 @@ def predict(box: np.ndarray, velocity: np.ndarray, frames: int) -> np.ndarray:
     centre = (box[:2] + box[2:]) / 2 + (v[:2] + v[2:]) / 2 * frames
     half = (box[2:] - box[:2]) / 2 + np.maximum(v[2:] - v[:2], 0) / 2 * frames
     return np.concatenate([centre - half, centre + half]).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """The frame an update was for, without its pixels: tracks outlive many frames, and holding
+    their images would hold that memory."""
+
+    seq: int
+    wall_time: float
+    pts: float | None
+    size: tuple[int, int]
+    """width, height"""
+
+    @classmethod
+    def of(cls, frame: Frame) -> Seen:
+        return cls(frame.seq, frame.wall_time, frame.pts, frame.size)
+
+
+@dataclass(frozen=True)
+class TrackInfo:
+    """One track as an update left it (a copy: later updates do not change it)."""
+
+    track_id: int
+    label: str
+    box: np.ndarray
+    """the last detected box"""
+    score: float
+    """the last detection's score"""
+    shown: np.ndarray
+    """the box masked in this update: as detected, or grown while coasting"""
+    coasted: bool
+    """not detected in this update"""
+    best_box: np.ndarray
+    best_score: float
+    hits: int
+    """updates it was detected in"""
+    first_seen: Seen | None
+    last_seen: Seen | None
+    """of the last detection"""
+    best_seen: Seen | None
+
+
+@dataclass(frozen=True)
+class TrackChanges:
+    """What one update did to the tracks: in the order they are masked, plus those it let go."""
+
+    started: tuple[TrackInfo, ...] = ()
+    updated: tuple[TrackInfo, ...] = ()
+    """tracks that go on, detected again or coasting"""
+    ended: tuple[TrackInfo, ...] = ()
 
 
 @dataclass
@@ -61,6 +115,9 @@ class Track:
     frames: int = 1
     best_score: float = 0.0
     best_box: np.ndarray | None = None
+    first_seen: Seen | None = None
+    last_seen: Seen | None = None
+    best_seen: Seen | None = None
 
     def shown(self, growth: float, max_frames: int = 48) -> np.ndarray:
         """The box to mask: as detected, or grown about its centre while coasting.
@@ -74,6 +131,13 @@ class Track:
         half = (self.box[2:] - self.box[:2]) / 2 * (1 + growth * min(self.coast_frames, max_frames))
         return np.concatenate([c - half, c + half]).astype(np.float32)
 
+    def info(self, growth: float) -> TrackInfo:
+        """This track as it stands (its arrays are replaced on update, never written in place)."""
+        box = self.last_detected if self.last_detected is not None else self.box
+        return TrackInfo(self.track_id, self.label, box, self.score, self.shown(growth), self.since > 0,
+                         self.best_box if self.best_box is not None else box, self.best_score, self.hits,
+                         self.first_seen, self.last_seen, self.best_seen)
+
 
 class Tracker:
     """Greedy IoU/centre-distance tracker with coasting, one instance per stream."""
@@ -81,17 +145,19 @@ class Tracker:
     def __init__(self, config: TrackerConfig | None = None) -> None:
         self.config = config or TrackerConfig()
         self.tracks: list[Track] = []
-        self.ended: list[Track] = []
+        self.changes = TrackChanges()
+        """what the last update started, went on with and ended"""
         self._next_id = 1
 
-    def update(self, dets: Detections, elapsed: int = 1) -> Detections:
+    def update(self, dets: Detections, elapsed: int = 1, seen: Seen | None = None) -> Detections:
         """Match ``dets`` to the live tracks; return detected plus coasted boxes for this frame.
 
         ``elapsed`` is the number of source frames since the previous update (more than 1 when
         frames were dropped): tracks are predicted, and coasting boxes grown, that many frames on.
+        ``seen`` names the frame, kept as a track's first, last and best sighting. What changed
+        is left in :attr:`changes`.
         """
         cfg = self.config
-        self.ended = []
         elapsed = max(1, int(elapsed))
         for t in self.tracks:  # predict every track to this frame
             t.box = predict(t.box, t.velocity, elapsed)
@@ -121,27 +187,32 @@ class Tracker:
                     continue
                 matched_t.add(ti)
                 matched_d.add(di)
-                self._refresh(self.tracks[ti], dets.boxes[di], float(dets.scores[di]))
+                self._refresh(self.tracks[ti], dets.boxes[di], float(dets.scores[di]), seen)
         alive: list[Track] = []
+        ended: list[Track] = []
         for i, t in enumerate(self.tracks):
             if i not in matched_t:
                 t.since += 1
                 if dets.observed is None or t.label in dets.observed:
                     t.missed += 1  # looked for and not found; unobserved frames do not count
             expired = t.missed > cfg.max_coast or t.since > 4 * cfg.max_coast
-            (self.ended if expired else alive).append(t)
+            (ended if expired else alive).append(t)
+        going_on = len(alive)
         for i, label in enumerate(dets.labels):
             if i not in matched_d:
                 box = dets.boxes[i].astype(np.float32)
                 s = float(dets.scores[i])
-                alive.append(
-                    Track(self._next_id, label, box, s, last_detected=box, best_score=s, best_box=box)
-                )
+                alive.append(Track(self._next_id, label, box, s, last_detected=box, best_score=s,
+                                   best_box=box, first_seen=seen, last_seen=seen, best_seen=seen))
                 self._next_id += 1
         self.tracks = alive
+        g = cfg.coast_growth
+        self.changes = TrackChanges(started=tuple(t.info(g) for t in alive[going_on:]),
+                                    updated=tuple(t.info(g) for t in alive[:going_on]),
+                                    ended=tuple(t.info(g) for t in ended))
         return self.current()
 
-    def _refresh(self, t: Track, box: np.ndarray, score: float) -> None:
+    def _refresh(self, t: Track, box: np.ndarray, score: float, seen: Seen | None) -> None:
         a = self.config.velocity_smoothing
         if t.last_detected is not None:
             step = (box - t.last_detected) / max(1, t.coast_frames)  # per source frame
@@ -149,8 +220,9 @@ class Tracker:
             t.velocity = (step if t.hits == 1 else a * step + (1 - a) * t.velocity).astype(np.float32)
         t.box = t.last_detected = box.astype(np.float32)
         t.score = score
-        if score > t.best_score:
-            t.best_score, t.best_box = score, t.box
+        t.last_seen = seen
+        if score > t.best_score or t.best_score != t.best_score:  # a NaN best (broken detector) is no best
+            t.best_score, t.best_box, t.best_seen = score, t.box, seen
         t.missed = 0
         t.since = 0
         t.coast_frames = 0

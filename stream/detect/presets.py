@@ -1,7 +1,8 @@
 """Named detector settings (``accurate``, ``fast``) and the one place options become a DetectorConfig.
 
-Both the file command and the live pipeline build their detector here, so a preset means the
-same models, sizes and schedules wherever it is named.
+The file command, the live pipeline and the benchmarks all reach it through one conversion
+(``stream.config.DetectionConfig.detector_settings``), so a preset means the same models, sizes and
+schedules wherever it is named.
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ PRESETS: dict[str, dict[str, object]] = {
 FACE_THRESHOLDS = {"centerface": 0.35, "yunet": 0.5}
 
 
+def face_models(preset: str, face_model: str | None = None) -> list[str]:
+    """The face detectors that run: the one named (``both``: CenterFace and YuNet merged), else the
+    preset's. Detectors and event model info read it here, so events name the models that ran."""
+    face = face_model or str(PRESETS[preset]["face_model"])
+    return ["centerface", "yunet"] if face == "both" else [face]
+
+
 def detector_config(preset: str = "accurate", *, face_model: str | None = None,
                     face_threshold: float | None = None, plate_threshold: float | None = None,
                     input_size: int | None = None, plate_every: int | None = None,
@@ -38,13 +46,11 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
     """
     p = PRESETS[preset]
     vp = VEHICLE_PLATES_PX if vehicle_plates is None else vehicle_plates
-    face_model = face_model or str(p["face_model"])
     size = input_size or int(p["input_size"])  # type: ignore[call-overload]
     plate_size = input_size or int(p["plate_size"])  # type: ignore[call-overload]
     cfg = DetectorConfig(providers=tuple(providers), threads=threads, model_dir=model_dir, **runtime)
-    names = ["centerface", "yunet"] if face_model == "both" else [face_model]
     cfg.faces = {n: ModelConfig(threshold=face_threshold or FACE_THRESHOLDS[n], input_size=size,
-                                min_input=min(640, size)) for n in names}
+                                min_input=min(640, size)) for n in face_models(preset, face_model)}
     if not plates:
         cfg.plate = None
     elif cfg.plate is not None:

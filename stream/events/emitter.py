@@ -4,7 +4,10 @@ fail-closed incidents, and (optionally) every frame's boxes.
 The pipeline calls an observer on its redaction threads, so nothing here may block: events are
 built from plain numbers and handed to the sink's bounded in-memory queue, which never waits.
 A track is reported once when it starts, at most every ``track_update_interval_s`` while it
-lasts, and once when the tracker lets go of it, with its duration and its best detection.
+lasts, and once when the tracker lets go of it, with its duration and its best detection. The
+tracker says which tracks started, went on and ended (:class:`TrackChanges`); what is kept here
+per open track is only what events add: its uid, its update pace, and the tracker's last word on
+it (to end it when the stream stops or changes resolution, which the tracker is not told of).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -22,6 +25,7 @@ from stream.config.events import EventsConfig
 from stream.core.detections import Detections
 from stream.core.frames import Failure, Frame
 from stream.core.observe import Observer
+from stream.core.track import Seen, TrackChanges, TrackInfo
 from stream.events import schema
 
 log = logging.getLogger(__name__)
@@ -40,11 +44,10 @@ class Sink(Protocol):
 def model_info(detection: Any) -> dict[str, Model]:
     """Name and weights version (sha256 prefix) of the model behind each class, from the config."""
     from stream.detect.models import manifest
-    from stream.detect.presets import PRESETS
+    from stream.detect.presets import face_models
 
     specs = manifest()
-    face = detection.face_model or str(PRESETS[detection.preset]["face_model"])
-    faces = ["centerface", "yunet"] if face == "both" else [face]
+    faces = face_models(detection.preset, detection.face_model)
     return {
         "face": {"name": "+".join(faces), "version": "+".join(specs[n].sha256[:12] for n in faces)},
         "plate": {"name": "plate", "version": specs["plate"].sha256[:12]},
@@ -63,7 +66,7 @@ def _box(b: np.ndarray, width: int, height: int) -> dict[str, list]:
                            round(y2 / height, 5)]}
 
 
-def _frame(f: Frame) -> dict[str, Any]:
+def _frame(f: Frame | Seen) -> dict[str, Any]:
     w, h = f.size
     return {"seq": f.seq, "pts": None if f.pts is None else round(float(f.pts), 6),
             "captured_at": schema.rfc3339(f.wall_time), "width": w, "height": h}
@@ -74,27 +77,27 @@ def _score(s: float) -> float:
 
 
 @dataclass
-class _Track:
-    track_id: int
-    label: str
+class _Open:
+    """An open track as events know it: the tracker owns its life; events add a uid and a pace."""
+
     uid: str
-    first_wall: float
-    last_frame: dict[str, Any]
-    last_box: dict[str, list]
-    last_score: float
-    last_wall: float
-    best_score: float
-    best_box: dict[str, list]
-    best_frame: dict[str, Any]
-    frames: int = 1
-    coasted: bool = False
-    next_update: float = 0.0
+    next_update: float
+    info: TrackInfo
+    """the tracker's latest report of it"""
+
+
+def _stamped(info: TrackInfo, here: Seen) -> TrackInfo:
+    """Sightings the tracker was not told of are taken to be the frame at hand."""
+    if info.first_seen and info.last_seen and info.best_seen:
+        return info
+    return replace(info, first_seen=info.first_seen or here, last_seen=info.last_seen or here,
+                   best_seen=info.best_seen or here)
 
 
 @dataclass
 class _Stream:
     lock: threading.Lock = field(default_factory=threading.Lock)
-    tracks: dict[int, _Track] = field(default_factory=dict)
+    tracks: dict[int, _Open] = field(default_factory=dict)
     size: tuple[int, int] | None = None
     state: str | None = None
     ended: bool = False
@@ -125,19 +128,17 @@ class EventEmitter(Observer):
         self.sink.submit(schema.envelope(event_type, self.source, when, data, subject))
 
     # -- Observer ----------------------------------------------------------------------------------
-    def frame(self, frame: Frame, detections: Detections, failure: Failure | None) -> None:
+    def frame(self, frame: Frame, detections: Detections, failure: Failure | None,
+              tracks: TrackChanges | None = None) -> None:
         s = self._stream(frame.stream_id)
         with s.lock:
             if self.per_frame:
                 self._frame_event(frame, detections, failure)
-            if failure is not None:
-                return  # nothing was looked for: tracks coast in the tracker, they have not ended
-            if s.size is not None and frame.size != s.size:
+            if s.size is not None and frame.size != s.size:  # the tracker starts afresh: so do its tracks
                 self._end_all(frame.stream_id, s, "resolution_change")
             s.size = frame.size
-            if detections.track_ids is None or (not len(detections) and not s.tracks):
-                return
-            self._tracks(frame, detections, s)
+            if tracks is not None:
+                self._tracks(frame, tracks, s, updates=failure is None)
 
     def state(self, stream_id: str, state: str, error: str | None) -> None:
         s = self._stream(stream_id)
@@ -178,64 +179,58 @@ class EventEmitter(Observer):
                 self._emit(schema.INCIDENT_ENDED, now, data, stream_id)
 
     # -- tracks ------------------------------------------------------------------------------------
-    def _tracks(self, frame: Frame, dets: Detections, s: _Stream) -> None:
-        assert dets.track_ids is not None
-        w, h = frame.size
-        now = frame.captured_at  # stream time: updates follow the frames, not the machine's load
-        fdata: dict[str, Any] | None = None
-        seen: set[int] = set()
-        for i in range(len(dets)):
-            tid = int(dets.track_ids[i])
-            if tid < 1:
-                continue
-            seen.add(tid)
-            coasted = bool(dets.coasted[i]) if dets.coasted is not None else False
-            t = s.tracks.get(tid)
-            if t is None and coasted:
-                continue  # a track we never saw detected (e.g. begun before a resolution change)
-            if fdata is None:
-                fdata = _frame(frame)
-            if t is None:
-                box, score = _box(dets.boxes[i], w, h), _score(dets.scores[i])
-                t = _Track(tid, dets.labels[i], os.urandom(8).hex(), frame.wall_time, fdata, box, score,
-                           frame.wall_time, score, box, fdata, next_update=now + self.update_interval)
-                s.tracks[tid] = t
-                self._emit(schema.TRACK_STARTED, frame.wall_time, self._track_data(frame.stream_id, t),
-                           frame.stream_id)
-                continue
-            t.coasted = coasted
-            if not coasted:
-                t.frames += 1
-                t.last_frame, t.last_wall = fdata, frame.wall_time
-                t.last_box, t.last_score = _box(dets.boxes[i], w, h), _score(dets.scores[i])
-                if t.last_score > t.best_score:
-                    t.best_score, t.best_box, t.best_frame = t.last_score, t.last_box, fdata
-            if self.update_interval > 0 and now >= t.next_update:
-                t.next_update = now + self.update_interval
-                data = self._track_data(frame.stream_id, t)
-                if coasted:  # where the mask is now, not where the face was last seen
-                    data.update(frame=fdata, box=_box(dets.boxes[i], w, h))
-                data["frames"] = t.frames
-                self._emit(schema.TRACK_UPDATED, frame.wall_time, data, frame.stream_id)
-        for tid in [tid for tid in s.tracks if tid not in seen]:
-            self._end(frame.stream_id, s.tracks.pop(tid), "lost", frame.wall_time)
+    def _tracks(self, frame: Frame, changes: TrackChanges, s: _Stream, updates: bool) -> None:
+        """Events for what the tracker reported; ``updates`` False on a failed frame (tracks coast
+        through it and may end, but there is nothing new to say of them)."""
+        sid, here, now = frame.stream_id, Seen.of(frame), frame.captured_at  # updates follow stream time
+        for info in changes.updated:
+            o = s.tracks.get(info.track_id)
+            if o is None:
+                continue  # begun before this emitter saw the stream at this resolution
+            o.info = info = _stamped(info, here)
+            if updates and self.update_interval > 0 and now >= o.next_update:
+                o.next_update = now + self.update_interval
+                data = self._track_data(sid, o)
+                if info.coasted:  # where the mask is now, not where the face was last seen
+                    data.update(frame=_frame(frame), box=_box(info.shown, *frame.size))
+                data["frames"] = info.hits
+                self._emit(schema.TRACK_UPDATED, frame.wall_time, data, sid)
+        for info in changes.started:
+            old = s.tracks.pop(info.track_id, None)
+            if old is not None:  # the id came back with a new tracker: the old track is over
+                self._end(sid, old, "lost", frame.wall_time)
+            o = s.tracks[info.track_id] = _Open(os.urandom(8).hex(), now + self.update_interval,
+                                                _stamped(info, here))
+            self._emit(schema.TRACK_STARTED, frame.wall_time, self._track_data(sid, o), sid)
+        for info in changes.ended:
+            o = s.tracks.pop(info.track_id, None)
+            if o is not None:
+                o.info = _stamped(info, here)
+                self._end(sid, o, "lost", frame.wall_time)
 
-    def _track_data(self, stream_id: str, t: _Track) -> dict[str, Any]:
-        return {"stream_id": stream_id, "track_id": t.track_id, "track_uid": t.uid, "class": t.label,
-                "frame": t.last_frame, "box": t.last_box, "score": t.last_score, "coasted": t.coasted,
-                "model": self.models.get(t.label, {"name": "unknown", "version": "unknown"})}
+    def _track_data(self, stream_id: str, o: _Open) -> dict[str, Any]:
+        i = o.info
+        assert i.last_seen is not None  # stamped when stored
+        return {"stream_id": stream_id, "track_id": i.track_id, "track_uid": o.uid, "class": i.label,
+                "frame": _frame(i.last_seen), "box": _box(i.box, *i.last_seen.size),
+                "score": _score(i.score), "coasted": i.coasted,
+                "model": self.models.get(i.label, {"name": "unknown", "version": "unknown"})}
 
-    def _end(self, stream_id: str, t: _Track, reason: str, when: float) -> None:
-        data = self._track_data(stream_id, t)
-        data.update(coasted=False, reason=reason, first_seen=schema.rfc3339(t.first_wall),
-                    duration_s=round(max(0.0, t.last_wall - t.first_wall), 3), frames=t.frames,
-                    best={"score": t.best_score, "box": t.best_box, "frame": t.best_frame})
+    def _end(self, stream_id: str, o: _Open, reason: str, when: float) -> None:
+        i = o.info
+        assert i.first_seen is not None and i.last_seen is not None and i.best_seen is not None
+        data = self._track_data(stream_id, o)
+        data.update(coasted=False, reason=reason, first_seen=schema.rfc3339(i.first_seen.wall_time),
+                    duration_s=round(max(0.0, i.last_seen.wall_time - i.first_seen.wall_time), 3),
+                    frames=i.hits,
+                    best={"score": _score(i.best_score), "box": _box(i.best_box, *i.best_seen.size),
+                          "frame": _frame(i.best_seen)})
         self._emit(schema.TRACK_ENDED, when, data, stream_id)
 
     def _end_all(self, stream_id: str, s: _Stream, reason: str) -> None:
         now = time.time()
-        for t in s.tracks.values():
-            self._end(stream_id, t, reason, now)
+        for o in s.tracks.values():
+            self._end(stream_id, o, reason, now)
         s.tracks.clear()
 
     def _frame_event(self, frame: Frame, dets: Detections, failure: Failure | None) -> None:

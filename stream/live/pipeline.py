@@ -19,19 +19,25 @@ from typing import Any
 
 import numpy as np
 
-from stream.config import FailClosedConfig, PipelineConfig, StreamConfig
-from stream.config import FileOutput as FileOutputConfig
-from stream.config import FileSource as FileSourceConfig
-from stream.config import RtspOutput as RtspOutputConfig
-from stream.config import WhipSource as WhipSourceConfig
+from stream.config import (
+    FailClosedConfig,
+    FileOutputConfig,
+    FileSourceConfig,
+    PipelineConfig,
+    RtspOutputConfig,
+    StreamConfig,
+    WhipSourceConfig,
+)
 from stream.core.detections import Detections
 from stream.core.frames import Drop, Failure, Frame, Job, JobQueue
+from stream.core.masking import NOT_OBSERVED, MaskingStage
 from stream.core.metrics import Metrics
 from stream.core.observe import Observer
+from stream.core.queues import BoundedQueue
 from stream.core.redact import Redactor
-from stream.core.track import Tracker
+from stream.core.track import Seen, TrackChanges, Tracker
 from stream.core.urls import origins_only
-from stream.live.batcher import Batcher, Detect, DetectorFactory
+from stream.live.batcher import Batcher, DetectorFactory
 from stream.live.gpu import GpuMonitor, start_gpu_monitor
 from stream.live.publish.encoder import EncoderOutput
 from stream.live.publish.file import FileOutput
@@ -47,8 +53,6 @@ log = logging.getLogger(__name__)
 class StreamLimit(Exception):
     """No room for another stream (``api.max_streams``)."""
 
-NOT_OBSERVED = Detections(observed=frozenset())
-"""what the tracker is told about a frame that got no detections: nothing was looked for"""
 
 
 def hang_timeout_ms(fc: FailClosedConfig) -> float:
@@ -59,29 +63,6 @@ def hang_timeout_ms(fc: FailClosedConfig) -> float:
     reloaded, which would make it slower still.
     """
     return fc.hang_timeout_ms or max(5000.0, 4 * fc.max_latency_ms)
-
-
-def default_detector_factory(config: PipelineConfig) -> DetectorFactory:
-    """Build the configured FrameDetector (one per call: a crashed one is replaced by a new one)."""
-    from stream.detect.ensemble import FrameDetector
-    from stream.detect.presets import detector_config
-
-    d = config.detection
-
-    def factory() -> Detect:
-        detector = FrameDetector(detector_config(
-            d.preset, face_model=d.face_model, face_threshold=d.face_threshold,
-            plate_threshold=d.plate_threshold, input_size=d.input_size, plate_every=d.plate_every,
-            person_every=d.person_every, plates=d.plates, heads=d.heads, vehicle_plates=d.vehicle_plates_px,
-            providers=d.providers,
-            threads=d.threads, model_dir=d.model_dir, backend=d.backend, device_id=d.device_id,
-            fp16=d.fp16, cache_dir=d.engine_cache_dir, buckets=tuple(config.batcher.buckets),
-            device_preprocess=d.device_preprocess))
-        if d.warmup and detector.device != "cpu":
-            detector.warmup(max_batch=config.batcher.max_batch)
-        return detector
-
-    return factory
 
 
 class StreamRunner:
@@ -97,8 +78,9 @@ class StreamRunner:
         self.action = pipeline.fail_closed.action
         self.queue = JobQueue(self.id, pipeline.queue_size)
         self.backlog = pipeline.queue_size + 2 * pipeline.batcher.max_batch + 8
-        self.tracker = Tracker(pipeline.redaction.tracker_config())
-        self.redactor = Redactor(pipeline.redaction.redact_config())
+        # live frames cannot wait for later ones: no look-back
+        self.stage = MaskingStage(Tracker(pipeline.redaction.tracker_config()),
+                                  Redactor(pipeline.redaction.redact_config()), lookback=0)
         self.outputs = outputs if outputs is not None else self._make_outputs()
         self.source = self._make_source()
         self.state = "starting"
@@ -108,15 +90,12 @@ class StreamRunner:
         self.published = 0
         self.blanked = 0
         self.last_frame_at: float | None = None
-        self._tracked_size: tuple[int, int] | None = None
         self._tracked_seq: int | None = None
         self._latency_ms: float | None = None
-        self._newest_track = 0
         self.recent: deque[dict[str, Any]] = deque(maxlen=8)
         """the latest new tracks (label, id, score, time): what the control room lists per stream"""
-        self._ordered: deque[Job] = deque()
-        self._cond = threading.Condition()
-        self._stop = threading.Event()
+        self._ordered: BoundedQueue[Job] = BoundedQueue(self.backlog)
+        """every accepted frame in source order, until published or dropped; closed by :meth:`stop`"""
         self._incident: Failure | None = None
         self._incident_frames = 0
         self._thread = threading.Thread(target=self._redact_loop, name=f"redact-{self.id}", daemon=True)
@@ -165,9 +144,7 @@ class StreamRunner:
         deadline = time.monotonic() + timeout
         self.source.stop()
         self.source.join(max(0.1, deadline - time.monotonic()))
-        self._stop.set()
-        with self._cond:
-            self._cond.notify_all()
+        self._ordered.close()
         self._thread.join(max(0.1, deadline - time.monotonic()))
         self.batcher.detach(self.id)
         for out in self.outputs:
@@ -186,12 +163,11 @@ class StreamRunner:
         job = Job(frame, deadline=now + self.max_latency_s)
         self.last_frame_at = now
         self.metrics.frames_in.labels(self.id).inc()
-        overflow = None
-        with self._cond:
-            self._ordered.append(job)
-            if len(self._ordered) > self.backlog:
-                overflow = self._ordered.popleft()
-            self._cond.notify()
+        overflow = self._ordered.put(job)
+        if overflow is job:  # stopped: nothing more is published
+            job.resolve(dropped=Drop.STOPPING)
+            self.metrics.frames_dropped.labels(self.id, Drop.STOPPING.value).inc()
+            return
         if overflow is not None and overflow.resolve(dropped=Drop.BACKLOG):
             self.metrics.frames_dropped.labels(self.id, Drop.BACKLOG.value).inc()
         if self.queue.put(job) is not None:
@@ -232,24 +208,14 @@ class StreamRunner:
                 log.exception("stream %s: observer %s.%s failed", self.id, type(obs).__name__, method)
 
     # -- redaction: the only way out --------------------------------------------------------------
-    def _next_job(self) -> Job | None:
-        with self._cond:
-            while not self._ordered:
-                if self._stop.is_set():
-                    return None
-                self._cond.wait(0.25)
-            return self._ordered[0]
-
     def _redact_loop(self) -> None:
         while True:
-            job = self._next_job()
-            if job is None:
+            job = self._ordered.peek()
+            if job is None:  # stopped, and every accepted frame is out
                 return
             if not job.wait(max(0.0, job.deadline - time.monotonic())):
                 job.resolve(failure=Failure.DEADLINE)  # no-op if it was resolved just now
-            with self._cond:
-                if self._ordered and self._ordered[0] is job:
-                    self._ordered.popleft()
+            self._ordered.pop_if_head(job)
             try:
                 self._finish(job)
             except Exception:
@@ -260,40 +226,33 @@ class StreamRunner:
         if job.dropped is not None:
             return  # counted where it was dropped; nothing is published
         frame = job.frame
-        if job.detections is None:
-            self.tracker.update(NOT_OBSERVED, self._elapsed(frame))
-            self._fail_closed(job, job.failure or Failure.DEADLINE)
+        if job.detections is not None:
+            self._end_incident()
+        # painted in place: no copy on the hot path, and no unredacted copy left for any hook to see;
+        # a frame without detections comes out black (look-back 0: exactly one frame out per frame in)
+        (masked,) = self.stage.push(frame.seq, frame.image, job.detections, elapsed=self._elapsed(frame),
+                                    seen=Seen.of(frame))
+        tracks = self.stage.tracker.changes
+        if masked.failed:
+            self._fail_closed(job, job.failure or Failure.DEADLINE, masked.image, tracks)
             return
-        self._end_incident()
-        if frame.size != self._tracked_size:
-            # boxes of another resolution mean nothing here: start tracking afresh
-            self.tracker = Tracker(self.tracker.config)
-            self._tracked_size = frame.size
-        tracked = self.tracker.update(job.detections, self._elapsed(frame))
-        # painted in place: no copy on the hot path, and no unredacted copy left for any hook to see
-        image = frame.image
-        regions = self.redactor.apply(image, tracked)
-        for r in regions:
+        for r in masked.regions:
             self.metrics.detections.labels(self.id, r.label).inc()
-        self._note_new_tracks(frame, tracked)
-        self._publish(frame, image, tracked)
-        self._notify("frame", frame, tracked, None)
+        self._note_new_tracks(frame, tracks)
+        self._publish(frame, masked.image, masked.dets)
+        self._notify("frame", frame, masked.dets, None, tracks)
 
     def _elapsed(self, frame: Frame) -> int:
         """Source frames since the last tracked one: dropped frames still moved the objects."""
         last, self._tracked_seq = self._tracked_seq, frame.seq
         return frame.seq - last if last is not None and frame.seq > last else 1
 
-    def _note_new_tracks(self, frame: Frame, tracked: Detections) -> None:
-        if tracked.track_ids is None:
-            return
-        for i, tid in enumerate(tracked.track_ids.tolist()):
-            if tid > self._newest_track:
-                self._newest_track = tid
-                self.recent.append({"time": round(frame.wall_time, 3), "label": tracked.labels[i],
-                                    "track_id": int(tid), "score": round(float(tracked.scores[i]), 3)})
+    def _note_new_tracks(self, frame: Frame, tracks: TrackChanges) -> None:
+        for t in tracks.started:
+            self.recent.append({"time": round(frame.wall_time, 3), "label": t.label, "track_id": t.track_id,
+                                "score": round(t.score, 3)})
 
-    def _fail_closed(self, job: Job, why: Failure) -> None:
+    def _fail_closed(self, job: Job, why: Failure, black: np.ndarray, tracks: TrackChanges) -> None:
         self._incident_frames += 1
         if self._incident is None:
             self._incident = why
@@ -305,8 +264,8 @@ class StreamRunner:
         else:
             self.metrics.frames_blanked.labels(self.id, why.value).inc()
             self.blanked += 1
-            self._publish(job.frame, np.zeros_like(job.frame.image), NOT_OBSERVED)
-        self._notify("frame", job.frame, NOT_OBSERVED, why)
+            self._publish(job.frame, black, NOT_OBSERVED)
+        self._notify("frame", job.frame, NOT_OBSERVED, why, tracks)
 
     def _end_incident(self) -> None:
         if self._incident is not None:
@@ -346,12 +305,14 @@ class StreamRunner:
 class Pipeline:
     """All streams and the shared batcher; start, add and remove streams, stop."""
 
-    def __init__(self, config: PipelineConfig, detector_factory: DetectorFactory | None = None,
+    def __init__(self, config: PipelineConfig, detector_factory: DetectorFactory,
                  metrics: Metrics | None = None) -> None:
+        """``detector_factory`` builds a detector (again after one crashed or hung); the service
+        builds it from ``config.detection`` (:func:`stream.live.service.detector_factory_for`)."""
         self.config = config
         self.metrics = metrics or Metrics()
         fc = config.fail_closed
-        self.batcher = Batcher(detector_factory or default_detector_factory(config), self.metrics,
+        self.batcher = Batcher(detector_factory, self.metrics,
                                max_batch=config.batcher.max_batch,
                                max_wait_s=config.batcher.max_wait_ms / 1000,
                                hang_timeout_s=hang_timeout_ms(fc) / 1000,

@@ -18,7 +18,7 @@ from stream.config import PipelineConfig
 from stream.core.errors import UserError
 from stream.events.sinks import sink_health, start_events
 from stream.live.auth import load_tokens
-from stream.live.batcher import DetectorFactory
+from stream.live.batcher import Detect, DetectorFactory
 from stream.live.http import start_http
 from stream.live.pipeline import Pipeline
 from stream.live.rtc import RtcGateway
@@ -27,11 +27,29 @@ from stream.live.shard import Shard
 log = logging.getLogger(__name__)
 
 
+def detector_factory_for(config: PipelineConfig) -> DetectorFactory:
+    """The configured detector, one per call (the batcher replaces a crashed or hung one with a new one).
+
+    Its settings come from the one conversion ``config.detection.detector_settings``, the same
+    ``redact`` uses, with the batcher's bucket sizes."""
+    from stream.detect.ensemble import FrameDetector
+
+    def factory() -> Detect:
+        detector = FrameDetector(config.detection.detector_settings(config.batcher.buckets))
+        if config.detection.warmup and detector.device != "cpu":
+            detector.warmup(max_batch=config.batcher.max_batch)
+        return detector
+
+    return factory
+
+
 async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None = None,
                 stop: asyncio.Event | None = None, stop_timeout: float = 5.0,
                 insecure_no_auth: bool = False, on_listen: Callable[[int], None] | None = None,
                 shard: Shard | None = None) -> int:
-    """Run until ``stop`` is set, a signal arrives, or every source has ended; 0 on a clean stop."""
+    """Run until ``stop`` is set, a signal arrives, or every source has ended; 0 on a clean stop.
+
+    ``detector_factory`` None builds detectors from ``config.detection``."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -39,7 +57,7 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     tokens = load_tokens(config.auth.tokens_env, config.auth.tokens_file, insecure_no_auth)
-    pipeline = Pipeline(config, detector_factory)
+    pipeline = Pipeline(config, detector_factory or detector_factory_for(config))
     pipeline.shard = shard
     events = start_events(config, pipeline.metrics)  # before start: the first frames have events too
     if events is not None:
