@@ -41,6 +41,14 @@ def make(factory, **kw) -> tuple[Batcher, Metrics, list[JobQueue]]:
     return b, m, queues
 
 
+
+def detected(queue: JobQueue, stream_id: str) -> bool:
+    """Put one frame of ``stream_id`` and say whether it came back detected (not failed)."""
+    j = job(stream_id)
+    queue.put(j)
+    wait_for(lambda: j.done)
+    return j.detections is not None
+
 def test_one_batch_holds_frames_of_several_streams() -> None:
     det = NoFaces()
     b, _, queues = make(lambda: det, max_batch=6, max_wait_s=0.5)
@@ -113,14 +121,7 @@ def test_hung_detector_fails_frames_closed_in_time(release: threading.Event) -> 
         assert first.failure is Failure.DETECTOR_HUNG
         assert hung.entered.is_set()
         assert counter(m, "detector_restarts", reason="hung") == 1
-
-        def recovered() -> bool:
-            j = job("s2")
-            queues[2].put(j)
-            wait_for(lambda: j.done)
-            return j.detections is not None
-
-        wait_for(recovered, what="a fresh detector after the hang")
+        wait_for(lambda: detected(queues[2], "s2"), what="a fresh detector after the hang")
     finally:
         b.stop()
 
@@ -187,3 +188,44 @@ def test_a_frame_after_a_gap_runs_every_model() -> None:
         assert flat[11:] == [None, None], "30 after 15: frames were dropped, every model runs"
     finally:
         b.stop()
+
+
+def test_all_detectors_hung_is_logged_once_and_its_end_once(
+        release: threading.Event, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While every allowed run hangs the batcher re-checks each second; it says so once, not each time."""
+    import stream.live.batcher as batcher
+
+    monkeypatch.setattr(batcher, "MAX_ABANDONED", 1)  # one hung run is already the limit
+    hung = Hangs(release)
+    built: list[object] = []
+
+    def factory():
+        built.append(hung if not built else NoFaces())
+        return built[-1]
+
+    b, _, queues = make(factory, max_batch=1, max_wait_s=0.0, hang_timeout_s=0.1)
+    caplog.set_level("WARNING", logger="stream.live.batcher")
+    try:
+        first = job("s0")
+        queues[0].put(first)
+        wait_for(lambda: first.done, timeout=5)
+        assert first.failure is Failure.DETECTOR_HUNG
+        checks: set[float] = set()
+
+        def rechecked_three_times() -> bool:
+            j = job("s1")
+            queues[1].put(j)
+            wait_for(lambda: j.done)
+            assert j.failure is Failure.DETECTOR_UNAVAILABLE  # still blanked, no new detector
+            checks.add(b._retry_at)  # moves on at every re-check of the hung runs
+            return len(checks) >= 3
+
+        wait_for(rechecked_three_times, what="three re-checks while the detector hangs")
+        assert len(built) == 1
+        release.set()  # the hung run returns: a new detector is built
+        wait_for(lambda: detected(queues[2], "s2"), what="a fresh detector once the hung run returned")
+    finally:
+        b.stop()
+    said = [r.getMessage() for r in caplog.records]
+    assert len([m for m in said if "detector runs are hung" in m]) == 1, said
+    assert len([m for m in said if "a hung detector run returned" in m]) == 1, said

@@ -114,12 +114,19 @@ class Metrics:
                 metric.remove(stream_id)
         for metric in (self.frames_sent, self.frames_dropped, self.frames_blanked, self.frames_withheld,
                        self.detections, self.latency, self.reconnects, self.output_up, self.source_errors):
-            for labels in list(metric._metrics):
-                if labels[0] == stream_id:
+            for labels in _series(metric, stream_id):
+                with contextlib.suppress(KeyError):  # removed meanwhile
                     metric.remove(*labels)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _series(metric: Counter | Gauge | Histogram, stream_id: str) -> set[tuple[str, ...]]:
+    """The label values of each of ``metric``'s series for one stream, read from its samples (a
+    sample's labels are the metric's label names in order, then ``le`` for a histogram bucket)."""
+    return {tuple(v for k, v in s.labels.items() if k != "le")
+            for family in metric.collect() for s in family.samples if s.labels.get("stream") == stream_id}
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:

@@ -18,19 +18,18 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from stream.core.detections import Detections
+from stream.core.detections import Detect, Detections
 from stream.core.frames import Failure, Job, JobQueue
 from stream.core.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-Detect = Callable[[list[np.ndarray], Sequence[int | None] | None], list[Detections]]
 DetectorFactory = Callable[[], Detect]
 
 MAX_ABANDONED = 4
@@ -181,6 +180,8 @@ class Batcher:
         self._abandoned: list[_Worker] = []
         self._failures_in_row = 0
         self._retry_at = 0.0
+        self._all_hung = False
+        """MAX_ABANDONED runs are hung and no detector is built: said once, not at every retry"""
         self._incident: Failure | None = None
         self._incident_frames = 0
         self._thread: threading.Thread | None = None
@@ -429,24 +430,33 @@ class Batcher:
             return
         self._abandoned = [w for w in self._abandoned if w.thread.is_alive()]
         if len(self._abandoned) >= MAX_ABANDONED:
-            if self._retry_at != float("inf"):
-                log.error("%d detector runs are still hung; no new detector is built until one returns "
+            if not self._all_hung:
+                self._all_hung = True
+                log.error("%d detector runs are hung; no new detector is built until one returns "
                           "(frames stay blanked)", len(self._abandoned))
             self._retry_at = time.monotonic() + 1.0
             return
-        self._worker = _Worker(self.factory, self._worker_ready, f"detector-{self.metrics_restarts()}")
+        if self._all_hung:
+            self._all_hung = False
+            log.warning("a hung detector run returned; building a new detector")
+        with self.cond:  # held until assigned: the new worker's _worker_ready must find itself there
+            self._worker = _Worker(self.factory, self._worker_ready, f"detector-{self.metrics_restarts()}")
 
     def metrics_restarts(self) -> int:
         return int(sum(s.value for m in self.metrics.detector_restarts.collect() for s in m.samples
                        if s.name.endswith("_total")))
 
     def _worker_ready(self, worker: _Worker, error: BaseException | None) -> None:
+        """On the new worker's thread, once its detector is built (or failed to build)."""
         if error is not None:
             log.error("recreating the detector failed (%s: %s); retrying", type(error).__name__, error)
-            if self._worker is worker:
-                self._worker = None
-                self._failures_in_row += 1
-                self._retry_at = time.monotonic() + min(10.0, 0.5 * 2 ** self._failures_in_row)
+            with self.cond:
+                if self._worker is worker:
+                    self._worker = None
+                    self._failures_in_row += 1
+                    self._retry_at = time.monotonic() + min(10.0, 0.5 * 2 ** self._failures_in_row)
             return
         log.warning("detector recreated")
-        self.metrics.detector_up.set(1)
+        with self.cond:
+            if self._worker is worker:
+                self.metrics.detector_up.set(1)

@@ -98,11 +98,16 @@ class QuietRequestHandler(web.RequestHandler):
 
 
 class QuietSite(web.BaseSite):
-    """A TCP site whose connections use :class:`QuietRequestHandler`; knows the port it bound."""
+    """A TCP site whose connections use :class:`QuietRequestHandler`; knows the port it bound.
+
+    It keeps its own listening socket (aiohttp has no public hook for the handler class of its
+    ``TCPSite``), so it touches none of ``BaseSite``'s private state."""
 
     def __init__(self, runner: web.AppRunner, host: str, port: int) -> None:
         super().__init__(runner)
         self.host, self.port = host, port
+        self._app_runner = runner
+        self._listener: asyncio.Server | None = None
 
     @property
     def name(self) -> str:
@@ -111,15 +116,20 @@ class QuietSite(web.BaseSite):
     async def start(self) -> None:
         await super().start()
         loop = asyncio.get_running_loop()
-        manager = self._runner.server
+        manager = self._app_runner.server
         assert manager is not None, "runner.setup() first"
 
         def protocol() -> QuietRequestHandler:
             return QuietRequestHandler(manager, loop=loop, access_log=None, max_line_size=MAX_HEADER_BYTES,
                                        max_field_size=MAX_HEADER_BYTES)
 
-        self._server = await loop.create_server(protocol, self.host, self.port, reuse_address=True)
-        self.port = self._server.sockets[0].getsockname()[1]
+        self._listener = await loop.create_server(protocol, self.host, self.port, reuse_address=True)
+        self.port = self._listener.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()  # no new connections; the runner closes the open ones
+        await super().stop()
 
 
 async def start_http(pipeline: Pipeline, host: str, port: int, tokens: Tokens | None = None,
