@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from stream.loadtest.ramp import by_latency_bound, ratios
 from stream.loadtest.report import table, write_html, write_json
 
@@ -48,3 +50,43 @@ def test_report_files_are_self_contained(tmp_path: Path) -> None:
     assert "<script" not in page and "<link" not in page
     text = table(report)
     assert "| 640x360 | redact | 2 | no |" in text and "2/10" in text
+
+
+def tiny_report() -> dict:
+    points = [point("redact", 1, 120, True), point("redact", 2, 400, False, visible=2)]
+    return {"started": "2026-01-01T00:00:00Z", "machine": {"cpus": 2}, "calibration": [],
+            "runs": [{"size": "640x360", "mode": "redact", "largest_k_held": 1, "points": points}],
+            "overload": None, "ratios": {}}
+
+
+def test_bench_report_rebuilds_the_page_from_a_saved_json(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    from stream.cli import main
+
+    report = tiny_report()
+    saved = write_json(report, tmp_path / "run.json")
+    assert main(["bench", "report", str(saved), "-o", str(tmp_path / "page.html")]) == 0
+    rebuilt = (tmp_path / "page.html").read_text()
+    assert rebuilt == write_html(report, tmp_path / "direct.html").read_text(), "the same page bench writes"
+    assert "| 640x360 | redact | 2 | no |" in capsys.readouterr().out
+    assert main(["bench", "report", str(saved)]) == 0
+    assert (tmp_path / "run.html").read_text() == rebuilt, "default: the JSON's name with .html"
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    (None, "cannot read"),
+    ("{not json", "is not valid JSON"),
+    ('{"runs": 3}', "is not a `stream-redact bench` report"),
+    ('{"runs": [{"size": "640x360"}]}', "missing a field the page needs"),
+])
+def test_bench_report_refuses_what_is_not_a_report(content: str | None, words: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    from stream.cli import main
+
+    src = tmp_path / "in.json"
+    if content is not None:
+        src.write_text(content)
+    assert main(["bench", "report", str(src)]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "stream-redact bench" in err
+    assert not (tmp_path / "in.html").exists()

@@ -3,13 +3,15 @@
 Why in the product CLI: operators load-test a deployment before it carries real cameras, with
 the same tool they run it with. One K (`--streams`) gives one measured point; `--ramp` sweeps K
 per mode until a target breaks. Progress goes to stderr while it runs; the report is a JSON file
-and a self-contained HTML page, and a short table is printed at the end.
+and a self-contained HTML page, and a short table is printed at the end. ``bench report JSON``
+rebuilds the page from the JSON, so only the JSON needs to be kept.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import sys
@@ -18,12 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from stream.core.urls import mask_url
-from stream.loadtest.driver import MODES, RunSpec, calibrate, run_point
+from stream.loadtest.driver import (
+    BASELINE_WORKER,
+    MODES,
+    NO_DETECTION,
+    NoBaselineWorker,
+    RunSpec,
+    calibrate,
+    find_baseline_worker,
+    run_point,
+)
 from stream.loadtest.ramp import ramp, ratios
 from stream.loadtest.report import table, write_html, write_json
-
-PUBLIC_MODES = tuple(m for m in MODES if m != "no-redact")
-TEST_SWITCH = "--no-redact-test-only"
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -81,10 +89,12 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="synthetic cameras for a single run (default 2)")
     g.add_argument("--ramp", type=_ks, metavar="K1,K2,...",
                    help="sweep these stream counts per mode, stopping a mode at its first failure")
-    g.add_argument("--modes", nargs="+", choices=PUBLIC_MODES, default=None,
+    g.add_argument("--modes", nargs="+", choices=MODES, default=None,
                    help="redact (preset, batching on), redact-b1 (max_batch 1), redact-faces (faces only), "
                         "redact-faces-b1, "
-                        "transcode (no detection: the ceiling). Default: redact; with --ramp all five")
+                        "transcode (no detection: the ceiling), no-redact (no detection, leaks judged: shows "
+                        "the leak check fails). Default: redact; with --ramp all but no-redact. transcode "
+                        f"and no-redact run {BASELINE_WORKER} of a source checkout (see --baseline-worker)")
     g.add_argument("--size", type=_size, nargs="+", default=[(640, 360)], metavar="WxH",
                    help="camera resolution(s) (default 640x360)")
     g.add_argument("--fps", type=_bounded(float, 1, 120, "frames per second"), default=25.0)
@@ -124,6 +134,10 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "for a remote deployment say what it redacts)")
     d.add_argument("--metrics", metavar="URL", type=_url("http", "https"),
                    help="the deployment's /metrics (default: API URL + /metrics)")
+    d.add_argument("--baseline-worker", type=Path, metavar="PATH",
+                   help=f"the no-detection pipeline of the transcode and no-redact modes (default: "
+                        f"{BASELINE_WORKER} of the source checkout bench runs from; it is not installed "
+                        "with stream-redact, since it publishes frames unredacted)")
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, default=Path("loadtest"),
                    help="report path without suffix: writes OUT.json and OUT.html (default ./loadtest)")
@@ -131,9 +145,45 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="generated configs, events")
     o.add_argument("--clip", type=Path,
                    help="video the faces and backgrounds come from (default: the sample clip)")
-    p.add_argument(TEST_SWITCH, dest="no_redact", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
+    sub = p.add_subparsers(dest="bench_command", metavar="report", required=False,
+                           help="report JSON [-o HTML]: rebuild the HTML page from a saved JSON report")
+    r = sub.add_parser("report", help="rebuild the HTML page (and the table) from a saved JSON report",
+                       description="Rebuild the self-contained HTML page of a load test from its JSON "
+                       "report, so only the JSON needs to be kept.")
+    r.add_argument("json", type=Path, metavar="JSON", help="a report written by `stream-redact bench`")
+    r.add_argument("-o", "--output", type=Path, metavar="HTML",
+                   help="where to write the page (default: JSON with .html)")
+    r.set_defaults(func=cmd_report)
     return p
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the HTML page of a saved JSON report: 0 when written, 2 when the JSON is missing or no report."""
+    try:
+        report = json.loads(args.json.read_text())
+    except OSError as e:
+        print(f"stream-redact: error: cannot read {args.json}: {e.strerror}; give the path of a JSON report "
+              "written by `stream-redact bench`", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"stream-redact: error: {args.json} is not valid JSON ({e}); give a JSON report written by "
+              "`stream-redact bench`", file=sys.stderr)
+        return 2
+    if not isinstance(report, dict) or not isinstance(report.get("runs"), list):
+        print(f"stream-redact: error: {args.json} is not a `stream-redact bench` report (no 'runs' list)",
+              file=sys.stderr)
+        return 2
+    out = args.output or args.json.with_suffix(".html")
+    try:
+        write_html(report, out)
+    except (KeyError, TypeError) as e:
+        print(f"stream-redact: error: {args.json} is missing a field the page needs ({e}); was it written by "
+              "`stream-redact bench`?", file=sys.stderr)
+        return 2
+    print(table(report))
+    print(f"\nreport: {out}", flush=True)
+    return 0
 
 
 def _progress(msg: str) -> None:
@@ -145,20 +195,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from stream.loadtest.scene import load_material
     from stream.samples import SampleError, sample_path
 
+    ramp_modes = ["redact", "redact-b1", "redact-faces", "redact-faces-b1", "transcode"]
+    modes = list(args.modes or (ramp_modes if args.ramp else ["redact"]))
+    if args.api and any(m != "redact" for m in modes):
+        print("stream-redact: error: against a remote deployment (--api) only --modes redact applies "
+              "(it runs as deployed)", file=sys.stderr)
+        return 2
+    worker = None
+    if any(m in NO_DETECTION for m in modes):  # before anything starts, not after a long ramp
+        try:
+            worker = find_baseline_worker(args.baseline_worker)
+        except NoBaselineWorker as e:
+            print(f"stream-redact: error: {e}", file=sys.stderr)
+            return 2
+    if "no-redact" in modes:
+        print("stream-redact bench: WARNING: mode no-redact runs a pipeline that DOES NOT REDACT, to show "
+              "the leak check fails; never point it at real cameras", file=sys.stderr, flush=True)
     try:
         clip = args.clip or sample_path("talking-face")
     except SampleError as e:
         print(f"stream-redact: error: {e}", file=sys.stderr)
-        return 2
-    ramp_modes = ["redact", "redact-b1", "redact-faces", "redact-faces-b1", "transcode"]
-    modes = list(args.modes or (ramp_modes if args.ramp else ["redact"]))
-    if args.no_redact:
-        print("stream-redact bench: WARNING: --no-redact-test-only runs a pipeline that DOES NOT REDACT, "
-              "to prove the leak check fails; never point it at real cameras", file=sys.stderr, flush=True)
-        modes = ["no-redact"]
-    if args.api and any(m != "redact" for m in modes):
-        print("stream-redact: error: against a remote deployment (--api) only --modes redact applies "
-              "(it runs as deployed)", file=sys.stderr)
         return 2
     material = load_material(clip)
     report: dict[str, Any] = {
@@ -179,7 +235,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            latency_bound_ms=args.latency_bound_ms, faces=args.faces, plates=args.plates,
                            register=args.register, api=args.api, token_env=args.token_env, media=args.media,
                            metrics_url=args.metrics, work=args.work, mode=modes[0],
-                           judge=tuple(args.judge) if args.judge else None)
+                           judge=tuple(args.judge) if args.judge else None, baseline_worker=worker)
             if not args.no_calibrate and not args.media:
                 _progress(f"calibrating the harness path at {w}x{h}")
                 cal = calibrate(material, w, h, args.fps, bitrate_kbps=args.bitrate_kbps)

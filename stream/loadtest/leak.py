@@ -10,7 +10,7 @@ pixelated or blanked region drops it to around zero. An object is *visible* (a l
 correlation is at least `CORR` and the received region keeps at least `ENERGY` of the sent
 high-pass energy. The thresholds follow the project's development-set scorer and are validated by
 the harness's own runs: clean (no redaction) runs read as visible on every object, redacted runs
-as obscured (see tests/test_loadtest_run.py and the README section).
+as obscured (see tests/test_loadtest_run.py and docs/load-testing.md).
 """
 
 from __future__ import annotations
