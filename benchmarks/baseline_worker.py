@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from stream.config import load_config  # noqa: E402
-from stream.core.detections import Detections  # noqa: E402
+from stream.core.detections import Detections, FrameRef  # noqa: E402
 from stream.live.service import serve  # noqa: E402
 
 MODES = ("transcode", "no-redact")
@@ -38,7 +38,7 @@ WARNING = ("stream-redact load test: WARNING: this pipeline DOES NOT REDACT ({mo
 def no_detection() -> object:
     """A detector factory whose detector looks at nothing, so every frame goes out unchanged."""
 
-    def detect(images: list[np.ndarray], seqs: Sequence[int] | None = None) -> list[Detections]:
+    def detect(images: list[np.ndarray], refs: Sequence[FrameRef] | None = None) -> list[Detections]:
         return [Detections(observed=frozenset()) for _ in images]
 
     return detect

@@ -23,7 +23,7 @@ import av
 import cv2
 import numpy as np
 
-from stream.core.detections import Detect
+from stream.core.detections import Detect, FrameRef
 from stream.core.errors import UserError
 from stream.core.h264 import H264Encoder, H264Settings
 from stream.core.masking import Masked, MaskingStage
@@ -361,7 +361,7 @@ def redact_image(src: Path, dst: Path, detect: Detect, stage: MaskingStage,
         raise UserError(f"cannot decode image {src}: the file is corrupt or not a {src.suffix} image")
     _check_pixels(src, image.shape[1], image.shape[0], max_pixels)  # a header the probe could not read
     report = MaskReport(width=image.shape[1], height=image.shape[0])
-    dets = detect([image], [0])[0]
+    dets = detect([image], None)[0]  # one image: every model runs
     for m in [*stage.push(0, image, dets), *stage.flush()]:
         report.add(m)
         # encoded in memory and written here: cv2.imwrite reports a full disk only as False
@@ -473,8 +473,8 @@ def _pump(frames: queue.Queue, detect: Detect, stage: MaskingStage, encoder: _En
     """Detect, mask and encode until the decoder is done; returns the number of frames."""
     index = 0
     for batch in _batches(frames, opts.batch):
-        seqs = list(range(index, index + len(batch)))
-        for image, dets in zip(batch, detect(batch, seqs), strict=True):
+        refs = [FrameRef("", i) for i in range(index, index + len(batch))]  # one stream: the file
+        for image, dets in zip(batch, detect(batch, refs), strict=True):
             for m in stage.push(index, image, dets):
                 encoder.write(m.image)
                 report.add(m)

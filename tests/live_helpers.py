@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from stream.core.detections import Detections
+from stream.core.detections import Detections, FrameRef
 from stream.core.metrics import Metrics, sample
 from stream.live.service import serve
 
@@ -30,13 +30,13 @@ class NoFaces:
     def __init__(self) -> None:
         self.batches: list[int] = []
 
-    def __call__(self, images: list[np.ndarray], seqs: Sequence[int] | None = None) -> list[Detections]:
+    def __call__(self, images: list[np.ndarray], refs: Sequence[FrameRef] | None = None) -> list[Detections]:
         self.batches.append(len(images))
         return [Detections(observed=frozenset({"face", "plate"})) for _ in images]
 
 
 class Raises:
-    def __call__(self, images: list[np.ndarray], seqs: Sequence[int] | None = None) -> list[Detections]:
+    def __call__(self, images: list[np.ndarray], refs: Sequence[FrameRef] | None = None) -> list[Detections]:
         raise RuntimeError("injected detector failure")
 
 
@@ -47,7 +47,7 @@ class Hangs:
         self.release = release
         self.entered = threading.Event()
 
-    def __call__(self, images: list[np.ndarray], seqs: Sequence[int] | None = None) -> list[Detections]:
+    def __call__(self, images: list[np.ndarray], refs: Sequence[FrameRef] | None = None) -> list[Detections]:
         self.entered.set()
         self.release.wait()
         return [Detections() for _ in images]
@@ -60,9 +60,9 @@ class Slow(NoFaces):
         super().__init__()
         self.seconds = seconds
 
-    def __call__(self, images: list[np.ndarray], seqs: Sequence[int] | None = None) -> list[Detections]:
+    def __call__(self, images: list[np.ndarray], refs: Sequence[FrameRef] | None = None) -> list[Detections]:
         threading.Event().wait(self.seconds)  # the work this detector "does"
-        return super().__call__(images, seqs)
+        return super().__call__(images, refs)
 
 
 def counter(metrics: Metrics, name: str, **labels: str) -> float:

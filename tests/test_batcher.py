@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from live_helpers import Hangs, NoFaces, Raises, counter, wait_for
 
+from stream.core.detections import FrameRef
 from stream.core.frames import Drop, Failure, Frame, Job, JobQueue
 from stream.core.metrics import Metrics
 from stream.live.batcher import Batcher
@@ -165,27 +166,25 @@ def test_stop_leaves_no_job_waiting() -> None:
     wait_for(lambda: waiting.done, timeout=5, what="the waiting job to be resolved by stop()")
 
 
-def test_a_frame_after_a_gap_runs_every_model() -> None:
-    """After dropped frames, every-n-th-frame detectors must not leave objects to stale boxes."""
-    seen: list[list[int | None]] = []
+def test_the_detector_is_told_each_frames_stream_and_source_number() -> None:
+    """Cadences count source frames: the detector gets each frame's stream and its own number,
+    gaps included, never a number the batcher made up."""
+    seen: list[FrameRef] = []
 
     class Recording(NoFaces):
-        def __call__(self, images, seqs=None):
-            seen.append(list(seqs))
-            return super().__call__(images, seqs)
+        def __call__(self, images, refs=None):
+            seen.extend(refs)
+            return super().__call__(images, refs)
 
     b, _, queues = make(Recording, max_batch=1, max_wait_s=0.0)
     try:
         now = time.monotonic()
-        for seq in [*range(5, 16), 30, 31]:
-            j = Job(Frame("s0", seq, np.zeros((8, 8, 3), np.uint8), now, time.time()), deadline=now + 5)
-            queues[0].put(j)
+        sent = [("s0", 5), ("s0", 6), ("s1", 1), ("s0", 30)]
+        for sid, seq in sent:
+            j = Job(Frame(sid, seq, np.zeros((8, 8, 3), np.uint8), now, time.time()), deadline=now + 5)
+            queues[int(sid[1])].put(j)
             wait_for(lambda j=j: j.done, what=f"frame {seq}")
-        flat = [s for call in seen for s in call]
-        assert flat[:9] == [None] * 9, "the first frame (5) and the 8 after it run every model"
-        assert flat[9] is not None and flat[10] is not None and flat[10] - flat[9] == 1, \
-            "14 and 15: the schedule again once the stream runs without gaps"
-        assert flat[11:] == [None, None], "30 after 15: frames were dropped, every model runs"
+        assert seen == [FrameRef(sid, seq) for sid, seq in sent]
     finally:
         b.stop()
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from live_helpers import counter, wait_for
 
-from stream.core.detections import Detections
+from stream.core.detections import Detections, FrameRef
 from stream.core.frames import Failure, Frame, Job, JobQueue
 from stream.core.metrics import Metrics
 from stream.live.batcher import Batcher
@@ -44,7 +44,7 @@ class Split:
         self.fail_prepare: BaseException | None = None
         self.hang: threading.Event | None = None
 
-    def prepare(self, images: list[np.ndarray], seqs: list[int | None]) -> list[int]:
+    def prepare(self, images: list[np.ndarray], refs: list[FrameRef]) -> list[int]:
         with self.lock:
             self.prepared += 1
             if self.completing:
@@ -70,8 +70,8 @@ class Split:
             with self.lock:
                 self.completing = False
 
-    def __call__(self, images: list[np.ndarray], seqs: list[int | None]) -> list[Detections]:
-        return self.complete(self.prepare(images, seqs))
+    def __call__(self, images: list[np.ndarray], refs: list[FrameRef]) -> list[Detections]:
+        return self.complete(self.prepare(images, refs))
 
 
 def first_one(configure: Callable[[Split], None]) -> tuple[Callable[[], Split], list[Split]]:

@@ -149,11 +149,11 @@ def test_detector_failure_mid_video_leaves_no_output(tmp_path: Path) -> None:
     clip = make_clip(tmp_path / "in.mp4", frames=12)
     calls = []
 
-    def detect(images, seqs):
+    def detect(images, refs):
         from stream.core.detections import Detections
 
-        calls.extend(seqs)
-        if max(seqs) >= 5:
+        calls.extend(r.seq for r in refs)
+        if max(r.seq for r in refs) >= 5:
             raise RuntimeError("session lost")
         return [Detections() for _ in images]
 

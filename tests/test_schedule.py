@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import pytest
 from helpers import finds, uk_plate
 
-from stream.core.detections import Detections
+from stream.core.detections import Detections, FrameRef
 from stream.core.track import Tracker, TrackerConfig
-from stream.detect.ensemble import DetectorConfig, FrameDetector, ModelConfig
+from stream.detect.ensemble import DetectorConfig, FrameDetector, ModelConfig, phase
 
 PLATE_AT = (20, 250, 140, 278)
 
@@ -57,38 +55,62 @@ def plate_frames(chelsea: np.ndarray, n: int) -> list[np.ndarray]:
     return [img.copy() for _ in range(n)]  # distinct arrays, so the spy can tell them apart
 
 
+def stream_in_phase(name: str, every: int = 3) -> str:
+    """A stream id whose first-run offset is 0, so the expected cadence can be written down."""
+    return next(f"{name}-{i}" for i in range(100) if phase(f"{name}-{i}") % every == 0)
+
+
 @pytest.mark.parametrize(
-    ("seqs", "due"),
+    ("batches", "due"),
     [
-        ([0, 1, 2, 3], [True, False, False, True]),
-        ([4, 5, 6, 7], [False, False, True, False]),
-        ([9, 10, 11, 12], [True, False, False, True]),
-        ([1, 2], [False, False]),
-        (None, [True, True, True, True]),  # no frame numbers: every model runs on every frame
-        ([1, None, 2], [False, True, False]),  # None: the frame after a gap, every model runs
+        ([[0, 1, 2, 3], [4, 5, 6, 7]], [[True, False, False, True], [False, False, True, False]]),
+        ([[0, 2, 4, 5, 7]], [[True, False, True, False, True]]),  # gaps count as passed frames
+        ([[0, 2, 4, 6, 8, 10]], [[True, False, True, False, True, False]]),  # half dropped: every 4th
+        ([[0, 20, 21, 22, 23]], [[True, True, False, False, True]]),  # a long gap: runs once, not 8 times
+        ([[5, 6, 7, 8], [1, 2]], [[True, False, False, True], [True, False]]),  # the stream started again
+        (None, [[True, True, True, True]]),  # no frame references: every model runs on every frame
     ],
-    ids=["0-3", "4-7", "9-12", "1-2-none-due", "no-seqs", "after-a-gap"],
+    ids=["in-order", "gaps", "every-other-dropped", "long-gap", "restart", "no-refs"],
 )
-def test_plate_model_runs_only_on_every_third_frame(every3: FrameDetector, spy: Spy, chelsea: np.ndarray,
-                                                    seqs: Sequence[int] | None, due: list[bool]) -> None:
-    frames = plate_frames(chelsea, len(due))
-    out = every3.detect(frames, seqs)
-    assert len(out) == len(frames)
-    expected = [f for f, d in zip(frames, due, strict=True) if d]
-    if expected:
-        assert len(spy.calls) == 1, "the due frames must go to the plate model as one batch"
-        sent = spy.calls[0]
-        assert len(sent) == len(expected), f"{len(sent)} frames sent to the plate model, {len(expected)} due"
-        assert all(a is b for a, b in zip(sent, expected, strict=True)), "wrong frames sent to the plate"
-    else:
-        assert spy.calls == [], "plate model ran although no frame was due"
-    for i, (d, is_due) in enumerate(zip(out, due, strict=True)):
-        assert d.observed == (frozenset({"face", "plate"}) if is_due else frozenset({"face"})), i
-        plates = d.with_label("plate")
-        if is_due:
-            assert finds(plates.boxes, PLATE_AT), f"frame {i}: plate not found on a due frame: {d}"
+def test_plate_model_cadence_counts_source_frames(every3: FrameDetector, spy: Spy, chelsea: np.ndarray,
+                                                  batches: list[list[int]] | None,
+                                                  due: list[list[bool]]) -> None:
+    sid = stream_in_phase(f"cadence-{len(spy.calls)}-{id(due)}")
+    for i, want in enumerate(due):
+        frames = plate_frames(chelsea, len(want))
+        spy.calls.clear()
+        refs = None if batches is None else [FrameRef(sid, s) for s in batches[i]]
+        out = every3.detect(frames, refs)
+        assert len(out) == len(frames)
+        expected = [f for f, d in zip(frames, want, strict=True) if d]
+        if expected:
+            assert len(spy.calls) == 1, "the due frames must go to the plate model as one batch"
+            sent = spy.calls[0]
+            assert len(sent) == len(expected), f"{len(sent)} sent to the plate model, {len(expected)} due"
+            assert all(a is b for a, b in zip(sent, expected, strict=True)), "wrong frames sent to the plate"
         else:
-            assert len(plates) == 0, f"frame {i}: plate boxes on a frame the plate model skipped"
+            assert spy.calls == [], "plate model ran although no frame was due"
+        for j, (d, is_due) in enumerate(zip(out, want, strict=True)):
+            assert d.observed == (frozenset({"face", "plate"}) if is_due else frozenset({"face"})), (i, j)
+            plates = d.with_label("plate")
+            if is_due:
+                assert finds(plates.boxes, PLATE_AT), f"frame {j}: plate not found on a due frame: {d}"
+            else:
+                assert len(plates) == 0, f"frame {j}: plate boxes on a frame the plate model skipped"
+
+
+def test_cadences_are_per_stream_and_staggered(every3: FrameDetector, spy: Spy, chelsea: np.ndarray) -> None:
+    """Two streams keep their own cadence; streams started together spread their plate runs."""
+    a, b = stream_in_phase("stagger-a"), next(f"stagger-b{i}" for i in range(100)
+                                              if phase(f"stagger-b{i}") % 3 == 1)
+    frames = plate_frames(chelsea, 2)
+    ran = []
+    for seq in range(7):
+        out = every3.detect(frames, [FrameRef(a, seq), FrameRef(b, seq)])
+        ran.append(tuple("plate" in d.observed for d in out))
+    assert [r[0] for r in ran] == [True, False, False, True, False, False, True]
+    # b's first run counts as one frame earlier: its next comes after 2 frames, then every 3rd
+    assert [r[1] for r in ran] == [True, False, True, False, False, True, False]
 
 
 def test_skipped_plate_frames_stay_masked_through_the_tracker(every3: FrameDetector,
@@ -100,7 +122,8 @@ def test_skipped_plate_frames_stay_masked_through_the_tracker(every3: FrameDetec
     for start in range(0, len(frames), 4):  # batches of 4, as the CLI sends them
         batch = frames[start:start + 4]
         seqs = list(range(start, start + len(batch)))
-        for seq, d in zip(seqs, every3.detect(batch, seqs), strict=True):
+        refs = [FrameRef(stream_in_phase("tracker"), seq) for seq in seqs]
+        for seq, d in zip(seqs, every3.detect(batch, refs), strict=True):
             plates = tracker.update(d).with_label("plate")
             assert len(plates) == 1, f"frame {seq}: plate not masked ({len(plates)} plate boxes)"
             assert bool(plates.coasted[0]) == (seq % 3 != 0), f"frame {seq}"
@@ -129,5 +152,6 @@ def test_head_masks_stay_through_skipped_person_frames(astronaut: np.ndarray) ->
     frame = np.full((300, 451, 3), 128, np.uint8)
     frame[160:280, 200:320] = cv2.resize(astronaut, (120, 120), interpolation=cv2.INTER_AREA)
     tracker = Tracker(TrackerConfig(max_coast=2))
-    masked = [len(tracker.update(det.detect([frame], [seq])[0]).with_label("face")) for seq in range(8)]
+    masked = [len(tracker.update(det.detect([frame], [FrameRef("heads", seq)])[0]).with_label("face"))
+              for seq in range(8)]
     assert masked == [1] * 8, f"head masks per frame: {masked}"

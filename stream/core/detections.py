@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -76,7 +77,17 @@ class Detections:
         return self.select(np.array([lbl == label for lbl in self.labels], dtype=bool))
 
 
-Detect = Callable[[list[np.ndarray], Sequence[int | None] | None], list[Detections]]
-"""A detector as the live batcher and the file redactor call it: BGR images and their frame numbers in,
-one :class:`Detections` per image out. The numbers drive every-n-th-frame model schedules; None (for
-all, or for one frame) runs every model on it."""
+class FrameRef(NamedTuple):
+    """Where a frame comes from: its stream and its number there, dropped frames counted.
+
+    Per-model cadences go by it: a model that runs every n-th frame runs on a stream once n source
+    frames have passed since it last ran there, however many of them were dropped on the way."""
+
+    stream: str
+    seq: int
+
+
+Detect = Callable[[list[np.ndarray], Sequence[FrameRef] | None], list[Detections]]
+"""A detector as the live batcher and the file redactor call it: BGR images and where each comes from
+in, one :class:`Detections` per image out. ``None`` instead of the references runs every model on
+every image."""

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from stream.core.detections import Detections
+from stream.core.detections import Detections, FrameRef
 from stream.core.nms import iou_matrix, nms
 from stream.detect.backend import TRANSFERS, BackendName
 from stream.detect.base import Chunk, OnnxDetector
@@ -33,6 +34,15 @@ from stream.detect.yunet import YuNet
 log = logging.getLogger(__name__)
 
 FACE_MODELS: dict[str, type[OnnxDetector]] = {"centerface": CenterFace, "yunet": YuNet}
+
+
+def phase(stream: str) -> int:
+    """A stable per-stream offset for the cadences' first run.
+
+    Without it every stream started at once would run its plate and person detectors on the same
+    batches, and those batches would be several times slower than the rest (latency spikes at p99).
+    """
+    return zlib.crc32(stream.encode()) % 65536
 
 
 @dataclass
@@ -156,6 +166,8 @@ class FrameDetector:
         # frames go up once per batch and every model cuts its canvas from that copy
         self.upload = bool(gpu) and cfg.device_preprocess and torch_device_ok(self.device)
         self._side: SideStream | None = None
+        self._last_run: dict[tuple[int, str], int] = {}
+        """per (model slot, stream): the frame number a model last ran on (its cadence)"""
         if gpu and cfg.device_preprocess and not self.upload:
             log.warning("preprocessing on the host: torch is not installed (pip install torch) so "
                         "frames cannot be letterboxed on the GPU")
@@ -181,24 +193,45 @@ class FrameDetector:
         return [m for m in found if m is not None]
 
     def __call__(self, images: list[np.ndarray],
-                 seqs: Sequence[int | None] | None = None) -> list[Detections]:
-        return self.detect(images, seqs)
+                 refs: Sequence[FrameRef] | None = None) -> list[Detections]:
+        return self.detect(images, refs)
 
-    def detect(self, images: list[np.ndarray], seqs: Sequence[int | None] | None = None) -> list[Detections]:
-        """Detections per frame; ``seqs`` (per-stream frame numbers) drive the ``every`` schedule."""
-        return self.complete(self.prepare(images, seqs))
+    def detect(self, images: list[np.ndarray], refs: Sequence[FrameRef] | None = None) -> list[Detections]:
+        """Detections per image; ``refs`` (stream and frame number of each) drive the cadences."""
+        return self.complete(self.prepare(images, refs))
 
-    @staticmethod
-    def _schedule(model: OnnxDetector | None, mcfg: ModelConfig | None, n: int,
-                  seqs: Sequence[int | None] | None) -> list[bool]:
-        """Which frames ``model`` is due on (the every-n-th-frame schedule)."""
+    def _schedule(self, slot: int, model: OnnxDetector | None, mcfg: ModelConfig | None, n: int,
+                  refs: Sequence[FrameRef] | None) -> list[bool]:
+        """Which images ``model`` (the ``slot``-th of the plan) is due on: its cadence, in source frames.
+
+        A model with ``every = k`` runs on a stream's frame once ``k`` source frames have passed
+        since it last ran on that stream, dropped ones included. Under load frames are dropped,
+        and the model still runs about every ``k`` frames of the camera's time: a gap does not make
+        it run more often (that spiral made every frame cost all models just when the stage was
+        slowest), and does not make it run less often either (no modulo schedule that a run of
+        drops could skip). A stream's first frame, or a frame numbered at or below the last run
+        (the stream started again), runs it; that first run is counted as if it came
+        ``phase(stream) % k`` frames earlier, so streams started together do not run their heavy
+        models on the same batches.
+        """
         if model is None or mcfg is None:
             return [False] * n
         every = max(1, mcfg.every)
-        # a None seq (after a gap in the stream) runs every model: see Batcher._schedule_seq
-        return [True] * n if seqs is None or every == 1 else [s is None or s % every == 0 for s in seqs]
+        if refs is None or every == 1:
+            return [True] * n
+        due = []
+        for ref in refs:
+            key = (slot, ref.stream)
+            last = self._last_run.get(key)
+            if last is not None and 0 < ref.seq - last < every:
+                due.append(False)
+                continue
+            fresh = last is None or ref.seq <= last
+            self._last_run[key] = ref.seq - (phase(ref.stream) % every if fresh else 0)
+            due.append(True)
+        return due
 
-    def prepare(self, images: list[np.ndarray], seqs: Sequence[int | None] | None = None) -> Prepared:
+    def prepare(self, images: list[np.ndarray], refs: Sequence[FrameRef] | None = None) -> Prepared:
         """Upload and letterbox a batch for every model due on it; no inference yet.
 
         The batcher's worker calls this for the next batch while :meth:`complete` runs the
@@ -212,8 +245,8 @@ class FrameDetector:
             frames = DeviceFrames(images, self.device) if self.upload and images else None
             plan = [*self.face_models, (self.plate_model, self.config.plate),
                     (self.person_model, self.config.person_heads)]
-            for model, mcfg in plan:
-                due = self._schedule(model, mcfg, n, seqs)
+            for slot, (model, mcfg) in enumerate(plan):
+                due = self._schedule(slot, model, mcfg, n, refs)
                 picked = [i for i in range(n) if due[i]]
                 chunks: list[Chunk] = []
                 if model is not None and picked:

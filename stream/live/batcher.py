@@ -16,7 +16,6 @@ import logging
 import random
 import threading
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from stream.core.detections import Detect, Detections
+from stream.core.detections import Detect, Detections, FrameRef
 from stream.core.frames import Failure, Job, JobQueue
 from stream.core.metrics import Metrics
 
@@ -36,22 +35,9 @@ MAX_ABANDONED = 4
 """hung workers kept waiting for their detector to return; beyond this, no new detector is built"""
 
 
-AFTER_GAP = 8
-"""frames after a gap in a stream on which every model runs, whatever its schedule"""
-
-
-def phase(stream_id: str) -> int:
-    """A stable per-stream offset for the every-n-th-frame schedules.
-
-    Without it every stream would run its plate and person detectors on the same batches, and
-    those batches would be several times slower than the rest (latency spikes at p99).
-    """
-    return zlib.crc32(stream_id.encode()) % 65536
-
-
 class _Call:
-    def __init__(self, images: list[np.ndarray], seqs: list[int | None], notify: threading.Condition) -> None:
-        self.images, self.seqs = images, seqs
+    def __init__(self, images: list[np.ndarray], refs: list[FrameRef], notify: threading.Condition) -> None:
+        self.images, self.refs = images, refs
         self.result: list[Detections] | None = None
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -109,7 +95,7 @@ class _Worker:
         while (call := self._next(self._incoming)) is not None:
             call.started = time.perf_counter()
             try:
-                work = prepare(call.images, call.seqs) if prepare is not None else None
+                work = prepare(call.images, call.refs) if prepare is not None else None
             except BaseException as e:
                 call.error = e
                 call.finish()
@@ -137,7 +123,7 @@ class _Worker:
                 if self._prepare is not None:
                     call.result = complete(work)
                 else:
-                    call.result = self.detector(call.images, call.seqs)
+                    call.result = self.detector(call.images, call.refs)
                 if len(call.result) != len(call.images):
                     raise RuntimeError(f"detector returned {len(call.result)} results for "
                                        f"{len(call.images)} frames")
@@ -187,8 +173,6 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self.batches = 0
         self._transfers = (0, 0)
-        self._last_seq: dict[str, int] = {}
-        self._all_until: dict[str, int] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -247,8 +231,6 @@ class Batcher:
     def detach(self, stream_id: str) -> None:
         with self.cond:
             q = self._queues.pop(stream_id, None)
-            self._last_seq.pop(stream_id, None)
-            self._all_until.pop(stream_id, None)
         if q is not None:
             for job in q.drain():
                 job.resolve(failure=Failure.DETECTOR_UNAVAILABLE)
@@ -320,7 +302,8 @@ class Batcher:
             self._maybe_rebuild()
             self._fail(live, Failure.DETECTOR_UNAVAILABLE, None)
             return
-        call = _Call([j.frame.image for j in live], [self._schedule_seq(j) for j in live], self.cond)
+        call = _Call([j.frame.image for j in live], [FrameRef(j.frame.stream_id, j.frame.seq) for j in live],
+                     self.cond)
         flight = _Flight(call, live, worker)
         if not self._flights:
             flight.deadline = now + self.hang_timeout_s
@@ -382,25 +365,6 @@ class Batcher:
         if d2h > last_d2h:
             self.metrics.transfer_bytes.labels("d2h").inc(d2h - last_d2h)
         self._transfers = (max(h2d, last_h2d), max(d2h, last_d2h))
-
-    def _schedule_seq(self, job: Job) -> int | None:
-        """The number the every-n-th-frame schedules see for this frame; None: run every model.
-
-        Right after a gap (frames dropped under load, or a stream's first frame) a detector that
-        runs on every 3rd frame could last have run seconds ago, and the tracker would carry its
-        boxes far from where plates now are. Such a frame runs every model: under overload the
-        stage gets slower and drops more frames, but never leaves an object to a stale box.
-        """
-        f = job.frame
-        last = self._last_seq.get(f.stream_id)
-        self._last_seq[f.stream_id] = f.seq
-        if last is None or f.seq - last != 1:
-            # and for the next few frames: under steady overload gaps come every other frame
-            self._all_until[f.stream_id] = f.seq + AFTER_GAP
-            return None
-        if f.seq <= self._all_until.get(f.stream_id, -1):
-            return None
-        return f.seq + phase(f.stream_id)
 
     def _fail(self, jobs: list[Job], why: Failure, detail: str | None) -> None:
         for job in jobs:
