@@ -14,7 +14,7 @@ from live_helpers import Hangs, NoFaces, Raises, counter, wait_for
 from stream.core.detections import FrameRef
 from stream.core.frames import Drop, Failure, Frame, Job, JobQueue
 from stream.core.metrics import Metrics
-from stream.live.batcher import Batcher
+from stream.live.batcher import ADMIT_MARGIN_S, ADMIT_SLACK, Batcher, ServiceTime
 
 _seq = itertools.count(1)
 
@@ -127,17 +127,65 @@ def test_hung_detector_fails_frames_closed_in_time(release: threading.Event) -> 
         b.stop()
 
 
-def test_frames_past_their_deadline_are_not_detected() -> None:
+def test_frames_past_their_deadline_are_shed_not_detected() -> None:
     det = NoFaces()
     b, _, queues = make(lambda: det, max_batch=4, max_wait_s=0.0)
     try:
         stale = job("s0", deadline_s=-1)
         queues[0].put(stale)
         wait_for(lambda: stale.done)
-        assert stale.failure is Failure.DEADLINE
+        assert stale.dropped is Drop.OVERLOAD and stale.failure is None
         assert det.batches == []
     finally:
         b.stop()
+
+
+def test_admission_sheds_the_frames_that_would_come_back_late() -> None:
+    """With the detector known to take 0.5 s a frame, a frame due in 0.3 s is shed before detection
+    (dropped for overload, never blanked) and one due in 10 s is detected."""
+    det = NoFaces()
+    b, _, queues = make(lambda: det, max_batch=4, max_wait_s=0.0)
+    try:
+        b.service.observe(0.5, 1)
+        late, fine = job("s0", deadline_s=0.3), job("s1", deadline_s=10)
+        queues[0].put(late)
+        queues[1].put(fine)
+        wait_for(lambda: late.done and fine.done)
+        assert late.dropped is Drop.OVERLOAD and late.detections is None
+        assert fine.detections is not None
+        assert det.batches == [1], "only the frame that can make its deadline is detected"
+    finally:
+        b.stop()
+
+
+def test_admission_sheds_until_the_smaller_batch_makes_it() -> None:
+    """Four frames at 0.1 s each would finish in 0.4 s: the two due soonest are shed, and the
+    remaining two (0.2 s) are detected in time."""
+    det = NoFaces()
+    b, _, queues = make(lambda: det, max_batch=4, max_wait_s=10.0)
+    try:
+        b.service.observe(0.1, 1)
+        soon = [job("s0", deadline_s=0.45), job("s1", deadline_s=0.45)]
+        later = [job("s2", deadline_s=0.4 * ADMIT_SLACK + ADMIT_MARGIN_S + 0.3), job("s0", deadline_s=20)]
+        for j, q in zip([*soon, *later], [queues[0], queues[1], queues[2], queues[0]], strict=True):
+            q.put(j)
+        wait_for(lambda: all(j.done for j in [*soon, *later]))
+        assert [j.dropped for j in soon] == [Drop.OVERLOAD, Drop.OVERLOAD]
+        assert all(j.detections is not None for j in later)
+        assert det.batches == [2]
+    finally:
+        b.stop()
+
+
+def test_service_time_is_pessimistic_about_frames_of_uneven_cost() -> None:
+    st = ServiceTime()
+    assert st.predict(8) == 0.0, "nothing is shed before the first batch says how long one takes"
+    st.observe(0.4, 4)
+    assert st.predict(2) == pytest.approx(0.2)
+    for seconds in (0.1, 0.3) * 20:  # frames alternately cheap and dear (a heavy model every 2nd)
+        st.observe(seconds, 1)
+    assert st.mean is not None and 0.15 < st.mean < 0.25
+    assert st.predict(1) > 0.28, "mean plus deviations covers the dear frames"
 
 
 def test_queue_keeps_the_newest() -> None:

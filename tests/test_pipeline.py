@@ -165,6 +165,46 @@ def test_slow_detector_drops_old_frames_and_latency_stays_bounded(clip: Clip) ->
     assert max(depths) <= 2
 
 
+def test_an_overloaded_stage_sheds_frames_instead_of_blanking_them(clip: Clip) -> None:
+    """Detection at 10 frames/s against a 25 fps camera, with room to queue 32 frames: without
+    admission control the queued frames would wait past their deadline and go out black. They are
+    shed before detection instead, and every frame that goes out is redacted and on time."""
+    cfg = config(clip, queue_size=32, batcher={"max_batch": 1, "max_wait_ms": 0},
+                 fail_closed={"max_latency_ms": 1500})
+    slow = Slow(0.1)
+    p = Pipeline(cfg, lambda: slow)
+    cap = Captured()
+    p.start()
+    p.streams["cam0"].on_redacted.append(cap)
+    try:
+        wait_for(lambda: p.ended, timeout=60, what="the source to end")
+    finally:
+        p.stop()
+    m = p.metrics
+    assert counter(m, "frames_dropped", stream="cam0", reason="overload") > 0
+    blanked = sum(counter(m, "frames_blanked", stream="cam0", reason=f.value) for f in Failure)
+    assert blanked == 0, "an overloaded but working detector must not black out frames"
+    assert len(cap.frames) >= 5 and all(lat <= 1.5 + 0.1 for _, _, lat in cap.frames)
+
+
+def test_a_stream_starved_for_its_whole_deadline_goes_black(clip: Clip) -> None:
+    """A detector so slow that no frame can be served within max_latency_ms: frames are shed, and
+    once a whole deadline passes with nothing out the stream fails closed with a black frame
+    instead of freezing silently."""
+    cfg = config(clip, queue_size=32, batcher={"max_batch": 1, "max_wait_ms": 0},
+                 fail_closed={"max_latency_ms": 300})
+    slow = Slow(0.5)
+    p = Pipeline(cfg, lambda: slow)
+    p.start()
+    try:
+        wait_for(lambda: p.ended, timeout=60, what="the source to end")
+    finally:
+        p.stop()
+    m = p.metrics
+    assert counter(m, "frames_dropped", stream="cam0", reason="overload") > 0
+    assert counter(m, "frames_blanked", stream="cam0", reason="deadline") > 0
+
+
 def test_streams_are_independent_of_a_failing_one(clip: Clip, tmp_path: Path) -> None:
     bad = tmp_path / "garbage.mp4"
     bad.write_bytes(b"\x00\x00\x01 not a video at all " * 200)

@@ -48,6 +48,8 @@ class Drop(StrEnum):
 
     QUEUE_FULL = "queue_full"
     BACKLOG = "backlog"
+    OVERLOAD = "overload"
+    """shed by admission control: detection would have finished after the frame's deadline"""
     OUTPUT_BUSY = "output_busy"
     OUTPUT_DOWN = "output_down"
     STOPPING = "stopping"
@@ -57,8 +59,9 @@ class Drop(StrEnum):
 class Job:
     """A frame and, once the batcher is done with it, its detections or the reason there are none.
 
-    Resolved exactly once; the per-stream redaction stage waits on it until the frame's deadline
-    and blanks the frame if no detections came by then.
+    Resolved exactly once; the per-stream redaction stage waits on it until the frame's deadline.
+    If no detections came by then, a frame the detector had (``admitted``) is blanked: detection
+    was late; one still waiting for its turn is shed like any frame the stage had no time for.
     """
 
     frame: Frame
@@ -66,6 +69,8 @@ class Job:
     detections: Detections | None = None
     failure: Failure | None = None
     dropped: Drop | None = None
+    admitted: bool = False
+    """set by the batcher when the frame is handed to the detector"""
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from stream.core.detections import Detect, Detections, FrameRef
-from stream.core.frames import Failure, Job, JobQueue
+from stream.core.frames import Drop, Failure, Job, JobQueue
 from stream.core.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class _Worker:
         self._incoming: deque[_Call] = deque()
         self._prepared: deque[tuple[_Call, Any]] = deque()
         self._wake = threading.Condition()
-        self._prepare: Callable[[list[np.ndarray], list[int | None]], Any] | None = None
+        self._prepare: Callable[[list[np.ndarray], list[FrameRef]], Any] | None = None
         self.name = name
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
@@ -132,6 +132,41 @@ class _Worker:
             call.finish()
 
 
+ADMIT_SLACK = 1.2
+ADMIT_MARGIN_S = 0.05
+"""a frame is admitted when its predicted detection time, times the slack plus the margin, ends
+before its deadline: room for a scheduler hiccup on a loaded machine, since a frame admitted and
+then late goes out black"""
+
+
+class ServiceTime:
+    """How long the detector takes per frame, learned from the batches it ran.
+
+    Admission control predicts a batch's finish with it. The prediction is pessimistic (mean plus
+    two mean deviations per frame): frames differ in cost (a frame on which the plate and person
+    models are due costs several times one with faces only), and a frame shed needlessly costs one
+    frame of the output's rate while one admitted late costs a black frame.
+    """
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        self.alpha = alpha
+        self.mean: float | None = None
+        self.dev = 0.0
+
+    def observe(self, seconds: float, frames: int) -> None:
+        per = seconds / max(1, frames)
+        if self.mean is None:
+            self.mean = per
+            return
+        err = per - self.mean
+        self.mean += self.alpha * err
+        self.dev += self.alpha * (abs(err) - self.dev)
+
+    def predict(self, frames: int) -> float:
+        """Seconds a batch of ``frames`` should take; 0 before the first batch (nothing is shed)."""
+        return 0.0 if self.mean is None else frames * (self.mean + 2 * self.dev)
+
+
 @dataclass
 class _Flight:
     """A batch handed to a worker and not yet resolved."""
@@ -173,6 +208,7 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self.batches = 0
         self._transfers = (0, 0)
+        self.service = ServiceTime()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -289,12 +325,7 @@ class Batcher:
 
     def _submit(self, batch: list[Job]) -> None:
         now = time.monotonic()
-        live = []
-        for job in batch:
-            if job.expired(now):
-                job.resolve(failure=Failure.DEADLINE)
-            else:
-                live.append(job)
+        live = self._admit(batch, now)
         if not live:
             return
         worker = self._worker
@@ -309,6 +340,39 @@ class Batcher:
             flight.deadline = now + self.hang_timeout_s
         self._flights.append(flight)
         worker.submit(call)
+
+    def _admit(self, batch: list[Job], now: float) -> list[Job]:
+        """Admission control: the jobs of ``batch`` that can be detected before their deadline.
+
+        When the stage cannot keep up, frames that would come back after their deadline are shed
+        here, before detection (and so before encoding), as dropped for ``overload``: the stream
+        publishes fewer frames, each one redacted and on time, instead of spending detection on
+        frames that would go out black. Shedding makes the batch smaller and so faster, so it is
+        repeated until every admitted frame is predicted to make it. Which stream's frames are
+        taken is fair already (round robin in :meth:`_collect`); a stream starved of every frame for
+        its whole deadline is blanked by its runner, not here.
+        """
+        ahead = self._work_ahead()
+        live = [j for j in batch if not j.done]  # a runner may have given up on it meanwhile
+        while live:
+            finish = now + ADMIT_SLACK * (ahead + self.service.predict(len(live))) + ADMIT_MARGIN_S
+            late = [j for j in live if j.deadline <= finish]
+            if not late:
+                break
+            for job in late:
+                job.resolve(dropped=Drop.OVERLOAD)
+            live = [j for j in live if j.dropped is None]
+        for job in live:
+            job.admitted = True
+        return live
+
+    def _work_ahead(self) -> float:
+        """Predicted seconds until the batches already in flight are done (they run in order)."""
+        if not self._flights:
+            return 0.0
+        total = sum(self.service.predict(len(f.jobs)) for f in self._flights)
+        started = self._flights[0].call.started
+        return max(0.0, total - (time.perf_counter() - started if started else 0.0))
 
     def _reap(self) -> None:
         """Resolve the batches in flight that are done, oldest first; fail a broken one closed."""
@@ -332,6 +396,7 @@ class Batcher:
     def _settle(self, flight: _Flight) -> None:
         call, live, worker = flight.call, flight.jobs, flight.worker
         self.metrics.inference_seconds.observe(call.finished - call.started)
+        self.service.observe(call.finished - call.started, len(live))
         self.metrics.batch_size.observe(len(live))
         self.metrics.batch_fill.observe(len(live) / self.max_batch)
         self._count_transfers(worker.detector)

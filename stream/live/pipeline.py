@@ -90,6 +90,8 @@ class StreamRunner:
         self.published = 0
         self.blanked = 0
         self.last_frame_at: float | None = None
+        self._last_out: float | None = None
+        """when a frame last left for the outputs (redacted or black), or the first frame arrived"""
         self._tracked_seq: int | None = None
         self._latency_ms: float | None = None
         self.recent: deque[dict[str, Any]] = deque(maxlen=8)
@@ -162,6 +164,8 @@ class StreamRunner:
         frame = Frame(self.id, self.seq, image, now, time.time(), pts)
         job = Job(frame, deadline=now + self.max_latency_s)
         self.last_frame_at = now
+        if self._last_out is None:
+            self._last_out = now
         self.metrics.frames_in.labels(self.id).inc()
         overflow = self._ordered.put(job)
         if overflow is job:  # stopped: nothing more is published
@@ -214,7 +218,12 @@ class StreamRunner:
             if job is None:  # stopped, and every accepted frame is out
                 return
             if not job.wait(max(0.0, job.deadline - time.monotonic())):
-                job.resolve(failure=Failure.DEADLINE)  # no-op if it was resolved just now
+                # no-op if it was resolved just now; a frame the detector never got is shed (the
+                # stage had no time for it), one it had is late: blanked
+                if job.admitted:
+                    job.resolve(failure=Failure.DEADLINE)
+                else:
+                    job.resolve(dropped=Drop.OVERLOAD)
             self._ordered.pop_if_head(job)
             try:
                 self._finish(job)
@@ -223,7 +232,10 @@ class StreamRunner:
                 log.exception("stream %s: redaction failed; frame %d not published", self.id, job.frame.seq)
 
     def _finish(self, job: Job) -> None:
-        if job.dropped is not None:
+        if job.dropped is Drop.OVERLOAD and not self._starved():
+            self.metrics.frames_dropped.labels(self.id, Drop.OVERLOAD.value).inc()
+            return  # shed by admission control: the next frame that makes its deadline goes out
+        if job.dropped is not None and job.dropped is not Drop.OVERLOAD:
             return  # counted where it was dropped; nothing is published
         frame = job.frame
         if job.detections is not None:
@@ -241,6 +253,11 @@ class StreamRunner:
         self._note_new_tracks(frame, tracks)
         self._publish(frame, masked.image, masked.dets)
         self._notify("frame", frame, masked.dets, None, tracks)
+
+    def _starved(self) -> bool:
+        """Nothing went out for a whole ``max_latency_ms``: even one frame in that time could not be
+        served, so the stream fails closed (a black frame) instead of freezing without a sign."""
+        return self._last_out is not None and time.monotonic() - self._last_out >= self.max_latency_s
 
     def _elapsed(self, frame: Frame) -> int:
         """Source frames since the last tracked one: dropped frames still moved the objects."""
@@ -261,6 +278,7 @@ class StreamRunner:
             self._notify("incident", self.id, why, 1, False, self.action)
         if self.action == "withhold":
             self.metrics.frames_withheld.labels(self.id, why.value).inc()
+            self._last_out = time.monotonic()  # the starvation window starts again
         else:
             self.metrics.frames_blanked.labels(self.id, why.value).inc()
             self.blanked += 1
@@ -278,6 +296,7 @@ class StreamRunner:
         ms = (time.monotonic() - frame.captured_at) * 1000
         self._latency_ms = ms if self._latency_ms is None else 0.9 * self._latency_ms + 0.1 * ms
         self.published += 1
+        self._last_out = time.monotonic()
         self.metrics.frames_published.labels(self.id).inc()
         for out in self.outputs:
             out.submit(image, frame.captured_at)
