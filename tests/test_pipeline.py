@@ -24,6 +24,7 @@ from stream.core.observe import Observer
 from stream.core.track import TrackChanges
 from stream.live.pipeline import Pipeline
 from stream.live.service import detector_factory_for
+from stream.live.sources.base import Arrivals
 
 
 @pytest.fixture(scope="module")
@@ -337,3 +338,37 @@ def test_live_frames_report_track_life_from_the_masking_stage(clip: Clip) -> Non
     assert first_seq <= last.best_seen.seq <= last.last_seen.seq < end_seq
     assert last.best_score == pytest.approx(0.9)
     assert [r["track_id"] for r in p.streams["cam0"].status()["recent"]] == [first.track_id]
+
+
+def test_a_frames_deadline_counts_from_when_its_data_arrived(clip: Clip) -> None:
+    """A frame whose packet arrived longer ago than max_latency_ms is never detected nor published,
+    however fresh it is out of the decoder; one that arrived just now is."""
+    cfg = parse_config({"streams": [{"id": "cam", "source": {"type": "whip"}}],
+                        "detection": {"providers": ["cpu"]}, "fail_closed": {"max_latency_ms": 500}})
+    det = NoFaces()
+    p = Pipeline(cfg, lambda: det)
+    cap = Captured()
+    p.start()
+    try:
+        runner = p.streams["cam"]
+        runner.on_redacted.append(cap)
+        image = np.zeros((48, 64, 3), np.uint8)
+        runner.on_frame(image.copy(), None, arrived=time.monotonic() - 2.0)
+        runner.on_frame(image.copy(), None, arrived=time.monotonic())
+        wait_for(lambda: len(cap.frames) == 1, what="the fresh frame to be published")
+        assert counter(p.metrics, "frames_dropped", stream="cam", reason="overload") == 1
+        assert cap.frames[0][0].seq == 2 and det.batches == [1]
+    finally:
+        p.stop()
+
+
+def test_arrivals_follow_packets_through_a_reordering_decoder() -> None:
+    a = Arrivals()
+    assert a.frame(0) is None  # nothing arrived yet
+    for pts, t in [(0, 10.0), (3, 10.1), (1, 10.2), (2, 10.3)]:  # I P B B in decode order
+        a.packet(pts, t)
+    # frames come out in display order 0, 1, 2, 3; frame 3's data came early, but it cannot be
+    # older than frame 2 shown before it
+    assert [a.frame(p) for p in (0, 1, 2, 3)] == [10.0, 10.2, 10.3, 10.3]
+    a.packet(None, 11.0)
+    assert a.frame(None) == 11.0 and a.frame(99) == 11.0  # unknown: the newest packet's time

@@ -17,8 +17,9 @@ from stream.core.queues import BoundedQueue
 class Frame:
     """One decoded picture of one stream.
 
-    ``captured_at`` is ``time.monotonic()`` when the frame left the decoder (latency is measured
-    from it); ``wall_time`` is the same instant as Unix time, for events; ``pts`` is the source's
+    ``captured_at`` is ``time.monotonic()`` when the frame's data arrived, where the source knows it
+    (RTSP: when its packet was read), else when it left the decoder; its deadline and latency are
+    measured from it. ``wall_time`` is the same instant as Unix time, for events; ``pts`` is the source's
     own timestamp in seconds (restarts when the source reconnects, so it is informative only).
     """
 

@@ -158,11 +158,14 @@ class StreamRunner:
         self.metrics.stream_up.labels(self.id).set(0)
 
     # -- SourceHandler ---------------------------------------------------------------------------
-    def on_frame(self, image: np.ndarray, pts: float | None) -> None:
+    def on_frame(self, image: np.ndarray, pts: float | None, arrived: float | None = None) -> None:
         now = time.monotonic()
+        # the deadline and the latency count from when the frame's data arrived (RTSP: the packet
+        # was read), so decoding and any decoder delay use up the frame's time too
+        captured = now if arrived is None else min(arrived, now)
         self.seq += 1
-        frame = Frame(self.id, self.seq, image, now, time.time(), pts)
-        job = Job(frame, deadline=now + self.max_latency_s)
+        frame = Frame(self.id, self.seq, image, captured, time.time() - (now - captured), pts)
+        job = Job(frame, deadline=captured + self.max_latency_s)
         self.last_frame_at = now
         if self._last_out is None:
             self._last_out = now

@@ -16,7 +16,9 @@ log = logging.getLogger(__name__)
 
 
 class SourceHandler(Protocol):
-    def on_frame(self, image: np.ndarray, pts: float | None) -> None: ...
+    def on_frame(self, image: np.ndarray, pts: float | None, arrived: float | None = None) -> None:
+        """A decoded picture; ``arrived`` (``time.monotonic()``) is when its data reached this
+        process, where the source knows it: the frame's deadline counts from then."""
 
     def on_up(self, width: int, height: int, codec: str) -> None: ...
 
@@ -25,6 +27,41 @@ class SourceHandler(Protocol):
     def on_reconnect(self) -> None: ...
 
     def on_end(self) -> None: ...
+
+
+class Arrivals:
+    """When each packet was read, so a decoded frame's age counts from its data's arrival.
+
+    Decoding takes time and a decoder may hold frames back (reordering), so the moment a frame
+    comes out of the decoder is later than when the camera's data for it arrived. Packets are
+    keyed by their presentation timestamp, which the decoded frame carries; a frame whose packet
+    is unknown gets the newest packet's time. Arrival times handed out never go backwards (a
+    reordered frame cannot leave before the frames shown before it).
+    """
+
+    def __init__(self, keep: int = 64) -> None:
+        self.keep = keep
+        self._by_pts: dict[int, float] = {}
+        self._newest: float | None = None
+        self._last_out = float("-inf")
+
+    def packet(self, pts: int | None, now: float) -> None:
+        self._newest = now
+        if pts is None:
+            return
+        self._by_pts[pts] = now
+        if len(self._by_pts) > self.keep:  # a decoder never holds this many; stale keys go
+            del self._by_pts[next(iter(self._by_pts))]
+
+    def frame(self, pts: int | None) -> float | None:
+        """When the data of the frame with ``pts`` arrived (None before any packet)."""
+        at = self._by_pts.pop(pts, None) if pts is not None else None
+        at = at if at is not None else self._newest
+        if at is None:
+            return None
+        at = max(at, self._last_out)
+        self._last_out = at
+        return at
 
 
 class Source:

@@ -17,7 +17,7 @@ import av.error
 from stream.config import RtspSourceConfig
 from stream.core.backoff import Backoff
 from stream.core.urls import mask_text, mask_url
-from stream.live.sources.base import Source, SourceHandler
+from stream.live.sources.base import Arrivals, Source, SourceHandler
 from stream.live.sources.decode import open_video
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,9 @@ class RtspSource(Source):
             vs.thread_type = "SLICE"
             announced = False
             bad = 0
+            arrivals = Arrivals()
             for packet in container.demux(vs):
+                arrivals.packet(packet.pts, time.monotonic())
                 if self.stopping:
                     return
                 try:
@@ -129,7 +131,8 @@ class RtspSource(Source):
                         if self._last_kind is not None:
                             log.warning("stream %s: source back", self.stream_id)
                             self._last_kind = None
-                    self.handler.on_frame(frame.to_ndarray(format="bgr24"), frame.time)
+                    self.handler.on_frame(frame.to_ndarray(format="bgr24"), frame.time,
+                                          arrivals.frame(frame.pts))
             if not self.stopping:
                 raise SourceError("ended", f"{mask_url(cfg.url)}: the server ended the stream")
         finally:
