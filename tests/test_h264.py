@@ -51,8 +51,19 @@ def test_bgr_frame_drops_only_the_last_odd_column_and_row():
     img = picture(65, 49)
     frame = bgr_frame(img, 7, TB)
     assert (frame.width, frame.height, frame.pts, frame.time_base) == (64, 48, 7, TB)
-    assert np.array_equal(frame.to_ndarray(format="bgr24"), img[:48, :64])
+    assert frame.format.name == "yuv420p"  # what the encoders take: no second conversion there
+    # the same picture as FFmpeg's own conversion of the cropped image makes (within one level of
+    # luma): nothing scaled, and the white last row and column are gone, not squeezed in
+    ref = av.VideoFrame.from_ndarray(np.ascontiguousarray(img[:48, :64]), format="bgr24")
+    luma = frame.to_ndarray()[:48].astype(int)
+    assert np.abs(luma - ref.reformat(format="yuv420p").to_ndarray()[:48].astype(int)).max() <= 1
     assert even_size(65, 49) == (64, 48)
+
+
+def test_bgr_frame_keeps_odd_sizes_in_bgr_for_4_4_4():
+    img = picture(65, 49)
+    frame = bgr_frame(img, 0, TB, (65, 49))
+    assert frame.format.name == "bgr24" and np.array_equal(frame.to_ndarray(format="bgr24"), img)
 
 
 def decode(packets: list[av.Packet]) -> list[av.VideoFrame]:

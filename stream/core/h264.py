@@ -12,6 +12,7 @@ from fractions import Fraction
 from typing import Literal
 
 import av
+import cv2
 import numpy as np
 from av.video.codeccontext import VideoCodecContext
 from av.video.frame import PictureType
@@ -32,7 +33,14 @@ def bgr_frame(image: np.ndarray, pts: int, time_base: Fraction,
     w, h = size or even_size(image.shape[1], image.shape[0])
     if image.shape[:2] != (h, w):
         image = image[:h, :w]
-    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="bgr24")
+    if w % 2 == 0 and h % 2 == 0:
+        # straight to the encoders' 4:2:0 (same BT.601 conversion as FFmpeg's, within 1 level):
+        # OpenCV's converter takes a third of swscale's time from bgr24 (0.4 against 1.0 ms at
+        # 640x360, 0.7 against 3.0 ms at 1280x720 on the 2-core CI machine)
+        yuv = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_BGR2YUV_I420)
+        frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+    else:
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="bgr24")
     frame.pts, frame.time_base = pts, time_base
     return frame
 
