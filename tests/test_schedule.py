@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from helpers import finds, uk_plate
@@ -155,3 +157,21 @@ def test_head_masks_stay_through_skipped_person_frames(astronaut: np.ndarray) ->
     masked = [len(tracker.update(det.detect([frame], [FrameRef("heads", seq)])[0]).with_label("face"))
               for seq in range(8)]
     assert masked == [1] * 8, f"head masks per frame: {masked}"
+
+
+@pytest.mark.parametrize("drop_rate", [0.0, 0.3, 0.6, 0.9])
+def test_no_model_starves_or_spirals_under_random_drops(every3: FrameDetector, drop_rate: float) -> None:
+    """Frames dropped at random (load): the plate model runs at most once per 3 source frames
+    (no spiral) and never waits longer than 3 source frames plus the gap before the next frame
+    that arrives (no starvation)."""
+    rng = np.random.default_rng(int(drop_rate * 100))
+    kept = [s for s in range(600) if rng.random() >= drop_rate or s == 0]
+    sid = stream_in_phase(f"random-{drop_rate}")
+    plate = every3.config.plate
+    due = [every3._schedule(99, every3.plate_model, plate, 1, [FrameRef(sid, s)])[0] for s in kept]
+    runs = [s for s, d in zip(kept, due, strict=True) if d]
+    assert runs[0] == kept[0]
+    assert all(b - a >= 3 for a, b in itertools.pairwise(runs)), "ran more often than every 3rd frame"
+    for a, b in itertools.pairwise(runs):
+        first_due = next(s for s in kept if s >= a + 3)
+        assert b == first_due, f"ran at {b}, due at {first_due}: it waited past its cadence"
