@@ -159,20 +159,43 @@ def test_admission_sheds_the_frames_that_would_come_back_late() -> None:
 
 
 def test_admission_sheds_until_the_smaller_batch_makes_it() -> None:
-    """Four frames at 0.1 s each would finish in 0.4 s: the two due soonest are shed, and the
-    remaining two (0.2 s) are detected in time."""
+    """Four frames at 0.1 s each would finish in about 0.5 s: the most urgent (due in 0.3 s) is shed,
+    and then three finish in about 0.4 s, in time for the next most urgent (due in 0.45 s)."""
     det = NoFaces()
     b, _, queues = make(lambda: det, max_batch=4, max_wait_s=10.0)
     try:
         b.service.observe(0.1, 1)
-        soon = [job("s0", deadline_s=0.45), job("s1", deadline_s=0.45)]
-        later = [job("s2", deadline_s=0.4 * ADMIT_SLACK + ADMIT_MARGIN_S + 0.3), job("s0", deadline_s=20)]
-        for j, q in zip([*soon, *later], [queues[0], queues[1], queues[2], queues[0]], strict=True):
+        assert 0.3 < ADMIT_SLACK * 0.3 + ADMIT_MARGIN_S < 0.45 < ADMIT_SLACK * 0.4 + ADMIT_MARGIN_S
+        jobs = [job("s0", deadline_s=0.3), job("s1", deadline_s=0.45), job("s2", deadline_s=2),
+                job("s0", deadline_s=20)]
+        for j, q in zip(jobs, [queues[0], queues[1], queues[2], queues[0]], strict=True):
             q.put(j)
-        wait_for(lambda: all(j.done for j in [*soon, *later]))
-        assert [j.dropped for j in soon] == [Drop.OVERLOAD, Drop.OVERLOAD]
-        assert all(j.detections is not None for j in later)
-        assert det.batches == [2]
+        wait_for(lambda: all(j.done for j in jobs))
+        assert jobs[0].dropped is Drop.OVERLOAD
+        assert all(j.detections is not None for j in jobs[1:])
+        assert det.batches == [3]
+    finally:
+        b.stop()
+
+
+def test_a_stale_estimate_cannot_shed_every_frame_for_ever(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An estimate learned on one dear batch would shed every later frame, and with nothing detected
+    it would never be corrected: after PROBE_AFTER_S without a finished batch one frame goes through
+    to measure again."""
+    import stream.live.batcher as batcher
+
+    monkeypatch.setattr(batcher, "PROBE_AFTER_S", 0.0)
+    det = NoFaces()
+    b, _, queues = make(lambda: det, max_batch=4, max_wait_s=10.0)
+    try:
+        b.service.observe(60.0, 1)  # one frame once took a minute
+        jobs = [job(f"s{i}", deadline_s=1.0 + i) for i in range(3)] + [job("s0", deadline_s=5.0)]
+        for i, j in enumerate(jobs):
+            queues[i % 3].put(j)
+        wait_for(lambda: all(j.done for j in jobs))
+        assert [j.dropped for j in jobs[:3]] == [Drop.OVERLOAD] * 3
+        assert jobs[3].detections is not None and det.batches == [1], "the freshest frame probes"
+        assert b.service.mean is not None and b.service.mean < 60.0, "the estimate learned again"
     finally:
         b.stop()
 

@@ -134,6 +134,9 @@ class _Worker:
 
 ADMIT_SLACK = 1.2
 ADMIT_MARGIN_S = 0.05
+PROBE_AFTER_S = 2.0
+"""with no batch finished for this long, one frame is admitted even if predicted late, so that a
+stale estimate cannot shed every frame for ever"""
 """a frame is admitted when its predicted detection time, times the slack plus the margin, ends
 before its deadline: room for a scheduler hiccup on a loaded machine, since a frame admitted and
 then late goes out black"""
@@ -209,6 +212,7 @@ class Batcher:
         self.batches = 0
         self._transfers = (0, 0)
         self.service = ServiceTime()
+        self._last_observed = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -353,15 +357,18 @@ class Batcher:
         its whole deadline is blanked by its runner, not here.
         """
         ahead = self._work_ahead()
-        live = [j for j in batch if not j.done]  # a runner may have given up on it meanwhile
-        while live:
-            finish = now + ADMIT_SLACK * (ahead + self.service.predict(len(live))) + ADMIT_MARGIN_S
-            late = [j for j in live if j.deadline <= finish]
-            if not late:
+        # most urgent first: shedding one makes the batch faster, which may save the next
+        live = sorted((j for j in batch if not j.done), key=lambda j: j.deadline)
+        while live and live[0].deadline <= now + ADMIT_SLACK * (ahead + self.service.predict(len(live))) \
+                + ADMIT_MARGIN_S:
+            job = live.pop(0)
+            if not live and job.deadline > now and now - self._last_observed >= PROBE_AFTER_S:
+                # everything would be shed on an estimate no batch has confirmed for a while (it
+                # may have been learned on a batch of first frames, every model on every stream):
+                # let one frame through to measure again, rather than shed for ever
+                live.append(job)
                 break
-            for job in late:
-                job.resolve(dropped=Drop.OVERLOAD)
-            live = [j for j in live if j.dropped is None]
+            job.resolve(dropped=Drop.OVERLOAD)
         for job in live:
             job.admitted = True
         return live
@@ -397,6 +404,7 @@ class Batcher:
         call, live, worker = flight.call, flight.jobs, flight.worker
         self.metrics.inference_seconds.observe(call.finished - call.started)
         self.service.observe(call.finished - call.started, len(live))
+        self._last_observed = time.monotonic()
         self.metrics.batch_size.observe(len(live))
         self.metrics.batch_fill.observe(len(live) / self.max_batch)
         self._count_transfers(worker.detector)
