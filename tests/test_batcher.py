@@ -299,3 +299,31 @@ def test_all_detectors_hung_is_logged_once_and_its_end_once(
     said = [r.getMessage() for r in caplog.records]
     assert len([m for m in said if "detector runs are hung" in m]) == 1, said
     assert len([m for m in said if "a hung detector run returned" in m]) == 1, said
+
+
+def test_a_run_whose_result_is_thrown_away_restarts_that_streams_cadences(release: threading.Event) -> None:
+    """A frame given up on while the detector ran (late, dropped) never brings its boxes to its
+    tracker: the detector is told to forget that stream's cadences, so its next frame runs every
+    model instead of trusting a run nobody saw."""
+
+    class Forgetful(Hangs):
+        def __init__(self) -> None:
+            super().__init__(release)
+            self.forgotten: list[str] = []
+
+        def forget(self, stream: str) -> None:
+            self.forgotten.append(stream)
+
+    det = Forgetful()
+    b, _, queues = make(lambda: det, max_batch=1, max_wait_s=0.0)
+    try:
+        kept, lost = job("s1"), job("s0")
+        queues[0].put(lost)
+        wait_for(det.entered.is_set, what="the detector to start on the frame")
+        assert lost.resolve(dropped=Drop.BACKLOG)  # its runner gave up on it meanwhile
+        release.set()
+        queues[1].put(kept)
+        wait_for(lambda: kept.done, what="the next frame")
+        assert det.forgotten == ["s0"]
+    finally:
+        b.stop()

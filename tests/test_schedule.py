@@ -175,3 +175,13 @@ def test_no_model_starves_or_spirals_under_random_drops(every3: FrameDetector, d
     for a, b in itertools.pairwise(runs):
         first_due = next(s for s in kept if s >= a + 3)
         assert b == first_due, f"ran at {b}, due at {first_due}: it waited past its cadence"
+
+
+def test_forget_makes_a_streams_next_frame_run_every_model(every3: FrameDetector) -> None:
+    sid = stream_in_phase("forget")
+    plate = every3.config.plate
+    due = lambda seq: every3._schedule(98, every3.plate_model, plate, 1, [FrameRef(sid, seq)])[0]  # noqa: E731
+    assert [due(0), due(1)] == [True, False]
+    every3.forget(sid)
+    assert due(2) is True, "after forget the next frame runs the model"
+    assert due(3) is False

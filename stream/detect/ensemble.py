@@ -231,6 +231,11 @@ class FrameDetector:
             due.append(True)
         return due
 
+    def forget(self, stream: str) -> None:
+        """Start ``stream``'s cadences afresh: the results of a run on it never reached its tracker."""
+        for key in [k for k in self._last_run if k[1] == stream]:
+            self._last_run.pop(key, None)
+
     def prepare(self, images: list[np.ndarray], refs: Sequence[FrameRef] | None = None) -> Prepared:
         """Upload and letterbox a batch for every model due on it; no inference yet.
 

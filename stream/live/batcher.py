@@ -415,8 +415,13 @@ class Batcher:
             self._incident, self._incident_frames = None, 0
         self._failures_in_row = 0
         assert call.result is not None
+        forget = getattr(worker.detector, "forget", None)
         for job, dets in zip(live, call.result, strict=True):
-            job.resolve(detections=dets)
+            if not job.resolve(detections=dets) and forget is not None:
+                # the frame was given up on meanwhile (late, or dropped): its tracker never gets
+                # these boxes, so the cadences must not count this run; the stream's next frame
+                # runs every model
+                forget(job.frame.stream_id)
 
     def _abort(self, worker: _Worker, why: Failure, detail: str | None, reason: str) -> None:
         """A detector that raised or hung: every batch in flight (all of them on this worker) fails
