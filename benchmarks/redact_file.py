@@ -283,7 +283,8 @@ def bench_deface(run: Run, exe: Path, clip: Path, work: Path, timeout: float) ->
             run.note += f"deface saw {c['frames']} frames, clip has {run.frames}; "
 
 
-def detector_configs(providers: tuple[str, ...], threads: int, input_size: int | None) -> dict[str, Any]:
+def detector_configs(providers: tuple[str, ...], threads: int, input_size: int | None,
+                     int8: bool = True) -> dict[str, Any]:
     """The default FrameDetector config, and one config per model with only that model on.
 
     Built from ``DetectorConfig()`` so the timings follow whatever the detection stage defaults
@@ -300,12 +301,12 @@ def detector_configs(providers: tuple[str, ...], threads: int, input_size: int |
         return m
 
     def only(faces: dict[str, Any] | None = None, plate: Any = None, person: Any = None) -> Any:
-        cfg = DetectorConfig(providers=providers, threads=threads)
+        cfg = DetectorConfig(providers=providers, threads=threads, int8=int8)
         cfg.faces, cfg.plate, cfg.person_heads = faces or {}, sized(plate), sized(person)
         cfg.faces = {k: sized(v) for k, v in cfg.faces.items()}
         return cfg
 
-    base = DetectorConfig(providers=providers, threads=threads)
+    base = DetectorConfig(providers=providers, threads=threads, int8=int8)
     face = next(iter(base.faces.values()))
     configs: dict[str, Any] = {
         "centerface": only(faces={"centerface": replace(base.faces.get("centerface", face))}),
@@ -322,7 +323,7 @@ def detector_configs(providers: tuple[str, ...], threads: int, input_size: int |
 
 
 def bench_detectors(clip: Path, n_frames: int, batch: int, threads: int, providers: tuple[str, ...],
-                    reps: int, input_size: int | None = None) -> dict[str, Any]:
+                    reps: int, input_size: int | None = None, int8: bool = True) -> dict[str, Any]:
     """ms/frame of each stream-redact model alone and of the whole FrameDetector, on decoded frames.
 
     One untimed warm-up batch per model (session start and first-run allocation are not per-frame
@@ -336,7 +337,7 @@ def bench_detectors(clip: Path, n_frames: int, batch: int, threads: int, provide
         decoded = zip(range(n_frames), c.decode(video=0), strict=False)
         frames = [f.to_ndarray(format="bgr24") for _, f in decoded]
     out: dict[str, Any] = {"frames": len(frames), "batch": batch}
-    for name, cfg in detector_configs(providers, threads, input_size).items():
+    for name, cfg in detector_configs(providers, threads, input_size, int8).items():
         t0 = time.perf_counter()
         model = FrameDetector(cfg)
         load = time.perf_counter() - t0
@@ -358,7 +359,8 @@ def bench_detectors(clip: Path, n_frames: int, batch: int, threads: int, provide
             if m is not None:
                 models[key] = asdict(m)
         out[name] = {"ms_per_frame": 1000 * best / len(frames), "load_s": load,
-                     "frames_with_detections": hits, "other_cores": round(other, 2), "config": models}
+                     "frames_with_detections": hits, "other_cores": round(other, 2), "config": models,
+                     "weights": [m.version for m in model.models]}
         print(f"  detector {name}: {out[name]['ms_per_frame']:.1f} ms/frame, "
               f"{hits}/{len(frames)} frames with detections", file=sys.stderr, flush=True)
     return out
@@ -442,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--det-providers", default="cuda,cpu", help="ORT providers, as the CLI's" + dflt)
     p.add_argument("--det-input-size", type=int, default=None,
                    help="input size for every model (default: the detection stage's own defaults)")
+    p.add_argument("--det-int8", choices=["auto", "off"], default="auto",
+                   help="int8 plate and person weights on the CPU, as `redact --int8`" + dflt)
     p.add_argument("--timeout", type=float, default=900, help="seconds before a run counts as failed" + dflt)
     p.add_argument("--keep-outputs", type=Path, default=None, help="keep redacted videos and JSON here")
     p.add_argument("-o", "--output", type=Path, default=DEFAULT_OUT, help="JSON results file" + dflt)
@@ -496,7 +500,8 @@ def _bench(args: argparse.Namespace, info: dict[str, Any], sizes: list[tuple[int
         if not args.no_detectors:
             detectors[size] = bench_detectors(clip, args.det_frames, args.det_batch, args.det_threads,
                                               tuple(args.det_providers.split(",")), reps=2,
-                                              input_size=args.det_input_size)
+                                              input_size=args.det_input_size,
+                                              int8=args.det_int8 == "auto")
         size_runs = [Run("stream-redact", name, size, a, frames=n) for name, a in sr_variants]
         size_runs += [Run("deface", name, size, a, frames=n) for name, a in df_variants]
         runs += size_runs

@@ -98,9 +98,9 @@ def add_redact_parser(sub: argparse._SubParsersAction) -> None:
                    help="how regions are obscured (default: blur)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="accurate",
                    help="accurate (default): CenterFace, plates at 960 px, every detector on every "
-                        "frame. fast: YuNet, plates at 640 px, plate and person detectors on every "
-                        "3rd frame with the tracker carrying their boxes between runs. Explicit "
-                        "options override the preset")
+                        "frame. fast: YuNet, plates at 640 px and persons at 512 px (int8 on the CPU), "
+                        "plate and person detectors on every 3rd frame with the tracker carrying "
+                        "their boxes between runs. Explicit options override the preset")
     p.add_argument("--face-model", choices=["centerface", "yunet", "both"], default=None,
                    help="face detector (accurate: centerface, fast: yunet; 'both' merges the two)")
     p.add_argument("--face-threshold", type=_unit, default=None, help="face score threshold")
@@ -133,6 +133,10 @@ def add_redact_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--providers", default="cuda,cpu",
                    help="ONNX Runtime providers in order of preference (default: cuda,cpu)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per model (default: all cores)")
+    p.add_argument("--int8", choices=["auto", "off"], default="auto",
+                   help="CPU only: auto runs the plate and person models as their int8 variants "
+                        "where their input is at most 640 px (fast preset; about 1.6x faster); off "
+                        "runs fp32 (default: auto)")
     p.add_argument("--model-dir", type=Path, default=None, help="directory holding the model files")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--max-pixels", type=_pixel_count, default=None, metavar="N",
@@ -167,7 +171,7 @@ def detection_config(args: argparse.Namespace) -> DetectionConfig:
             plate_threshold=args.plate_threshold, input_size=args.input_size, plate_every=args.plate_every,
             person_every=args.person_every, plates=not args.no_plates, heads=not args.no_heads,
             vehicle_plates_px=args.vehicle_plates, providers=[p.lower() for p in names], threads=args.threads,
-            model_dir=args.model_dir)
+            int8=args.int8, model_dir=args.model_dir)
     except ValidationError as e:
         err = e.errors()[0]
         field = str(err["loc"][0])

@@ -14,6 +14,7 @@ from deploy_helpers import missing, run, tool
 from helpers import ROOT
 
 from stream.config import HttpConfig
+from stream.detect.models import manifest
 
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
@@ -147,6 +148,9 @@ def test_copied_files_exist_and_are_in_the_build_context() -> None:
         assert in_context(src), f"{src} is excluded by .dockerignore"
     assert in_context("stream/cli.py") and in_context("stream/models/manifest.json")
     assert in_context("stream/models/plate_yolov8n_fastanpr.onnx")  # committed, not fetched
+    for spec in manifest().values():  # every committed model (exports, int8 variants) goes in
+        if spec.source["kind"] == "export":
+            assert in_context(f"stream/models/{spec.file}"), spec.file
     for private in (".git/config", ".venv/bin/python", ".samples/x.mp4", ".tools/bin/helm", "tests/test_x.py",
                     "stream/__pycache__/cli.cpython-312.pyc", "stream/models/centerface.onnx"):
         assert not in_context(private), private

@@ -1,4 +1,6 @@
-"""The COCO YOLOv8 export re-targeted to other input sizes (rebuild_for_shape) and PersonYolo's sessions."""
+"""YOLOv8 graphs at the frame's aspect ratio: the COCO export re-targeted to other input sizes
+(rebuild_for_shape) and PersonYolo's sessions; the dynamic plate export on a 16:9 canvas; the int8
+variants of both the same way."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import cv2
 import numpy as np
 import onnx
 import pytest
-from helpers import ASTRONAUT_PERSON, iou
+from helpers import ASTRONAUT_PERSON, iou, uk_plate
 
 from stream.detect.base import rgb_unit
 from stream.detect.letterbox import letterbox_batch
@@ -21,9 +23,10 @@ def anchors(height: int, width: int) -> int:
     return sum((height // s) * (width // s) for s in (8, 16, 32))
 
 
-@pytest.fixture(scope="module")
-def coco_path():
-    return model_path("person")
+@pytest.fixture(scope="module", params=["person", "person_int8"])
+def coco_path(request: pytest.FixtureRequest):
+    """The fp32 export and its int8 variant: both carry the baked 640x640 anchor grid."""
+    return model_path(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +123,29 @@ def test_person_yolo_16_9_and_4_3_frames_in_one_call(astronaut: np.ndarray) -> N
     (alone,) = yolo([wide])
     assert set(yolo._backends) == {(480, 640), (384, 640)}
     assert iou(max(alone.with_label("person").boxes, key=lambda b: iou(b, wide_person)), wide_person) > 0.8
+
+
+@pytest.mark.parametrize("name", ["plate", "plate_int8"])
+def test_plate_graph_at_the_frame_aspect_ratio_finds_what_the_square_letterbox_finds(
+        name: str, chelsea: np.ndarray) -> None:
+    """The plate export is dynamic in H and W: a 16:9 frame on its own 640x384 canvas gives the
+    box and score it gets on the 640x640 letterbox (the frame top-left, grey below), at 60% of
+    the pixels."""
+    session = create_session(model_path(name), CPU)
+    assert session.get_inputs()[0].shape[2:] == ["height", "width"]
+    frame = np.full((360, 640, 3), 90, np.uint8)
+    frame[30:330, 95:546] = chelsea
+    plate = (265, 166, 385, 194)
+    frame[plate[1]:plate[3], plate[0]:plate[2]] = uk_plate()
+    wide, _ = letterbox_batch([frame], 640, pad=114)
+    assert wide.shape[1:3] == (384, 640)
+    square = np.full((1, 640, 640, 3), 114, np.uint8)
+    square[0, :384] = wide[0]
+    a, b = run(session, rgb_unit(square))[0], run(session, rgb_unit(wide))[0]
+    assert a.shape == (5, 8400) and b.shape == (5, anchors(384, 640))
+    assert a[4].max() > 0.5 and b[4].max() > 0.5
+    assert abs(float(a[4].max()) - float(b[4].max())) < 0.05
+    box_a, box_b = (np.concatenate([o[:2, o[4].argmax()] - o[2:4, o[4].argmax()] / 2,
+                                    o[:2, o[4].argmax()] + o[2:4, o[4].argmax()] / 2]) for o in (a, b))
+    np.testing.assert_allclose(box_a, box_b, atol=2)
+    assert iou(box_b, plate) > 0.5

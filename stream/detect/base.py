@@ -14,11 +14,11 @@ import onnx
 
 from stream.core.detections import Detections
 from stream.core.nms import clip_boxes, nms
-from stream.detect.backend import Backend, BackendName, make_backend, runs_on_gpu
+from stream.detect.backend import Backend, BackendName, choose_backend, make_backend, runs_on_gpu
 from stream.detect.buckets import DEFAULT_BUCKETS, check_buckets, plan
 from stream.detect.device import DeviceFrames, claim_on_this_stream
 from stream.detect.letterbox import Placement, letterbox_batch
-from stream.detect.models import model_path, spec
+from stream.detect.models import int8_variant, model_path, spec
 from stream.detect.runtime import DEFAULT_PROVIDERS, make_dynamic
 
 
@@ -40,6 +40,9 @@ class OnnxDetector(ABC):
     The model's input convention (channel order, 0-1 or 0-255) is declared as data (``rgb``,
     ``unit``), so the same preprocessing runs on the host (NumPy/OpenCV) or on the GPU (torch).
     On a GPU backend a batch is split into fixed bucket sizes (see :mod:`stream.detect.buckets`).
+    With ``int8`` the model's int8 variant (manifest entry ``<name>_int8``) is loaded where
+    ONNX Runtime runs on the CPU, the manifest has one and ``input_size`` is within the sides it
+    was checked at; elsewhere the fp32 weights are.
     """
 
     model_name: str = ""
@@ -67,18 +70,25 @@ class OnnxDetector(ABC):
         fp16: bool = True,
         cache_dir: Path | None = None,
         buckets: Sequence[int] | None = None,
+        int8: bool = False,
     ) -> None:
         self.input_size = input_size
         self.threshold = threshold
         self.nms_iou = nms_iou
         self.min_input = min_input
-        self.spec = spec(self.model_name)
-        self._path = model_path(self.model_name, model_dir)
+        self._gpu = runs_on_gpu(backend, providers)
+        # int8 weights only where ONNX Runtime runs them on the CPU: a GPU runs fp32/fp16 engines
+        cpu_ort = not self._gpu and choose_backend(backend, providers) == "onnxruntime"
+        variant = int8_variant(self.model_name, input_size) if int8 and cpu_ort else None
+        self.int8 = variant is not None
+        self.weights = variant or self.model_name
+        """the manifest entry actually loaded (``plate`` or ``plate_int8``)"""
+        self.spec = spec(self.weights)
+        self._path = model_path(self.weights, model_dir)
         self.buckets = check_buckets(buckets) if buckets else DEFAULT_BUCKETS
         self._make = lambda model, profile=None: make_backend(
             model, backend, providers, threads, device_id, fp16, cache_dir, profile)
         self._backends: dict[tuple[int, int], Backend] = {}
-        self._gpu = runs_on_gpu(backend, providers)
         self.backend: Backend | None = None
         if self.per_shape:  # backends are made per canvas size on first use
             self.input_name = onnx.load(str(self._path), load_external_data=False).graph.input[0].name
@@ -127,7 +137,7 @@ class OnnxDetector(ABC):
 
     @property
     def version(self) -> str:
-        return f"{self.model_name}@{self.spec.sha256[:12]}"
+        return f"{self.weights}@{self.spec.sha256[:12]}"
 
     def preprocess(self, batch: np.ndarray) -> np.ndarray:
         """NHWC BGR uint8 canvas -> the model's NCHW float32 input (host path)."""

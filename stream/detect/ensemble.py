@@ -86,6 +86,9 @@ class DetectorConfig:
     buckets: Sequence[int] = DEFAULT_BUCKETS
     device_preprocess: bool = True
     """on a GPU: upload frames once and letterbox/normalise there (needs torch)"""
+    int8: bool = True
+    """CPU only: run a model's int8 variant where the manifest has one (plate, person) for its
+    input size (up to 640); GPUs and the torch backend always run the fp32 graphs"""
 
 
 def plates_from_vehicles(vehicles: Detections, plates: Detections, max_height: float) -> Detections:
@@ -149,7 +152,7 @@ class FrameDetector:
         self.config = cfg = config or DetectorConfig()
         common = {"model_dir": cfg.model_dir, "providers": cfg.providers, "threads": cfg.threads,
                   "backend": cfg.backend, "device_id": cfg.device_id, "fp16": cfg.fp16,
-                  "cache_dir": cfg.cache_dir, "buckets": cfg.buckets}
+                  "cache_dir": cfg.cache_dir, "buckets": cfg.buckets, "int8": cfg.int8}
 
         def build(cls: type[OnnxDetector], m: ModelConfig | None, **extra: object) -> OnnxDetector | None:
             if m is None or not m.enabled:

@@ -55,6 +55,21 @@ def manifest() -> dict[str, ModelSpec]:
     return {name: ModelSpec(name=name, **spec) for name, spec in data["models"].items()}
 
 
+INT8_SUFFIX = "_int8"
+
+
+def int8_variant(name: str, input_size: int | None = None) -> str | None:
+    """The manifest name of ``name``'s int8 CPU variant (``plate_int8``); None where it has none,
+    or where ``input_size`` is above the largest side it was calibrated and checked at
+    (``input.max_side``: at 960 the plate variant lost 2 points of recall on the development
+    set, so larger inputs run the fp32 weights)."""
+    variant = name + INT8_SUFFIX
+    if variant not in manifest():
+        return None
+    max_side = manifest()[variant].input.get("max_side")
+    return None if input_size is not None and max_side is not None and input_size > max_side else variant
+
+
 def spec(name: str) -> ModelSpec:
     specs = manifest()
     if name not in specs:

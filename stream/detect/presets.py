@@ -17,9 +17,12 @@ VEHICLE_PLATES_PX = 200.0
 """vehicles up to this tall get a plate mask when no plate is found on them (both presets; 0: off)"""
 
 PRESETS: dict[str, dict[str, object]] = {
-    "accurate": {"face_model": "centerface", "input_size": 960, "plate_size": 960,
+    "accurate": {"face_model": "centerface", "input_size": 960, "plate_size": 960, "person_size": 960,
                  "plate_every": 1, "person_every": 1},
-    "fast": {"face_model": "yunet", "input_size": 640, "plate_size": 640,
+    # person at 512: people and vehicles are the largest things looked for, and the development
+    # sets lost nothing against 640 (480 and 448 lost CCTV heads); plates keep 640, where every
+    # smaller size lost 3-10% of the plates (benchmarks/README.md, "cheaper detector runs")
+    "fast": {"face_model": "yunet", "input_size": 640, "plate_size": 640, "person_size": 512,
              "plate_every": 3, "person_every": 3},
 }
 FACE_THRESHOLDS = {"centerface": 0.35, "yunet": 0.5}
@@ -36,11 +39,14 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
                     face_threshold: float | None = None, plate_threshold: float | None = None,
                     input_size: int | None = None, plate_every: int | None = None,
                     person_every: int | None = None, plates: bool = True, heads: bool = True,
-                    vehicle_plates: float | None = None,
+                    vehicle_plates: float | None = None, int8: bool | str = True,
                     providers: Sequence[str] = ("cuda", "cpu"), threads: int = 0,
                     model_dir: Path | None = None, **runtime: Any) -> DetectorConfig:
     """A preset with the options given explicitly taking precedence over it.
 
+    ``input_size`` given explicitly sets every model's size. ``int8`` (``auto``/True or
+    ``off``/False) lets CPU sessions load the int8 variants of the plate and person models where
+    their input is within what the variant was checked at (640: the fast preset's sizes).
     ``runtime`` sets where models run (backend, device_id, fp16, cache_dir, buckets,
     device_preprocess): fields of :class:`DetectorConfig` that do not change what is detected.
     """
@@ -48,7 +54,10 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
     vp = VEHICLE_PLATES_PX if vehicle_plates is None else vehicle_plates
     size = input_size or int(p["input_size"])  # type: ignore[call-overload]
     plate_size = input_size or int(p["plate_size"])  # type: ignore[call-overload]
-    cfg = DetectorConfig(providers=tuple(providers), threads=threads, model_dir=model_dir, **runtime)
+    person_size = input_size or int(p["person_size"])  # type: ignore[call-overload]
+    use_int8 = int8 not in (False, "off")
+    cfg = DetectorConfig(providers=tuple(providers), threads=threads, model_dir=model_dir, int8=use_int8,
+                         **runtime)
     cfg.faces = {n: ModelConfig(threshold=face_threshold or FACE_THRESHOLDS[n], input_size=size,
                                 min_input=min(640, size)) for n in face_models(preset, face_model)}
     if not plates:
@@ -61,6 +70,6 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
     if not heads:
         cfg.person_heads = None
     elif cfg.person_heads is not None:
-        cfg.person_heads.input_size, cfg.person_heads.min_input = size, min(640, size)
+        cfg.person_heads.input_size, cfg.person_heads.min_input = person_size, min(640, person_size)
         cfg.person_heads.every = person_every or int(p["person_every"])  # type: ignore[call-overload]
     return cfg

@@ -67,9 +67,17 @@ def make_dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def session_options(threads: int = 0) -> ort.SessionOptions:
-    """Full graph optimisation; idle CPU workers sleep (decode, encode and other models share cores)."""
+    """Full graph optimisation, one operator at a time, and idle CPU workers that sleep.
+
+    Measured on 2 cores (benchmarks/README.md, "Cheaper detector runs on CPU"): spinning workers
+    cut a lone model's latency by a tenth but took the cores from decoding and encoding, so a
+    file redacted a third slower; the parallel executor, the extended (not full) optimisation
+    level and dynamic block sizes were slower too. ``threads`` 0 lets ORT use one thread per
+    core, best for one process; several processes on one machine do better with cores / processes.
+    """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if threads:
         opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
