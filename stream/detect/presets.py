@@ -19,9 +19,9 @@ VEHICLE_PLATES_PX = 200.0
 PRESETS: dict[str, dict[str, object]] = {
     "accurate": {"face_model": "centerface", "input_size": 960, "plate_size": 960, "person_size": 960,
                  "plate_every": 1, "person_every": 1},
-    # person at 512: people and vehicles are the largest things looked for, and the development
-    # sets lost nothing against 640 (480 and 448 lost CCTV heads); plates keep 640, where every
-    # smaller size lost 3-10% of the plates (benchmarks/README.md, "cheaper detector runs")
+    # persons at 512: people and vehicles are the largest things looked for, and no development
+    # set scored lower than at 640 (480 and 448 found fewer CCTV heads); plates keep 640: at 512
+    # moving plates fell from 0.971 to 0.880 recall (docs/redaction-quality.md, "step by step")
     "fast": {"face_model": "yunet", "input_size": 640, "plate_size": 640, "person_size": 512,
              "plate_every": 3, "person_every": 3},
 }

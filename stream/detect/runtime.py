@@ -69,10 +69,10 @@ def make_dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
 def session_options(threads: int = 0) -> ort.SessionOptions:
     """Full graph optimisation, one operator at a time, and idle CPU workers that sleep.
 
-    Measured on 2 cores (benchmarks/README.md, "Cheaper detector runs on CPU"): spinning workers
+    Measured on 2 cores (benchmarks/README.md, ``detector_latency.py``): spinning workers
     cut a lone model's latency by a tenth but took the cores from decoding and encoding, so a
     file redacted a third slower; the parallel executor, the extended (not full) optimisation
-    level and dynamic block sizes were slower too. ``threads`` 0 lets ORT use one thread per
+    level and dynamic block sizes were no faster. ``threads`` 0 lets ORT use one thread per
     core, best for one process; several processes on one machine do better with cores / processes.
     """
     opts = ort.SessionOptions()
