@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,17 @@ from stream.detect.yolo import PersonYolo, PlateYolo
 from stream.detect.yunet import YuNet
 
 CPU = ("cpu",)
+
+
+@pytest.fixture(autouse=True)
+def _logger_levels() -> Iterator[None]:
+    """``cli.main`` sets library logger levels for the process; a test that calls it in-process must
+    not change what later tests' caplog sees."""
+    names = ("stream", "stream.detect.runtime", "kafka")
+    levels = {n: logging.getLogger(n).level for n in names}
+    yield
+    for n, level in levels.items():
+        logging.getLogger(n).setLevel(level)
 
 
 @pytest.fixture(scope="session")
