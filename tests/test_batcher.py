@@ -178,6 +178,32 @@ def test_admission_sheds_until_the_smaller_batch_makes_it() -> None:
         b.stop()
 
 
+def test_shedding_takes_turns_across_streams() -> None:
+    """Stream s0's frames always arrive first, so they are always the most urgent in the batch. At
+    1 s a frame only two of the three fit; shedding the most urgent first would leave s0 dark for
+    ever. Admission serves the stream served longest ago first: every stream keeps a share."""
+    det = NoFaces()
+    b, _, queues = make(lambda: det, max_batch=3, max_wait_s=10.0)
+    try:
+        b.service.observe(1.0, 1)
+        b.service.observe = lambda seconds, frames: None  # type: ignore[method-assign]  # keep 1 s a frame
+        assert ADMIT_SLACK * 1.0 + ADMIT_MARGIN_S < 2.0 < ADMIT_SLACK * 2.0 + ADMIT_MARGIN_S < 3.0
+        assert ADMIT_SLACK * 3.0 + ADMIT_MARGIN_S < 4.5
+        served = {"s0": 0, "s1": 0, "s2": 0}
+        for _ in range(6):
+            jobs = [job("s0", deadline_s=2.0), job("s1", deadline_s=3.0), job("s2", deadline_s=4.5)]
+            for j, q in zip(jobs, queues, strict=True):
+                q.put(j)
+            wait_for(lambda jobs=jobs: all(j.done for j in jobs))
+            assert all(j.detections is not None or j.dropped is Drop.OVERLOAD for j in jobs), "never blanked"
+            for j in jobs:
+                served[j.frame.stream_id] += j.detections is not None
+        assert min(served.values()) >= 2, served
+        assert sum(served.values()) >= 9, "turns cost at most one frame in two batches"
+    finally:
+        b.stop()
+
+
 def test_a_stale_estimate_cannot_shed_every_frame_for_ever(monkeypatch: pytest.MonkeyPatch) -> None:
     """An estimate learned on one dear batch would shed every later frame, and with nothing detected
     it would never be corrected: after PROBE_AFTER_S without a finished batch one frame goes through

@@ -213,6 +213,8 @@ class Batcher:
         self._transfers = (0, 0)
         self.service = ServiceTime()
         self._last_observed = time.monotonic()
+        self._served: dict[str, float] = {}
+        """per stream, when a frame of it was last admitted: shedding takes turns across streams"""
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -271,6 +273,7 @@ class Batcher:
     def detach(self, stream_id: str) -> None:
         with self.cond:
             q = self._queues.pop(stream_id, None)
+            self._served.pop(stream_id, None)
         if q is not None:
             for job in q.drain():
                 job.resolve(failure=Failure.DETECTOR_UNAVAILABLE)
@@ -351,27 +354,51 @@ class Batcher:
         When the stage cannot keep up, frames that would come back after their deadline are shed
         here, before detection (and so before encoding), as dropped for ``overload``: the stream
         publishes fewer frames, each one redacted and on time, instead of spending detection on
-        frames that would go out black. Shedding makes the batch smaller and so faster, so it is
-        repeated until every admitted frame is predicted to make it. Which stream's frames are
-        taken is fair already (round robin in :meth:`_collect`); a stream starved of every frame for
-        its whole deadline is blanked by its runner, not here.
+        frames that would go out black.
+
+        Shedding is even across streams: candidates are taken in :meth:`_fair_order` (the stream
+        served longest ago first, its freshest frame first) and each is admitted if the batch with
+        it still finishes before every admitted frame's deadline. Taking the most urgent frame
+        first instead would shed the same streams over and over (a stream whose frames always
+        arrive just before a batch forms is always the oldest in it) and leave them dark.
         """
         ahead = self._work_ahead()
-        # most urgent first: shedding one makes the batch faster, which may save the next
-        live = sorted((j for j in batch if not j.done), key=lambda j: j.deadline)
-        while live and live[0].deadline <= now + ADMIT_SLACK * (ahead + self.service.predict(len(live))) \
-                + ADMIT_MARGIN_S:
-            job = live.pop(0)
-            if not live and job.deadline > now and now - self._last_observed >= PROBE_AFTER_S:
-                # everything would be shed on an estimate no batch has confirmed for a while (it
-                # may have been learned on a batch of first frames, every model on every stream):
-                # let one frame through to measure again, rather than shed for ever
-                live.append(job)
-                break
+        admitted: list[Job] = []
+        shed: list[Job] = []
+        earliest = float("inf")
+        for job in self._fair_order([j for j in batch if not j.done]):
+            finish = now + ADMIT_SLACK * (ahead + self.service.predict(len(admitted) + 1)) + ADMIT_MARGIN_S
+            if min(earliest, job.deadline) > finish:
+                admitted.append(job)
+                earliest = min(earliest, job.deadline)
+            else:
+                shed.append(job)
+        if not admitted and now - self._last_observed >= PROBE_AFTER_S:
+            # everything would be shed on an estimate no batch has confirmed for a while (it may
+            # have been learned on a batch of first frames, every model on every stream): let the
+            # freshest frame through to measure again, rather than shed for ever
+            fresh = max((j for j in shed if j.deadline > now), key=lambda j: j.deadline, default=None)
+            if fresh is not None:
+                shed.remove(fresh)
+                admitted.append(fresh)
+        for job in shed:
             job.resolve(dropped=Drop.OVERLOAD)
-        for job in live:
+        for job in admitted:
             job.admitted = True
-        return live
+            self._served[job.frame.stream_id] = now
+        return admitted
+
+    def _fair_order(self, jobs: list[Job]) -> list[Job]:
+        """Each stream's freshest frame before any stream's second one; among those, the stream
+        whose last admitted frame is oldest first (never admitted: first of all)."""
+        rank: dict[str, int] = {}
+        keyed = []
+        for job in sorted(jobs, key=lambda j: -j.deadline):
+            sid = job.frame.stream_id
+            rank[sid] = rank.get(sid, -1) + 1
+            keyed.append((rank[sid], self._served.get(sid, float("-inf")), -job.deadline, job))
+        keyed.sort(key=lambda k: k[:3])
+        return [k[3] for k in keyed]
 
     def _work_ahead(self) -> float:
         """Predicted seconds until the batches already in flight are done (they run in order)."""
