@@ -286,6 +286,32 @@ def test_the_detector_is_told_each_frames_stream_and_source_number() -> None:
         b.stop()
 
 
+def test_a_batch_gives_the_detector_each_streams_frames_in_order() -> None:
+    """Admission ranks a stream's freshest frame first, but the detector must still get a stream's
+    frames oldest first: its cadences read a frame older than the last one run as a restarted
+    stream and run every model on it (measured: the plate and person models then ran on every frame
+    of every two-frame batch)."""
+    seen: list[FrameRef] = []
+
+    class Recording(NoFaces):
+        def __call__(self, images, refs=None):
+            seen.extend(refs)
+            return super().__call__(images, refs)
+
+    b, _, queues = make(Recording, max_batch=3, max_wait_s=10.0)
+    try:
+        now = time.monotonic()
+        jobs = [Job(Frame(sid, seq, np.zeros((8, 8, 3), np.uint8), now + seq / 100, time.time()),
+                    deadline=now + 5 + seq / 100) for sid, seq in [("s0", 7), ("s0", 8), ("s1", 3)]]
+        for j in jobs:
+            queues[int(j.frame.stream_id[1])].put(j)
+        wait_for(lambda: all(j.done for j in jobs))
+        assert all(j.detections is not None for j in jobs)
+        assert [r.seq for r in seen if r.stream == "s0"] == [7, 8]
+    finally:
+        b.stop()
+
+
 def test_all_detectors_hung_is_logged_once_and_its_end_once(
         release: threading.Event, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """While every allowed run hangs the batcher re-checks each second; it says so once, not each time."""

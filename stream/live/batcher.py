@@ -386,7 +386,10 @@ class Batcher:
         for job in admitted:
             job.admitted = True
             self._served[job.frame.stream_id] = now
-        return admitted
+        # the detector gets each stream's frames in the order they were taken: its cadences count
+        # source frames forward, and a stream's frame older than the last one it ran on reads as the
+        # stream having started again (every model would run)
+        return sorted(admitted, key=lambda j: (j.frame.captured_at, j.frame.seq))
 
     def _fair_order(self, jobs: list[Job]) -> list[Job]:
         """Each stream's freshest frame before any stream's second one; among those, the stream
