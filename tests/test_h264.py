@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 
-from stream.core.h264 import H264Encoder, H264Settings, bgr_frame, even_size
+from stream.core.h264 import H264Encoder, H264Settings, even_size, video_frame
 
 TB = Fraction(1, 90_000)
 
@@ -49,7 +49,7 @@ def test_frame_size_crops_odd_sides_or_keeps_them(size, odd, expected):
 
 def test_bgr_frame_drops_only_the_last_odd_column_and_row():
     img = picture(65, 49)
-    frame = bgr_frame(img, 7, TB)
+    frame = video_frame(img, 7, TB)
     assert (frame.width, frame.height, frame.pts, frame.time_base) == (64, 48, 7, TB)
     assert frame.format.name == "yuv420p"  # what the encoders take: no second conversion there
     # the same picture as FFmpeg's own conversion of the cropped image makes (within one level of
@@ -62,7 +62,7 @@ def test_bgr_frame_drops_only_the_last_odd_column_and_row():
 
 def test_bgr_frame_keeps_odd_sizes_in_bgr_for_4_4_4():
     img = picture(65, 49)
-    frame = bgr_frame(img, 0, TB, (65, 49))
+    frame = video_frame(img, 0, TB, (65, 49))
     assert frame.format.name == "bgr24" and np.array_equal(frame.to_ndarray(format="bgr24"), img)
 
 

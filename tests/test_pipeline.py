@@ -22,6 +22,7 @@ from stream.core.frames import Failure, Frame
 from stream.core.metrics import sample
 from stream.core.observe import Observer
 from stream.core.track import TrackChanges
+from stream.core.yuv import Picture, as_bgr
 from stream.live.pipeline import Pipeline
 from stream.live.service import detector_factory_for
 from stream.live.sources.base import Arrivals
@@ -45,15 +46,19 @@ def config(clip: Clip, out: Path | None = None, n: int = 1, **extra: object) -> 
 
 
 class Captured:
-    """Every frame a stream published, as published (the hook runs after redaction)."""
+    """Every frame a stream published, as published (the hook runs after redaction), in BGR: an I420
+    picture is converted (and its kind kept in ``kinds``)."""
 
     def __init__(self) -> None:
         self.frames: list[tuple[Frame, np.ndarray, float]] = []
+        self.kinds: list[type] = []
         self.lock = threading.Lock()
 
-    def __call__(self, frame: Frame, image: np.ndarray, dets: object) -> None:
+    def __call__(self, frame: Frame, image: Picture, dets: object) -> None:
+        latency = time.monotonic() - frame.captured_at
         with self.lock:
-            self.frames.append((frame, image, time.monotonic() - frame.captured_at))
+            self.kinds.append(type(image))
+            self.frames.append((frame, as_bgr(image), latency))
 
 
 def run(cfg: PipelineConfig, factory=None, timeout: float = 60) -> tuple[Pipeline, dict[str, Captured]]:

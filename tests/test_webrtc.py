@@ -34,6 +34,7 @@ from webrtc_helpers import (
     watch,
 )
 
+from stream.core.yuv import I420
 from stream.live.webrtc.ice import LOOPBACK, IceConfig, IceServer, rtc_configuration, set_host_addresses
 from stream.live.webrtc.session import (
     MAX_SDP_BYTES,
@@ -142,6 +143,7 @@ async def test_whip_publisher_frames_reach_handler(codec, clip):
     assert len(handler.ups) == 1
     assert handler.threads == {threading.current_thread().name}, "on_frame is called from the event loop"
     frames = handler.frames[:12]
+    assert set(handler.kinds) == {I420}, "aiortc decodes to 4:2:0: frames reach the handler as I420"
     assert all(img.shape == (H, W, 3) and img.dtype == np.uint8 for img, _ in frames)
     pts = [p for _, p in frames]
     assert pts[0] == 0.0 and all(b > a for a, b in pairwise(pts))

@@ -16,6 +16,7 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpSender, RTCSession
 from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
 
+from stream.core.yuv import Picture, as_bgr
 from stream.live.webrtc.ice import LOOPBACK, rtc_configuration
 from stream.live.webrtc.whep import FrameFeed, WhepPlayback
 from stream.live.webrtc.whip import WhipIngest
@@ -122,18 +123,21 @@ class ClipTrack(MediaStreamTrack):
 # -- what a source handler is told ---------------------------------------------------------------
 @dataclass
 class RecordingHandler:
-    """A SourceHandler that keeps what it is told (the pipeline's StreamRunner in miniature)."""
+    """A SourceHandler that keeps what it is told (the pipeline's StreamRunner in miniature); frames
+    are kept in BGR (an I420 picture is converted) and the kind each came as in ``kinds``."""
 
     frames: list[tuple[np.ndarray, float | None]] = field(default_factory=list)
+    kinds: list[type] = field(default_factory=list)
     ups: list[tuple[int, int, str]] = field(default_factory=list)
     downs: list[tuple[str, str]] = field(default_factory=list)
     reconnects: int = 0
     ends: int = 0
     threads: set[str] = field(default_factory=set)
 
-    def on_frame(self, image: np.ndarray, pts: float | None) -> None:
+    def on_frame(self, image: Picture, pts: float | None) -> None:
         self.threads.add(threading.current_thread().name)
-        self.frames.append((image, pts))
+        self.kinds.append(type(image))
+        self.frames.append((as_bgr(image), pts))
 
     def on_up(self, width: int, height: int, codec: str) -> None:
         self.ups.append((width, height, codec))

@@ -7,10 +7,9 @@ import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-import numpy as np
-
 from stream.core.detections import Detections
 from stream.core.queues import BoundedQueue
+from stream.core.yuv import Picture
 
 
 @dataclass(frozen=True)
@@ -25,7 +24,8 @@ class Frame:
 
     stream_id: str
     seq: int
-    image: np.ndarray
+    image: Picture
+    """BGR (H x W x 3 uint8) or :class:`~stream.core.yuv.I420`, as the source decoded it"""
     captured_at: float
     wall_time: float
     pts: float | None = None

@@ -1,4 +1,4 @@
-"""One H.264 encoder for every output: BGR numpy frames in, packets out.
+"""One H.264 encoder for every output: pictures (BGR arrays or I420) in, packets out.
 
 A recorded file, an RTSP push and the WebRTC viewers differ only in their settings
 (:class:`H264Settings`) and in what they do with the packets (mux them into a container, hand
@@ -18,19 +18,29 @@ from av.video.codeccontext import VideoCodecContext
 from av.video.frame import PictureType
 from av.video.stream import VideoStream
 
+from stream.core.yuv import I420, Picture
+
 
 def even_size(width: int, height: int) -> tuple[int, int]:
     """The largest even width and height that fit (4:2:0 encoders refuse odd sides)."""
     return width & ~1, height & ~1
 
 
-def bgr_frame(image: np.ndarray, pts: int, time_base: Fraction,
-              size: tuple[int, int] | None = None) -> av.VideoFrame:
-    """A video frame of ``image`` (BGR, HxWx3 uint8) cut to ``size`` (default: even sides), at ``pts``.
+def video_frame(image: Picture, pts: int, time_base: Fraction,
+                size: tuple[int, int] | None = None) -> av.VideoFrame:
+    """A video frame of ``image`` (BGR HxWx3 uint8, or I420) cut to ``size`` (default: even sides),
+    at ``pts``.
 
-    Cutting drops the last column and/or row only; nothing is scaled.
+    Cutting drops the last column and/or row only; nothing is scaled. An I420 picture goes in as
+    its planes, with no conversion at all.
     """
     w, h = size or even_size(image.shape[1], image.shape[0])
+    if isinstance(image, I420):
+        if w % 2 == 0 and h % 2 == 0 and w <= image.width and h <= image.height:
+            frame = av.VideoFrame.from_ndarray(image.cropped(w, h).data, format="yuv420p")
+            frame.pts, frame.time_base = pts, time_base
+            return frame
+        image = image.to_bgr()  # a 4:4:4 encoder of another size: the BGR route below
     if image.shape[:2] != (h, w):
         image = image[:h, :w]
     if w % 2 == 0 and h % 2 == 0:
@@ -92,8 +102,8 @@ class H264Settings:
 
 
 class VideoEncoder:
-    """Encodes BGR images with one codec: a container's stream (packets ready to mux) or a standalone,
-    opened codec context (packets to send elsewhere)."""
+    """Encodes pictures (BGR or I420) with one codec: a container's stream (packets ready to mux) or a
+    standalone, opened codec context (packets to send elsewhere)."""
 
     def __init__(self, codec: VideoStream | VideoCodecContext, time_base: Fraction) -> None:
         """``time_base``: the unit of the ``pts`` given to :meth:`encode`."""
@@ -106,9 +116,9 @@ class VideoEncoder:
     def size(self) -> tuple[int, int]:
         return self.context.width, self.context.height
 
-    def encode(self, image: np.ndarray, pts: int, keyframe: bool = False) -> list[av.Packet]:
+    def encode(self, image: Picture, pts: int, keyframe: bool = False) -> list[av.Packet]:
         """Packets for one image (maybe none yet); ``keyframe`` forces this frame to be one."""
-        frame = bgr_frame(image, pts, self.time_base, self.size)
+        frame = video_frame(image, pts, self.time_base, self.size)
         if keyframe:
             frame.pict_type = PictureType.I
         return self._stamp(self._encode(frame))

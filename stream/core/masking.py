@@ -20,6 +20,7 @@ from stream.core.detections import Detections
 from stream.core.nms import scale_boxes
 from stream.core.redact import Redactor, Region
 from stream.core.track import Seen, Tracker
+from stream.core.yuv import Picture, blank_like
 
 NOT_OBSERVED = Detections(observed=frozenset())
 """what the tracker is told about a frame that got no detections: nothing was looked for"""
@@ -30,19 +31,20 @@ class Masked:
     """A frame ready to publish: already painted, with the regions that were painted."""
 
     index: int
-    image: np.ndarray
+    image: Picture
     regions: list[Region]
     meta: Any = None
     dets: Detections = field(default_factory=Detections)
     """the boxes that were masked: tracked ones plus look-back copies (empty for a failed frame)"""
     failed: bool = False
-    """the frame got no detections: ``image`` is black, none of the frame's pixels are in it"""
+    """the frame got no detections: ``image`` is black (of the frame's kind: BGR zeros or I420
+    black), none of the frame's pixels are in it"""
 
 
 @dataclass
 class _Pending:
     index: int
-    image: np.ndarray
+    image: Picture
     dets: Detections
     meta: Any
     failed: bool
@@ -59,7 +61,7 @@ class MaskingStage:
         self._pending: deque[_Pending] = deque()
         self._size: tuple[int, ...] | None = None
 
-    def push(self, index: int, image: np.ndarray, dets: Detections | None, meta: Any = None, *,
+    def push(self, index: int, image: Picture, dets: Detections | None, meta: Any = None, *,
              elapsed: int = 1, seen: Seen | None = None) -> Iterator[Masked]:
         """Mask ``image`` with ``dets`` and what the tracker carries; yield the frames now due.
 
@@ -92,7 +94,7 @@ class MaskingStage:
 
     def _emit(self, p: _Pending) -> Masked:
         if p.failed:
-            return Masked(p.index, np.zeros_like(p.image), [], p.meta, NOT_OBSERVED, failed=True)
+            return Masked(p.index, blank_like(p.image), [], p.meta, NOT_OBSERVED, failed=True)
         dets = Detections.concat([p.dets, *p.extra]) if p.extra else p.dets
         regions = self.redactor.apply(p.image, dets)
         return Masked(p.index, p.image, regions, p.meta, dets)

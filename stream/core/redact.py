@@ -3,6 +3,11 @@
 The region actually painted is returned as :class:`Region` so the caller can report exactly
 what was masked (the masks JSON, events). Boxes are enlarged per class before painting: detector
 boxes hug the face, hair and ears do not.
+
+A frame is a BGR array or an :class:`~stream.core.yuv.I420` picture. On I420 the same regions are
+painted plane by plane: luma over the box, chroma over every sample the box touches, so the mask
+never covers less than on BGR (at most a one-pixel rim more where a box starts or ends on an odd
+coordinate), in the same style and, for solid fills, the same colour.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import cv2
 import numpy as np
 
 from stream.core.detections import Detections
+from stream.core.yuv import I420, Picture, yuv_color
 
 
 class Style(StrEnum):
@@ -56,13 +62,35 @@ def ellipse_mask(w: int, h: int) -> np.ndarray:
     return (ys[:, None] ** 2 + xs[None, :] ** 2) <= 1.0
 
 
-def _obscure(roi: np.ndarray, style: Style, color: tuple[int, int, int]) -> np.ndarray:
+def chroma_ellipse_mask(x1: int, y1: int, x2: int, y2: int) -> np.ndarray:
+    """The 4:2:0 chroma samples of the box's chroma rectangle (see :func:`chroma_box`) to paint for
+    an ellipse in luma box (x1, y1, x2, y2): each sample whose 2x2 luma pixels include one inside."""
+    cx1, cy1, cx2, cy2 = chroma_box(x1, y1, x2, y2)
+    grid = np.zeros((2 * (cy2 - cy1), 2 * (cx2 - cx1)), bool)
+    oy, ox = y1 - 2 * cy1, x1 - 2 * cx1
+    grid[oy:oy + y2 - y1, ox:ox + x2 - x1] = ellipse_mask(x2 - x1, y2 - y1)
+    return grid.reshape(cy2 - cy1, 2, cx2 - cx1, 2).any(axis=(1, 3))
+
+
+def chroma_box(x1: int, y1: int, x2: int, y2: int) -> tuple[int, int, int, int]:
+    """The 4:2:0 chroma samples a luma box touches: halved, start rounded down and end up."""
+    return x1 // 2, y1 // 2, (x2 + 1) // 2, (y2 + 1) // 2
+
+
+def _blocks(h: int, w: int) -> int:
+    """Pixelation blocks along the long side: at most 6, too coarse to identify anyone at any size."""
+    return max(1, min(6, max(h, w) // 3))
+
+
+def _obscure(roi: np.ndarray, style: Style, color: tuple[int, int, int] | int,
+             blocks: int | None = None) -> np.ndarray:
+    """``roi`` (H x W x 3 or one H x W plane) obscured; ``blocks`` overrides the pixelation grid
+    (chroma planes use their luma's, so the blocks line up)."""
     h, w = roi.shape[:2]
     if style is Style.SOLID:
         return np.broadcast_to(np.array(color, np.uint8), roi.shape)
     if style is Style.PIXELATE:
-        # at most 6 blocks along the long side: too coarse to identify anyone, at any size
-        blocks = max(1, min(6, max(h, w) // 3))
+        blocks = blocks or _blocks(h, w)
         sw, sh = max(1, round(w * blocks / max(h, w))), max(1, round(h * blocks / max(h, w)))
         small = cv2.resize(roi, (sw, sh), interpolation=cv2.INTER_AREA)
         return cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
@@ -111,21 +139,35 @@ class Redactor:
             ))
         return out
 
-    def apply(self, frame: np.ndarray, dets: Detections) -> list[Region]:
-        """Obscure every detection in ``frame`` (H x W x 3 uint8, modified in place)."""
+    def apply(self, frame: Picture, dets: Detections) -> list[Region]:
+        """Obscure every detection in ``frame`` (BGR H x W x 3 uint8 or I420, modified in place)."""
         h, w = frame.shape[:2]
         regions = self.regions(dets, w, h)
         for r in regions:
             self.paint(frame, r)
         return regions
 
-    def paint(self, frame: np.ndarray, r: Region) -> None:
+    def paint(self, frame: Picture, r: Region) -> None:
         x1, y1, x2, y2 = r.box
-        roi = frame[y1:y2, x1:x2]
-        if r.shape == "ellipse":
-            fill = _obscure(roi, self.config.style, self.config.solid_color)
-            mask = ellipse_mask(x2 - x1, y2 - y1)
-            roi[mask] = fill[mask]
-        else:
-            roi[...] = _obscure(roi, self.config.style, self.config.solid_color)
+        style, ellipse = self.config.style, r.shape == "ellipse"
+        if not isinstance(frame, I420):
+            _fill(frame[y1:y2, x1:x2], ellipse_mask(x2 - x1, y2 - y1) if ellipse else None, style,
+                  self.config.solid_color)
+            return
+        cx1, cy1, cx2, cy2 = chroma_box(*r.box)
+        y, u, v = frame.planes
+        y_color, u_color, v_color = yuv_color(tuple(self.config.solid_color))
+        blocks = _blocks(y2 - y1, x2 - x1)
+        _fill(y[y1:y2, x1:x2], ellipse_mask(x2 - x1, y2 - y1) if ellipse else None, style, y_color, blocks)
+        cmask = chroma_ellipse_mask(*r.box) if ellipse else None
+        _fill(u[cy1:cy2, cx1:cx2], cmask, style, u_color, blocks)
+        _fill(v[cy1:cy2, cx1:cx2], cmask, style, v_color, blocks)
 
+
+def _fill(roi: np.ndarray, mask: np.ndarray | None, style: Style, color: tuple[int, int, int] | int,
+          blocks: int | None = None) -> None:
+    """Obscure ``roi`` in place, only where ``mask`` is set when there is one."""
+    if mask is None:
+        roi[...] = _obscure(roi, style, color, blocks)
+    else:
+        roi[mask] = _obscure(roi, style, color, blocks)[mask]

@@ -14,10 +14,11 @@ import onnx
 
 from stream.core.detections import Detections
 from stream.core.nms import clip_boxes, nms
+from stream.core.yuv import Picture, as_bgr
 from stream.detect.backend import Backend, BackendName, choose_backend, make_backend, runs_on_gpu
 from stream.detect.buckets import DEFAULT_BUCKETS, check_buckets, plan
 from stream.detect.device import DeviceFrames, claim_on_this_stream
-from stream.detect.letterbox import Placement, letterbox_batch
+from stream.detect.letterbox import Placement, letterbox_batch, target_side
 from stream.detect.models import int8_variant, model_path, spec
 from stream.detect.runtime import DEFAULT_PROVIDERS, make_dynamic
 
@@ -121,6 +122,10 @@ class OnnxDetector(ABC):
             self._backends[key] = self._make(model, self._profile(key))
         return self._backends[key]
 
+    def target_side(self, size: int) -> int:
+        """The long side this model letterboxes a frame whose long side is ``size`` to."""
+        return target_side(size, self.input_size, self.min_input)
+
     @property
     def on_gpu(self) -> bool:
         """Where this model runs (per-shape models: where their backends will run)."""
@@ -153,20 +158,23 @@ class OnnxDetector(ABC):
     def decode(self, outputs: list[np.ndarray], index: int) -> tuple[np.ndarray, np.ndarray]:
         """Boxes (canvas pixels) and scores of batch item ``index``, before NMS."""
 
-    def run(self, images: list[np.ndarray], frames: DeviceFrames | None = None) -> list[Detections]:
+    def run(self, images: list[Picture], frames: DeviceFrames | None = None) -> list[Detections]:
         """Detections per image; ``frames`` are the same images already on this model's device."""
         return self.complete(self.prepare(images, frames))
 
     __call__ = run
 
-    def prepare(self, images: list[np.ndarray], frames: DeviceFrames | None = None) -> list[Chunk]:
+    def prepare(self, images: list[Picture], frames: DeviceFrames | None = None) -> list[Chunk]:
         """The model inputs of a batch, letterboxed and normalised, split into bucket-sized runs.
 
         Kept apart from :meth:`complete` so that the next batch can be prepared (uploaded and
-        letterboxed) while the previous one is still running on the device.
+        letterboxed) while the previous one is still running on the device. I420 pictures are
+        converted to BGR here; :class:`~stream.detect.ensemble.FrameDetector` converts a batch once
+        for all its models (and smaller) before this.
         """
         if not images:
             return []
+        images = [as_bgr(im) for im in images]
         if frames is None and not self.on_gpu:
             return [self._prepare_chunk(images, None, len(images))]
         out: list[Chunk] = []

@@ -12,6 +12,7 @@ different sizes) and merges their results per frame:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import zlib
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ import numpy as np
 
 from stream.core.detections import Detections, FrameRef
 from stream.core.nms import iou_matrix, nms
+from stream.core.yuv import I420, Picture
 from stream.detect.backend import TRANSFERS, BackendName
 from stream.detect.base import Chunk, OnnxDetector
 from stream.detect.buckets import DEFAULT_BUCKETS
@@ -136,6 +138,56 @@ def heads_from_people(people: Detections, max_height: float) -> Detections:
     return Detections(boxes=heads, scores=s.astype(np.float32), labels=("face",) * len(heads))
 
 
+_NOT_LOOKED_AT = np.zeros((2, 2, 3), np.uint8)
+"""stands in for an I420 frame no model is due on: no model reads it, so it is not converted"""
+
+
+Scale = tuple[float, float] | None
+"""(x, y) factors from a frame the models saw to its source frame; None: the same size"""
+
+
+def detector_input(images: Sequence[Picture], models: Sequence[OnnxDetector | None],
+                   due: Sequence[Sequence[bool]]) -> tuple[list[np.ndarray], list[Scale]]:
+    """The BGR frames a batch's models read, and per frame the (x, y) factors that map their boxes
+    back to the source frame (None: the frame is at its own size).
+
+    BGR frames pass as they are. An I420 frame is converted once for every model, and when it is
+    larger than the largest canvas any model ``due`` on it letterboxes it to, it is shrunk to that
+    size on its planes first: a 1280x720 frame for 640 px models costs a quarter of the conversion,
+    and each model's letterbox then has nothing (or less) left to shrink.
+    """
+    out: list[np.ndarray] = []
+    scales: list[Scale] = []
+    for i, im in enumerate(images):
+        if not isinstance(im, I420):
+            out.append(im)
+            scales.append(None)
+            continue
+        long = max(im.width, im.height)
+        need = max((m.target_side(long) for m, d in zip(models, due, strict=True) if m is not None and d[i]),
+                   default=0)
+        if need == 0:
+            out.append(_NOT_LOOKED_AT)
+            scales.append(None)
+        elif need >= long:
+            out.append(im.to_bgr())
+            scales.append(None)
+        else:
+            s = need / long
+            w, h = max(2, round(im.width * s / 2) * 2), max(2, round(im.height * s / 2) * 2)
+            out.append(im.to_bgr((w, h)))
+            scales.append((im.width / w, im.height / h))
+    return out, scales
+
+
+def to_source(dets: Detections, scale: Scale) -> Detections:
+    """Boxes found on a frame shrunk by :func:`detector_input`, in the source frame's pixels."""
+    if scale is None or not len(dets):
+        return dets
+    sx, sy = scale
+    return dataclasses.replace(dets, boxes=(dets.boxes * np.array([sx, sy, sx, sy], np.float32)))
+
+
 @dataclass
 class Prepared:
     """A batch made ready for every model (see :meth:`FrameDetector.prepare`)."""
@@ -143,6 +195,8 @@ class Prepared:
     n: int
     runs: list[tuple[OnnxDetector | None, list[bool], list[Chunk]]]
     """per model, in the order faces..., plate, person: the frames it is due on and its inputs"""
+    scales: list[Scale] = field(default_factory=list)
+    """per frame: how the models' boxes map back to the source (see :func:`detector_input`)"""
 
 
 class FrameDetector:
@@ -195,11 +249,11 @@ class FrameDetector:
         found = [m for m, _ in self.face_models] + [self.plate_model, self.person_model]
         return [m for m in found if m is not None]
 
-    def __call__(self, images: list[np.ndarray],
+    def __call__(self, images: list[Picture],
                  refs: Sequence[FrameRef] | None = None) -> list[Detections]:
         return self.detect(images, refs)
 
-    def detect(self, images: list[np.ndarray], refs: Sequence[FrameRef] | None = None) -> list[Detections]:
+    def detect(self, images: list[Picture], refs: Sequence[FrameRef] | None = None) -> list[Detections]:
         """Detections per image; ``refs`` (stream and frame number of each) drive the cadences."""
         return self.complete(self.prepare(images, refs))
 
@@ -239,40 +293,44 @@ class FrameDetector:
         for key in [k for k in self._last_run if k[1] == stream]:
             self._last_run.pop(key, None)
 
-    def prepare(self, images: list[np.ndarray], refs: Sequence[FrameRef] | None = None) -> Prepared:
+    def prepare(self, images: list[Picture], refs: Sequence[FrameRef] | None = None) -> Prepared:
         """Upload and letterbox a batch for every model due on it; no inference yet.
 
         The batcher's worker calls this for the next batch while :meth:`complete` runs the
-        previous one (two batches in flight); on a GPU it works on a stream of its own.
+        previous one (two batches in flight); on a GPU it works on a stream of its own. I420
+        frames become BGR here, once per batch (see :func:`detector_input`); on a GPU too, for
+        now: the conversion runs on the host and the smaller BGR frame is what is uploaded.
         """
         n = len(images)
         runs: list[tuple[OnnxDetector | None, list[bool], list[Chunk]]] = []
+        plan = [*self.face_models, (self.plate_model, self.config.plate),
+                (self.person_model, self.config.person_heads)]
+        dues = [self._schedule(slot, model, mcfg, n, refs) for slot, (model, mcfg) in enumerate(plan)]
+        bgr, scales = detector_input(images, [m for m, _ in plan], dues)
         if self._side is None and self.upload:
             self._side = SideStream(self.device)
         with self._side or contextlib.nullcontext():
-            frames = DeviceFrames(images, self.device) if self.upload and images else None
-            plan = [*self.face_models, (self.plate_model, self.config.plate),
-                    (self.person_model, self.config.person_heads)]
-            for slot, (model, mcfg) in enumerate(plan):
-                due = self._schedule(slot, model, mcfg, n, refs)
+            frames = DeviceFrames(bgr, self.device) if self.upload and bgr else None
+            for (model, _), due in zip(plan, dues, strict=True):
                 picked = [i for i in range(n) if due[i]]
                 chunks: list[Chunk] = []
                 if model is not None and picked:
                     sub = frames.subset(picked) if frames is not None and model.on_gpu else None
-                    chunks = model.prepare([images[i] for i in picked], sub)
+                    chunks = model.prepare([bgr[i] for i in picked], sub)
                 runs.append((model, due, chunks))
-        return Prepared(n, runs)
+        return Prepared(n, runs, scales)
 
     def complete(self, prepared: Prepared) -> list[Detections]:
         """Run every model on a prepared batch and merge their boxes per frame."""
         n = prepared.n
+        scales = prepared.scales or [None] * n
         results: list[tuple[list[Detections], list[bool]]] = []
         for model, due, chunks in prepared.runs:
             out = [Detections()] * n
             if model is not None and chunks:
                 found = model.complete(chunks)
                 for i, d in zip([i for i in range(n) if due[i]], found, strict=True):
-                    out[i] = d
+                    out[i] = to_source(d, scales[i])
             results.append((out, due))
         face_runs = results[:len(self.face_models)]
         plates, plate_due = results[-2]

@@ -27,6 +27,11 @@ def ceil_to(x: float, m: int) -> int:
     return -(-round(x) // m) * m
 
 
+def target_side(size: int, long_side: int, min_side: int | None = None) -> int:
+    """The long side a frame whose long side is ``size`` is resized to (see :func:`letterbox_batch`)."""
+    return long_side if min_side is None else min(long_side, max(min_side, size))
+
+
 def layout(
     shapes: list[tuple[int, int]],
     long_side: int,
@@ -37,7 +42,7 @@ def layout(
     """Scale and resized (w, h) per frame, and the canvas (h, w): shared by host and device paths."""
     sizes = []
     for h, w in shapes:
-        target = long_side if min_side is None else min(long_side, max(min_side, max(h, w)))
+        target = target_side(max(h, w), long_side, min_side)
         s = target / max(h, w)
         if not upscale:
             s = min(s, 1.0)

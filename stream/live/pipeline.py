@@ -17,8 +17,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
-
 from stream.config import (
     FailClosedConfig,
     FileOutputConfig,
@@ -37,6 +35,7 @@ from stream.core.queues import BoundedQueue
 from stream.core.redact import Redactor
 from stream.core.track import Seen, TrackChanges, Tracker
 from stream.core.urls import origins_only
+from stream.core.yuv import Picture
 from stream.live.batcher import Batcher, DetectorFactory
 from stream.live.gpu import GpuMonitor, start_gpu_monitor
 from stream.live.publish.encoder import EncoderOutput
@@ -101,8 +100,9 @@ class StreamRunner:
         self._incident: Failure | None = None
         self._incident_frames = 0
         self._thread = threading.Thread(target=self._redact_loop, name=f"redact-{self.id}", daemon=True)
-        self.on_redacted: list[Callable[[Frame, np.ndarray, Detections], None]] = []
-        """hooks called with each published frame and its painted image (viewers); must not block"""
+        self.on_redacted: list[Callable[[Frame, Picture, Detections], None]] = []
+        """hooks called with each published frame and its painted image (viewers); must not block. The
+        image is of the kind the source decoded (BGR or I420) and must not be modified"""
         self.observers: list[Observer] = observers if observers is not None else []
         m = metrics
         m.queue_depth.labels(self.id).set_function(lambda: len(self.queue))
@@ -158,7 +158,7 @@ class StreamRunner:
         self.metrics.stream_up.labels(self.id).set(0)
 
     # -- SourceHandler ---------------------------------------------------------------------------
-    def on_frame(self, image: np.ndarray, pts: float | None, arrived: float | None = None) -> None:
+    def on_frame(self, image: Picture, pts: float | None, arrived: float | None = None) -> None:
         now = time.monotonic()
         # the deadline and the latency count from when the frame's data arrived (RTSP: the packet
         # was read), so decoding and any decoder delay use up the frame's time too
@@ -272,7 +272,7 @@ class StreamRunner:
             self.recent.append({"time": round(frame.wall_time, 3), "label": t.label, "track_id": t.track_id,
                                 "score": round(t.score, 3)})
 
-    def _fail_closed(self, job: Job, why: Failure, black: np.ndarray, tracks: TrackChanges) -> None:
+    def _fail_closed(self, job: Job, why: Failure, black: Picture, tracks: TrackChanges) -> None:
         self._incident_frames += 1
         if self._incident is None:
             self._incident = why
@@ -295,7 +295,7 @@ class StreamRunner:
             self._notify("incident", self.id, self._incident, self._incident_frames, True, self.action)
             self._incident, self._incident_frames = None, 0
 
-    def _publish(self, frame: Frame, image: np.ndarray, dets: Detections) -> None:
+    def _publish(self, frame: Frame, image: Picture, dets: Detections) -> None:
         ms = (time.monotonic() - frame.captured_at) * 1000
         self._latency_ms = ms if self._latency_ms is None else 0.9 * self._latency_ms + 0.1 * ms
         self.published += 1

@@ -23,12 +23,12 @@ import logging
 import weakref
 from collections.abc import Awaitable, Callable
 
-import numpy as np
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
 from stream.config import WebRtcConfig
 from stream.core.frames import Frame
+from stream.core.yuv import Picture
 from stream.live.httpbody import BodyTooLarge, read_limited
 from stream.live.pipeline import Pipeline, StreamRunner
 from stream.live.webrtc.ice import IceConfig, host_addresses_for
@@ -111,7 +111,7 @@ class RtcGateway:
         self.feeds[runner.id] = feed
         self._runner_feeds[runner] = feed
 
-        def push(frame: Frame, image: np.ndarray, _dets: object) -> None:
+        def push(frame: Frame, image: Picture, _dets: object) -> None:
             feed.push(image, frame.captured_at)  # the painted (or blanked) frame, nothing earlier
 
         runner.on_redacted.append(push)

@@ -16,13 +16,12 @@ from fractions import Fraction
 
 import av
 import av.error
-import cv2
-import numpy as np
 
 from stream.core.frames import Drop
 from stream.core.h264 import H264Encoder, H264Settings, even_size
 from stream.core.metrics import Metrics
 from stream.core.queues import BoundedQueue
+from stream.core.yuv import Picture, resize_picture
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ class EncoderOutput:
         self.fps = fps
         self.bitrate_kbps = bitrate_kbps
         self.gop_s = gop_s
-        self._queue: BoundedQueue[tuple[np.ndarray, float]] = BoundedQueue(queue_size)
+        self._queue: BoundedQueue[tuple[Picture, float]] = BoundedQueue(queue_size)
         self._thread: threading.Thread | None = None
         self._container: av.container.OutputContainer | None = None
         self._encoder: H264Encoder | None = None
@@ -59,7 +58,7 @@ class EncoderOutput:
         self.up = False
 
     # -- called by the redaction stage -----------------------------------------------------------
-    def submit(self, image: np.ndarray, captured_at: float) -> None:
+    def submit(self, image: Picture, captured_at: float) -> None:
         """Queue a redacted frame; never blocks."""
         if self._queue.put((image, captured_at)) is not None:
             why = Drop.STOPPING if self._queue.closed else Drop.OUTPUT_BUSY
@@ -88,16 +87,16 @@ class EncoderOutput:
         finally:
             self._close(flush=True)
 
-    def handle(self, image: np.ndarray, captured_at: float) -> None:
+    def handle(self, image: Picture, captured_at: float) -> None:
         """Write one frame; subclasses decide what a failure means (retry or give up)."""
         self.write(image, captured_at)
 
-    def write(self, image: np.ndarray, captured_at: float) -> None:
+    def write(self, image: Picture, captured_at: float) -> None:
         size = even_size(image.shape[1], image.shape[0])  # 4:2:0: a last odd row/column is dropped
         if self._container is not None and size != self._size:
             assert self._size is not None
             if self.keep_size:
-                image, size = cv2.resize(image, self._size, interpolation=cv2.INTER_AREA), self._size
+                image, size = resize_picture(image, self._size), self._size
             else:
                 log.warning("stream %s: output %s restarts at the new size %dx%d", self.stream_id,
                             self.label, *size)

@@ -6,10 +6,10 @@ import logging
 
 import av
 import av.error
-import numpy as np
 
 from stream.config import FileOutputConfig
 from stream.core.metrics import Metrics
+from stream.core.yuv import Picture
 from stream.live.publish.encoder import EncoderOutput
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class FileOutput(EncoderOutput):
     def open_container(self) -> av.container.OutputContainer:
         return av.open(str(self.config.path), mode="w")
 
-    def handle(self, image: np.ndarray, captured_at: float) -> None:
+    def handle(self, image: Picture, captured_at: float) -> None:
         if self._broken:
             return
         try:

@@ -12,13 +12,13 @@ import time
 
 import av
 import av.error
-import numpy as np
 
 from stream.config import RtspOutputConfig
 from stream.core.backoff import Backoff
 from stream.core.frames import Drop
 from stream.core.metrics import Metrics
 from stream.core.urls import mask_text, mask_url
+from stream.core.yuv import Picture
 from stream.live.publish.encoder import EncoderOutput
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class RtspOutput(EncoderOutput):
         return av.open(self.config.url, mode="w", format="rtsp",
                        options={"rtsp_transport": self.config.transport}, timeout=(5.0, 5.0))
 
-    def handle(self, image: np.ndarray, captured_at: float) -> None:
+    def handle(self, image: Picture, captured_at: float) -> None:
         if time.monotonic() < self._retry_at:
             self.metrics.frames_dropped.labels(self.stream_id, Drop.OUTPUT_DOWN.value).inc()
             return

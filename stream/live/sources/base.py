@@ -10,15 +10,16 @@ import logging
 import threading
 from typing import Protocol
 
-import numpy as np
+from stream.core.yuv import Picture
 
 log = logging.getLogger(__name__)
 
 
 class SourceHandler(Protocol):
-    def on_frame(self, image: np.ndarray, pts: float | None, arrived: float | None = None) -> None:
-        """A decoded picture; ``arrived`` (``time.monotonic()``) is when its data reached this
-        process, where the source knows it: the frame's deadline counts from then."""
+    def on_frame(self, image: Picture, pts: float | None, arrived: float | None = None) -> None:
+        """A decoded picture (I420 where the decoder made 4:2:0, else BGR: see
+        :func:`~stream.core.yuv.decoded_picture`); ``arrived`` (``time.monotonic()``) is when its data
+        reached this process, where the source knows it: the frame's deadline counts from then."""
 
     def on_up(self, width: int, height: int, codec: str) -> None: ...
 

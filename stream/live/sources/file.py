@@ -12,6 +12,7 @@ import av
 import av.error
 
 from stream.config import FileSourceConfig
+from stream.core.yuv import decoded_picture
 from stream.live.sources.base import Source, SourceHandler
 from stream.live.sources.decode import open_video
 
@@ -63,6 +64,6 @@ class FileSource(Source):
                     wait = start + offset + last - time.monotonic()
                     if wait > 0 and self._stop.wait(wait):
                         break
-                self.handler.on_frame(frame.to_ndarray(format="bgr24"), offset + last)
+                self.handler.on_frame(decoded_picture(frame), offset + last)
                 n += 1
             return last + 1 / rate if n else 0.0

@@ -17,6 +17,7 @@ import av.error
 from stream.config import RtspSourceConfig
 from stream.core.backoff import Backoff
 from stream.core.urls import mask_text, mask_url
+from stream.core.yuv import decoded_picture
 from stream.live.sources.base import Arrivals, Source, SourceHandler
 from stream.live.sources.decode import open_video
 
@@ -131,7 +132,7 @@ class RtspSource(Source):
                         if self._last_kind is not None:
                             log.warning("stream %s: source back", self.stream_id)
                             self._last_kind = None
-                    self.handler.on_frame(frame.to_ndarray(format="bgr24"), frame.time,
+                    self.handler.on_frame(decoded_picture(frame), frame.time,
                                           arrivals.frame(frame.pts))
             if not self.stopping:
                 raise SourceError("ended", f"{mask_url(cfg.url)}: the server ended the stream")

@@ -43,14 +43,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import av
-import numpy as np
 from aiortc import RTCRtpSender
 from aiortc.codecs.vpx import number_of_threads
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.sdp import SessionDescription
 from av import VideoFrame
 
-from stream.core.h264 import H264Encoder, H264Settings, VideoEncoder, bgr_frame, even_size
+from stream.core.h264 import H264Encoder, H264Settings, VideoEncoder, even_size, video_frame
+from stream.core.yuv import Picture
 from stream.live.webrtc.ice import IceConfig
 from stream.live.webrtc.session import (
     MAX_SDP_BYTES,
@@ -102,7 +102,7 @@ class TooManyViewers(OfferError):
 @dataclass(frozen=True)
 class FeedFrame:
     seq: int
-    image: np.ndarray
+    image: Picture
     captured_at: float
 
 
@@ -122,13 +122,13 @@ class FrameFeed:
         self._waiters: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         self.pushed = 0
 
-    def push(self, image_bgr: np.ndarray, captured_at: float) -> None:
-        """Publish a frame (BGR, HxWx3 uint8); ``captured_at`` is ``time.monotonic()`` of its capture."""
+    def push(self, image: Picture, captured_at: float) -> None:
+        """Publish a frame (BGR HxWx3 uint8, or I420); ``captured_at``: ``time.monotonic()`` at capture."""
         with self._lock:
             if self._closed:
                 return
             self.pushed += 1
-            self._latest = FeedFrame(self.pushed, image_bgr, captured_at)
+            self._latest = FeedFrame(self.pushed, image, captured_at)
             waiters, self._waiters = self._waiters, {}
         self._wake(waiters)
 
@@ -244,9 +244,9 @@ class FeedTrack(MediaStreamTrack):
                 raise MediaStreamError from None
             if f is not None:
                 self._seq = f.seq
-                return bgr_frame(f.image, self._clock.stamp(f.captured_at), TIME_BASE)
+                return video_frame(f.image, self._clock.stamp(f.captured_at), TIME_BASE)
             if (last := self.feed.latest) is not None:
-                return bgr_frame(last.image, self._clock.stamp(None), TIME_BASE)
+                return video_frame(last.image, self._clock.stamp(None), TIME_BASE)
 
 
 class EncodedTrack(MediaStreamTrack):
@@ -399,7 +399,7 @@ class SharedEncoder:
             for track in list(self._subscribers):
                 track.end()
 
-    def _encode(self, image: np.ndarray, pts: int, keyframe: bool) -> list[av.Packet]:
+    def _encode(self, image: Picture, pts: int, keyframe: bool) -> list[av.Packet]:
         size = even_size(image.shape[1], image.shape[0])
         enc = self._encoder
         if enc is None or enc.size != size:

@@ -18,16 +18,15 @@ Offers are checked and answered as WHEP's are (:mod:`stream.live.webrtc.session`
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 from aiortc import MediaStreamTrack, RTCRtpTransceiver
 from aiortc.mediastreams import MediaStreamError
 from aiortc.sdp import SessionDescription
 from av import VideoFrame
 
+from stream.core.yuv import decoded_picture
 from stream.live.sources.base import SourceHandler
 from stream.live.webrtc.ice import IceConfig
 from stream.live.webrtc.session import (
@@ -124,7 +123,6 @@ class WhipIngest(SessionHost[WhipSession]):
     # -- internals -------------------------------------------------------------------------------
     async def _receive(self, session: WhipSession, track: MediaStreamTrack) -> None:
         loop = asyncio.get_running_loop()
-        to_bgr = functools.partial(VideoFrame.to_ndarray, format="bgr24")
         handler = session.handler
         # aiortc (1.16) has no public way to see how many decoded frames wait in a remote track, and
         # that queue is unbounded: its private _queue is read to skip a backlog (tests/test_webrtc.py)
@@ -137,7 +135,7 @@ class WhipIngest(SessionHost[WhipSession]):
                     session.skipped += 1
                 if not isinstance(frame, VideoFrame):
                     continue
-                image: np.ndarray = await loop.run_in_executor(None, to_bgr, frame)
+                image = await loop.run_in_executor(None, decoded_picture, frame)
                 if session.closed:
                     return
                 size = (frame.width, frame.height)
