@@ -185,3 +185,13 @@ def test_forget_makes_a_streams_next_frame_run_every_model(every3: FrameDetector
     every3.forget(sid)
     assert due(2) is True, "after forget the next frame runs the model"
     assert due(3) is False
+
+
+def test_a_batch_out_of_order_counts_each_streams_frames_oldest_first(every3: FrameDetector) -> None:
+    """Two frames of one stream in one batch, newest first: the model runs on one of them, not on
+    both (the older one must not read as a restarted stream)."""
+    sid = stream_in_phase("order")
+    plate = every3.config.plate
+    every3._schedule(97, every3.plate_model, plate, 1, [FrameRef(sid, 0)])
+    due = every3._schedule(97, every3.plate_model, plate, 2, [FrameRef(sid, 4), FrameRef(sid, 3)])
+    assert due == [False, True], "frame 3 is the first due (3 source frames after 0), frame 4 is not"

@@ -276,16 +276,18 @@ class FrameDetector:
         every = max(1, mcfg.every)
         if refs is None or every == 1:
             return [True] * n
-        due = []
-        for ref in refs:
+        due = [False] * n
+        # a stream's frames are counted oldest first whatever order the batch has: a frame older
+        # than the one just counted would otherwise read as the stream having started again
+        for i in sorted(range(n), key=lambda i: (refs[i].stream, refs[i].seq)):
+            ref = refs[i]
             key = (slot, ref.stream)
             last = self._last_run.get(key)
             if last is not None and 0 < ref.seq - last < every:
-                due.append(False)
                 continue
             fresh = last is None or ref.seq <= last
             self._last_run[key] = ref.seq - (phase(ref.stream) % every if fresh else 0)
-            due.append(True)
+            due[i] = True
         return due
 
     def forget(self, stream: str) -> None:
