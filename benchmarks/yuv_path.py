@@ -40,6 +40,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from detector_latency import _busy_cpu_s, _commit, _cpu_model  # noqa: E402  (machine facts, one copy)
 
 from stream import samples  # noqa: E402
 
@@ -57,14 +60,6 @@ class Model:
         from stream.detect.letterbox import target_side
 
         return target_side(size, self.input_size, self.min_input)
-
-
-def _busy_cpu_s() -> float | None:
-    try:
-        f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return (sum(f[:8]) - f[3] - (f[4] if len(f) > 4 else 0)) / os.sysconf("SC_CLK_TCK")
 
 
 def masks(width: int, height: int, n: int) -> Any:
@@ -216,26 +211,6 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
-
-
-def _commit() -> str:
-    import subprocess
-
-    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
-    return rev + ("-dirty" if dirty else "")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 if __name__ == "__main__":
