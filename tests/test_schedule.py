@@ -195,3 +195,22 @@ def test_a_batch_out_of_order_counts_each_streams_frames_oldest_first(every3: Fr
     every3._schedule(97, every3.plate_model, plate, 1, [FrameRef(sid, 0)])
     due = every3._schedule(97, every3.plate_model, plate, 2, [FrameRef(sid, 4), FrameRef(sid, 3)])
     assert due == [False, True], "frame 3 is the first due (3 source frames after 0), frame 4 is not"
+
+
+def test_a_streams_plate_and_person_runs_land_on_different_frames() -> None:
+    """In the live default (`fast`: plates and persons both every 3rd frame) the two heavy models
+    take turns on a stream: a frame that ran both would cost both, and its latency would spike."""
+    from stream.config import DetectionConfig
+
+    det = FrameDetector(DetectionConfig(preset="fast").detector_settings([1]))
+    plate_slot = len(det.face_models)  # the plan: face models, then plates, then persons
+    person_slot = plate_slot + 1
+    assert det.config.plate.every == det.config.person_heads.every == 3
+    for sid in ("cam-a", "cam-b", "cam-c"):
+        plates = [s for s in range(30) if det._schedule(plate_slot, det.plate_model, det.config.plate, 1,
+                                                          [FrameRef(sid, s)])[0]]
+        people = [s for s in range(30) if det._schedule(person_slot, det.person_model,
+                                                          det.config.person_heads, 1, [FrameRef(sid, s)])[0]]
+        assert not set(plates[1:]) & set(people[1:]), f"{sid}: plates {plates}, persons {people}"
+        assert all(b - a == 3 for a, b in itertools.pairwise(plates[1:])), plates
+        assert all(b - a == 3 for a, b in itertools.pairwise(people[1:])), people

@@ -268,14 +268,17 @@ class FrameDetector:
         slowest), and does not make it run less often either (no modulo schedule that a run of
         drops could skip). A stream's first frame, or a frame numbered at or below the last run
         (the stream started again), runs it; that first run is counted as if it came
-        ``phase(stream) % k`` frames earlier, so streams started together do not run their heavy
-        models on the same batches.
+        ``(phase(stream) + stagger) % k`` frames earlier, so streams started together do not run
+        their heavy models on the same batches; ``stagger`` (0 for the plate model, 1 for the person
+        model) puts one stream's plate and person runs on different frames, so that no frame costs
+        both and its latency spikes.
         """
         if model is None or mcfg is None:
             return [False] * n
         every = max(1, mcfg.every)
         if refs is None or every == 1:
             return [True] * n
+        stagger = 1 if model is self.person_model else 0
         due = [False] * n
         # a stream's frames are counted oldest first whatever order the batch has: a frame older
         # than the one just counted would otherwise read as the stream having started again
@@ -286,7 +289,7 @@ class FrameDetector:
             if last is not None and 0 < ref.seq - last < every:
                 continue
             fresh = last is None or ref.seq <= last
-            self._last_run[key] = ref.seq - (phase(ref.stream) % every if fresh else 0)
+            self._last_run[key] = ref.seq - ((phase(ref.stream) + stagger) % every if fresh else 0)
             due[i] = True
         return due
 
