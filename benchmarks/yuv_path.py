@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from detector_latency import _busy_cpu_s, _commit, _cpu_model  # noqa: E402  (machine facts, one copy)
+from machine import busy_cpu_s, commit, cpu_model  # noqa: E402
 
 from stream import samples  # noqa: E402
 
@@ -140,14 +140,14 @@ def time_size(frames: list[Any], input_size: int, n_masks: int, reps: int) -> di
             for step in steps:
                 step()
     for _ in range(reps):
-        t0, c0, b0 = time.perf_counter(), time.process_time(), _busy_cpu_s()
+        t0, c0, b0 = time.perf_counter(), time.process_time(), busy_cpu_s()
         for f in frames:
             for path, steps in (("bgr", bgr_path(f)), ("yuv", yuv_path(f))):
                 for name, step in zip(STEPS, steps, strict=True):
                     s = time.perf_counter()
                     step()
                     ms[path][name].append(1000 * (time.perf_counter() - s))
-        dt, cpu, b1 = time.perf_counter() - t0, time.process_time() - c0, _busy_cpu_s()
+        dt, cpu, b1 = time.perf_counter() - t0, time.process_time() - c0, busy_cpu_s()
         if b0 is not None and b1 is not None:
             other.append(round(max(0.0, b1 - b0 - cpu) / dt, 2))
     medians = {p: {s: statistics.median(v) for s, v in steps.items()} for p, steps in ms.items()}
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": ["benchmarks/yuv_path.py", *(argv if argv is not None else sys.argv[1:])],
         "machine": {"cpu_count": os.cpu_count(), "opencv": cv2.__version__,
                     "opencv_threads": cv2.getNumThreads(), "pyav": av.__version__, "loadavg": os.getloadavg(),
-                    "cpu_model": _cpu_model(), "commit": _commit()},
+                    "cpu_model": cpu_model(), "commit": commit()},
         "input": args.input, "masks": args.masks, "frames": args.frames, "reps": args.reps,
         "total_s": round(time.perf_counter() - t_start, 1), "results": results, "table": md,
     }

@@ -263,16 +263,26 @@ def test_stop_leaves_no_job_waiting() -> None:
     wait_for(lambda: waiting.done, timeout=5, what="the waiting job to be resolved by stop()")
 
 
+class _Recording(NoFaces):
+    """A detector that finds nothing and notes the frame references it was given, in order."""
+
+    seen: list[FrameRef]
+
+    def __call__(self, images, refs=None):
+        self.seen.extend(refs)
+        return super().__call__(images, refs)
+
+
+def recording(seen: list[FrameRef]) -> type[_Recording]:
+    """A detector class (a factory for the batcher) whose detectors note their references in ``seen``."""
+    return type("Recording", (_Recording,), {"seen": seen})
+
+
 def test_the_detector_is_told_each_frames_stream_and_source_number() -> None:
     """Cadences count source frames: the detector gets each frame's stream and its own number,
     gaps included, never a number the batcher made up."""
     seen: list[FrameRef] = []
-
-    class Recording(NoFaces):
-        def __call__(self, images, refs=None):
-            seen.extend(refs)
-            return super().__call__(images, refs)
-
+    Recording = recording(seen)
     b, _, queues = make(Recording, max_batch=1, max_wait_s=0.0)
     try:
         now = time.monotonic()
@@ -292,12 +302,7 @@ def test_a_batch_gives_the_detector_each_streams_frames_in_order() -> None:
     stream and run every model on it (measured: the plate and person models then ran on every frame
     of every two-frame batch)."""
     seen: list[FrameRef] = []
-
-    class Recording(NoFaces):
-        def __call__(self, images, refs=None):
-            seen.extend(refs)
-            return super().__call__(images, refs)
-
+    Recording = recording(seen)
     b, _, queues = make(Recording, max_batch=3, max_wait_s=10.0)
     try:
         now = time.monotonic()
