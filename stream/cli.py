@@ -276,6 +276,9 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-count", metavar="N", default=None,
                    help="number of workers sharing this config; each stream runs on exactly one "
                         "(default: $STREAM_REDACT_SHARD_COUNT)")
+    p.add_argument("--workers", metavar="N", type=int, default=None,
+                   help="stream worker processes on this machine, sharing one detection stage process "
+                        "(default: the config's workers, else one per spare core; 1: one process)")
     p.set_defaults(func=cmd_run)
 
 
@@ -305,6 +308,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         logging.getLogger("stream").setLevel(logging.INFO)
     if shard is not None:
         print(f"stream-redact: {taken}", file=sys.stderr, flush=True)
+    workers = args.workers if args.workers is not None else config.workers
+    if workers is None:
+        from stream.live.supervisor import default_workers
+
+        workers = default_workers()
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}", exit_code=2)
+    if workers > 1:
+        from stream.live.supervisor import supervise
+
+        return asyncio.run(supervise(config, workers, insecure_no_auth=args.insecure_no_auth, shard=shard))
     from stream.live.service import serve
 
     return asyncio.run(serve(config, insecure_no_auth=args.insecure_no_auth, shard=shard))

@@ -443,6 +443,10 @@ class WebRtcConfig(ConfigModel):
 
 class PipelineConfig(ConfigModel):
     streams: list[StreamConfig] = Field(default_factory=list)
+    workers: int | None = Field(None, ge=1, le=256, description=(
+        "stream worker processes of `run` (--workers overrides): each decodes, paints and encodes a share "
+        "of the streams while one detection stage process batches for all of them; default one per spare "
+        "core (cores - 1, at least 1); 1 runs everything in one process"))
     queue_size: int = Field(2, ge=1, le=64, description="frames waiting per stream; older ones are dropped")
     batcher: BatcherConfig = BatcherConfig()
     fail_closed: FailClosedConfig = FailClosedConfig()

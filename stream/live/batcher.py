@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -30,6 +30,20 @@ from stream.core.metrics import Metrics
 log = logging.getLogger(__name__)
 
 DetectorFactory = Callable[[], Detect]
+
+
+class Stage(Protocol):
+    """What a pipeline needs of its detection stage: this process's :class:`Batcher`, or a worker's
+    handle on the stage process (:class:`~stream.live.remote_stage.RemoteStage`)."""
+
+    def start(self) -> None: ...
+    def stop(self, timeout: float = 5.0) -> None: ...
+    def attach(self, queue: JobQueue) -> None: ...
+    def detach(self, stream_id: str) -> None: ...
+    @property
+    def alive(self) -> bool: ...
+    @property
+    def ready(self) -> bool: ...
 
 MAX_ABANDONED = 4
 """hung workers kept waiting for their detector to return; beyond this, no new detector is built"""
@@ -215,6 +229,9 @@ class Batcher:
         self._last_observed = time.monotonic()
         self._served: dict[str, float] = {}
         """per stream, when a frame of it was last admitted: shedding takes turns across streams"""
+        self.on_admitted: Callable[[list[Job]], None] | None = None
+        """called on the loop thread with each batch's admitted jobs (the detection stage process
+        tells the stream worker that owns them); must not block"""
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -277,6 +294,14 @@ class Batcher:
         if q is not None:
             for job in q.drain():
                 job.resolve(failure=Failure.DETECTOR_UNAVAILABLE)
+
+    def forget(self, stream_id: str) -> None:
+        """A stream's last detections never reached its tracker (the frame was given up on after the
+        detector ran): the detector's cadences must not count that run."""
+        worker = self._worker
+        forget = getattr(worker.detector, "forget", None) if worker is not None else None
+        if forget is not None:
+            forget(stream_id)
 
     # -- the loop --------------------------------------------------------------------------------
     def _collect(self) -> list[Job]:
@@ -386,6 +411,8 @@ class Batcher:
         for job in admitted:
             job.admitted = True
             self._served[job.frame.stream_id] = now
+        if admitted and self.on_admitted is not None:
+            self.on_admitted(admitted)
         # the detector gets each stream's frames in the order they were taken: its cadences count
         # source frames forward, and a stream's frame older than the last one it ran on reads as the
         # stream having started again (every model would run)

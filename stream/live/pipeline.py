@@ -36,7 +36,7 @@ from stream.core.redact import Redactor
 from stream.core.track import Seen, TrackChanges, Tracker
 from stream.core.urls import origins_only
 from stream.core.yuv import Picture
-from stream.live.batcher import Batcher, DetectorFactory
+from stream.live.batcher import Batcher, DetectorFactory, Stage
 from stream.live.gpu import GpuMonitor, start_gpu_monitor
 from stream.live.publish.encoder import EncoderOutput
 from stream.live.publish.file import FileOutput
@@ -67,7 +67,7 @@ def hang_timeout_ms(fc: FailClosedConfig) -> float:
 class StreamRunner:
     """One stream: receives frames from its source, redacts them in order, feeds its outputs."""
 
-    def __init__(self, config: StreamConfig, pipeline: PipelineConfig, batcher: Batcher, metrics: Metrics,
+    def __init__(self, config: StreamConfig, pipeline: PipelineConfig, batcher: Stage, metrics: Metrics,
                  outputs: list[EncoderOutput] | None = None, observers: list[Observer] | None = None) -> None:
         self.config = config
         self.id = config.id
@@ -327,18 +327,24 @@ class StreamRunner:
 class Pipeline:
     """All streams and the shared batcher; start, add and remove streams, stop."""
 
-    def __init__(self, config: PipelineConfig, detector_factory: DetectorFactory,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(self, config: PipelineConfig, detector_factory: DetectorFactory | None,
+                 metrics: Metrics | None = None, stage: Stage | None = None) -> None:
         """``detector_factory`` builds a detector (again after one crashed or hung); the service
-        builds it from ``config.detection`` (:func:`stream.live.service.detector_factory_for`)."""
+        builds it from ``config.detection`` (:func:`stream.live.service.detector_factory_for`).
+        A worker of ``run --workers N`` passes ``stage`` instead: its handle on the detection
+        stage process, shared by every worker."""
         self.config = config
         self.metrics = metrics or Metrics()
         fc = config.fail_closed
-        self.batcher = Batcher(detector_factory, self.metrics,
-                               max_batch=config.batcher.max_batch,
-                               max_wait_s=config.batcher.max_wait_ms / 1000,
-                               hang_timeout_s=hang_timeout_ms(fc) / 1000,
-                               inflight=config.batcher.inflight)
+        if stage is None:
+            if detector_factory is None:
+                raise ValueError("a pipeline needs a detector factory or a detection stage")
+            stage = Batcher(detector_factory, self.metrics,
+                            max_batch=config.batcher.max_batch,
+                            max_wait_s=config.batcher.max_wait_ms / 1000,
+                            hang_timeout_s=hang_timeout_ms(fc) / 1000,
+                            inflight=config.batcher.inflight)
+        self.batcher: Stage = stage
         self.streams: dict[str, StreamRunner] = {}
         self.observers: list[Observer] = []
         self.on_stream_added: list[Callable[[StreamRunner], None]] = []
@@ -352,6 +358,9 @@ class Pipeline:
         self.gpu_monitor: GpuMonitor | None = None
         self.shard: Shard | None = None
         """this worker's shard (`run --shard-index`): the API refuses streams other workers own"""
+        self.worker: tuple[int, int] | None = None
+        """(index, count) of this process among the workers of ``run --workers N``; the API
+        refuses streams that another worker process runs"""
         self.events_health: Callable[[], tuple[bool, str | None]] | None = None
         """``(up, problem)`` of the event sink, shown by ``/readyz``; None when events are off"""
 

@@ -16,9 +16,10 @@ from collections.abc import Callable
 
 from stream.config import PipelineConfig
 from stream.core.errors import UserError
+from stream.core.metrics import Metrics
 from stream.events.sinks import sink_health, start_events
 from stream.live.auth import load_tokens
-from stream.live.batcher import Detect, DetectorFactory
+from stream.live.batcher import Detect, DetectorFactory, Stage
 from stream.live.http import start_http
 from stream.live.pipeline import Pipeline
 from stream.live.rtc import RtcGateway
@@ -46,10 +47,13 @@ def detector_factory_for(config: PipelineConfig) -> DetectorFactory:
 async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None = None,
                 stop: asyncio.Event | None = None, stop_timeout: float = 5.0,
                 insecure_no_auth: bool = False, on_listen: Callable[[int], None] | None = None,
-                shard: Shard | None = None) -> int:
+                shard: Shard | None = None, stage: Stage | None = None, metrics: Metrics | None = None,
+                on_pipeline: Callable[[Pipeline], None] | None = None) -> int:
     """Run until ``stop`` is set, a signal arrives, or every source has ended; 0 on a clean stop.
 
-    ``detector_factory`` None builds detectors from ``config.detection``."""
+    ``detector_factory`` None builds detectors from ``config.detection``; a worker process of
+    ``run --workers N`` passes its ``stage`` (the detection stage process) instead, and gets the
+    pipeline through ``on_pipeline`` before it starts."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -57,8 +61,11 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     tokens = load_tokens(config.auth.tokens_env, config.auth.tokens_file, insecure_no_auth)
-    pipeline = Pipeline(config, detector_factory or detector_factory_for(config))
+    factory = None if stage is not None else detector_factory or detector_factory_for(config)
+    pipeline = Pipeline(config, factory, metrics=metrics, stage=stage)
     pipeline.shard = shard
+    if on_pipeline is not None:
+        on_pipeline(pipeline)
     events = start_events(config, pipeline.metrics)  # before start: the first frames have events too
     if events is not None:
         pipeline.observers.append(events)

@@ -42,6 +42,14 @@ def owner(stream_id: str, count: int) -> int:
     return max(range(count), key=lambda shard: (_weight(shard, stream_id), -shard))
 
 
+def worker_of(stream_id: str, count: int) -> int:
+    """The worker process (0..count-1) of ``run --workers count`` that runs ``stream_id``.
+
+    Hashed apart from :func:`owner` (salted): a shard's streams are those on which shard wins,
+    and the same unsalted weights would then put most of them on one worker."""
+    return owner(f"worker\x00{stream_id}", count)
+
+
 @dataclass(frozen=True)
 class Shard:
     """This worker's place among its peers: ``index`` of ``count`` (and the pod name prefix, if known)."""
