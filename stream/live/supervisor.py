@@ -43,6 +43,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from stream.config import HttpConfig, PipelineConfig, StreamConfig
 from stream.core.errors import UserError
 from stream.live.frame_ring import remove_prefix, shm_root
+from stream.live.front import Child
 from stream.live.shard import Shard, worker_of
 
 log = logging.getLogger(__name__)
@@ -80,16 +81,6 @@ def worker_config(config: PipelineConfig, index: int, count: int,
     })
     return config.model_copy(update={"streams": mine, "http": HttpConfig(host="127.0.0.1", port=0),
                                      "events": events})
-
-
-@dataclass(frozen=True)
-class Child:
-    """A child as the front sees it: where to reach it, if it is up."""
-
-    name: str
-    kind: str
-    index: int | None
-    port: int | None
 
 
 @dataclass
