@@ -340,6 +340,9 @@ async def test_with_every_worker_down_the_list_is_a_503(cluster: Cluster) -> Non
 async def test_readiness_merges_the_workers(cluster: Cluster) -> None:
     status, doc, _ = await cluster.call("GET", "/readyz")
     assert status == 200
+    processes = doc.pop("processes")
+    assert [(p["name"], p["kind"], p["up"]) for p in processes][:2] == [("worker-0", "worker", True),
+                                                                         ("worker-1", "worker", True)]
     assert doc == {"ready": True, "detector": "up",
                    "streams": [{"id": ON_0, "state": "running", "worker": "worker-0"},
                                {"id": ON_1, "state": "running", "worker": "worker-1"}],

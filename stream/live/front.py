@@ -62,6 +62,8 @@ class Child:
     """the worker's shard index (kind ``worker``), else None"""
     port: int | None
     """its HTTP port on 127.0.0.1; None while it is down or restarting"""
+    pid: int | None = None
+    """its process id while it runs (shown by ``/readyz``, for an operator's ``kill`` or ``py-spy``)"""
 
 
 class Children(Protocol):
@@ -297,6 +299,8 @@ async def readyz(request: web.Request) -> web.Response:
         body["events"] = {"up": all(e.get("up") is True for e in events),
                           "problem": "; ".join(dict.fromkeys(problems)) or None}
     body["workers"] = workers
+    body["processes"] = [{"name": c.name, "kind": c.kind, "pid": c.pid, "up": c.port is not None}
+                         for c in request.app[CHILDREN].children()]
     return web.json_response(body, status=200 if ready else 503)
 
 

@@ -141,7 +141,8 @@ class Supervisor:
     def children(self) -> list[Child]:
         with self._lock:
             procs = sorted(self._procs, key=lambda p: (p.kind != "worker", p.index or 0))
-            return [Child(p.name, p.kind, p.index, p.status.get("port") if p.up else None) for p in procs]
+            return [Child(p.name, p.kind, p.index, p.status.get("port") if p.up else None,
+                          p.proc.pid if p.proc is not None and p.proc.is_alive() else None) for p in procs]
 
     # -- starting children ----------------------------------------------------------------------
     def _start_stage(self, report: Connection) -> multiprocessing.process.BaseProcess:
