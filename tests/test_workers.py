@@ -454,3 +454,55 @@ def test_two_workers_redact_each_stream_once_and_no_face_shows_when_any_process_
     faces = [i for i, f in enumerate(seen) if not is_black(f) and len(yunet([f])[0])]
     assert not faces, f"{len(faces)} of {len(seen)} published frames show a face (first: {faces[:5]})"
     assert sum(is_black(f) for f in out_a.frames) >= 1
+
+
+def _post(url: str, doc: dict) -> tuple[int, str]:
+    req = urllib.request.Request(url, data=json.dumps(doc).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_a_stream_added_through_the_api_runs_on_its_worker_and_survives_its_restart(
+        clip: Path, tmp_path: Path) -> None:
+    sid = next(f"api-{i}" for i in range(100) if worker_of(f"api-{i}", 2) == 1)
+    port = free_port()
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"http": {"port": port}, "api": {"allow_file_sources": True},
+                               "detection": {"preset": "fast", "plates": False, "heads": False,
+                                             "providers": ["cpu"]},
+                               "events": {"jsonl": {"path": str(tmp_path / "events.jsonl")}}}))
+    proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "run", "--config", str(cfg), "--workers",
+                             "2", "--insecure-no-auth"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def where() -> dict[str, str]:
+        status, body = _get(base + "/api/streams")
+        return {s["id"]: s["worker"] for s in json.loads(body)["streams"]} if status == 200 else {}
+
+    try:
+        wait_for(lambda: _get(base + "/readyz")[0] == 200, timeout=120, what="the supervisor to be ready")
+        status, body = _post(base + "/api/streams", {"id": sid, "source": {"type": "file", "path": str(clip),
+                                                                            "loop": True}})
+        assert status == 201, body
+        assert where() == {sid: "worker-1"}
+        again = {"id": sid, "source": {"type": "file", "path": str(clip)}}
+        status, body = _post(base + "/api/streams", again)
+        assert status == 409, "the owner worker refuses the same id twice"
+        procs = json.loads(_get(base + "/readyz")[1])["processes"]
+        os.kill(next(p["pid"] for p in procs if p["name"] == "worker-1"), signal.SIGKILL)
+        wait_for(lambda: restarts(base, "worker-1") >= 1, what="the worker to be restarted")
+        wait_for(lambda: where() == {sid: "worker-1"}, timeout=90, what="the added stream back on its worker")
+        status, body = _get(f"{base}/api/streams/{sid}")
+        assert status == 200 and json.loads(body)["id"] == sid
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+    assert proc.returncode == 0, err[-3000:]

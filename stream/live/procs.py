@@ -47,15 +47,19 @@ def child_logging(name: str, level: int) -> None:
 
 
 def start_heartbeat(conn: Connection, status: Callable[[], dict[str, Any]],
-                    stop: threading.Event) -> threading.Thread:
+                    stop: threading.Event, lock: threading.Lock | None = None) -> threading.Thread:
     """Send ``("alive", status())`` to the supervisor every :data:`HEARTBEAT_S` until ``stop``.
 
-    If the supervisor's end is gone the child exits: nobody would restart or watch it."""
+    If the supervisor's end is gone the child exits: nobody would restart or watch it. ``lock``
+    guards ``conn`` where other threads send on it too."""
+    guard = lock or threading.Lock()
 
     def beat() -> None:
         while not stop.is_set():
             try:
-                conn.send(("alive", status()))
+                msg = ("alive", status())
+                with guard:
+                    conn.send(msg)
             except (OSError, EOFError, ValueError):
                 log.error("supervisor gone; exiting")
                 os._exit(1)

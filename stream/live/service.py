@@ -17,6 +17,7 @@ from collections.abc import Callable
 from stream.config import PipelineConfig
 from stream.core.errors import UserError
 from stream.core.metrics import Metrics
+from stream.events.delivery import start_own_delivery
 from stream.events.sinks import sink_health, start_events
 from stream.live.auth import load_tokens
 from stream.live.batcher import Detect, DetectorFactory, Stage
@@ -48,7 +49,7 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
                 stop: asyncio.Event | None = None, stop_timeout: float = 5.0,
                 insecure_no_auth: bool = False, on_listen: Callable[[int], None] | None = None,
                 shard: Shard | None = None, stage: Stage | None = None, metrics: Metrics | None = None,
-                on_pipeline: Callable[[Pipeline], None] | None = None) -> int:
+                on_pipeline: Callable[[Pipeline], None] | None = None, announce: bool = True) -> int:
     """Run until ``stop`` is set, a signal arrives, or every source has ended; 0 on a clean stop.
 
     ``detector_factory`` None builds detectors from ``config.detection``; a worker process of
@@ -66,7 +67,13 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
     pipeline.shard = shard
     if on_pipeline is not None:
         on_pipeline(pipeline)
-    events = start_events(config, pipeline.metrics)  # before start: the first frames have events too
+    delivery = await loop.run_in_executor(None, start_own_delivery, config)  # events.delivery: process
+    try:
+        events = start_events(config, pipeline.metrics, delivery)  # before start: first frames' events too
+    except BaseException:
+        if delivery is not None:
+            delivery.stop(0)
+        raise
     if events is not None:
         pipeline.observers.append(events)
         pipeline.events_health = functools.partial(sink_health, events)
@@ -74,6 +81,8 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
     async def close_events() -> None:
         if events is not None:  # after the pipeline: what it observed last is stored, then delivered
             await loop.run_in_executor(None, events.close, config.events.flush_timeout_s)
+        if delivery is not None:  # after the spool's last events: it delivers them, then ends
+            await loop.run_in_executor(None, delivery.stop, config.events.flush_timeout_s)
 
     try:
         await loop.run_in_executor(None, pipeline.start)
@@ -90,9 +99,10 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
         await loop.run_in_executor(None, pipeline.stop, stop_timeout)
         await close_events()
         raise UserError(str(e)) from None
-    print(f"stream-redact: {len(pipeline.streams)} stream(s) running; metrics at "
-          f"http://{config.http.host}:{port}/metrics, health at /healthz and /readyz", file=sys.stderr,
-          flush=True)
+    if announce:  # a worker of `run --workers N` leaves this to the supervisor, whose port it is
+        print(f"stream-redact: {len(pipeline.streams)} stream(s) running; metrics at "
+              f"http://{config.http.host}:{port}/metrics, health at /healthz and /readyz", file=sys.stderr,
+              flush=True)
     if on_listen is not None:
         on_listen(port)
     try:
@@ -112,5 +122,6 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
-    print("stream-redact: stopped", file=sys.stderr, flush=True)
+    if announce:
+        print("stream-redact: stopped", file=sys.stderr, flush=True)
     return 0

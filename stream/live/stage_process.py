@@ -296,14 +296,18 @@ def serve_metrics(metrics: Metrics) -> int:
 
 
 def stage_main(config: PipelineConfig, address: str, authkey: bytes, shm_dir: str, report: Connection,
-               parent_pid: int, log_level: int = logging.INFO) -> None:
-    """Entry point of the stage process: load the detector, accept workers, beat until killed."""
+               parent_pid: int, log_level: int = logging.INFO,
+               factory: DetectorFactory | None = None) -> None:
+    """Entry point of the stage process: load the detector, accept workers, beat until stopped.
+
+    ``factory`` None builds the configured detector (a picklable one may be given: tests and the
+    load test's baseline)."""
     from stream.live.procs import child_logging, die_with_parent, start_heartbeat
     from stream.live.service import detector_factory_for
 
     die_with_parent(parent_pid)
     child_logging("detector", log_level)
-    server = StageServer(config, detector_factory_for(config), address, authkey, Path(shm_dir))
+    server = StageServer(config, factory or detector_factory_for(config), address, authkey, Path(shm_dir))
     try:
         server.start()
     except Exception as e:

@@ -42,6 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from stream.config import HttpConfig, PipelineConfig, StreamConfig
 from stream.core.errors import UserError
+from stream.live.batcher import DetectorFactory
 from stream.live.frame_ring import remove_prefix, shm_root
 from stream.live.front import Child
 from stream.live.shard import Shard, worker_of
@@ -110,11 +111,14 @@ class Supervisor:
 
     def __init__(self, config: PipelineConfig, workers: int, insecure_no_auth: bool = False,
                  shard: Shard | None = None, hang_s: float = HANG_S,
-                 registry: CollectorRegistry | None = None, log_level: int = logging.INFO) -> None:
+                 registry: CollectorRegistry | None = None, log_level: int = logging.INFO,
+                 detector_factory: DetectorFactory | None = None) -> None:
+        """``detector_factory`` None: the stage builds the configured detector; else this one (it
+        must pickle: a module-level function)."""
         if workers < 1:
             raise UserError(f"--workers must be at least 1, got {workers}", exit_code=2)
         self.config, self.count, self.insecure_no_auth, self.shard = config, workers, insecure_no_auth, shard
-        self.hang_s, self.log_level = hang_s, log_level
+        self.hang_s, self.log_level, self.detector_factory = hang_s, log_level, detector_factory
         self.ctx = multiprocessing.get_context("spawn")
         self.run_dir = Path(tempfile.mkdtemp(prefix="stream-redact-"))
         self.shm_dir = shm_root()
@@ -151,7 +155,7 @@ class Supervisor:
         return self.ctx.Process(target=stage_main, name="stream-redact-detector", daemon=True, kwargs={
             "config": self.config, "address": self.address, "authkey": self.authkey,
             "shm_dir": str(self.shm_dir), "report": report, "parent_pid": os.getpid(),
-            "log_level": self.log_level})
+            "log_level": self.log_level, "factory": self.detector_factory})
 
     def _worker_starter(self, index: int) -> Callable[[Connection], multiprocessing.process.BaseProcess]:
         def start(report: Connection) -> multiprocessing.process.BaseProcess:
@@ -226,6 +230,8 @@ class Supervisor:
                         p.last_beat, p.status = time.monotonic(), msg[1]
                     if p.kind == "worker" and p.index is not None:
                         self._streams[p.index] = list(msg[1].get("streams", []))
+                elif msg[0] == "streams" and p.index is not None:
+                    self._streams[p.index] = list(msg[1])
                 elif msg[0] == "failed":
                     p.failure = str(msg[1])
         except (EOFError, OSError):
@@ -313,7 +319,7 @@ class Supervisor:
 async def supervise(config: PipelineConfig, workers: int, insecure_no_auth: bool = False,
                     shard: Shard | None = None, stop: asyncio.Event | None = None,
                     on_listen: Callable[[int], None] | None = None, stop_timeout: float = 5.0,
-                    hang_s: float = HANG_S) -> int:
+                    hang_s: float = HANG_S, detector_factory: DetectorFactory | None = None) -> int:
     """Run the supervisor and its front until ``stop`` or SIGINT/SIGTERM; 0 on a clean stop."""
     from stream.live.auth import load_tokens
     from stream.live.front import start_front
@@ -326,7 +332,8 @@ async def supervise(config: PipelineConfig, workers: int, insecure_no_auth: bool
     # the workers check tokens; a missing tokens file is refused here, before anything starts
     load_tokens(config.auth.tokens_env, config.auth.tokens_file, insecure_no_auth)
     sup = Supervisor(config, workers, insecure_no_auth, shard, hang_s=hang_s,
-                     log_level=logging.getLogger("stream").getEffectiveLevel())
+                     log_level=logging.getLogger("stream").getEffectiveLevel(),
+                     detector_factory=detector_factory)
     await loop.run_in_executor(None, sup.start)
     try:
         runner, port = await start_front(sup, config.http.host, config.http.port, registry=sup.registry)

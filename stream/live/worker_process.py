@@ -11,6 +11,7 @@ API too), so that a worker restarted after a crash gets every one of them back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -68,16 +69,27 @@ def worker_main(spec: WorkerSpec, report: Connection, parent_pid: int, log_level
         return {"port": state["port"], "ready": p is not None and p.ready, "streams": streams,
                 "stage": stage.ready}
 
+    lock = threading.Lock()
+
+    def streams_changed(_runner: object) -> None:
+        # said before the API answers: a worker that dies right after still gets the stream back
+        msg = ("streams", status()["streams"])
+        with lock, contextlib.suppress(OSError, ValueError):  # no supervisor: the heartbeat ends us
+            report.send(msg)
+
     def on_pipeline(p: Pipeline) -> None:
         p.worker = (spec.index, spec.count)
         state["pipeline"] = p
+        p.on_stream_added.append(streams_changed)
+        p.on_stream_removed.append(streams_changed)
 
     def on_listen(port: int) -> None:
         state["port"] = port
-        start_heartbeat(report, status, stop_beat)
+        start_heartbeat(report, status, stop_beat, lock)
 
     try:
         asyncio.run(serve(spec.config, insecure_no_auth=spec.insecure_no_auth, shard=spec.shard, stage=stage,
-                          metrics=metrics, on_pipeline=on_pipeline, on_listen=on_listen))
+                          metrics=metrics, on_pipeline=on_pipeline, on_listen=on_listen,
+                          announce=False))
     finally:
         stop_beat.set()
