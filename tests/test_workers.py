@@ -506,3 +506,18 @@ def test_a_stream_added_through_the_api_runs_on_its_worker_and_survives_its_rest
             proc.kill()
             _, err = proc.communicate()
     assert proc.returncode == 0, err[-3000:]
+
+
+@pytest.mark.parametrize(("args", "doc", "message"), [
+    (["--workers", "0"], {}, "--workers must be at least 1, got 0"),
+    ([], {"workers": 0}, "workers: Input should be greater than or equal to 1"),
+    ([], {"workers": "many"}, "workers: Input should be a valid integer"),
+])
+def test_a_bad_worker_count_is_refused_with_the_fix(tmp_path: Path, args: list[str], doc: dict,
+                                                    message: str) -> None:
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps(doc))
+    r = subprocess.run([sys.executable, "-m", "stream.cli", "run", "--config", str(cfg), *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
