@@ -321,6 +321,17 @@ def test_a_hung_stage_is_killed_and_rebuilt_while_streams_blank(clip: Path) -> N
                  what="a new stage")
         wait_for(lambda: all(json.loads(_get(f"http://127.0.0.1:{p}/readyz")[1])["ready"]
                              for p in ports.values()), timeout=30, what="workers ready again")
+
+        worker = next(c for c in sup.children() if c.name == "worker-0")
+        assert worker.pid is not None
+        os.kill(worker.pid, signal.SIGSTOP)  # a hung worker is replaced too
+        wait_for(lambda: sup.restarts.labels("worker-0", "hung")._value.get() == 1, timeout=30,
+                 what="the hung worker to be killed")
+        def new_port() -> bool:
+            return next(c for c in sup.children() if c.name == "worker-0").port not in (None, worker.port)
+
+        wait_for(new_port, timeout=60, what="a new worker-0")
+        assert {s.id for s in sup._streams[0]} == {i for i in ("a", "b") if worker_of(i, 2) == 0}
     finally:
         sup.stop()
     assert not list(sup.shm_dir.glob(f"{sup.prefix}*")), "no frame slot outlives the supervisor"
