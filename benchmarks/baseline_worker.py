@@ -11,6 +11,11 @@ of an installed stream-redact can make it publish unredacted frames. `stream-red
 it by path (``--baseline-worker``, default: this file next to the checkout's ``stream/``):
 
     python benchmarks/baseline_worker.py CONFIG --mode transcode
+
+A config with ``workers: N`` (N > 1) runs the multi-process service of ``run --workers N``, so
+the ceiling is measured with as many stream processes as the redacting pipeline it is compared
+with. Its detection stage process builds the detector from :func:`no_detection`, passed by
+reference: the spawned process re-imports this script (as ``__mp_main__``) to find it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import numpy as np  # noqa: E402
 from stream.config import load_config  # noqa: E402
 from stream.core.detections import Detections, FrameRef  # noqa: E402
 from stream.live.service import serve  # noqa: E402
+from stream.live.supervisor import supervise  # noqa: E402
 
 MODES = ("transcode", "no-redact")
 WARNING = ("stream-redact load test: WARNING: this pipeline DOES NOT REDACT ({mode}); every face and plate "
@@ -36,7 +42,9 @@ WARNING = ("stream-redact load test: WARNING: this pipeline DOES NOT REDACT ({mo
 
 
 def no_detection() -> object:
-    """A detector factory whose detector looks at nothing, so every frame goes out unchanged."""
+    """A detector factory whose detector looks at nothing, so every frame goes out unchanged.
+
+    Module level, so that it pickles for the detection stage process of ``workers: N``."""
 
     def detect(images: list[np.ndarray], refs: Sequence[FrameRef] | None = None) -> list[Detections]:
         return [Detections(observed=frozenset()) for _ in images]
@@ -51,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", required=True, choices=MODES)
     args = ap.parse_args(argv)
     print(WARNING.format(mode=args.mode), file=sys.stderr, flush=True)
-    return asyncio.run(serve(load_config(args.config), no_detection))  # type: ignore[arg-type]
+    config = load_config(args.config)
+    workers = config.workers or 1  # unset: one process, as before (not one per core, as `run` would)
+    if workers > 1:
+        return asyncio.run(supervise(config, workers, detector_factory=no_detection))  # type: ignore[arg-type]
+    return asyncio.run(serve(config, no_detection))  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

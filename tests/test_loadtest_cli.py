@@ -20,6 +20,9 @@ BIN = Path(sys.executable).parent / "stream-redact"
     (["--api", "ftp://host"], "not a http or https URL; write http://host:port"),
     (["--media", "http://user:hunter22secret@h:8554"], "not a rtsp URL; write rtsp://host:port"),
     (["--preset", "slow"], "invalid choice"),
+    (["--workers", "0"], "--workers: '0': a worker count must be between 1 and 256"),
+    (["--workers", "1", "257"], "--workers: '257': a worker count must be between 1 and 256"),
+    (["--workers", "two"], "--workers: 'two': expected a worker count"),
 ])
 def test_bad_bench_options_are_refused_with_the_fix(args: list[str], words: str, tmp_path: Path) -> None:
     r = subprocess.run([str(BIN), "bench", *args, "--out", str(tmp_path / "lt")], capture_output=True,
@@ -52,3 +55,43 @@ def test_an_installed_package_has_no_baseline_worker(tmp_path: Path) -> None:
         find_baseline_worker(checkout=tmp_path)
     assert "not installed with stream-redact" in str(e.value)
     assert "pass --baseline-worker PATH, or leave these modes out" in str(e.value)
+
+
+def test_workers_are_refused_for_a_remote_deployment(tmp_path: Path) -> None:
+    """A deployment runs with the worker processes it was started with; bench cannot change them."""
+    r = subprocess.run([str(BIN), "bench", "--api", "http://127.0.0.1:9", "--media", "rtsp://127.0.0.1:9",
+                        "--workers", "2", "--out", str(tmp_path / "lt")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "--workers sets the pipeline bench starts itself" in r.stderr
+    assert "leave --workers out" in r.stderr
+    assert not (tmp_path / "lt.json").exists(), "nothing ran"
+
+
+def test_the_generated_pipeline_config_carries_the_worker_count(tmp_path: Path) -> None:
+    """The config a local point writes is one `stream-redact run` accepts, with its workers."""
+    import yaml
+
+    from stream.config import load_config
+    from stream.loadtest.driver import RunSpec, pipeline_doc, stream_doc
+
+    streams = [stream_doc("lt0", "rtsp://127.0.0.1:8554/lt-cam0", "rtsp://127.0.0.1:8554/lt-out0", 1500)]
+    for workers in (1, 2):
+        doc = pipeline_doc(RunSpec(streams=1, workers=workers), streams, tmp_path / "events.jsonl")
+        assert doc["workers"] == workers
+        (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(doc))
+        assert load_config(tmp_path / "cfg.yaml").workers == workers
+    assert pipeline_doc(RunSpec(streams=1), streams, tmp_path / "e.jsonl")["workers"] == 1, "one process"
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [
+    ({"workers": 0}, "workers must be 1..256"),
+    ({"workers": 257}, "workers must be 1..256"),
+    ({"workers": 2, "api": "http://h:9108", "media": "rtsp://h:8554"}, "a remote deployment runs with the "
+     "workers it was deployed with"),
+])
+def test_run_spec_refuses_worker_counts_it_cannot_run(kwargs: dict, words: str) -> None:
+    from stream.loadtest.driver import RunSpec
+
+    with pytest.raises(ValueError, match=words):
+        RunSpec(streams=1, **kwargs)

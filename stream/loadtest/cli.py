@@ -2,7 +2,9 @@
 
 Why in the product CLI: operators load-test a deployment before it carries real cameras, with
 the same tool they run it with. One K (`--streams`) gives one measured point; `--ramp` sweeps K
-per mode until a target breaks. Progress goes to stderr while it runs; the report is a JSON file
+per mode until a target breaks, and ``--workers 1 2`` repeats every point with the pipeline run as
+one process and as two stream worker processes (``run --workers N``), so that capacity can be
+compared. Progress goes to stderr while it runs; the report is a JSON file
 and a self-contained HTML page, and a short table is printed at the end. ``bench report JSON``
 rebuilds the page from the JSON, so only the JSON needs to be kept.
 """
@@ -22,6 +24,7 @@ from typing import Any
 from stream.core.urls import mask_url
 from stream.loadtest.driver import (
     BASELINE_WORKER,
+    MAX_WORKERS,
     MODES,
     NO_DETECTION,
     NoBaselineWorker,
@@ -105,7 +108,8 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--plates", type=_bounded(int, 0, 8, "plates per camera"), default=1,
                    help="plates per camera (default 1)")
     g.add_argument("--overload", type=_bounded(int, 1, 255, "a stream count"), metavar="K",
-                   help="also run K streams in the first mode, far beyond capacity: leaks must stay 0")
+                   help="also run K streams in the first mode (and first --workers value), far beyond "
+                        "capacity: leaks must stay 0")
     t = p.add_argument_group("timing and targets")
     t.add_argument("--duration", type=_bounded(float, 1, 3600, "seconds"), default=10.0,
                    help="measured seconds per point (default 10)")
@@ -119,6 +123,11 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     d.add_argument("--preset", choices=["fast", "accurate"], default="fast")
     d.add_argument("--max-batch", type=_bounded(int, 1, 256, "a batch size"), default=8)
     d.add_argument("--max-wait-ms", type=_bounded(float, 0, 1000, "milliseconds"), default=10.0)
+    d.add_argument("--workers", type=_bounded(int, 1, MAX_WORKERS, "a worker count"), nargs="+",
+                   metavar="N", default=None,
+                   help="stream worker processes of the local pipeline (`run --workers N`: N processes "
+                        "sharing one detection stage process); every point runs once per value "
+                        "(default 1: one process)")
     d.add_argument("--register", choices=["config", "api"], default="config",
                    help="local pipeline: streams in its config file, or added through its control API")
     d.add_argument("--api", metavar="URL", type=_url("http", "https"),
@@ -177,7 +186,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = args.output or args.json.with_suffix(".html")
     try:
         write_html(report, out)
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         print(f"stream-redact: error: {args.json} is missing a field the page needs ({e}); was it written by "
               "`stream-redact bench`?", file=sys.stderr)
         return 2
@@ -201,6 +210,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("stream-redact: error: against a remote deployment (--api) only --modes redact applies "
               "(it runs as deployed)", file=sys.stderr)
         return 2
+    if args.api and args.workers is not None:
+        print("stream-redact: error: --workers sets the pipeline bench starts itself; a remote deployment "
+              "(--api) runs with the workers it was deployed with (`run --workers N` or `workers:` in its "
+              "config): leave --workers out, and load-test each worker count as its own deployment",
+              file=sys.stderr)
+        return 2
+    worker_counts = list(dict.fromkeys(args.workers or [1]))
     worker = None
     if any(m in NO_DETECTION for m in modes):  # before anything starts, not after a long ramp
         try:
@@ -235,26 +251,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            latency_bound_ms=args.latency_bound_ms, faces=args.faces, plates=args.plates,
                            register=args.register, api=args.api, token_env=args.token_env, media=args.media,
                            metrics_url=args.metrics, work=args.work, mode=modes[0],
-                           judge=tuple(args.judge) if args.judge else None, baseline_worker=worker)
+                           judge=tuple(args.judge) if args.judge else None, baseline_worker=worker,
+                           workers=worker_counts[0])
             if not args.no_calibrate and not args.media:
                 _progress(f"calibrating the harness path at {w}x{h}")
                 cal = calibrate(material, w, h, args.fps, bitrate_kbps=args.bitrate_kbps)
                 report["calibration"].append(cal)
             for mode in modes:
-                spec = dataclasses.replace(base, mode=mode)
-                if args.ramp:
-                    run = ramp(spec, args.ramp, material, _progress)
-                    ok &= run["largest_k_held"] == max(args.ramp)
-                else:
-                    _progress(f"[{mode} {spec.size}] K={spec.streams}")
-                    point = run_point(spec, material, _progress)
-                    run = {"size": spec.size, "mode": mode,
-                           "largest_k_held": spec.streams if point["held"] else 0, "points": [point]}
-                    ok &= point["held"]
-                report["runs"].append(run)
+                for n in worker_counts:  # one mode's worker counts back to back: compared under like load
+                    spec = dataclasses.replace(base, mode=mode, workers=n)
+                    if args.ramp:
+                        run = ramp(spec, args.ramp, material, _progress)
+                        ok &= run["largest_k_held"] == max(args.ramp)
+                    else:
+                        _progress(f"[{spec.label}] K={spec.streams}")
+                        point = run_point(spec, material, _progress)
+                        run = {"size": spec.size, "mode": mode, "workers": point["workers"],
+                               "largest_k_held": spec.streams if point["held"] else 0, "points": [point]}
+                        ok &= point["held"]
+                    report["runs"].append(run)
             if args.overload:
                 spec = dataclasses.replace(base, streams=args.overload, mode=modes[0])
-                _progress(f"[overload {spec.mode} {spec.size}] K={spec.streams}")
+                _progress(f"[overload {spec.label}] K={spec.streams}")
                 report["overload"] = run_point(spec, material, _progress)
                 lk = report["overload"].get("leaks")
                 ok &= not lk or lk["visible"] == 0

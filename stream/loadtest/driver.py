@@ -10,6 +10,10 @@ cameras publish to ``/lt-cam<i>``, the pipeline pulls from there and publishes t
 
 A point measures a window after the first stamped frame of every stream and a warm-up; leaks
 count over the whole run (one leaked frame in the warm-up is still a leak).
+
+``workers`` runs the local pipeline as ``run --workers N`` (N stream processes and one detection
+stage); 1 is the single-process service. The pipeline's CPU and memory are those of its whole
+process tree, and its events are read from every worker's file.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 """the source checkout this package runs from, when it runs from one (else site-packages)"""
 FAST_RECONNECT = {"initial_s": 0.2, "max_s": 1.0, "jitter": 0.1}
 HELD_FPS_SHARE = 0.97
+MAX_WORKERS = 256
+"""as PipelineConfig.workers allows"""
 
 Progress = Callable[[str], None]
 
@@ -80,6 +86,7 @@ class RunSpec:
     start_timeout_s: float = 90.0
     judge: tuple[str, ...] | None = None  # classes the pipeline redacts (None: from the mode)
     baseline_worker: Path | None = None  # for NO_DETECTION modes (None: the checkout's)
+    workers: int = 1  # stream worker processes of the local pipeline (1: one process)
     work: Path = field(default_factory=lambda: Path("/tmp/stream-redact-bench"))
 
     def __post_init__(self) -> None:
@@ -87,6 +94,11 @@ class RunSpec:
             raise ValueError(f"mode {self.mode!r}: use one of {', '.join(MODES)}")
         if self.streams < 1 or self.streams > 255:
             raise ValueError(f"streams must be 1..255, got {self.streams}")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be 1..{MAX_WORKERS}, got {self.workers}")
+        if self.api and self.workers != 1:
+            raise ValueError("workers applies to a local pipeline; a remote deployment runs with the "
+                             "workers it was deployed with")
         if self.api and self.mode in NO_DETECTION:
             raise ValueError(f"mode {self.mode} needs a local pipeline; a remote deployment runs as deployed")
         if self.api and not self.media:
@@ -95,6 +107,11 @@ class RunSpec:
     @property
     def size(self) -> str:
         return f"{self.width}x{self.height}"
+
+    @property
+    def label(self) -> str:
+        """How progress lines name the point's series: mode, size and worker processes."""
+        return f"{self.mode} {self.size} workers={self.workers}"
 
 
 class NoBaselineWorker(RuntimeError):
@@ -140,6 +157,7 @@ class LocalPipeline:
             cmd = [sys.executable, str(worker), str(config), "--mode", mode]
         else:
             cmd = [sys.executable, "-m", "stream.cli", "run", "--config", str(config)]
+        self.cmd = cmd
         env = {**os.environ, "STREAM_REDACT_TOKENS": token}
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                                      env=env, start_new_session=True, preexec_fn=_die_with_parent)
@@ -210,6 +228,7 @@ def pipeline_doc(spec: RunSpec, streams: list[dict[str, Any]], events_path: Path
         "detection": detection,
         "http": {"port": 0},
         "events": {"sink": "jsonl", "jsonl": {"path": str(events_path), "fsync": "never"}},
+        "workers": spec.workers,
     }
 
 
@@ -223,7 +242,7 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
 
     k = spec.streams
     spec.work.mkdir(parents=True, exist_ok=True)
-    tag = f"{spec.mode}-{spec.size}-k{k}-{int(time.time())}"
+    tag = f"{spec.mode}-{spec.size}-w{spec.workers}-k{k}-{int(time.time())}"
     sids = [f"lt{i}" for i in range(k)]
     scenes = {sid: Scene(material, i, spec.width, spec.height, spec.fps, spec.faces, spec.plates)
               for i, sid in enumerate(sids)}
@@ -262,10 +281,13 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
             cfg = spec.work / f"{tag}.yaml"
             cfg.write_text(yaml.safe_dump(pipeline_doc(spec, docs, events_path)))
             pipeline = LocalPipeline(cfg, spec.mode, token, spec.baseline_worker)
-            progress(f"starting the pipeline ({spec.mode}, {k} x {spec.size} @ {spec.fps:g} fps)")
+            progress(f"starting the pipeline ({spec.mode}, {k} x {spec.size} @ {spec.fps:g} fps, "
+                     f"{spec.workers} worker process{'es' if spec.workers > 1 else ''})")
             pipeline.wait_ready(spec.start_timeout_s)
             api_base = pipeline.base_url
             metrics_url = spec.metrics_url or pipeline.metrics_url or ""
+            if spec.workers > 1:
+                _check_workers(probe.scrape(metrics_url), spec, pipeline)
         if spec.api or spec.register == "api":
             for doc in docs:
                 _api(api_base, "POST", "/api/streams", token, doc)
@@ -287,7 +309,7 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
         progress(f"{k - len(not_live)} of {k} outputs live; warming up {spec.warmup_s:g} s")
         threading.Event().wait(spec.warmup_s)  # pacing of the measurement, not synchronisation
         snap_a = probe.scrape(metrics_url)
-        pid_cpu_a = probe.proc_cpu_rss(pipeline.proc.pid)[0] if pipeline else None
+        pid_cpu_a = probe.tree_cpu_rss(pipeline.proc.pid)[0] if pipeline else None
         srv_cpu_a = probe.proc_cpu_rss(server.pid)[0] if server and server.pid else None
         self_a, sys_a = probe.self_cpu(), probe.system_busy_cpu()
         t_a, mono_a = time.time() * 1000, time.monotonic()
@@ -302,7 +324,7 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
         snap_b = probe.scrape(metrics_url)
         window_s = time.monotonic() - mono_a
         t_b = time.time() * 1000
-        pid_cpu_b, rss = probe.proc_cpu_rss(pipeline.proc.pid) if pipeline else (None, None)
+        pid_cpu_b, rss, nprocs = probe.tree_cpu_rss(pipeline.proc.pid) if pipeline else (None, None, None)
         srv_cpu_b = probe.proc_cpu_rss(server.pid)[0] if server and server.pid else None
         self_b, sys_b = probe.self_cpu(), probe.system_busy_cpu()
         gpu_info = gpu.stop()
@@ -335,7 +357,9 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
     point: dict[str, Any] = {
         "spec": {k2: (str(v) if isinstance(v, Path) else v) for k2, v in asdict(spec).items()
                  if k2 not in ("token_env",)},
-        "mode": spec.mode, "k": k, "size": spec.size, "fps": spec.fps, "window_s": round(window_s, 2),
+        # a remote deployment runs with its own worker processes: as many as its /metrics speaks for
+        "mode": spec.mode, "workers": spec.workers if not spec.api else _workers_seen(snap_b),
+        "k": k, "size": spec.size, "fps": spec.fps, "window_s": round(window_s, 2),
         "latency_ms": {"p50": _pct(lat, 50), "p95": _pct(lat, 95), "p99": _pct(lat, 99),
                        "max": round(max(lat), 1) if lat else None, "n": len(lat)},
         "latency_hist": _hist(lat),
@@ -357,6 +381,10 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
             "cpu_cores": round((pid_cpu_b - pid_cpu_a) / window_s, 2)
             if pid_cpu_a is not None and pid_cpu_b is not None else None,
             "rss_mb": round(rss / 2**20) if rss else None,
+            "processes": nprocs,
+            "metrics_from": probe.label_values(snap_b, "worker"),
+            "detector_up": probe.gauge(snap_b, "stream_redact_detector_up"),
+            "worker_restarts": probe.delta(snap_a, snap_b, "stream_redact_worker_restarts_total"),
             "gpu": gpu_info,
         },
         "harness_cpu_cores": round((self_b - self_a) / window_s, 2),
@@ -388,6 +416,26 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
     p["held"] = not reasons
     p["broke_on"] = reasons
     return p
+
+
+def _workers_seen(snap: probe.Snapshot) -> int:
+    """Stream worker processes a pipeline's /metrics speaks for (``worker-<i>`` labels); 1 for a
+    single-process pipeline, whose samples carry no such label."""
+    return sum(1 for v in probe.label_values(snap, "worker") if v.startswith("worker-")) or 1
+
+
+def _check_workers(snap: probe.Snapshot, spec: RunSpec, pipeline: LocalPipeline) -> None:
+    """Refuse to measure a point whose pipeline is not the multi-process service asked for (a
+    ``--baseline-worker`` copy from before ``workers`` runs one process): its figures would be
+    reported under the wrong worker count."""
+    seen = _workers_seen(snap)
+    if seen == spec.workers:
+        return
+    what = (f"the baseline worker {pipeline.cmd[1]} does not honour `workers:` in its config; use the "
+            f"checkout's {BASELINE_WORKER}" if spec.mode in NO_DETECTION
+            else "check that `stream-redact run` honours `workers:` in its config")
+    raise RuntimeError(f"asked for {spec.workers} worker processes, but the pipeline's /metrics speaks for "
+                       f"{seen}: {what}")
 
 
 def _readyz(base: str, sids: list[str]) -> Any:

@@ -75,7 +75,8 @@ class OutputReader:
         The container is never closed from this thread: FFmpeg does not allow a close while
         another thread reads, and PyAV crashes on it."""
         self._stop.set()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # a point that failed before the readers started
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -36,6 +36,14 @@ def _leak_rate(p: dict[str, Any]) -> str:
     return f"{lk['visible']}/{lk['checked']}"
 
 
+def workers_of(entry: dict[str, Any]) -> int:
+    """The worker processes a run or point was measured with; reports from before the field: 1."""
+    w = entry.get("workers")
+    if w is None:
+        w = (entry.get("spec") or {}).get("workers")
+    return int(w) if w is not None else 1
+
+
 def _points(report: dict[str, Any]) -> list[dict[str, Any]]:
     pts = [p for r in report.get("runs", []) for p in r["points"]]
     if report.get("overload"):
@@ -45,15 +53,15 @@ def _points(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def table(report: dict[str, Any]) -> str:
     """A short Markdown table: one row per point, then the ramp results and ratios."""
-    lines = ["| size | mode | K | held | fps min/sent | p50/p99 ms | dropped | blanked | leaks | events | "
-             "pipeline CPU | harness CPU | other load |", "|" + "---|" * 13]
+    lines = ["| size | mode | workers | K | held | fps min/sent | p50/p99 ms | dropped | blanked | leaks | "
+             "events | pipeline CPU | harness CPU | other load |", "|" + "---|" * 14]
     for p in _points(report):
         if "latency_ms" not in p:
-            lines.append(f"| {p['size']} | {p['mode']} | {p['k']} | error | | | | | | | | | |")
+            lines.append(f"| {p['size']} | {p['mode']} | {workers_of(p)} | {p['k']} | error |" + " |" * 9)
             continue
         ev = p.get("events") or {}
         lines.append(
-            f"| {p['size']} | {p['mode']} | {p['k']} | {'yes' if p['held'] else 'no'} | "
+            f"| {p['size']} | {p['mode']} | {workers_of(p)} | {p['k']} | {'yes' if p['held'] else 'no'} | "
             f"{_fmt(p['delivered_fps_min'])}/{_fmt(p['fps'], 0)} | "
             f"{_fmt(p['latency_ms']['p50'], 0)}/{_fmt(p['latency_ms']['p99'], 0)} | "
             f"{p['pipeline']['dropped']:.0f} | {max(p['pipeline']['blanked'], p['blanked_seen']):.0f} | "
@@ -61,8 +69,9 @@ def table(report: dict[str, Any]) -> str:
             f"{_fmt(p['pipeline']['cpu_cores'], 2)} | {_fmt(p['harness_cpu_cores'], 2)} | "
             f"{_fmt(p.get('other_load_cores'), 2)} |")
     if report.get("runs"):
-        lines += ["", "| size | mode | largest K held |", "|---|---|---|"]
-        lines += [f"| {r['size']} | {r['mode']} | {r['largest_k_held']} |" for r in report["runs"]]
+        lines += ["", "| size | mode | workers | largest K held |", "|---|---|---|---|"]
+        lines += [f"| {r['size']} | {r['mode']} | {workers_of(r)} | {r['largest_k_held']} |"
+                  for r in report["runs"]]
     for size, row in (report.get("ratios") or {}).items():
         for name, r in row.items():
             lines.append(f"{size} {name}: largest K {r['largest_k']}, throughput {r['throughput_fps']} fps "
@@ -156,6 +165,16 @@ def histogram(edges: list[float], counts: list[int], title: str, bound: float | 
     return "\n".join([*e, "</svg>"])
 
 
+def _series_name(run: dict[str, Any], several: bool) -> str:
+    """A plot's legend entry: the mode, and the worker count where a size was run with several."""
+    return f"{run['mode']} w{workers_of(run)}" if several else str(run["mode"])
+
+
+def _workers_text(p: dict[str, Any]) -> str:
+    n = workers_of(p)
+    return f"{n} worker{'s' if n != 1 else ''}"
+
+
 def write_html(report: dict[str, Any], path: Path) -> Path:
     """The report as one HTML file with inline SVG plots and no external resources."""
     runs = report.get("runs", [])
@@ -174,12 +193,13 @@ def write_html(report: dict[str, Any], path: Path) -> Path:
                                  f"p99 {_fmt(c['p99_ms'], 0)} ms" for c in cal) + "</p>")
     parts.append("<h2>Results</h2><pre>" + html.escape(table(report)) + "</pre>")
     parts.append("<h2>Load</h2><div class='grid'>")
+    several = len({workers_of(r) for r in runs}) > 1
     for size in sorted({r["size"] for r in runs}):
         sel = [r for r in runs if r["size"] == size]
 
         def series(key: Any, sel: list[dict[str, Any]] = sel) -> dict[str, list[tuple[float, float]]]:
-            return {r["mode"]: [(p["k"], v) for p in r["points"] if "latency_ms" in p
-                                and (v := key(p)) is not None] for r in sel}
+            return {_series_name(r, several): [(p["k"], v) for p in r["points"] if "latency_ms" in p
+                                               and (v := key(p)) is not None] for r in sel}
 
         parts.append(line_chart(series(lambda p: p["latency_ms"]["p99"]), f"p99 latency vs K ({size})",
                                 "streams K", "ms"))
@@ -193,11 +213,11 @@ def write_html(report: dict[str, Any], path: Path) -> Path:
     parts.append("</div><h2>Points</h2>")
     for p in _points(report):
         if "latency_ms" not in p:
-            parts.append(f"<h3>{html.escape(p['mode'])} {p['size']} K={p['k']}: error</h3><pre>"
-                         f"{html.escape(p.get('error', ''))}</pre>")
+            parts.append(f"<h3>{html.escape(p['mode'])} {p['size']} {_workers_text(p)} K={p['k']}: error</h3>"
+                         f"<pre>{html.escape(p.get('error', ''))}</pre>")
             continue
         verdict = "held" if p["held"] else "broke: " + ", ".join(p["broke_on"])
-        parts.append(f"<h3>{html.escape(p['mode'])} {p['size']} K={p['k']} &mdash; "
+        parts.append(f"<h3>{html.escape(p['mode'])} {p['size']} {_workers_text(p)} K={p['k']} &mdash; "
                      f"<span class='{'' if p['held'] else 'bad'}'>{html.escape(verdict)}</span></h3>"
                      "<div class='grid'>")
         parts.append(histogram(p["latency_hist"]["edges_ms"], p["latency_hist"]["counts"],

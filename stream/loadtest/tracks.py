@@ -26,18 +26,26 @@ def _unix_ms(rfc3339: str) -> float:
     return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp() * 1000
 
 
+def event_files(path: Path) -> list[Path]:
+    """The JSON Lines files a pipeline configured with ``path`` writes: ``path`` itself, and with
+    ``run --workers N`` one per worker beside it (``<stem>.worker-<i><suffix>``: two processes
+    never append to one file)."""
+    workers = sorted(path.parent.glob(f"{path.stem}.worker-*{path.suffix}"))
+    return [f for f in (path, *workers) if f.is_file()]
+
+
 def read_track_events(path: Path) -> list[dict[str, Any]]:
-    """Track events of a JSON Lines file (CloudEvents envelopes); missing file: none."""
-    if not path.exists():
-        return []
+    """Track events of a JSON Lines file and of its workers' files (CloudEvents envelopes);
+    no file: none."""
     out = []
-    for line in path.read_text().splitlines():
-        try:
-            ev = json.loads(line)
-        except ValueError:
-            continue
-        if any(str(ev.get("type", "")).endswith(t) for t in TRACK_TYPES):
-            out.append(ev)
+    for f in event_files(path):
+        for line in f.read_text().splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(ev, dict) and any(str(ev.get("type", "")).endswith(t) for t in TRACK_TYPES):
+                out.append(ev)
     return out
 
 
