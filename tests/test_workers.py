@@ -532,3 +532,17 @@ def test_a_bad_worker_count_is_refused_with_the_fix(tmp_path: Path, args: list[s
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr
+
+
+@pytest.mark.parametrize(("cpu_max", "expected"), [("max 100000\n", None), ("200000 100000\n", 2),
+                                                   ("150000 100000\n", 2), ("50000 100000\n", 1),
+                                                   ("garbage", None)])
+def test_the_default_worker_count_respects_a_container_cpu_limit(tmp_path: Path, cpu_max: str,
+                                                                 expected: int | None) -> None:
+    from stream.live.supervisor import usable_cores
+
+    f = tmp_path / "cpu.max"
+    f.write_text(cpu_max)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cores(f) == (affinity if expected is None else min(affinity, expected))
+    assert usable_cores(tmp_path / "missing") == affinity

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -57,13 +58,25 @@ STABLE_S = 30.0
 """a child up this long has its back-off reset"""
 
 
-def default_workers() -> int:
-    """One worker per spare core (the supervisor and the stage share the last one); at least 1."""
+def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container's
+    CPU limit, which affinity does not show: a pod limited to 4 cores on a 64-core node sees 64)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def default_workers() -> int:
+    """One worker per spare core (the supervisor and the stage share the last one); at least 1."""
+    return max(1, usable_cores() - 1)
 
 
 def worker_config(config: PipelineConfig, index: int, count: int,
