@@ -14,6 +14,13 @@ one run:
 - ``drain``: the broker is killed, 100k events are spooled, a new broker starts: time until the
   spool is empty (reconnect included), and the rate of that drain.
 
+``max`` and ``sustained`` run once per delivery mode (``--delivery``, the ``events.delivery``
+setting): ``thread``, the sender on a thread of this process (keys ``max``, ``sustained_<rate>``),
+and ``process``, a delivery process reading the spool this process writes (keys ``max_process``,
+``sustained_<rate>_process``; its CPU is ``cpu_delivery_cores``). Their latency p50/p99 in the
+``*_hist_ms`` fields come from the ``events_delivery_seconds`` histogram (interpolated within
+its buckets) for both modes alike; the thread mode also has exact ones, as before.
+
 After each phase the topic is read back: every event id must be there (at-least-once: repeats
 are counted, never losses). "Other load" is the mean number of cores that processes other than
 this one and the broker kept busy (from /proc): when it is not about 0, the numbers are low.
@@ -35,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +56,9 @@ from machine import cpu_model  # noqa: E402
 from stream.config import parse_config  # noqa: E402
 from stream.core.metrics import Metrics  # noqa: E402
 from stream.events import schema  # noqa: E402
-from stream.events.kafka import KafkaSink  # noqa: E402
+from stream.events.delivery import DeliveryProcess, snapshot, start_delivery  # noqa: E402
+from stream.events.kafka import KafkaSink, SpoolWriterSink  # noqa: E402
+from stream.events.spool import read_cursor  # noqa: E402
 
 STREAMS = [f"cam-{i:02d}" for i in range(8)]
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -70,12 +80,15 @@ def track_event(i: int, when: float | None = None) -> dict[str, Any]:
 
 
 class Load:
-    """CPU used meanwhile by this process, by the broker, and by everything else (cores)."""
+    """CPU used meanwhile by this process, by the broker, by the delivery process (if any), and by
+    everything else (cores)."""
 
-    def __init__(self, broker_pid: int | None) -> None:
+    def __init__(self, broker_pid: int | None, delivery_pid: int | None = None) -> None:
         self.pid = broker_pid
+        self.delivery_pid = delivery_pid
         self.t0 = time.monotonic()
         self.busy0, self.self0, self.broker0 = self._busy(), self._proc(os.getpid()), self._proc(broker_pid)
+        self.delivery0 = self._proc(delivery_pid)
 
     @staticmethod
     def _busy() -> float:
@@ -98,15 +111,113 @@ class Load:
         dt = time.monotonic() - self.t0
         mine = self._proc(os.getpid()) - self.self0
         broker = self._proc(self.pid) - self.broker0
-        other = self._busy() - self.busy0 - mine - broker
-        return {"seconds": round(dt, 2), "cpu_self_cores": round(mine / dt, 2),
-                "cpu_broker_cores": round(broker / dt, 2), "other_load_cores": round(max(0.0, other / dt), 2)}
+        delivery = self._proc(self.delivery_pid) - self.delivery0
+        other = self._busy() - self.busy0 - mine - broker - delivery
+        out = {"seconds": round(dt, 2), "cpu_self_cores": round(mine / dt, 2),
+               "cpu_broker_cores": round(broker / dt, 2), "other_load_cores": round(max(0.0, other / dt), 2)}
+        if self.delivery_pid is not None:
+            out["cpu_delivery_cores"] = round(delivery / dt, 2)
+        return out
+
+
+def pipeline_config(bootstrap: str, topic: str, spool: Path, queue: int, delivery: str = "thread") -> Any:
+    return parse_config({"events": {"kafka": {"bootstrap_servers": [bootstrap], "topic": topic},
+                                    "spool": {"dir": str(spool), "max_bytes": 4 << 30},
+                                    "queue_size": queue, "delivery": delivery}})
 
 
 def sink_config(bootstrap: str, topic: str, spool: Path, queue: int) -> Any:
-    return parse_config({"events": {"kafka": {"bootstrap_servers": [bootstrap], "topic": topic},
-                                    "spool": {"dir": str(spool), "max_bytes": 4 << 30},
-                                    "queue_size": queue}}).events
+    return pipeline_config(bootstrap, topic, spool, queue).events
+
+
+def hist_quantile(families: list[list[Any]], q: float) -> float:
+    """Quantile ``q`` (ms) of the events_delivery_seconds histogram, interpolated within a bucket the
+    way Prometheus' histogram_quantile does."""
+    buckets = sorted((float(labels["le"]), value) for name, _, _, samples in families
+                     if name == "stream_redact_events_delivery_seconds"
+                     for sname, labels, value in samples if sname.endswith("_bucket"))
+    if not buckets or buckets[-1][1] == 0:
+        return float("nan")
+    rank = q * buckets[-1][1]
+    lo, below = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return lo * 1000
+            return (lo + (le - lo) * (rank - below) / max(count - below, 1e-9)) * 1000
+        lo, below = le, count
+    return lo * 1000
+
+
+class Rig:
+    """The Kafka sink under test in one delivery mode: ``thread`` (a KafkaSink that sends itself) or
+    ``process`` (this process only spools; a delivery process sends)."""
+
+    def __init__(self, broker: Broker, topic: str, spool: Path, queue: int, mode: str) -> None:
+        self.mode, self.spool = mode, spool
+        cfg = pipeline_config(broker.bootstrap, topic, spool, queue, mode)
+        self.metrics = Metrics()
+        self.latencies: list[float] = []
+        self.delivery: DeliveryProcess | None = None
+        self.sink: KafkaSink | SpoolWriterSink
+        if mode == "thread":
+            self.sink = KafkaSink(cfg.events, self.metrics)
+            self.sink.on_delivered = self.latencies.extend
+        else:
+            self.delivery = start_delivery(cfg, [spool])
+            self.sink = SpoolWriterSink(cfg.events, self.metrics, self.delivery.health)
+        self.sink.start()
+        wait(self.connected, 30, "the sink to connect")
+
+    @property
+    def delivery_pid(self) -> int | None:
+        return self.delivery.pid if self.delivery is not None else None
+
+    def _scrape(self) -> list[list[Any]]:
+        if self.delivery is None:
+            return snapshot(self.metrics.registry.collect())
+        from prometheus_client.parser import text_string_to_metric_families
+
+        url = f"http://127.0.0.1:{self.delivery.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+        return [[f.name, f.type, f.documentation, [[s.name, s.labels, s.value] for s in f.samples]]
+                for f in text_string_to_metric_families(text)]
+
+    def _value(self, name: str) -> float:
+        return sum(v for n, _, _, samples in self._scrape() for sname, _, v in samples if sname == name)
+
+    def connected(self) -> bool:
+        if isinstance(self.sink, KafkaSink):
+            return self.sink._producer is not None
+        return self._value("stream_redact_events_sink_up") == 1
+
+    def delivered(self) -> int:
+        """Acknowledged so far (process mode: per the cursor on disk, at most 0.2 s behind)."""
+        if isinstance(self.sink, KafkaSink):
+            return delivered(self.sink)
+        return read_cursor(self.spool)[0] - 1
+
+    def delivered_now(self) -> int:
+        """Acknowledged so far, exactly (asks the delivery process)."""
+        if isinstance(self.sink, KafkaSink):
+            return delivered(self.sink)
+        return int(self._value("stream_redact_events_delivered_total"))
+
+    def backlog(self) -> int:
+        if isinstance(self.sink, KafkaSink):
+            return self.sink.spool.pending
+        return self.sink.spool.written_seq - read_cursor(self.spool)[0]
+
+    def quantiles_ms(self) -> dict[str, float]:
+        fams = self._scrape()
+        return {"latency_p50_hist_ms": round(hist_quantile(fams, 0.5), 1),
+                "latency_p99_hist_ms": round(hist_quantile(fams, 0.99), 1)}
+
+    def close(self) -> None:
+        self.sink.close(10)
+        if self.delivery is not None:
+            self.delivery.stop(10)
 
 
 def make_sink(bootstrap: str, topic: str, spool: Path, queue: int = 200_000) -> tuple[KafkaSink, list[float]]:
@@ -167,41 +278,40 @@ def phase_client(broker: Broker, n: int) -> dict[str, Any]:
     return {"events": n, "events_per_s": round(n / dt), **load.done()}
 
 
-def phase_max(broker: Broker, n: int, spool: Path) -> dict[str, Any]:
-    topic = "bench-max"
+def phase_max(broker: Broker, n: int, spool: Path, mode: str = "thread") -> dict[str, Any]:
+    topic = f"bench-max-{mode}"
     broker.create_topic(topic, 3)
     events = [track_event(i) for i in range(n)]
     ids = [e["id"] for e in events]
-    sink, _ = make_sink(broker.bootstrap, topic, spool)
-    wait(lambda: sink._producer is not None, 30, "the sink to connect")
-    load = Load(broker.proc.pid if broker.proc else None)
+    rig = Rig(broker, topic, spool, 200_000, mode)
+    load = Load(broker.proc.pid if broker.proc else None, rig.delivery_pid)
     t0 = time.perf_counter()
     for e in events:
-        sink.submit(e)
+        rig.sink.submit(e)
     t_submit = time.perf_counter() - t0
-    wait(lambda: delivered(sink) >= n, 300, "every event to be acknowledged")
+    wait(lambda: rig.delivered() >= n, 300, "every event to be acknowledged")
     dt = time.perf_counter() - t0
     usage = load.done()
-    sink.close(10)
-    return {"events": n, "events_per_s": round(n / dt), "submit_per_s": round(n / t_submit), **usage,
-            **verify(broker.bootstrap, topic, ids)}
+    rig.close()
+    return {"delivery": mode, "events": n, "events_per_s": round(n / dt), "submit_per_s": round(n / t_submit),
+            **usage, **verify(broker.bootstrap, topic, ids)}
 
 
-def phase_sustained(broker: Broker, rate: int, seconds: float, spool: Path, topic: str) -> dict[str, Any]:
+def phase_sustained(broker: Broker, rate: int, seconds: float, spool: Path, topic: str,
+                    mode: str = "thread") -> dict[str, Any]:
     broker.create_topic(topic, 3)
-    sink, latencies = make_sink(broker.bootstrap, topic, spool, queue=10_000)
-    wait(lambda: sink._producer is not None, 30, "the sink to connect")
+    rig = Rig(broker, topic, spool, 10_000, mode)
     ids: list[str] = []
     backlog = [0]
     stop = threading.Event()
 
     def watch() -> None:
         while not stop.wait(0.05):
-            backlog[0] = max(backlog[0], sink.spool.pending)
+            backlog[0] = max(backlog[0], rig.backlog())
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    load = Load(broker.proc.pid if broker.proc else None)
+    load = Load(broker.proc.pid if broker.proc else None, rig.delivery_pid)
     tick = 0.01
     per_tick = rate * tick
     t0 = time.perf_counter()
@@ -213,26 +323,30 @@ def phase_sustained(broker: Broker, rate: int, seconds: float, spool: Path, topi
         while i < due:
             e = track_event(i)
             ids.append(e["id"])
-            if not sink.submit(e):
+            if not rig.sink.submit(e):
                 refused += 1
             i += 1
         time.sleep(max(0.0, (int(now / tick) + 1) * tick - (time.perf_counter() - t0)))
     offered_s = time.perf_counter() - t0
-    window_delivered = delivered(sink)
-    wait(lambda: delivered(sink) >= len(ids) - refused, 120, "the rest to be acknowledged")
+    window_delivered = rig.delivered_now()
+    wait(lambda: rig.delivered() >= len(ids) - refused, 120, "the rest to be acknowledged")
     drain_after = time.perf_counter() - t0 - offered_s
     usage = load.done()
     stop.set()
     watcher.join()
-    sink.close(10)
-    lat_ms = [v * 1000 for v in latencies]
+    hist = rig.quantiles_ms()
+    rig.close()
     usage["phase_seconds"] = usage.pop("seconds")
-    return {"offered_per_s": round(len(ids) / offered_s), "seconds": round(offered_s, 1), "events": len(ids),
-            "delivered_per_s_in_window": round(window_delivered / offered_s),
+    exact: dict[str, Any] = {}
+    if rig.latencies:
+        lat_ms = [v * 1000 for v in rig.latencies]
+        exact = {"latency_p50_ms": round(pct(lat_ms, 0.5), 1), "latency_p99_ms": round(pct(lat_ms, 0.99), 1),
+                 "latency_max_ms": round(max(lat_ms), 1),
+                 "latency_mean_ms": round(statistics.fmean(lat_ms), 1)}
+    return {"delivery": mode, "offered_per_s": round(len(ids) / offered_s), "seconds": round(offered_s, 1),
+            "events": len(ids), "delivered_per_s_in_window": round(window_delivered / offered_s),
             "catch_up_after_window_s": round(drain_after, 2), "refused_by_queue": refused,
-            "largest_spool_backlog": backlog[0], "latency_p50_ms": round(pct(lat_ms, 0.5), 1),
-            "latency_p99_ms": round(pct(lat_ms, 0.99), 1), "latency_max_ms": round(max(lat_ms), 1),
-            "latency_mean_ms": round(statistics.fmean(lat_ms), 1), **usage,
+            "largest_spool_backlog": backlog[0], **exact, **hist, **usage,
             **verify(broker.bootstrap, topic, ids)}
 
 
@@ -273,6 +387,8 @@ def main() -> int:
                     help="offered events/s of the sustained phases, comma-separated (one phase each)")
     ap.add_argument("--seconds", type=float, default=20, help="length of the sustained phase")
     ap.add_argument("--drain", type=int, default=100_000, help="events spooled during the outage")
+    ap.add_argument("--delivery", default="thread,process",
+                    help="delivery modes of the max and sustained phases, comma-separated (thread, process)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "events.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -284,12 +400,17 @@ def main() -> int:
     try:
         results["kafka-python"] = phase_client(broker, args.events)
         print("kafka-python alone:", results["kafka-python"], flush=True)
-        results["max"] = phase_max(broker, args.events, work / "spool-max")
-        print("max:", results["max"], flush=True)
-        for rate in (int(r) for r in args.rates.split(",")):
-            key = f"sustained_{rate}"
-            results[key] = phase_sustained(broker, rate, args.seconds, work / f"spool-{key}", f"bench-{key}")
+        modes = args.delivery.split(",")
+        for mode in modes:
+            key = "max" if mode == "thread" else f"max_{mode}"
+            results[key] = phase_max(broker, args.events, work / f"spool-{key}", mode)
             print(f"{key}:", results[key], flush=True)
+        for rate in (int(r) for r in args.rates.split(",")):
+            for mode in modes:
+                key = f"sustained_{rate}" if mode == "thread" else f"sustained_{rate}_{mode}"
+                results[key] = phase_sustained(broker, rate, args.seconds, work / f"spool-{key}",
+                                               f"bench-{key}", mode)
+                print(f"{key}:", results[key], flush=True)
         results["drain"] = phase_drain(broker, args.drain, work / "spool-drain")
         print("drain:", results["drain"], flush=True)
     finally:
@@ -326,25 +447,31 @@ def main() -> int:
     return 0 if ok else 1
 
 
+def _cores(x: dict[str, Any]) -> str:
+    return f"{x['cpu_self_cores']} / {x.get('cpu_delivery_cores', '-')} / {x['other_load_cores']}"
+
+
 def _table(r: dict[str, Any]) -> None:
-    c, m, d = r["kafka-python"], r["max"], r["drain"]
-    rows = [
-        ("kafka-python alone (ceiling)", f"{c['events_per_s']:,}/s", "-", "-", c["other_load_cores"]),
-        ("sink, max (submit -> ack)", f"{m['events_per_s']:,}/s", "-", f"{m['missing']} / {m['repeats']}",
-         m["other_load_cores"]),
-    ]
-    for key in (k for k in r if k.startswith("sustained_")):
-        s = r[key]
-        rows.append((f"sink, sustained: {s['offered_per_s']:,}/s offered for {s['seconds']} s",
-                     f"{s['delivered_per_s_in_window']:,}/s (backlog {s['largest_spool_backlog']:,})",
-                     f"{s['latency_p50_ms']} / {s['latency_p99_ms']}", f"{s['missing']} / {s['repeats']}",
-                     s["other_load_cores"]))
-    rows += [
-        (f"drain {d['events']:,} spooled after an outage",
-         f"{d['drain_s']} s ({d['drain_events_per_s']:,}/s)", f"first after {d['first_delivery_after_s']} s",
-         f"{d['missing']} / {d['repeats']}", d["other_load_cores"]),
-    ]
-    print("\n| phase | events/s or time | latency p50 / p99 (ms) | lost / repeats | other load |")
+    c = r["kafka-python"]
+    rows = [("kafka-python alone (ceiling)", f"{c['events_per_s']:,}/s", "-", "-", _cores(c))]
+    for m in (v for k, v in r.items() if k.startswith("max")):
+        rows.append((f"sink, max (submit -> ack), delivery: {m['delivery']}", f"{m['events_per_s']:,}/s", "-",
+                     f"{m['missing']} / {m['repeats']}", _cores(m)))
+    for s in (v for k, v in r.items() if k.startswith("sustained_")):
+        rows.append((f"sink, sustained, delivery: {s['delivery']}: {s['offered_per_s']:,}/s offered for "
+                     f"{s['seconds']} s",
+                     f"{s['delivered_per_s_in_window']:,}/s (backlog up to {s['largest_spool_backlog']:,}, "
+                     f"caught up {s['catch_up_after_window_s']} s later)",
+                     f"{s['latency_p50_hist_ms']} / {s['latency_p99_hist_ms']}",
+                     f"{s['missing']} / {s['repeats']}", _cores(s)))
+    if "drain" in r:
+        d = r["drain"]
+        rows.append((f"drain {d['events']:,} spooled after an outage (delivery: thread)",
+                     f"{d['drain_s']} s ({d['drain_events_per_s']:,}/s)",
+                     f"first after {d['first_delivery_after_s']} s", f"{d['missing']} / {d['repeats']}",
+                     _cores(d)))
+    print("\n| phase | events/s or time | latency p50 / p99 (ms) | lost / repeats "
+          "| cores: this / delivery / other |")
     print("|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(str(x) for x in row) + " |")

@@ -317,6 +317,12 @@ class EventsConfig(ConfigModel):
     queue_size: int = Field(10_000, ge=100, le=1_000_000,
                             description="events waiting in memory for the sink thread; beyond it new "
                                         "events are dropped and counted")
+    delivery: Literal["thread", "process"] = Field(
+        "process", description="where events are sent to Kafka from: process: a process of its own that "
+                               "reads the spool (the pipeline only appends to it), so creating events and "
+                               "the Kafka client do not share one core (the faster on two cores or more); "
+                               "thread: a thread of the pipeline process. The same guarantees either way; "
+                               "no effect on jsonl, which the pipeline writes itself")
     flush_timeout_s: float = Field(5.0, ge=0, le=300,
                                    description="at stop, keep delivering this long; what is left stays in "
                                                "the spool for the next start")

@@ -16,6 +16,11 @@ Nothing here ever blocks a redaction thread: they only append to the sink's in-m
 A spool the disk refuses (full, quota, I/O error) drops and counts the new events it cannot write,
 keeps delivering what it holds, and takes new events again as soon as writes work (see
 :mod:`stream.events.sink`); ``events_sink_up`` is 0 meanwhile.
+
+With ``events.delivery: process`` the two halves live in different processes: the pipeline's
+:class:`SpoolWriterSink` only appends to the spool, and a :class:`KafkaSink` in the delivery
+process (:mod:`stream.events.delivery`) sends what it reads from there. The guarantees are the
+same; the pure-Python Kafka client then has an interpreter (and a core) of its own.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from stream.core.backoff import Backoff
 from stream.core.metrics import Metrics
 from stream.events import schema
 from stream.events.sink import EventSink
-from stream.events.spool import Record, Spool
+from stream.events.spool import Record, Spool, SpoolWriter
 
 log = logging.getLogger(__name__)
 
@@ -235,67 +240,18 @@ def _stamp(event: dict[str, Any], seq: int) -> bytes:
     return schema.encode(event)
 
 
-class KafkaSink(EventSink):
-    """Events to Kafka through the spool; see the module docstring for what is guaranteed."""
+class SpooledSink(EventSink):
+    """The storing half of the Kafka sink: events into the spool (an event is accepted once there),
+    the spool's overflow alarm and its ``events.dropped`` event. :class:`KafkaSink` delivers from
+    the spool on a thread of its own; :class:`SpoolWriterSink` leaves that to a delivery process."""
 
     name = "kafka"
 
-    def __init__(self, config: EventsConfig, metrics: Metrics,
-                 producer_factory: Callable[[dict[str, Any]], Any] | None = None) -> None:
+    def __init__(self, config: EventsConfig, metrics: Metrics, spool: Any) -> None:
         super().__init__(metrics, config.queue_size)
-        assert config.kafka is not None
-        self.kafka = config.kafka
-        sp = config.spool
-        self.spool = Spool(sp.folder(), sp.max_bytes, sp.overflow, sp.fsync, sp.fsync_interval_ms / 1000)
-        self._producer_factory = producer_factory
-        self._topics = {c: self.kafka.topic_for(c)
-                        for c in ("track", "stream", "incident", "frame", "pipeline")}
+        self.spool = spool
         self._wake = threading.Event()
-        self._inflight: deque[_Entry] = deque()
-        self._inflight_bytes = 0
-        self._partitions: dict[tuple[str, bytes], int] = {}
-        self._producer: Any = None
-        self._gen = 0
-        self._halted_gen = -1
-        self._retry_at = 0.0
-        self._backoff = Backoff(0.2, BACKOFF_MAX_S)
-        self._stopping = False
-        self._deliver_until = float("inf")
-        self._problem: SinkProblem | None = None
-        self._problem_since: float | None = None
-        self._last_progress = time.monotonic()
-        self._rejections: dict[int, int] = {}
         self._overflow: dict[str, Any] | None = None
-        self._session_reset = False
-        self._session_reset_s = self.kafka.request_timeout_ms / 1000 + 5
-        self._shutdown_lock = threading.Lock()
-        self._shut = False
-        self.on_delivered: Callable[[list[float]], None] | None = None
-        """called on the sender thread with the delivery latencies (s) of each acknowledged run"""
-        self._sender = threading.Thread(target=self._send_loop, name="events-kafka-send", daemon=True)
-        m = metrics
-        m.events_spool_events.set_function(lambda: self.spool.pending)
-        m.events_spool_bytes.set_function(lambda: self.spool.bytes)
-        m.events_spool_full.set(0)
-        self._update_up()
-        for r in REASONS:
-            m.events_failed.labels(self.name, r)
-            m.events_sink_errors.labels(self.name, r)
-        self._delivered = m.events_delivered.labels(self.name)
-        self._latency = m.events_delivery_seconds.labels(self.name)
-
-    def start(self) -> None:
-        super().start()
-        self._sender.start()
-
-    # -- health ------------------------------------------------------------------------------------
-    def _delivery_problem(self) -> str | None:
-        """What keeps events from the brokers right now (None while they are delivered)."""
-        return None if self._problem is None else str(self._problem)
-
-    def _delivering(self) -> bool:
-        return (super()._delivering() and self._producer is not None and self._problem is None
-                and not self._shut)
 
     def _storage_dir(self) -> Path:
         return self.spool.dir
@@ -350,6 +306,73 @@ class KafkaSink(EventSink):
     def _idle_tick(self) -> None:
         self.spool.tick()
 
+
+class KafkaSink(SpooledSink):
+    """Events to Kafka through the spool; see the module docstring for what is guaranteed.
+
+    ``spool`` None: this sink's own :class:`Spool` (``events.spool``), written and read here. The
+    delivery process passes the readers of the spools other processes write instead (a
+    :class:`~stream.events.delivery.SpoolSet`); nothing is submitted to the sink then."""
+
+    def __init__(self, config: EventsConfig, metrics: Metrics,
+                 producer_factory: Callable[[dict[str, Any]], Any] | None = None, spool: Any = None) -> None:
+        assert config.kafka is not None
+        if spool is None:
+            sp = config.spool
+            spool = Spool(sp.folder(), sp.max_bytes, sp.overflow, sp.fsync, sp.fsync_interval_ms / 1000)
+        super().__init__(config, metrics, spool)
+        self.kafka = config.kafka
+        self.idle_wait_s = 0.05
+        """how long the sender sleeps when nothing is in flight (new events wake it sooner, when they are
+        spooled in this process)"""
+        self._producer_factory = producer_factory
+        self._topics = {c: self.kafka.topic_for(c)
+                        for c in ("track", "stream", "incident", "frame", "pipeline")}
+        self._inflight: deque[_Entry] = deque()
+        self._inflight_bytes = 0
+        self._partitions: dict[tuple[str, bytes], int] = {}
+        self._producer: Any = None
+        self._gen = 0
+        self._halted_gen = -1
+        self._retry_at = 0.0
+        self._backoff = Backoff(0.2, BACKOFF_MAX_S)
+        self._stopping = False
+        self._deliver_until = float("inf")
+        self._problem: SinkProblem | None = None
+        self._problem_since: float | None = None
+        self._last_progress = time.monotonic()
+        self._rejections: dict[int, int] = {}
+        self._session_reset = False
+        self._session_reset_s = self.kafka.request_timeout_ms / 1000 + 5
+        self._shutdown_lock = threading.Lock()
+        self._shut = False
+        self.on_delivered: Callable[[list[float]], None] | None = None
+        """called on the sender thread with the delivery latencies (s) of each acknowledged run"""
+        self._sender = threading.Thread(target=self._send_loop, name="events-kafka-send", daemon=True)
+        m = metrics
+        m.events_spool_events.set_function(lambda: self.spool.pending)
+        m.events_spool_bytes.set_function(lambda: self.spool.bytes)
+        m.events_spool_full.set(0)
+        self._update_up()
+        for r in REASONS:
+            m.events_failed.labels(self.name, r)
+            m.events_sink_errors.labels(self.name, r)
+        self._delivered = m.events_delivered.labels(self.name)
+        self._latency = m.events_delivery_seconds.labels(self.name)
+
+    def start(self) -> None:
+        super().start()
+        self._sender.start()
+
+    # -- health ------------------------------------------------------------------------------------
+    def _delivery_problem(self) -> str | None:
+        """What keeps events from the brokers right now (None while they are delivered)."""
+        return None if self._problem is None else str(self._problem)
+
+    def _delivering(self) -> bool:
+        return (super()._delivering() and self._producer is not None and self._problem is None
+                and not self._shut)
+
     # -- sender thread: from the spool to the brokers ---------------------------------------------
     def _send_loop(self) -> None:
         while True:
@@ -399,7 +422,7 @@ class KafkaSink(EventSink):
                 self._check_stall(now)
             if not sent and not progressed:
                 # acknowledgements are read off the futures: look again soon while some are awaited
-                self._wake.wait(0.005 if self._inflight else 0.05)
+                self._wake.wait(0.005 if self._inflight else self.idle_wait_s)
 
     def _connect(self) -> None:
         from kafka.errors import KafkaError
@@ -532,16 +555,18 @@ class KafkaSink(EventSink):
         """Move the spool's cursor past the acknowledged head of the window."""
         inflight = self._inflight
         done: list[float] = []
-        last = None
+        last: dict[int, Record] = {}
+        """per spool (a delivery process reads several), the last record acknowledged"""
         now = time.time()
         while inflight and inflight[0].state == OK:
             e = inflight.popleft()
             self._inflight_bytes -= len(e.rec.value)
-            last = e.rec
+            last[e.rec.spool] = e.rec
             done.append(now - e.rec.time)
-        if last is None:
+        if not last:
             return False
-        self.spool.ack(last)
+        for rec in last.values():
+            self.spool.ack(rec)
         self._delivered.inc(len(done))
         for lat in done:
             self._latency.observe(max(0.0, lat))
@@ -565,15 +590,19 @@ class KafkaSink(EventSink):
         head = self._inflight[0]
         assert head.error is not None
         failed = [e for e in self._inflight if e.state != OK]
-        resume = self.spool.rewind(head.rec)
-        lost = sum(1 for e in failed if e.rec.seq < resume)  # dropped from a full spool meanwhile
-        if lost:
-            self.metrics.events_dropped.labels("spool_full").inc(lost)
+        first: dict[int, Record] = {}
+        for e in self._inflight:
+            first.setdefault(e.rec.spool, e.rec)
+        resume = {i: self.spool.rewind(rec) for i, rec in first.items()}  # each spool from its oldest
+        if not self.spool.in_flight_drops_counted:
+            lost = sum(1 for e in failed if e.rec.seq < resume[e.rec.spool])  # dropped from a full spool
+            if lost:
+                self.metrics.events_dropped.labels("spool_full").inc(lost)
         reason = "unreachable" if self._session_reset else _reason(head.error)
         self._session_reset = False
         self.metrics.events_failed.labels(self.name, reason).inc(len(failed))
         self.metrics.events_sink_errors.labels(self.name, reason).inc()
-        self.metrics.events_resent.inc(sum(1 for e in self._inflight if e.rec.seq >= resume))
+        self.metrics.events_resent.inc(sum(1 for e in self._inflight if e.rec.seq >= resume[e.rec.spool]))
         if self._rejected_too_often(head):
             return
         self._inflight.clear()
@@ -699,3 +728,48 @@ class KafkaSink(EventSink):
         if left:
             log.warning("events: %d event(s) not yet delivered stay in the spool %s; they are sent when the "
                         "pipeline starts again with this spool", left, self.spool.dir)
+
+
+class SpoolWriterSink(SpooledSink):
+    """The Kafka sink of a pipeline whose spool another process delivers (``events.delivery:
+    process``): events are accepted into the spool here, exactly as :class:`KafkaSink` accepts them,
+    and go no further in this process.
+
+    ``delivery_health`` says how delivery goes, as ``(up, problem)``: the delivery process's own
+    report (:class:`~stream.events.delivery.DeliveryProcess` or its status file). Health and
+    ``events_sink_up`` combine it with the state of the spool's disk."""
+
+    def __init__(self, config: EventsConfig, metrics: Metrics,
+                 delivery_health: Callable[[], tuple[bool, str | None]]) -> None:
+        sp = config.spool
+        super().__init__(config, metrics, SpoolWriter(sp.folder(), sp.max_bytes, sp.overflow, sp.fsync,
+                                                      sp.fsync_interval_ms / 1000))
+        self._health = delivery_health
+        metrics.events_spool_full.set(0)
+        self._update_up()
+
+    def _delivery_problem(self) -> str | None:
+        up, problem = self._health()
+        return None if up else problem or "events are not being delivered"
+
+    def _delivering(self) -> bool:
+        return super()._delivering() and self._health()[0]
+
+    def _store(self, batch: list[dict[str, Any]]) -> None:
+        super()._store(batch)
+        self._update_up()
+
+    def _idle_tick(self) -> None:
+        super()._idle_tick()
+        self._update_up()
+
+    def _stop_storage(self, deadline: float) -> None:
+        """The queue is stored: end an overflow (its event goes into the spool) and release the spool;
+        the delivery process sends what is left."""
+        if self._overflow is not None:
+            self._end_overflow()
+        left = self.spool.pending
+        self.spool.close()
+        if left:
+            log.info("events: %d event(s) in the spool %s wait for the delivery process", left,
+                     self.spool.dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 from stream.config import PipelineConfig
 from stream.core.metrics import Metrics
@@ -12,8 +13,19 @@ from stream.events.sink import EventSink
 log = logging.getLogger(__name__)
 
 
-def build_sink(config: PipelineConfig, metrics: Metrics) -> EventSink | None:
+class Delivery(Protocol):
+    """Another process delivers this pipeline's spool (``events.delivery: process``): a
+    :class:`~stream.events.delivery.DeliveryProcess` or a :class:`~stream.events.delivery.DeliveryStatus`."""
+
+    def health(self) -> tuple[bool, str | None]: ...
+
+
+def build_sink(config: PipelineConfig, metrics: Metrics,
+               delivery: Delivery | None = None) -> EventSink | None:
     """The sink named by ``events.sink`` (jsonl by default, kafka when configured), not started.
+
+    With ``delivery`` (another process delivers, see :mod:`stream.events.delivery`) a Kafka sink
+    only appends to the spool; without it, it also sends from a thread of this process.
 
     Problems on this machine (a spool folder in use, a file that cannot be opened) raise
     UserError here, before any video flows; problems with the brokers are alarms at runtime."""
@@ -21,7 +33,11 @@ def build_sink(config: PipelineConfig, metrics: Metrics) -> EventSink | None:
     sink: EventSink
     if ev.selected == "none":
         return None
-    if ev.selected == "kafka":
+    if ev.selected == "kafka" and delivery is not None:
+        from stream.events.kafka import SpoolWriterSink
+
+        sink = SpoolWriterSink(ev, metrics, delivery.health)
+    elif ev.selected == "kafka":
         from stream.events.kafka import KafkaSink
 
         sink = KafkaSink(ev, metrics)
@@ -33,17 +49,29 @@ def build_sink(config: PipelineConfig, metrics: Metrics) -> EventSink | None:
     return sink
 
 
-def start_events(config: PipelineConfig, metrics: Metrics) -> EventEmitter | None:
+def start_events(config: PipelineConfig, metrics: Metrics,
+                 delivery: Delivery | None = None) -> EventEmitter | None:
     """Build and start the sink and return the emitter to add to ``Pipeline.observers``.
 
+    ``delivery``: the process that delivers this pipeline's spool to Kafka, when one does
+    (``events.delivery: process``); the sink then only appends to the spool, its health includes
+    the delivery process's, and with a :class:`~stream.events.delivery.DeliveryProcess` the
+    process's metrics are served from ``metrics`` too. None: delivery runs on a thread here.
+
     Call ``close()`` on the result after the pipeline has stopped."""
-    sink = build_sink(config, metrics)
+    sink = build_sink(config, metrics, delivery)
     if sink is None:
         return None
+    elsewhere = delivery is not None and config.events.selected == "kafka"
+    from stream.events.delivery import DeliveryProcess
+
+    if elsewhere and isinstance(delivery, DeliveryProcess):
+        delivery.merge_metrics_into(metrics)
     sink.start()
     where = getattr(sink, "path", None) or ",".join(config.events.kafka.bootstrap_servers
                                                     if config.events.kafka else [])
-    log.info("events: %s sink -> %s", sink.name, where)
+    how = " (delivered by another process)" if elsewhere else ""
+    log.info("events: %s sink -> %s%s", sink.name, where, how)
     return EventEmitter(sink, config.events, model_info(config.detection))
 
 
