@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ import av.error
 import numpy as np
 import pytest
 from helpers import ROOT, make_clip
+from kafka_broker import Broker
 from live_helpers import NoFaces, Raises, counter, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -35,6 +37,7 @@ from stream.core.frames import Failure, Frame, Job, JobQueue
 from stream.core.metrics import Metrics
 from stream.core.yuv import I420
 from stream.detect.yunet import YuNet
+from stream.events.spool import SUFFIX
 from stream.live.frame_ring import SlotReader, SlotWriter, remove_prefix
 from stream.live.pipeline import Pipeline
 from stream.live.remote_stage import RemoteStage
@@ -546,3 +549,84 @@ def test_the_default_worker_count_respects_a_container_cpu_limit(tmp_path: Path,
     affinity = len(os.sched_getaffinity(0))
     assert usable_cores(f) == (affinity if expected is None else min(affinity, expected))
     assert usable_cores(tmp_path / "missing") == affinity
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    b = Broker(log=tmp_path_factory.mktemp("tansu") / "tansu.log").start()
+    yield b
+    b.stop()
+
+
+def topic_so_far(bootstrap: str, topic: str, timeout: float = 30.0) -> list[bytes]:
+    """Every record the topic holds now (up to its end offsets when asked), even while more arrive."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(parts)
+        consumer.seek_to_beginning()
+        end = consumer.end_offsets(parts)
+        out: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        while any(consumer.position(p) < end[p] for p in parts):
+            assert time.monotonic() < deadline, f"topic {topic} not read to its end in {timeout} s"
+            for records in consumer.poll(timeout_ms=200).values():
+                out.extend(r.value for r in records)
+        return out
+    finally:
+        consumer.close()
+
+
+def test_events_of_every_worker_reach_kafka_through_one_delivery_process_that_survives_sigkill(
+        clip: Path, tmp_path: Path, broker: Broker) -> None:
+    ids = [next(f"ev-{i}" for i in range(100) if worker_of(f"ev-{i}", 2) == w) for w in (0, 1)]
+    topic = f"wk-{os.getpid()}-{free_port()}"
+    broker.create_topic(topic, partitions=3)
+    port = free_port()
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({
+        "streams": [{"id": i, "source": {"type": "file", "path": str(clip), "loop": True}} for i in ids],
+        "http": {"port": port}, "detection": {"preset": "fast", "plates": False, "heads": False,
+                                              "providers": ["cpu"]},
+        "events": {"source": "/wk-test", "kafka": {"bootstrap_servers": [broker.bootstrap], "topic": topic,
+                                                   "connect_timeout_s": 2},
+                   "spool": {"dir": str(tmp_path / "spool")}}}))
+    proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "run", "--config", str(cfg), "--workers",
+                             "2", "--insecure-no-auth"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def events() -> list[dict]:
+        return [json.loads(v) for v in topic_so_far(broker.bootstrap, topic)]
+
+    try:
+        wait_for(lambda: _get(base + "/readyz")[0] == 200, timeout=120, what="the supervisor to be ready")
+        wait_for(lambda: {e["subject"] for e in events()} >= set(ids), timeout=60,
+                 what="events of both workers' streams in Kafka")
+        procs = {p["name"]: p for p in json.loads(_get(base + "/readyz")[1])["processes"]}
+        assert procs["events"]["up"], procs
+        fams = list(text_string_to_metric_families(_get(base + "/metrics")[1]))
+        assert any(s.labels.get("worker") == "events" for f in fams for s in f.samples), \
+            "the delivery process's metrics are merged"
+        os.kill(procs["events"]["pid"], signal.SIGKILL)
+        wait_for(lambda: restarts(base, "events") >= 1, timeout=60, what="the delivery process restarted")
+        seen = len(events())
+        wait_for(lambda: len(events()) > seen + 4, timeout=60, what="events delivered after the restart")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    by_source: dict[str, set[int]] = {}
+    for e in events():
+        by_source.setdefault(e["source"], set()).add(int(e["sequence"]))
+    assert set(by_source) == {"/wk-test/worker-0", "/wk-test/worker-1"}, "each worker numbers its own events"
+    for source, seqs in by_source.items():
+        missing = set(range(1, max(seqs) + 1)) - seqs
+        assert not missing, f"{source}: {len(missing)} accepted event(s) lost, e.g. {sorted(missing)[:5]}"
+    left = [p for p in (tmp_path / "spool").rglob(f"*{SUFFIX}") if p.stat().st_size]
+    assert not left, f"the spools were not drained at stop: {left}"

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from stream.config import PipelineConfig
 from stream.core.errors import UserError
 from stream.core.metrics import Metrics
-from stream.events.delivery import start_own_delivery
+from stream.events.delivery import DeliveryStatus, start_own_delivery
 from stream.events.sinks import sink_health, start_events
 from stream.live.auth import load_tokens
 from stream.live.batcher import Detect, DetectorFactory, Stage
@@ -49,12 +49,15 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
                 stop: asyncio.Event | None = None, stop_timeout: float = 5.0,
                 insecure_no_auth: bool = False, on_listen: Callable[[int], None] | None = None,
                 shard: Shard | None = None, stage: Stage | None = None, metrics: Metrics | None = None,
-                on_pipeline: Callable[[Pipeline], None] | None = None, announce: bool = True) -> int:
+                on_pipeline: Callable[[Pipeline], None] | None = None, announce: bool = True,
+                delivery: DeliveryStatus | None = None) -> int:
     """Run until ``stop`` is set, a signal arrives, or every source has ended; 0 on a clean stop.
 
     ``detector_factory`` None builds detectors from ``config.detection``; a worker process of
     ``run --workers N`` passes its ``stage`` (the detection stage process) instead, and gets the
-    pipeline through ``on_pipeline`` before it starts."""
+    pipeline through ``on_pipeline`` before it starts. With ``events.delivery: process`` a single
+    process starts its own delivery process; a worker passes ``delivery`` (the supervisor's one
+    delivers its spool)."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -67,12 +70,12 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
     pipeline.shard = shard
     if on_pipeline is not None:
         on_pipeline(pipeline)
-    delivery = await loop.run_in_executor(None, start_own_delivery, config)  # events.delivery: process
-    try:
-        events = start_events(config, pipeline.metrics, delivery)  # before start: first frames' events too
+    own = None if delivery is not None else await loop.run_in_executor(None, start_own_delivery, config)
+    try:  # before start: the first frames have events too
+        events = start_events(config, pipeline.metrics, delivery if delivery is not None else own)
     except BaseException:
-        if delivery is not None:
-            delivery.stop(0)
+        if own is not None:
+            own.stop(0)
         raise
     if events is not None:
         pipeline.observers.append(events)
@@ -81,8 +84,8 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
     async def close_events() -> None:
         if events is not None:  # after the pipeline: what it observed last is stored, then delivered
             await loop.run_in_executor(None, events.close, config.events.flush_timeout_s)
-        if delivery is not None:  # after the spool's last events: it delivers them, then ends
-            await loop.run_in_executor(None, delivery.stop, config.events.flush_timeout_s)
+        if own is not None:  # after the spool's last events: it delivers them, then ends
+            await loop.run_in_executor(None, own.stop, config.events.flush_timeout_s)
 
     try:
         await loop.run_in_executor(None, pipeline.start)

@@ -43,6 +43,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from stream.config import HttpConfig, PipelineConfig, StreamConfig
 from stream.core.errors import UserError
+from stream.events.delivery import DeliveryProcess
 from stream.live.batcher import DetectorFactory
 from stream.live.frame_ring import remove_prefix, shm_root
 from stream.live.front import Child
@@ -84,11 +85,14 @@ def worker_config(config: PipelineConfig, index: int, count: int,
     """Worker ``index``'s config: its streams, a private loopback port, files of its own for events.
 
     Two processes must never append to one events file or one spool folder, so each worker
-    writes ``<name>.worker-<i><suffix>`` and ``<spool>/worker-<i>``."""
+    writes ``<name>.worker-<i><suffix>`` and ``<spool>/worker-<i>``, with a CloudEvents source
+    of its own (``<source>/worker-<i>``), since each numbers its events (``sequence``) itself."""
     mine = streams if streams is not None else [s for s in config.streams if worker_of(s.id, count) == index]
     ev = config.events
     jsonl_path = ev.jsonl.file()
     events = ev.model_copy(update={
+        # CloudEvents order events by `sequence` per `source`: each worker's sink counts its own
+        "source": f"{ev.source_uri}/worker-{index}",
         "jsonl": ev.jsonl.model_copy(update={"path": jsonl_path.with_name(
             f"{jsonl_path.stem}.worker-{index}{jsonl_path.suffix}")}),
         "spool": ev.spool.model_copy(update={"dir": ev.spool.folder() / f"worker-{index}"}),
@@ -146,6 +150,10 @@ class Supervisor:
         self._procs: list[_Proc] = [_Proc("detector", "detector", None, self._start_stage)]
         self._procs += [_Proc(f"worker-{i}", "worker", i, self._worker_starter(i)) for i in range(workers)]
         self._streams: dict[int, list[StreamConfig]] = {}
+        self.delivery: DeliveryProcess | None = None
+        """the one events delivery process for every worker's spool (``events.delivery: process``
+        with Kafka); it restarts itself when it dies"""
+        self._delivery_restarts = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -158,8 +166,12 @@ class Supervisor:
     def children(self) -> list[Child]:
         with self._lock:
             procs = sorted(self._procs, key=lambda p: (p.kind != "worker", p.index or 0))
-            return [Child(p.name, p.kind, p.index, p.status.get("port") if p.up else None,
-                          p.proc.pid if p.proc is not None and p.proc.is_alive() else None) for p in procs]
+            out = [Child(p.name, p.kind, p.index, p.status.get("port") if p.up else None,
+                         p.proc.pid if p.proc is not None and p.proc.is_alive() else None) for p in procs]
+        d = self.delivery
+        if d is not None:
+            out.append(Child("events", "events", None, d.metrics_port, d.pid if d.alive else None))
+        return out
 
     # -- starting children ----------------------------------------------------------------------
     def _start_stage(self, report: Connection) -> multiprocessing.process.BaseProcess:
@@ -200,6 +212,7 @@ class Supervisor:
         """Start the stage and wait until its detector is loaded (its error if it cannot load),
         then the workers, waiting until each serves; then watch them all."""
         try:
+            self._start_delivery()
             stage = self._procs[0]
             self._launch(stage)
             self._await_up([stage])
@@ -211,6 +224,21 @@ class Supervisor:
             raise
         self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
         self._thread.start()
+
+    def _start_delivery(self) -> None:
+        """One delivery process for every worker's spool folder, those of an earlier, larger
+        ``--workers`` included (what they hold is still delivered)."""
+        ev = self.config.events
+        if ev.delivery != "process" or ev.selected != "kafka":
+            return
+        from stream.events.delivery import start_delivery
+
+        root = ev.spool.folder()
+        dirs = {root / f"worker-{i}" for i in range(self.count)}
+        dirs |= {d for d in root.glob("worker-*") if d.is_dir()} if root.is_dir() else set()
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+        self.delivery = start_delivery(self.config, sorted(dirs), auto_restart=True)
 
     def _await_up(self, procs: list[_Proc]) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -271,6 +299,12 @@ class Supervisor:
                     self._lost(p, "hung", f"stopped answering for {now - p.last_beat:.1f} s")
                 elif p.last_beat is not None and now - p.started_at > STABLE_S:
                     p.failures_in_row = 0
+            d = self.delivery
+            if d is not None:
+                self.worker_up.labels("events").set(1 if d.alive else 0)
+                if d.restarts > self._delivery_restarts:
+                    self.restarts.labels("events", "exited").inc(d.restarts - self._delivery_restarts)
+                    self._delivery_restarts = d.restarts
             conns = [p.conn for p in self._procs if p.conn is not None]
             if conns:
                 multiprocessing.connection.wait(conns, timeout=0.2)
@@ -325,6 +359,9 @@ class Supervisor:
                         p.proc.join(1.0)
                 if p.conn is not None:
                     p.conn.close()
+            if group[0].kind == "worker" and self.delivery is not None:
+                # the workers' last events are in their spools: deliver them, then end
+                self.delivery.stop(self.config.events.flush_timeout_s)
         remove_prefix(self.shm_dir, self.prefix)
         shutil.rmtree(self.run_dir, ignore_errors=True)
 

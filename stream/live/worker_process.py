@@ -21,6 +21,7 @@ from typing import Any
 
 from stream.config import PipelineConfig, StreamConfig
 from stream.core.metrics import Metrics
+from stream.events.delivery import DeliveryStatus
 from stream.live.frame_ring import SlotWriter
 from stream.live.pipeline import Pipeline
 from stream.live.remote_stage import RemoteStage
@@ -87,9 +88,12 @@ def worker_main(spec: WorkerSpec, report: Connection, parent_pid: int, log_level
         state["port"] = port
         start_heartbeat(report, status, stop_beat, lock)
 
+    ev = spec.config.events
+    delivery = (DeliveryStatus(ev.spool.folder()) if ev.delivery == "process" and ev.selected == "kafka"
+                else None)  # the supervisor's delivery process reads this worker's spool
     try:
         asyncio.run(serve(spec.config, insecure_no_auth=spec.insecure_no_auth, shard=spec.shard, stage=stage,
                           metrics=metrics, on_pipeline=on_pipeline, on_listen=on_listen,
-                          announce=False))
+                          announce=False, delivery=delivery))
     finally:
         stop_beat.set()
