@@ -305,16 +305,22 @@ def event(i: int, stream: str = "cam1") -> dict[str, Any]:
 
 def delivered_ids(bootstrap: str, topic: str, until: int | None = None,
                   timeout: float = 60) -> dict[str, int]:
-    """Id -> copies on the topic; checks that per key the first copies follow ``sequence``."""
-    seen: dict[str, int] = {}
-    last: dict[bytes | None, str] = {}
-    for r in read_topic(bootstrap, topic, until=until, timeout=timeout):
-        e = json.loads(r.value)
-        if e["id"] not in seen:
-            assert e["sequence"] > last.get(r.key, ""), f"out of order for key {r.key!r}"
-            last[r.key] = e["sequence"]
-        seen[e["id"]] = seen.get(e["id"], 0) + 1
-    return seen
+    """Id -> copies on the topic; checks that per key the first copies follow ``sequence``.
+
+    ``until`` counts distinct ids, not records: after a kill some events are on the topic twice,
+    so stopping at ``until`` records would leave the last ones unread."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen: dict[str, int] = {}
+        last: dict[bytes | None, str] = {}
+        for r in read_topic(bootstrap, topic, timeout=max(5.0, deadline - time.monotonic())):
+            e = json.loads(r.value)
+            if e["id"] not in seen:
+                assert e["sequence"] > last.get(r.key, ""), f"out of order for key {r.key!r}"
+                last[r.key] = e["sequence"]
+            seen[e["id"]] = seen.get(e["id"], 0) + 1
+        if until is None or len(seen) >= until or time.monotonic() >= deadline:
+            return seen
 
 
 def delivered_through(spool: Path) -> int:
