@@ -16,11 +16,13 @@ them; full-range (JPEG) input is mapped to limited range once, when it is decode
 from __future__ import annotations
 
 import functools
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
-import av
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:  # PyAV only for a type: the GPU stage's image has no PyAV, and needs none
+    import av
 
 
 class I420:

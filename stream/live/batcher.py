@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from stream.config import FailClosedConfig
 from stream.core.detections import Detect, Detections, FrameRef
 from stream.core.frames import Drop, Failure, Job, JobQueue
 from stream.core.metrics import Metrics
@@ -30,6 +31,16 @@ from stream.core.metrics import Metrics
 log = logging.getLogger(__name__)
 
 DetectorFactory = Callable[[], Detect]
+
+
+def hang_timeout_ms(fc: FailClosedConfig) -> float:
+    """How long a detector run may take before it counts as hung and is rebuilt.
+
+    Much longer than the frame deadline on purpose: late frames are already blanked by their
+    deadline, and a detector that is merely slow (a loaded CPU) must not be torn down and
+    reloaded, which would make it slower still.
+    """
+    return fc.hang_timeout_ms or max(5000.0, 4 * fc.max_latency_ms)
 
 
 class Stage(Protocol):

@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from stream.config import (
-    FailClosedConfig,
     FileOutputConfig,
     FileSourceConfig,
     PipelineConfig,
@@ -36,7 +35,7 @@ from stream.core.redact import Redactor
 from stream.core.track import Seen, TrackChanges, Tracker
 from stream.core.urls import origins_only
 from stream.core.yuv import Picture
-from stream.live.batcher import Batcher, DetectorFactory, Stage
+from stream.live.batcher import Batcher, DetectorFactory, Stage, hang_timeout_ms
 from stream.live.gpu import GpuMonitor, start_gpu_monitor
 from stream.live.publish.encoder import EncoderOutput
 from stream.live.publish.file import FileOutput
@@ -52,16 +51,6 @@ log = logging.getLogger(__name__)
 class StreamLimit(Exception):
     """No room for another stream (``api.max_streams``)."""
 
-
-
-def hang_timeout_ms(fc: FailClosedConfig) -> float:
-    """How long a detector run may take before it counts as hung and is rebuilt.
-
-    Much longer than the frame deadline on purpose: late frames are already blanked by their
-    deadline, and a detector that is merely slow (a loaded CPU) must not be torn down and
-    reloaded, which would make it slower still.
-    """
-    return fc.hang_timeout_ms or max(5000.0, 4 * fc.max_latency_ms)
 
 
 class StreamRunner:

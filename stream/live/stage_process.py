@@ -31,7 +31,7 @@ from stream.config import PipelineConfig
 from stream.core.detections import Detections
 from stream.core.frames import Drop, Failure, Frame, Job, JobQueue
 from stream.core.metrics import Metrics
-from stream.live.batcher import Batcher, DetectorFactory
+from stream.live.batcher import Batcher, DetectorFactory, hang_timeout_ms
 from stream.live.frame_ring import SlotReader, SlotRef
 
 log = logging.getLogger(__name__)
@@ -178,8 +178,6 @@ class StageServer:
 
     def __init__(self, config: PipelineConfig, factory: DetectorFactory, address: str, authkey: bytes,
                  shm_dir: Path, metrics: Metrics | None = None) -> None:
-        from stream.live.pipeline import hang_timeout_ms
-
         self.config, self.shm_dir = config, shm_dir
         self.metrics = metrics or Metrics()
         b = config.batcher
@@ -303,11 +301,14 @@ def stage_main(config: PipelineConfig, address: str, authkey: bytes, shm_dir: st
     ``factory`` None builds the configured detector (a picklable one may be given: tests and the
     load test's baseline)."""
     from stream.live.procs import child_logging, die_with_parent, start_heartbeat
-    from stream.live.service import detector_factory_for
 
     die_with_parent(parent_pid)
     child_logging("detector", log_level)
-    server = StageServer(config, factory or detector_factory_for(config), address, authkey, Path(shm_dir))
+    if factory is None:  # the service module pulls in the HTTP and codec side, which a stage needs not
+        from stream.live.service import detector_factory_for
+
+        factory = detector_factory_for(config)
+    server = StageServer(config, factory, address, authkey, Path(shm_dir))
     try:
         server.start()
     except Exception as e:
