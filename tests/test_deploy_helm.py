@@ -106,6 +106,9 @@ def test_workers_are_locked_down(name: str) -> None:
     assert pod["automountServiceAccountToken"] is False
     mounts = {m["mountPath"] for m in worker(docs)["volumeMounts"]}
     assert {"/tmp", "/var/lib/stream-redact", "/etc/stream-redact"} <= mounts  # writable where it must be
+    # the frame slots of pipeline.workers > 1 live in /dev/shm: memory, sized, not the runtime's 64 MiB
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert "/dev/shm" in mounts and shm["emptyDir"]["medium"] == "Memory" and shm["emptyDir"]["sizeLimit"]
     if any(d["kind"] == "Deployment" for d in docs):
         msc = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["securityContext"]
         assert msc["readOnlyRootFilesystem"] is True and msc["capabilities"] == {"drop": ["ALL"]}

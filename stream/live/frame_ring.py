@@ -61,7 +61,7 @@ class SlotRef:
 class _Slot:
     __slots__ = ("capacity", "map", "name")
 
-    def __init__(self, name: str, capacity: int, mapped: mmap.mmap) -> None:
+    def __init__(self, name: str, capacity: int, mapped: mmap.mmap | None) -> None:
         self.name, self.capacity, self.map = name, capacity, mapped
 
 
@@ -75,7 +75,8 @@ class SlotWriter:
         self._names = 0
 
     def put(self, image: Picture) -> SlotRef | None:
-        """Copy ``image`` into a free slot; None when every slot is still at the stage."""
+        """Copy ``image`` into a free slot; None when every slot is still at the stage; OSError
+        (naming the fix) when shared memory is full."""
         data = image.data if isinstance(image, I420) else np.ascontiguousarray(image)
         if data.dtype != np.uint8:
             raise ValueError(f"frames are uint8 pictures, got {data.dtype}")
@@ -83,13 +84,24 @@ class SlotWriter:
             index = self._free.pop()
         elif len(self._slots) < self.max_slots:
             index = len(self._slots)
-            self._slots.append(self._new_slot(data.nbytes))
+            self._slots.append(_Slot("", 0, None))
+            try:
+                self._slots[index] = self._new_slot(data.nbytes)
+            except OSError:
+                self._free.append(index)
+                raise
         else:
             return None
         slot = self._slots[index]
         if slot.capacity < data.nbytes:  # a larger picture than this slot held: a new, larger file
             self._drop(slot)
-            slot = self._slots[index] = self._new_slot(data.nbytes)
+            try:
+                slot = self._slots[index] = self._new_slot(data.nbytes)
+            except OSError:
+                self._slots[index] = _Slot("", 0, None)  # empty: the next frame tries to fill it again
+                self._free.append(index)
+                raise
+        assert slot.map is not None
         np.frombuffer(slot.map, np.uint8, data.nbytes)[:] = data.reshape(-1)
         return SlotRef(index, slot.name, "i420" if isinstance(image, I420) else "bgr", tuple(data.shape))
 
@@ -119,13 +131,23 @@ class SlotWriter:
         path = self.directory / name
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.ftruncate(fd, capacity)
+            # reserve the memory now: a sparse file on a full tmpfs would kill the process with
+            # SIGBUS at the first write instead of failing here
+            os.posix_fallocate(fd, 0, capacity)
             mapped = mmap.mmap(fd, capacity)
-        finally:
+        except OSError as e:
             os.close(fd)
+            path.unlink(missing_ok=True)
+            raise OSError(e.errno, f"cannot reserve {capacity >> 20} MiB for a frame slot in "
+                                   f"{self.directory} ({e.strerror}); give the container more shared "
+                                   "memory (docker --shm-size, a Kubernetes emptyDir with medium: Memory on "
+                                   "/dev/shm) or run fewer streams per worker") from None
+        os.close(fd)
         return _Slot(name, capacity, mapped)
 
     def _drop(self, slot: _Slot) -> None:
+        if slot.map is None:
+            return
         slot.map.close()
         with contextlib.suppress(FileNotFoundError):
             (self.directory / slot.name).unlink()

@@ -48,6 +48,7 @@ class RemoteStage:
         self._send_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._incident = False
+        self._shm_full = False
         self.connects = 0
 
     # -- the batcher's interface ------------------------------------------------------------------
@@ -172,7 +173,16 @@ class RemoteStage:
             return
         f = job.frame
         with self.cond:
-            ref = self.slots.put(f.image)
+            try:
+                ref = self.slots.put(f.image)
+            except OSError as e:  # shared memory is full: this frame fails closed, the stream goes on
+                if not self._shm_full:
+                    log.error("%s; frames are blanked until there is room", e)
+                self._shm_full = True
+                ref = None
+                job.resolve(failure=Failure.DETECTOR_UNAVAILABLE)
+            else:
+                self._shm_full = False
             if ref is not None:
                 self._pending[ref.slot] = job
         if ref is None:  # every slot is still at the stage: it is not answering
