@@ -16,27 +16,52 @@ Sections:
 4. ``detector``: the whole detector (faces + plates + heads, every model on every frame) per
    bucket: frames/s, and the 1080p30 streams that rate could serve.
 5. ``decode``: H.264 1080p decode on the CPU (OpenCV's FFmpeg), frames/s per process.
-6. ``pipeline``: K synthetic 1080p30 streams in P worker processes sharing the GPU. Each process
-   runs the product's Batcher, JobQueues, tracker and redactor (not its RTSP decode or x264
-   encode, which run on CPU cores and are sized separately). Per K: delivered fps, blanked and
-   dropped frames, capture-to-redacted latency p50/p95/p99, and leaks (ground-truth faces and
-   plates not covered by a painted region). K is raised until a step fails: p99 >= 250 ms,
-   delivered < 97%, or any blanked/dropped frame.
+6. ``pipeline``: K synthetic 1080p30 streams in P worker processes sharing the GPU, for each P of
+   ``--procs`` in turn. ``--stage shared`` (default): one detection stage process, the product's
+   ``stage_main`` as ``run --workers N`` starts it, batches for every worker; the workers reach it
+   through ``RemoteStage``, frames crossing in shared memory. ``--stage per-process``: each worker
+   runs its own Batcher and detector, so each has its own CUDA context, and those time-slice the GPU.
+   Either way each worker runs the product's JobQueues, tracker and redactor (not its RTSP decode or
+   x264 encode, which run on CPU cores and are sized separately). Per step (stage, P, K): delivered
+   fps, blanked and dropped frames, capture-to-redacted latency p50/p95/p99, leaks (ground-truth
+   faces and plates not covered by a painted region), batches and mean batch, CPU cores used by the
+   workers and by the stage process, GPU utilisation (NVML). K is raised until a step fails: p99 >=
+   250 ms, delivered < 97%, or any blanked/dropped frame. The JSON is rewritten after every step.
 
 Run: ``python benchmarks/gpu_check.py [--quick] [--out DIR]`` (on a GPU machine: torch + onnx2torch,
-or onnxruntime-gpu). Writes ``gpu_check.json`` and prints a table.
+or onnxruntime-gpu). Writes ``gpu_check.json`` and prints a table. ``--cpu-smoke`` runs only the
+pipeline section on the CPU (2 streams, 2 processes, shared stage) in about 15 s; the tests run it.
+
+The next GPU session (H100/H200, 16 cores), shared stage then per-process for comparison::
+
+    python benchmarks/gpu_check.py --out benchmarks/results/gpu-shared --skip correctness,models \
+        --stage shared --procs 1,4,8,14 --seconds 4 --budget 240
+    python benchmarks/gpu_check.py --out benchmarks/results/gpu-per-process \
+        --skip correctness,models,preprocess,detector,decode --stage per-process --procs 4 \
+        --seconds 4 --budget 100
+
+About 6.5 minutes in all, sized from the last H200 run (torch path): correctness and models (80 s)
+were measured there and are skipped; preprocess and detector take about 20 s with start-up. The
+pipeline's ``--budget`` covers the stage's start (one detector loaded and warmed: about 60 s) and
+gives each process count an equal share of what is left (45 s or more; a step takes about 8 s at
+``--seconds 4``, and none starts past its share), so the first run takes about 4.5 minutes. Four
+per-process workers took 66 s to start, leaving 3 to 4 steps in 100 s: about 2 minutes.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
+import logging
 import multiprocessing as mp
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -55,6 +80,8 @@ from stream.core.nms import iou_matrix  # noqa: E402
 from stream.detect import backend as backend_mod  # noqa: E402
 
 BUCKETS = (1, 2, 4, 8, 16, 32)
+RAMP = [2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
+"""stream counts of the pipeline ramp; each process count climbs it until a step fails"""
 
 
 def say(msg: str) -> None:
@@ -111,6 +138,15 @@ def environment() -> dict[str, Any]:
     except ImportError:
         env["torch"] = None
     env["onnx2torch"] = backend_mod.torch_cuda_available() or None
+    try:  # the product's frame types import PyAV, which GPU images often lack
+        import av
+
+        env["pyav"] = av.__version__
+    except ImportError:
+        env["pyav"] = None
+    # the shared stage's frame slots (8 MiB per 1080p frame) live there: Docker's default is 64 MiB
+    with contextlib.suppress(OSError):
+        env["dev_shm_free_gib"] = round(shutil.disk_usage("/dev/shm").free / 2**30, 2)
     return env
 
 
@@ -350,51 +386,223 @@ def covered(gt: tuple[int, int, int, int], regions: list[Any]) -> bool:
     return mask.mean() >= 0.8
 
 
-def _worker(conn: Any, backend: str, providers: list[str], buckets: tuple[int, ...], max_batch: int,
-            max_wait_ms: float, deadline_ms: float, fps: float, seed: int, inflight: int | None) -> None:
-    """A pipeline process: one detector and batcher; runs the stream counts it is sent."""
-    from stream.core.metrics import Metrics
+def build_detector(backend: str, providers: list[str], buckets: tuple[int, ...], max_batch: int) -> Any:
+    """The pipeline's detector, warmed for every bucket up to ``max_batch``.
+
+    Module-level so that a ``functools.partial`` of it pickles into the stage process, which calls
+    it on its batcher's worker thread (where cuDNN keeps the plans it tunes)."""
     from stream.detect.ensemble import FrameDetector
-    from stream.live.batcher import Batcher
 
     det = FrameDetector(detector_config_for(backend, providers, buckets))
+    det.warmup(max_batch=max_batch)
+    return det
+
+
+def stage_config(buckets: tuple[int, ...], max_batch: int, max_wait_ms: float, deadline_ms: float,
+                 inflight: int | None, queue_size: int = 2) -> Any:
+    """The shared stage's PipelineConfig: the batcher and deadline the per-process workers use, and
+    their hang timeout (10 s), so the two modes differ only in where the batcher runs."""
+    from stream.config import parse_config
+
+    return parse_config({"streams": [], "queue_size": queue_size,
+                         "batcher": {"max_batch": max_batch, "max_wait_ms": max_wait_ms, "inflight": inflight,
+                                     "buckets": sorted({*buckets, 1})},
+                         "fail_closed": {"max_latency_ms": deadline_ms, "hang_timeout_ms": 10_000}})
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its threads (Linux /proc; psutil elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        pass
+    try:
+        import psutil
+
+        t = psutil.Process(pid).cpu_times()
+        return t.user + t.system
+    except Exception:
+        return float("nan")
+
+
+class SharedStage:
+    """The product's detection stage process (``stage_main``), started once for the pipeline section
+    and shared by every worker process, as ``run --workers N`` runs it."""
+
+    def __init__(self, config: Any, factory: Any, timeout_s: float = 300.0) -> None:
+        from stream.live.frame_ring import shm_root
+        from stream.live.stage_process import stage_main
+
+        self.run_dir = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+        self.address = str(self.run_dir / "stage.sock")  # short: a Unix socket path has ~100 bytes
+        self.authkey = os.urandom(32)
+        self.shm_dir = shm_root()
+        self.prefix = f"gpu-check-{os.getpid()}-"
+        self.status: dict[str, Any] = {}
+        ctx = mp.get_context("spawn")
+        self.conn, send = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=stage_main, name="gpu-check-stage", daemon=True, kwargs={
+            "config": config, "address": self.address, "authkey": self.authkey, "shm_dir": str(self.shm_dir),
+            "report": send, "parent_pid": os.getpid(), "log_level": logging.WARNING, "factory": factory})
+        self.proc.start()
+        send.close()  # the child holds the only write end: its death is EOF here
+        try:
+            self._await_ready(timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        threading.Thread(target=self._drain, name="stage-heartbeat", daemon=True).start()
+
+    def _await_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if not self.conn.poll(0.5):
+                    continue
+                kind, body = self.conn.recv()
+            except (EOFError, OSError):
+                self.proc.join(5)
+                raise RuntimeError(f"stage process exited at start (code {self.proc.exitcode})") from None
+            if kind == "failed":
+                raise RuntimeError(f"stage process failed to start: {body}")
+            if kind == "alive":
+                self.status = body
+                if body.get("ready"):
+                    return
+        raise RuntimeError(f"stage process not ready within {timeout_s:.0f} s")
+
+    def _drain(self) -> None:
+        """Read its heartbeats: unread, they would fill the pipe and stall its heartbeat thread."""
+        with contextlib.suppress(EOFError, OSError):
+            while True:
+                kind, body = self.conn.recv()
+                if kind == "alive":
+                    self.status = body
+
+    def spec(self, name: str) -> dict[str, Any]:
+        """What a worker process needs to reach the stage (picklable)."""
+        return {"address": self.address, "authkey": self.authkey, "shm_dir": str(self.shm_dir),
+                "prefix": f"{self.prefix}{name}-"}
+
+    def counters(self) -> dict[str, float]:
+        """The stage's batch counters from its metrics endpoint; empty where it does not answer."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        wanted = {"stream_redact_batch_size_count": "batches", "stream_redact_batch_size_sum": "frames",
+                  "stream_redact_inference_seconds_sum": "run_s",
+                  "stream_redact_detector_restarts_total": "restarts"}
+        port = self.status.get("port")
+        if not port:
+            return {}
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return {}
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name in wanted:
+                    out[wanted[s.name]] = out.get(wanted[s.name], 0.0) + s.value
+        return out
+
+    def close(self) -> None:
+        """SIGTERM (it stops its batcher), then kill; its workers' slot files and the socket go."""
+        from stream.live.frame_ring import remove_prefix
+
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(10)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join(2)
+        self.conn.close()
+        remove_prefix(self.shm_dir, self.prefix)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def _worker(conn: Any, backend: str, providers: list[str], buckets: tuple[int, ...], max_batch: int,
+            max_wait_ms: float, deadline_ms: float, fps: float, seed: int, inflight: int | None,
+            stage: dict[str, Any] | None = None) -> None:
+    """A pipeline process: its own detector and batcher (``stage`` None), or a RemoteStage to the
+    shared stage process; runs the stream counts it is sent."""
     calls: list[tuple[float, float, int]] = []
-
-    class Timed:
-        """The detector with its prepare/complete halves (two batches in flight), runs timed."""
-
-        device = det.device
-
-        def prepare(self, images: list, seqs: Any = None) -> Any:
-            return time.monotonic(), len(images), det.prepare(images, seqs)
-
-        def complete(self, work: Any) -> Any:
-            t, n, prepared = work
-            out = det.complete(prepared)
-            calls.append((t, time.monotonic() - t, n))
-            return out
-
-        def __call__(self, images: list, seqs: Any = None) -> Any:
-            return self.complete(self.prepare(images, seqs))
-
-    def factory() -> Any:  # runs on the batcher's worker thread, as the product's factory does
-        det.warmup(max_batch=max_batch)
-        return Timed()
-
-    metrics = Metrics()
-    batcher = Batcher(factory, metrics, max_batch=max_batch, max_wait_s=max_wait_ms / 1000, hang_timeout_s=10,
-                      inflight=inflight)
-    batcher.start()
+    try:
+        batcher = _open_batcher(backend, providers, buckets, max_batch, max_wait_ms, inflight, stage, calls,
+                                f"gpu-check-worker-{seed}")
+    except Exception as e:  # the detector cannot load, or the stage is not there: say why
+        conn.send(("failed", f"{type(e).__name__}: {e}"))
+        return
     scene = Scene(seed=seed)
     ring = [scene.render(t) for t in range(48)]
-    conn.send("ready")
+    conn.send(("ready", None))
     while True:
         msg = conn.recv()
         if msg is None:
             batcher.stop()
             return
         calls.clear()
-        conn.send(_step(batcher, calls, ring, msg, deadline_ms, fps))
+        stats = _step(batcher, calls, ring, msg, deadline_ms, fps)
+        conn.send({"streams": stats, "batches": len(calls), "frames": sum(c[2] for c in calls),
+                   "run_s": sum(c[1] for c in calls)})
+
+
+def _open_batcher(backend: str, providers: list[str], buckets: tuple[int, ...], max_batch: int,
+                  max_wait_ms: float, inflight: int | None, stage: dict[str, Any] | None,
+                  calls: list[tuple[float, float, int]], name: str) -> Any:
+    """A started Batcher over this process's own detector (its runs appended to ``calls``), or a
+    connected RemoteStage; raises where it cannot get ready."""
+    from stream.core.metrics import Metrics
+
+    metrics = Metrics()
+    batcher: Any
+    if stage is None:
+        from stream.detect.ensemble import FrameDetector
+        from stream.live.batcher import Batcher
+
+        det = FrameDetector(detector_config_for(backend, providers, buckets))
+
+        class Timed:
+            """The detector with its prepare/complete halves (two batches in flight), runs timed."""
+
+            device = det.device
+
+            def prepare(self, images: list, seqs: Any = None) -> Any:
+                return time.monotonic(), len(images), det.prepare(images, seqs)
+
+            def complete(self, work: Any) -> Any:
+                t, n, prepared = work
+                out = det.complete(prepared)
+                calls.append((t, time.monotonic() - t, n))
+                return out
+
+            def __call__(self, images: list, seqs: Any = None) -> Any:
+                return self.complete(self.prepare(images, seqs))
+
+        def factory() -> Any:  # runs on the batcher's worker thread, as the product's factory does
+            det.warmup(max_batch=max_batch)
+            return Timed()
+
+        batcher = Batcher(factory, metrics, max_batch=max_batch, max_wait_s=max_wait_ms / 1000,
+                          hang_timeout_s=10, inflight=inflight)
+    else:
+        from stream.live.frame_ring import SlotWriter
+        from stream.live.remote_stage import RemoteStage
+
+        slots = SlotWriter(Path(stage["shm_dir"]), stage["prefix"])
+        batcher = RemoteStage(stage["address"], stage["authkey"], slots, metrics, name=name,
+                              connect_timeout_s=60)
+    batcher.start()  # a Batcher has loaded its detector; a RemoteStage is connected, or gave up
+    deadline = time.monotonic() + 60
+    while not batcher.ready and time.monotonic() < deadline:
+        time.sleep(0.05)  # the stage says it is ready in its first message after the connection
+    if not batcher.ready:
+        batcher.stop()
+        raise RuntimeError("the detection stage did not answer as ready within 60 s")
+    return batcher
 
 
 def _step(batcher: Any, calls: list, ring: list, msg: tuple, deadline_ms: float, fps: float) -> list[dict]:
@@ -497,13 +705,14 @@ def _step(batcher: Any, calls: list, ring: list, msg: tuple, deadline_ms: float,
 
 
 class Usage:
-    """GPU utilisation (NVML, sampled every 0.2 s) and CPU cores used by the workers over a step."""
+    """GPU utilisation (NVML, sampled every 0.2 s) and CPU cores used by the workers and the stage
+    process over a step."""
 
-    def __init__(self, pids: list[int]) -> None:
-        self.pids = pids
+    def __init__(self, pids: list[int], stage_pid: int | None = None) -> None:
+        self.pids, self.stage_pid = pids, stage_pid
         self.samples: list[tuple[float, float]] = []
         self._stop = threading.Event()
-        self._cpu0 = 0.0
+        self._cpu0 = self._stage0 = 0.0
         self._t0 = 0.0
         try:
             import pynvml
@@ -514,33 +723,28 @@ class Usage:
         except Exception:
             self.nvml = None
 
-    def _cpu(self) -> float:
-        try:
-            import psutil
-        except ImportError:
-            return float("nan")
-        total = 0.0
-        for pid in self.pids:
-            with contextlib.suppress(Exception):
-                t = psutil.Process(pid).cpu_times()
-                total += t.user + t.system
-        return total
-
     def _sample(self) -> None:
         while not self._stop.wait(0.2):
             u = self.nvml.nvmlDeviceGetUtilizationRates(self.handle)
             m = self.nvml.nvmlDeviceGetMemoryInfo(self.handle)
             self.samples.append((u.gpu, m.used / 2**30))
 
+    def _stage(self) -> float:
+        return _cpu_seconds(self.stage_pid) if self.stage_pid is not None else 0.0
+
     def begin(self) -> None:
-        self._cpu0, self._t0 = self._cpu(), time.monotonic()
+        self._cpu0, self._stage0 = sum(map(_cpu_seconds, self.pids)), self._stage()
+        self._t0 = time.monotonic()
         if self.nvml is not None:
             threading.Thread(target=self._sample, daemon=True).start()
 
     def end(self) -> dict[str, Any]:
         self._stop.set()
-        out: dict[str, Any] = {"worker_cpu_cores": round((self._cpu() - self._cpu0) /
-                                                         max(1e-6, time.monotonic() - self._t0), 2)}
+        dt = max(1e-6, time.monotonic() - self._t0)
+        workers = sum(map(_cpu_seconds, self.pids)) - self._cpu0
+        out: dict[str, Any] = {"worker_cpu_cores": round(workers / dt, 2)}
+        if self.stage_pid is not None:
+            out["stage_cpu_cores"] = round((self._stage() - self._stage0) / dt, 2)
         if self.samples:
             util = [u for u, _ in self.samples]
             out.update(gpu_util_mean=round(statistics.mean(util), 1), gpu_util_max=max(util),
@@ -549,44 +753,75 @@ class Usage:
 
 
 class Workers:
-    """P pipeline processes sharing the GPU, each with its own models, kept across K steps."""
+    """P pipeline processes, kept across K steps: each with its own detector and batcher, or each
+    sending its frames to the one shared stage process."""
 
     def __init__(self, procs: int, backend: str, providers: list[str], buckets: tuple[int, ...],
                  max_batch: int, max_wait_ms: float, deadline_ms: float, fps: float,
-                 inflight: int | None = None) -> None:
+                 inflight: int | None = None, stage: SharedStage | None = None,
+                 timeout_s: float = 300.0) -> None:
         ctx = mp.get_context("spawn")
-        self.conns, self.procs = [], []
-        for i in range(procs):
-            a, b = ctx.Pipe()
-            p = ctx.Process(target=_worker, args=(b, backend, providers, buckets, max_batch, max_wait_ms,
-                                                  deadline_ms, fps, i, inflight), daemon=True)
-            p.start()
-            self.conns.append(a)
-            self.procs.append(p)
-        for c in self.conns:
-            if c.recv() != "ready":
-                raise RuntimeError("worker failed to start")
+        self.stage, self.conns, self.procs = stage, [], []
+        try:
+            for i in range(procs):
+                a, b = ctx.Pipe()
+                spec = stage.spec(f"P{procs}w{i}") if stage is not None else None
+                p = ctx.Process(target=_worker, args=(b, backend, providers, buckets, max_batch, max_wait_ms,
+                                                      deadline_ms, fps, i, inflight, spec), daemon=True)
+                p.start()
+                self.conns.append(a)
+                self.procs.append(p)
+            deadline = time.monotonic() + timeout_s
+            for i, c in enumerate(self.conns):
+                if not c.poll(max(0.0, deadline - time.monotonic())):
+                    raise RuntimeError(f"worker {i} not ready within {timeout_s:.0f} s")
+                try:
+                    kind, why = c.recv()
+                except EOFError:
+                    kind, why = "failed", f"exited (code {self.procs[i].exitcode}); see its traceback above"
+                if kind != "ready":
+                    raise RuntimeError(f"worker {i} failed to start: {why}")
+        except BaseException:
+            self.close()
+            raise
 
     def run(self, k: int, seconds: float, warm_s: float) -> tuple[list[dict], dict[str, Any]]:
-        """Per-stream stats, and the step's GPU utilisation and worker CPU use (where measurable)."""
+        """Per-stream stats, and the step's batches, GPU utilisation and CPU use (where measurable)."""
         n = len(self.conns)
         split = [k // n + (1 if i < k % n else 0) for i in range(n)]
         start_at = time.time() + 1.0
         for i, (c, m) in enumerate(zip(self.conns, split, strict=True)):
-            c.send((m, start_at, seconds, warm_s, f"p{i}s"))
-        usage = Usage([p.pid for p in self.procs])
+            c.send((m, start_at, seconds, warm_s, f"P{n}p{i}s"))
+        usage = Usage([p.pid for p in self.procs], self.stage.proc.pid if self.stage is not None else None)
         time.sleep(max(0.0, start_at + warm_s - time.time()))
+        before = self.stage.counters() if self.stage is not None else {}
         usage.begin()
-        out = []
+        out: list[dict] = []
+        batches = {"batches": 0.0, "frames": 0.0, "run_s": 0.0}
         for c in self.conns:
-            out.extend(c.recv())
-        return out, usage.end()
+            got = c.recv()
+            out.extend(got["streams"])
+            for key in batches:
+                batches[key] += got[key]
+        used = usage.end()
+        if self.stage is not None:  # the stage batches for every worker: its own counters say how
+            after = self.stage.counters()
+            batches = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in batches}
+            used["stage_detector_restarts"] = int(after.get("restarts", 0.0))
+        b = batches["batches"]
+        used.update(batches=int(b), mean_batch=round(batches["frames"] / b, 2) if b else None,
+                    batch_ms=round(batches["run_s"] * 1000 / b, 1) if b else None)
+        return out, used
 
     def close(self) -> None:
         for c in self.conns:
-            c.send(None)
+            with contextlib.suppress(OSError, ValueError):
+                c.send(None)
         for p in self.procs:
             p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join(2)
 
 
 def summarise(k: int, stats: list[dict], fps: float, seconds: float) -> dict[str, Any]:
@@ -604,6 +839,7 @@ def summarise(k: int, stats: list[dict], fps: float, seconds: float) -> dict[str
     row = {"streams": k, "sent": sent, "published": pub,
            "delivered_ratio": round(pub / sent, 4) if sent else 0.0,
            "worst_stream_ratio": round(worst_stream, 4),
+           "delivered_fps": round(pub / seconds, 1),
            "fps_per_stream": round(pub / max(1, k) / seconds, 2),
            "blanked": sum(s["blanked"] for s in stats), "dropped": sum(s["dropped"] for s in stats),
            **{f"p{q}_ms": round(float(np.percentile(lat, q)), 1) for q in (50, 95, 99)},
@@ -614,49 +850,112 @@ def summarise(k: int, stats: list[dict], fps: float, seconds: float) -> dict[str
     return row
 
 
-def pipeline(backend: str, providers: list[str], buckets: tuple[int, ...], ks: list[int], procs: int,
-             seconds: float, warm_s: float, budget_s: float, inflight: int | None = None) -> dict[str, Any]:
-    fps, max_batch, max_wait_ms, deadline_ms = 30.0, max(buckets), 8.0, 1000.0
+def pipeline(backend: str, providers: list[str], buckets: tuple[int, ...], ks: list[int], procs: list[int],
+             seconds: float, warm_s: float, budget_s: float, inflight: int | None = None,
+             stage: str = "shared", fps: float = 30.0, max_wait_ms: float = 8.0, deadline_ms: float = 1000.0,
+             save: Any = None) -> dict[str, Any]:
+    """The K ramp for each worker-process count in turn; ``save(result)`` after every step, so a run
+    cut off by its time limit still reports what it measured.
+
+    ``budget_s`` covers the whole section (stage start included); each process count gets an
+    equal share of what is left, so the last ones are not starved by a slow start."""
+    max_batch = max(buckets)
     t_start = time.monotonic()
-    workers = Workers(procs, backend, providers, buckets, max_batch, max_wait_ms, deadline_ms, fps, inflight)
-    say(f"pipeline: {procs} worker processes ready in {time.monotonic() - t_start:.1f} s")
-    rows = []
+    out: dict[str, Any] = {
+        "stage": stage, "fps": fps, "max_batch": max_batch, "max_wait_ms": max_wait_ms,
+        "deadline_ms": deadline_ms, "procs": procs, "inflight": inflight or "default (2 on a GPU)",
+        "seconds": seconds, "runs": [], "largest_k_held": {}, "steps": []}
+
+    def saved() -> None:
+        if save is not None:
+            save(out)
+
+    saved()
+    shared: SharedStage | None = None
     try:
-        for k in ks:
-            if time.monotonic() - t_start + seconds + warm_s + 5 > budget_s:
-                say(f"pipeline: time budget reached before K={k}")
-                break
-            stats, usage = workers.run(k, seconds, warm_s)
-            row = summarise(k, stats, fps, seconds) | usage
-            rows.append(row)
-            say(f"pipeline K={k}: delivered {row['delivered_ratio']:.3f} "
-                f"(worst {row['worst_stream_ratio']:.3f}), "
-                f"blanked {row['blanked']}, dropped {row['dropped']}, p50/p95/p99 {row['p50_ms']}/"
-                f"{row['p95_ms']}/{row['p99_ms']} ms, leaks {row['leaks']} of {row['ground_truth']} "
-                f"-> {'held' if row['held'] else 'FAILED'}; usage {usage}")
-            if not row["held"]:
-                break
+        if stage == "shared":
+            factory = functools.partial(build_detector, backend, providers, buckets, max_batch)
+            config = stage_config(buckets, max_batch, max_wait_ms, deadline_ms, inflight)
+            shared = SharedStage(config, factory)
+            out["stage_startup_s"] = round(time.monotonic() - t_start, 1)
+            say(f"pipeline: shared stage process ready in {out['stage_startup_s']} s")
+            saved()
+        for n, p in enumerate(procs):
+            left = budget_s - (time.monotonic() - t_start)
+            p_deadline = time.monotonic() + left / (len(procs) - n)
+            run: dict[str, Any] = {"procs": p}
+            out["runs"].append(run)
+            if left < seconds + warm_s + 10:
+                run["skipped"] = "time budget"
+                say(f"pipeline: time budget reached before {p} procs")
+                saved()
+                continue
+            t = time.monotonic()
+            try:
+                workers = Workers(p, backend, providers, buckets, max_batch, max_wait_ms, deadline_ms, fps,
+                                  inflight, shared)
+            except Exception as e:  # one process count that cannot start must not lose the others
+                run["error"] = f"{type(e).__name__}: {e}"
+                say(f"pipeline {p} procs FAILED to start: {run['error']}")
+                saved()
+                continue
+            run["startup_s"] = round(time.monotonic() - t, 1)
+            say(f"pipeline: {p} worker processes ({stage} stage) ready in {run['startup_s']} s")
+            try:
+                for k in ks:
+                    if time.monotonic() + seconds + warm_s + 5 > p_deadline:
+                        run["stopped"] = f"time budget before K={k}"
+                        say(f"pipeline {p} procs: time budget reached before K={k}")
+                        break
+                    stats, usage = workers.run(k, seconds, warm_s)
+                    row = {"stage": stage, "procs": p} | summarise(k, stats, fps, seconds) | usage
+                    out["steps"].append(row)
+                    held = [r["streams"] for r in out["steps"] if r["procs"] == p and r["held"]]
+                    out["largest_k_held"][str(p)] = max(held) if held else 0
+                    saved()
+                    say(f"pipeline {stage} P={p} K={k}: delivered {row['delivered_ratio']:.3f} "
+                        f"({row['delivered_fps']} fps, worst stream {row['worst_stream_ratio']:.3f}), "
+                        f"blanked {row['blanked']}, dropped {row['dropped']}, p50/p95/p99 {row['p50_ms']}/"
+                        f"{row['p95_ms']}/{row['p99_ms']} ms, leaks {row['leaks']} of {row['ground_truth']} "
+                        f"-> {'held' if row['held'] else 'FAILED'}; usage {usage}")
+                    if not row["held"]:
+                        break
+            finally:
+                workers.close()
     finally:
-        workers.close()
-    held = [r["streams"] for r in rows if r["held"]]
-    return {"fps": fps, "max_batch": max_batch, "max_wait_ms": max_wait_ms, "deadline_ms": deadline_ms,
-            "procs": procs, "inflight": inflight or "default (2 on a GPU)", "seconds": seconds,
-            "largest_k_held": max(held) if held else 0, "steps": rows}
+        if shared is not None:
+            shared.close()
+    saved()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="few reps, small K: a dry run of every section")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="the pipeline section only, on the CPU (ONNX Runtime), 2 streams in 2 processes for "
+                         "1.5 s: proves the GPU run's code paths in well under a minute")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")))
     ap.add_argument("--clip", type=Path, default=ROOT / ".gpu" / "clip_1080p30.mp4")
     ap.add_argument("--ks", default="", help="comma-separated stream counts for the pipeline ramp")
-    ap.add_argument("--procs", type=int, default=1,
-                    help="pipeline worker processes sharing the GPU (default 1: on an H200 four processes "
-                         "time-slicing the GPU without MPS were slower than one with larger batches)")
+    ap.add_argument("--stage", choices=["shared", "per-process"], default="shared",
+                    help="shared: one detection stage process batches for every worker process (as "
+                         "run --workers N does); per-process: each worker process has its own batcher and "
+                         "detector")
+    ap.add_argument("--procs", default=None,
+                    help="comma-separated worker process counts, each ramped in turn, e.g. 1,4,8,14 "
+                         "(default 1; 2 with --cpu-smoke)")
     ap.add_argument("--seconds", type=float, default=6.0, help="measured seconds per K step")
-    ap.add_argument("--budget", type=float, default=240.0, help="seconds the pipeline ramp may take")
+    ap.add_argument("--budget", type=float, default=240.0,
+                    help="seconds the whole pipeline section may take (stage start included)")
     ap.add_argument("--inflight", type=int, choices=[1, 2, 3, 4], default=None,
                     help="batches in flight in the pipeline section (default: the product's, 2 on a GPU)")
+    ap.add_argument("--fps", type=float, default=30.0, help="frames/s of each synthetic stream")
+    ap.add_argument("--max-wait-ms", type=float, default=8.0,
+                    help="the batcher's longest wait to fill a batch")
+    ap.add_argument("--deadline-ms", type=float, default=1000.0,
+                    help="capture-to-detections deadline (fail_closed.max_latency_ms); later frames are "
+                         "blanked")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip")
     ap.add_argument("--backend", choices=["auto", "onnxruntime", "torch"], default="auto",
                     help="force a backend (with --providers), e.g. torch on the CPU for a dry run")
@@ -668,6 +967,16 @@ def main(argv: list[str] | None = None) -> int:
         backend, providers = args.backend, (args.providers or "cpu").split(",")
     buckets = (1, 2, 4, 8) if args.quick else BUCKETS
     reps = 2 if args.quick else 10
+    seconds, warm_s = (2.0, 1.0) if args.quick else (args.seconds, 2.0)
+    procs_arg, ks_default = args.procs or "1", [1, 2] if args.quick else RAMP
+    fps, deadline_ms = args.fps, args.deadline_ms
+    if args.cpu_smoke:
+        # 1080p "accurate" on 2 CPU cores: ~0.4 s a frame, so few frames a second and a long deadline;
+        # the point is that every step of the GPU run executes, not its numbers
+        backend, providers = ("onnxruntime", ["cpu"]) if args.backend == "auto" else (backend, providers)
+        skip |= {"correctness", "models", "preprocess", "detector", "decode"}
+        buckets, seconds, warm_s, ks_default = (1, 2), 1.5, 0.5, [2]
+        procs_arg, fps, deadline_ms = args.procs or "2", 5.0, 5000.0
     result: dict[str, Any] = {"environment": environment(), "backend": backend, "providers": providers}
     say(f"path: backend={backend} providers={providers} env={result['environment']}")
     t0 = time.monotonic()
@@ -690,16 +999,23 @@ def main(argv: list[str] | None = None) -> int:
         result.setdefault("section_seconds", {})[name] = round(time.monotonic() - t, 1)
         write(args.out, result)
     if "pipeline" not in skip:
-        ramp = [2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
-        ks = [int(k) for k in args.ks.split(",")] if args.ks else ([1, 2] if args.quick else ramp)
-        procs = max(1, args.procs)
+        ks = [int(k) for k in args.ks.split(",")] if args.ks else ks_default
+        # more processes than streams would leave some idle: the count is capped at the largest K
+        procs = list(dict.fromkeys(min(max(1, int(p)), max(ks)) for p in procs_arg.split(",")))
+
+        def save(partial: dict[str, Any]) -> None:
+            result["pipeline"] = partial
+            write(args.out, result)
+
+        t = time.monotonic()
         try:
-            result["pipeline"] = pipeline(backend, providers, buckets, ks, min(procs, max(ks)),
-                                          2.0 if args.quick else args.seconds, 1.0 if args.quick else 2.0,
-                                          args.budget, args.inflight)
+            result["pipeline"] = pipeline(backend, providers, buckets, ks, procs, seconds, warm_s,
+                                          args.budget, args.inflight, args.stage, fps, args.max_wait_ms,
+                                          deadline_ms, save)
         except Exception as e:
             say(f"pipeline FAILED: {type(e).__name__}: {e}")
-            result["pipeline"] = {"error": f"{type(e).__name__}: {e}"}
+            result["pipeline"] = {**result.get("pipeline", {}), "error": f"{type(e).__name__}: {e}"}
+        result.setdefault("section_seconds", {})["pipeline"] = round(time.monotonic() - t, 1)
     result["total_seconds"] = round(time.monotonic() - t0, 1)
     write(args.out, result)
     table(result)
@@ -707,8 +1023,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(out: Path, result: dict[str, Any]) -> None:
+    """Replace the JSON whole (written beside, then renamed): a run killed mid-write leaves the last one."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
+    tmp = out / "gpu_check.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    tmp.replace(out / "gpu_check.json")
 
 
 def table(r: dict[str, Any]) -> None:
@@ -718,14 +1037,17 @@ def table(r: dict[str, Any]) -> None:
         for b in r["detector"]["buckets"]:
             print(f"| {b['bucket']} | {b['ms']} | {b['fps']} | {b['streams_1080p30']} |")
     p = r.get("pipeline", {})
-    if "steps" in p:
-        print(f"\n| K streams ({p['procs']} procs) | delivered | blanked | dropped | p50 | p99 | leaks "
-              "| held |")
-        print("|---|---|---|---|---|---|---|---|")
+    if p.get("steps"):
+        print("\n| stage | procs | K | delivered | fps | blanked | dropped | p50 | p99 | leaks | mean batch "
+              "| worker / stage cores | GPU % | held |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for s in p["steps"]:
-            print(f"| {s['streams']} | {s['delivered_ratio']} | {s['blanked']} | {s['dropped']} | "
-                  f"{s['p50_ms']} | {s['p99_ms']} | {s['leaks']} | {s['held']} |")
-        print(f"largest K held: {p['largest_k_held']}")
+            print(f"| {s['stage']} | {s['procs']} | {s['streams']} | {s['delivered_ratio']} "
+                  f"| {s['delivered_fps']} | {s['blanked']} | {s['dropped']} | {s['p50_ms']} | {s['p99_ms']} "
+                  f"| {s['leaks']} "
+                  f"| {s.get('mean_batch')} | {s.get('worker_cpu_cores')} / {s.get('stage_cpu_cores', '-')} "
+                  f"| {s.get('gpu_util_mean', '-')} | {s['held']} |")
+        print(f"largest K held per process count: {p['largest_k_held']}")
 
 
 if __name__ == "__main__":
