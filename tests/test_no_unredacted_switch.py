@@ -93,15 +93,35 @@ def test_no_config_key_switches_faces_off() -> None:
     assert "faces" not in switches and not {s for s in switches if SWITCH_WORDS.search(s)}
 
 
+def _passes_on(node: ast.AST) -> bool:
+    """The caller's own factory (a parameter passed on), or the configured detector's."""
+    if isinstance(node, ast.Name):
+        return node.id in ("detector_factory", "factory", "configured")
+    return isinstance(node, ast.Call) and ast.unparse(node.func).endswith("detector_factory_for")
+
+
+FACTORY_TAKERS = {"serve": 1, "Pipeline": 1, "StageServer": 1, "Supervisor": None, "supervise": None,
+                  "stage_main": None}
+"""calls that take a detector factory, and the position it may be passed at (None: keyword only)"""
+
+
 def test_nothing_in_the_package_hands_the_pipeline_its_own_detector() -> None:
-    """`serve` and `Pipeline` take a detector factory for tests; the package itself never passes one,
-    so every pipeline it starts detects with the configured models."""
+    """`serve`, `Pipeline` and the detection stage of `run --workers N` (StageServer, stage_main,
+    Supervisor, supervise) take a detector factory for tests and the load test's baseline; the
+    package itself never makes one up, it only passes on the one its caller gave, so every
+    pipeline it starts detects with the configured models."""
+    calls = 0
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if not isinstance(node, ast.Call) or ast.unparse(node.func).rsplit(".", 1)[-1] not in (
-                    "serve", "Pipeline"):
+            name = ast.unparse(node.func).rsplit(".", 1)[-1] if isinstance(node, ast.Call) else None
+            if name not in FACTORY_TAKERS:
                 continue
-            given = node.args[1:2] + [k.value for k in node.keywords if k.arg == "detector_factory"]
-            for arg in given:  # only ever the caller's own factory, passed on
-                forwarded = any(isinstance(n, ast.Name) and n.id == "detector_factory" for n in ast.walk(arg))
-                assert forwarded, f"{path}:{node.lineno}: {ast.unparse(node)}"
+            calls += 1
+            pos = FACTORY_TAKERS[name]
+            given = (node.args[pos:pos + 1] if pos is not None else []) + \
+                [k.value for k in node.keywords if k.arg in ("detector_factory", "factory")]
+            for arg in given:  # only ever the caller's own factory, or the configured one, passed on
+                forwarded = any(_passes_on(n) for n in ast.walk(arg))
+                assert forwarded or (isinstance(arg, ast.Constant) and arg.value is None), \
+                    f"{path}:{node.lineno}: {ast.unparse(node)}"
+    assert calls >= 5, "the scan finds the calls it checks"

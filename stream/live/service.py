@@ -65,8 +65,9 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     tokens = load_tokens(config.auth.tokens_env, config.auth.tokens_file, insecure_no_auth)
-    factory = None if stage is not None else detector_factory or detector_factory_for(config)
-    pipeline = Pipeline(config, factory, metrics=metrics, stage=stage)
+    configured = None if stage is not None else detector_factory_for(config)
+    pipeline = Pipeline(config, None if stage is not None else detector_factory or configured,
+                        metrics=metrics, stage=stage)
     pipeline.shard = shard
     if on_pipeline is not None:
         on_pipeline(pipeline)
