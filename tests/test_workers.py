@@ -386,6 +386,17 @@ class Reader(threading.Thread):
                 self.stop.wait(0.2)  # the publisher is not there (yet); try again
 
 
+def stop_run(proc: subprocess.Popen, timeout: float) -> str:
+    """SIGTERM a `run` started by a test, as an orchestrator would; its stderr."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return err
+
+
 def restarts(base: str, child: str) -> float:
     fams = text_string_to_metric_families(_get(base + "/metrics")[1])
     return sum(s.value for f in fams for s in f.samples
@@ -456,12 +467,7 @@ def test_two_workers_redact_each_stream_once_and_no_face_shows_when_any_process_
         finally:
             out_a.stop.set()
             out_b.stop.set()
-            proc.send_signal(signal.SIGTERM)
-            try:
-                _, err = proc.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                _, err = proc.communicate()
+            err = stop_run(proc, 60)
         assert proc.returncode == 0, err[-3000:]
     assert TOKEN not in err, "the token reached the log"
     seen = out_a.frames + out_b.frames
@@ -513,12 +519,7 @@ def test_a_stream_added_through_the_api_runs_on_its_worker_and_survives_its_rest
         status, body = _get(f"{base}/api/streams/{sid}")
         assert status == 200 and json.loads(body)["id"] == sid
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
+        err = stop_run(proc, 60)
     assert proc.returncode == 0, err[-3000:]
 
 
@@ -614,12 +615,7 @@ def test_events_of_every_worker_reach_kafka_through_one_delivery_process_that_su
         seen = len(events())
         wait_for(lambda: len(events()) > seen + 4, timeout=60, what="events delivered after the restart")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = proc.communicate(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
+        err = stop_run(proc, 90)
     assert proc.returncode == 0, err[-3000:]
     by_source: dict[str, set[int]] = {}
     for e in events():

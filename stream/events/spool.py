@@ -205,6 +205,27 @@ def _read_by(directory: Path) -> Callable[[str], str]:
                            "process); run one delivery process per spool folder")
 
 
+def write_cursor(folder: Path, cursor: tuple[int, int, int], error: str | None) -> str | None:
+    """Replace the cursor file at once (a crash leaves the old or the new one, never half of one).
+
+    ``error`` is what the last attempt said (None: it worked); returns this attempt's. A cursor the
+    disk refuses only means a few more repeats after a crash, so it is logged once per outage."""
+    tmp = folder / "cursor.tmp"
+    try:
+        tmp.write_text("{} {} {}\n".format(*cursor))
+        os.replace(tmp, folder / "cursor")
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if error is None:
+            log.warning("events: cannot write the spool cursor in %s (%s); delivery goes on, after a "
+                        "crash some events would be sent twice", folder, e.strerror)
+        return e.strerror or str(e)
+    if error is not None:
+        log.info("events: the spool cursor in %s is written again", folder)
+    return None
+
+
 class _Segments:
     """Appending to numbered segment files within ``max_bytes``: what :class:`Spool` and
     :class:`SpoolWriter` share. Subclasses say what reading needs to hear of it (the hooks)."""
@@ -425,6 +446,17 @@ class _Segments:
     def close(self) -> None:
         raise NotImplementedError
 
+    def _close_segment(self) -> None:
+        """Sync and close the segment being appended to (at close; the caller holds the lock)."""
+        if self._fd is None:
+            return
+        try:
+            self._fsync.sync(self._fd)
+        except OSError as e:
+            log.error("events: fsync of the spool in %s failed at close (%s)", self.dir, e.strerror)
+        os.close(self._fd)
+        self._fd = None
+
 
 class Spool(_Segments):
     """A bounded, append-only, crash-safe event log with one reader, in one process. Thread-safe."""
@@ -635,34 +667,14 @@ class Spool(_Segments):
                 for seg in list(self._sizes):
                     self._delete(seg)
                 self.cursor = self.read_pos = (self.next_seq, self.next_seq, 0)
-            tmp = self.dir / "cursor.tmp"
-            try:
-                tmp.write_text("{} {} {}\n".format(*self.cursor))
-                os.replace(tmp, self.dir / "cursor")
-            except OSError as e:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                if self._cursor_error is None:
-                    log.warning("events: cannot write the spool cursor in %s (%s); delivery goes on, after a "
-                                "crash some events would be sent twice", self.dir, e.strerror)
-                self._cursor_error = e.strerror or str(e)
-                return
-            if self._cursor_error is not None:
-                log.info("events: the spool cursor in %s is written again", self.dir)
-                self._cursor_error = None
+            self._cursor_error = write_cursor(self.dir, self.cursor, self._cursor_error)
 
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            if self._fd is not None:
-                try:
-                    self._fsync.sync(self._fd)
-                except OSError as e:
-                    log.error("events: fsync of the spool in %s failed at close (%s)", self.dir, e.strerror)
-                os.close(self._fd)
-                self._fd = None
+            self._close_segment()
             if self._reader is not None:
                 self._reader[1].close()
                 self._reader = None
@@ -772,13 +784,7 @@ class SpoolWriter(_Segments):
             if self._closed:
                 return
             self._closed = True
-            if self._fd is not None:
-                try:
-                    self._fsync.sync(self._fd)
-                except OSError as e:
-                    log.error("events: fsync of the spool in %s failed at close (%s)", self.dir, e.strerror)
-                os.close(self._fd)
-                self._fd = None
+            self._close_segment()
             if read_cursor(self.dir)[0] >= self.written_seq:  # all delivered: the files can go
                 for seg in segment_ids(self.dir):
                     self._delete(seg)
@@ -1020,22 +1026,9 @@ class SpoolReader:
         with self._lock:
             if self.cursor == self._committed and self._cursor_error is None:
                 return  # nothing new: spare the disk a rewrite every fraction of a second
-            tmp = self.dir / "cursor.tmp"
-            try:
-                tmp.write_text("{} {} {}\n".format(*self.cursor))
-                os.replace(tmp, self.dir / "cursor")
-            except OSError as e:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                if self._cursor_error is None:
-                    log.warning("events: cannot write the spool cursor in %s (%s); delivery goes on, after a "
-                                "crash some events would be sent twice", self.dir, e.strerror)
-                self._cursor_error = e.strerror or str(e)
-                return
-            self._committed = self.cursor
-            if self._cursor_error is not None:
-                log.info("events: the spool cursor in %s is written again", self.dir)
-                self._cursor_error = None
+            self._cursor_error = write_cursor(self.dir, self.cursor, self._cursor_error)
+            if self._cursor_error is None:
+                self._committed = self.cursor
 
     def tick(self) -> None:
         """Nothing to sync: the reader writes only its cursor."""

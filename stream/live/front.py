@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
 from stream.live.api import MAX_BODY, error
-from stream.live.http import QuietSite, page
+from stream.live.http import page, serve_app
 from stream.live.shard import worker_of
 from stream.live.webrtc.session import MAX_SDP_BYTES
 
@@ -436,12 +436,4 @@ def make_front_app(children: Children, registry: CollectorRegistry | None = None
 async def start_front(children: Children, host: str, port: int,
                       registry: CollectorRegistry | None = None) -> tuple[web.AppRunner, int]:
     """Serve the front; returns the runner (to clean up) and the bound port (``port`` may be 0)."""
-    runner = web.AppRunner(make_front_app(children, registry), access_log=None)
-    await runner.setup()
-    site = QuietSite(runner, host, port)
-    try:
-        await site.start()
-    except OSError as e:
-        await runner.cleanup()
-        raise OSError(f"cannot listen on {host}:{port} ({e.strerror}); choose another http.port") from None
-    return runner, site.port
+    return await serve_app(make_front_app(children, registry), host, port)

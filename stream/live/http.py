@@ -136,7 +136,12 @@ async def start_http(pipeline: Pipeline, host: str, port: int, tokens: Tokens | 
                      allow_file_sources: bool = False,
                      gateway: RtcGateway | None = None) -> tuple[web.AppRunner, int]:
     """Serve the app; returns the runner (to clean up) and the bound port (``port`` may be 0)."""
-    runner = web.AppRunner(make_app(pipeline, tokens, allow_file_sources, gateway), access_log=None)
+    return await serve_app(make_app(pipeline, tokens, allow_file_sources, gateway), host, port)
+
+
+async def serve_app(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on a :class:`QuietSite`; the runner (to clean up) and the bound port."""
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = QuietSite(runner, host, port)
     try:
