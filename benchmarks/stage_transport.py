@@ -16,6 +16,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         proc.kill()
         remove_prefix(shm_root(), f"transport-{os.getpid()}-")
+        shutil.rmtree(run_dir, ignore_errors=True)
     doc = {"benchmark": "stage_transport", "cpu": cpu_model(), "cores": os.cpu_count(), "commit": commit(),
            "seconds": args.seconds, "window": args.window, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
