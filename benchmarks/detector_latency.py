@@ -19,7 +19,6 @@ on a 640x640 square letterbox, the 640x384 canvas of a 16:9 frame and the 512x28
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -35,7 +34,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from machine import busy_cpu_s, commit, cpu_model  # noqa: E402
+from machine import busy_cpu_s, clip_args, commit, cpu_model  # noqa: E402
 
 from stream import samples  # noqa: E402
 
@@ -199,10 +198,7 @@ def table(results: dict[str, list[Row]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="640x360,1280x720", help="frame sizes of the sample clip")
-    p.add_argument("--frames", type=int, default=12, help="frames per row and rep (default 12)")
-    p.add_argument("--reps", type=int, default=3, help="reps; median and best reported (default 3)")
+    p = clip_args(__doc__.split("\n\n")[0], 12, 3, "frames per row and rep", "reps; median and best reported")
     p.add_argument("--models", default="yunet,plate,person", help="models (default yunet,plate,person)")
     p.add_argument("--plate-sizes", default="640,512", help="plate input sizes (default 640,512)")
     p.add_argument("--person-sizes", default="640,512", help="person input sizes (default 640,512)")

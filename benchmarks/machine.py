@@ -4,6 +4,7 @@ their folder is on ``sys.path``)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
@@ -46,3 +47,13 @@ def commit() -> str:
     except OSError:
         return ""
     return rev + ("-dirty" if dirty and rev else "")
+
+
+def clip_args(description: str, frames: int, reps: int, frames_help: str,
+              reps_help: str) -> argparse.ArgumentParser:
+    """The options every benchmark on the sample clip shares: its sizes, frames and repetitions."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--sizes", default="640x360,1280x720", help="frame sizes of the sample clip")
+    p.add_argument("--frames", type=int, default=frames, help=f"{frames_help} (default {frames})")
+    p.add_argument("--reps", type=int, default=reps, help=f"{reps_help} (default {reps})")
+    return p

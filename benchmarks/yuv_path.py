@@ -26,7 +26,6 @@ meanwhile (busy cores besides this process, from /proc/stat).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -42,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from machine import busy_cpu_s, commit, cpu_model  # noqa: E402
+from machine import busy_cpu_s, clip_args, commit, cpu_model  # noqa: E402
 
 from stream import samples  # noqa: E402
 
@@ -172,10 +171,7 @@ def table(results: dict[str, dict[str, Any]], input_size: int, n_masks: int) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="640x360,1280x720", help="frame sizes of the sample clip")
-    p.add_argument("--frames", type=int, default=20, help="decoded frames per size (default 20)")
-    p.add_argument("--reps", type=int, default=15, help="reps over the frames (default 15)")
+    p = clip_args(__doc__.split("\n\n")[0], 20, 15, "decoded frames per size", "reps over the frames")
     p.add_argument("--input", type=int, default=640, help="detector input size (default 640: fast preset)")
     p.add_argument("--masks", type=int, default=4, help="masks painted per frame (default 4)")
     p.add_argument("-o", "--output", type=Path, default=DEFAULT_OUT)

@@ -21,6 +21,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -347,6 +348,27 @@ def deliveries() -> Iterator[list[DeliveryProcess]]:
         d.stop(0)
 
 
+@dataclass
+class Delivering:
+    """One pipeline-side emitter whose spool a delivery process delivers to a fresh topic."""
+
+    topic: str
+    spool: Path
+    delivery: DeliveryProcess
+    metrics: Metrics
+    emitter: Any
+
+
+def delivering(broker: Broker, tmp_path: Path, deliveries: list[DeliveryProcess]) -> Delivering:
+    topic = new_topic(broker)
+    spool = tmp_path / "spool"
+    cfg = events_config(spool, broker.bootstrap, topic)
+    d = start_delivery(cfg, [spool])
+    deliveries.append(d)
+    m = Metrics()
+    return Delivering(topic, spool, d, m, start_events(cfg, m, delivery=d))
+
+
 def test_events_written_here_are_delivered_by_the_delivery_process(broker: Broker, tmp_path: Path,
                                                                    deliveries: list[DeliveryProcess]) -> None:
     topic = new_topic(broker)
@@ -384,13 +406,8 @@ def test_events_written_here_are_delivered_by_the_delivery_process(broker: Broke
 
 def test_a_killed_delivery_process_loses_nothing_accepted(broker: Broker, tmp_path: Path,
                                                           deliveries: list[DeliveryProcess]) -> None:
-    topic = new_topic(broker)
-    spool = tmp_path / "spool"
-    cfg = events_config(spool, broker.bootstrap, topic)
-    d = start_delivery(cfg, [spool])
-    deliveries.append(d)
-    m = Metrics()
-    em = start_events(cfg, m, delivery=d)
+    run = delivering(broker, tmp_path, deliveries)
+    topic, spool, d, em = run.topic, run.spool, run.delivery, run.emitter
     assert em is not None and isinstance(em.sink, SpoolWriterSink)
     sink = em.sink
     accepted: list[str] = []
@@ -596,13 +613,8 @@ def test_the_delivery_process_ends_when_its_parent_dies(broker: Broker, tmp_path
 
 def test_a_broker_outage_is_reported_by_health_and_loses_nothing(broker: Broker, tmp_path: Path,
                                                                  deliveries: list[DeliveryProcess]) -> None:
-    topic = new_topic(broker)
-    spool = tmp_path / "spool"
-    cfg = events_config(spool, broker.bootstrap, topic)
-    d = start_delivery(cfg, [spool])
-    deliveries.append(d)
-    m = Metrics()
-    em = start_events(cfg, m, delivery=d)
+    run = delivering(broker, tmp_path, deliveries)
+    topic, spool, d, m, em = run.topic, run.spool, run.delivery, run.metrics, run.emitter
     assert em is not None
     status = DeliveryStatus(spool, grace_s=0)
     ids = []

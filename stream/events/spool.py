@@ -65,7 +65,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TextIO, TypeVar
+from typing import Any, BinaryIO, TextIO, TypeVar
 
 from stream.core.errors import UserError
 from stream.events.sink import FsyncPolicy, write_records
@@ -224,6 +224,31 @@ def write_cursor(folder: Path, cursor: tuple[int, int, int], error: str | None) 
     if error is not None:
         log.info("events: the spool cursor in %s is written again", folder)
     return None
+
+
+class _Cursor:
+    """The reading side's cursor, shared by :class:`Spool` and :class:`SpoolReader`: what was
+    acknowledged, and where reading goes on. Subclasses free the segments the cursor has passed."""
+
+    _lock: Any  # an RLock, set by the subclass
+    cursor: tuple[int, int, int]
+    read_pos: tuple[int, int, int]
+
+    def _acked_through(self, segment: int) -> None:
+        raise NotImplementedError
+
+    def rewind_to_cursor(self) -> None:
+        """Read again from the oldest record not acknowledged."""
+        with self._lock:
+            self.read_pos = self.cursor
+
+    def ack(self, rec: Record) -> None:
+        """Everything up to and including ``rec`` is delivered."""
+        with self._lock:
+            if rec.seq < self.cursor[0]:
+                return  # already passed (dropped meanwhile)
+            self.cursor = (rec.seq + 1, rec.segment, rec.end)
+            self._acked_through(rec.segment)
 
 
 class _Segments:
@@ -458,7 +483,7 @@ class _Segments:
         self._fd = None
 
 
-class Spool(_Segments):
+class Spool(_Cursor, _Segments):
     """A bounded, append-only, crash-safe event log with one reader, in one process. Thread-safe."""
 
     in_flight_drops_counted = False
@@ -630,19 +655,9 @@ class Spool(_Segments):
                 self.read_pos = self.cursor
             return self.read_pos[0]
 
-    def rewind_to_cursor(self) -> None:
-        """Read again from the oldest record not acknowledged."""
-        with self._lock:
-            self.read_pos = self.cursor
-
-    def ack(self, rec: Record) -> None:
-        """Everything up to and including ``rec`` is delivered."""
-        with self._lock:
-            if rec.seq < self.cursor[0]:
-                return  # already passed (dropped meanwhile)
-            self.cursor = (rec.seq + 1, rec.segment, rec.end)
-            for seg in [s for s in self._sizes if s < rec.segment]:
-                self._delete(seg)
+    def _acked_through(self, segment: int) -> None:
+        for seg in [s for s in self._sizes if s < segment]:
+            self._delete(seg)
 
     # -- state -------------------------------------------------------------------------------------
     @property
@@ -800,7 +815,7 @@ class SpoolWriter(_Segments):
         return self
 
 
-class SpoolReader:
+class SpoolReader(_Cursor):
     """The reading half of a spool another process writes (``events.delivery: process``): the
     delivery process's side. Same reading interface as :class:`Spool`. Thread-safe."""
 
@@ -972,20 +987,10 @@ class SpoolReader:
                 self.read_pos = (seq, seg, off)
             return self.read_pos[0]
 
-    def rewind_to_cursor(self) -> None:
-        """Read again from the oldest record not acknowledged."""
-        with self._lock:
-            self.read_pos = self.cursor
-
-    def ack(self, rec: Record) -> None:
-        """Everything up to and including ``rec`` is delivered."""
-        with self._lock:
-            if rec.seq < self.cursor[0]:
-                return
-            self.cursor = (rec.seq + 1, rec.segment, rec.end)
-            if rec.segment != self._acked_seg:
-                self._acked_seg = rec.segment
-                self._delete_before(rec.segment)
+    def _acked_through(self, segment: int) -> None:
+        if segment != self._acked_seg:
+            self._acked_seg = segment
+            self._delete_before(segment)
 
     # -- state -------------------------------------------------------------------------------------
     @property

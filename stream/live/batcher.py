@@ -206,11 +206,58 @@ class _Flight:
     """when the oldest batch in flight counts as hung (set once it is the oldest)"""
 
 
-class Batcher:
+class StreamQueues:
+    """The per-stream queues a detection stage collects from, and its collecting thread: what the
+    local :class:`Batcher` and a worker's :class:`~stream.live.remote_stage.RemoteStage` share.
+
+    A queue's jobs left behind when it is detached or the stage stops are failed (the stream
+    blanks them), never dropped unanswered."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self._queues: dict[str, JobQueue] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def attach(self, queue: JobQueue) -> None:
+        queue.notify = self.cond
+        with self.cond:
+            self._queues[queue.stream_id] = queue
+
+    def detach(self, stream_id: str) -> None:
+        with self.cond:
+            q = self._queues.pop(stream_id, None)
+            self._detached(stream_id)
+        if q is not None:
+            for job in q.drain():
+                job.resolve(failure=Failure.DETECTOR_UNAVAILABLE)
+
+    def _detached(self, stream_id: str) -> None:
+        """Called under ``cond`` when a stream's queue goes."""
+
+    def _end_thread(self, timeout: float) -> None:
+        self._stop.set()
+        with self.cond:
+            self.cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _fail_queued(self) -> None:
+        for q in list(self._queues.values()):
+            for job in q.drain():
+                job.resolve(failure=Failure.DETECTOR_UNAVAILABLE)
+
+
+class Batcher(StreamQueues):
     """Collects jobs across streams and resolves each with detections or a :class:`Failure`."""
 
     def __init__(self, factory: DetectorFactory, metrics: Metrics, max_batch: int = 8,
                  max_wait_s: float = 0.01, hang_timeout_s: float = 1.0, inflight: int | None = None) -> None:
+        super().__init__()
         self.factory = factory
         self.inflight = inflight
         """batches handed to the detector at once; None: 2 on a GPU (the next one is uploaded
@@ -221,10 +268,7 @@ class Batcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.hang_timeout_s = hang_timeout_s
-        self.cond = threading.Condition()
-        self._queues: dict[str, JobQueue] = {}
         self._rr = 0
-        self._stop = threading.Event()
         self._worker: _Worker | None = None
         self._abandoned: list[_Worker] = []
         self._failures_in_row = 0
@@ -233,7 +277,6 @@ class Batcher:
         """MAX_ABANDONED runs are hung and no detector is built: said once, not at every retry"""
         self._incident: Failure | None = None
         self._incident_frames = 0
-        self._thread: threading.Thread | None = None
         self.batches = 0
         self._transfers = (0, 0)
         self.service = ServiceTime()
@@ -271,40 +314,20 @@ class Batcher:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        with self.cond:
-            self.cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._end_thread(timeout)
         if self._worker is not None:
             self._worker.abandon()
         while self._flights:
             for job in self._flights.popleft().jobs:
                 job.resolve(failure=Failure.DETECTOR_UNAVAILABLE)
-        for q in list(self._queues.values()):
-            for job in q.drain():
-                job.resolve(failure=Failure.DETECTOR_UNAVAILABLE)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        self._fail_queued()
 
     @property
     def ready(self) -> bool:
         return self._worker is not None and self._worker.ready
 
-    def attach(self, queue: JobQueue) -> None:
-        queue.notify = self.cond
-        with self.cond:
-            self._queues[queue.stream_id] = queue
-
-    def detach(self, stream_id: str) -> None:
-        with self.cond:
-            q = self._queues.pop(stream_id, None)
-            self._served.pop(stream_id, None)
-        if q is not None:
-            for job in q.drain():
-                job.resolve(failure=Failure.DETECTOR_UNAVAILABLE)
+    def _detached(self, stream_id: str) -> None:
+        self._served.pop(stream_id, None)
 
     def forget(self, stream_id: str) -> None:
         """A stream's last detections never reached its tracker (the frame was given up on after the

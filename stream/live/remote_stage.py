@@ -22,8 +22,9 @@ from multiprocessing.connection import Client, Connection
 from typing import Any
 
 from stream.core.detections import Detections
-from stream.core.frames import Drop, Failure, Job, JobQueue
+from stream.core.frames import Drop, Failure, Job
 from stream.core.metrics import Metrics
+from stream.live.batcher import StreamQueues
 from stream.live.frame_ring import SlotWriter
 
 log = logging.getLogger(__name__)
@@ -31,22 +32,19 @@ log = logging.getLogger(__name__)
 RETRY_S = 0.2
 
 
-class RemoteStage:
+class RemoteStage(StreamQueues):
     """Sends frames to the stage process and resolves their jobs with its answers."""
 
     def __init__(self, address: str, authkey: bytes, slots: SlotWriter, metrics: Metrics,
                  name: str = "worker", connect_timeout_s: float = 30.0) -> None:
+        super().__init__()
         self.address, self._authkey, self.slots, self.metrics = address, authkey, slots, metrics
         self.name = name
         self.connect_timeout_s = connect_timeout_s
-        self.cond = threading.Condition()
-        self._queues: dict[str, JobQueue] = {}
         self._pending: dict[int, Job] = {}
         self._conn: Connection | None = None
         self._remote_ready = False
-        self._stop = threading.Event()
         self._send_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
         self._incident = False
         self._shm_full = False
         self.connects = 0
@@ -61,36 +59,17 @@ class RemoteStage:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        with self.cond:
-            self.cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._end_thread(timeout)
         self._disconnect("stopping")
-        for q in list(self._queues.values()):
-            for job in q.drain():
-                job.resolve(failure=Failure.DETECTOR_UNAVAILABLE)
+        self._fail_queued()
         self.slots.close()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     @property
     def ready(self) -> bool:
         return self._conn is not None and self._remote_ready
 
-    def attach(self, queue: JobQueue) -> None:
-        queue.notify = self.cond
-        with self.cond:
-            self._queues[queue.stream_id] = queue
-
     def detach(self, stream_id: str) -> None:
-        with self.cond:
-            q = self._queues.pop(stream_id, None)
-        if q is not None:
-            for job in q.drain():
-                job.resolve(failure=Failure.DETECTOR_UNAVAILABLE)
+        super().detach(stream_id)
         self._send(("detach", stream_id))
 
     # -- connection -------------------------------------------------------------------------------
