@@ -626,3 +626,20 @@ def test_events_of_every_worker_reach_kafka_through_one_delivery_process_that_su
         assert not missing, f"{source}: {len(missing)} accepted event(s) lost, e.g. {sorted(missing)[:5]}"
     left = [p for p in (tmp_path / "spool").rglob(f"*{SUFFIX}") if p.stat().st_size]
     assert not left, f"the spools were not drained at stop: {left}"
+
+
+def test_an_answer_read_from_a_connection_given_up_on_never_reaches_a_newer_frame(tmp_path: Path) -> None:
+    """After a reconnect, slot numbers are reused for new frames: boxes the old connection still
+    delivered must not be applied to the frame now in that slot (it would be painted with another
+    frame's boxes and could show a face)."""
+    stage = RemoteStage(str(tmp_path / "none.sock"), KEY, SlotWriter(tmp_path, "t-w0-"), Metrics())
+    old, new = object(), object()
+    img = np.zeros((8, 8, 3), np.uint8)
+    job = Job(Frame("s", 1, img, 0.0, 0.0), deadline=float("inf"))
+    stage._conn, stage._pending = new, {0: job}  # type: ignore[assignment]
+    boxes = Detections(boxes=np.array([[1, 1, 2, 2]], np.float32), scores=np.ones(1, np.float32),
+                       labels=("face",))
+    stage._answers(old, [(0, boxes, None, None)])  # type: ignore[arg-type]
+    assert not job.done and stage._pending == {0: job}
+    stage._answers(new, [(0, boxes, None, None)])  # type: ignore[arg-type]
+    assert job.done and job.detections is boxes

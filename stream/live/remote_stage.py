@@ -169,6 +169,10 @@ class RemoteStage(StreamQueues):
             return
         msg = ("frame", ref, f.stream_id, f.seq, f.captured_at, f.wall_time, f.pts, job.deadline)
         if not self._send(msg):
+            with self.cond:  # never sent: its slot is free again
+                if self._pending.get(ref.slot) is job:
+                    del self._pending[ref.slot]
+                    self.slots.release(ref.slot)
             job.resolve(failure=Failure.DETECTOR_UNAVAILABLE)
 
     def _recv_loop(self, conn: Connection) -> None:
@@ -176,9 +180,11 @@ class RemoteStage(StreamQueues):
             while True:
                 msg = conn.recv()
                 if msg[0] == "done":
-                    self._answers(msg[1])
+                    self._answers(conn, msg[1])
                 elif msg[0] == "admitted":
                     with self.cond:
+                        if self._conn is not conn:
+                            continue  # a connection given up on: its slots may hold other frames now
                         for slot in msg[1]:
                             job = self._pending.get(slot)
                             if job is not None:
@@ -194,8 +200,13 @@ class RemoteStage(StreamQueues):
         if self._conn is conn:
             self._disconnect("connection closed")
 
-    def _answers(self, answers: list[tuple[int, Detections | None, str | None, str | None]]) -> None:
+    def _answers(self, conn: Connection,
+                 answers: list[tuple[int, Detections | None, str | None, str | None]]) -> None:
         with self.cond:
+            if self._conn is not conn:
+                # read just before that connection was given up: its frames were failed and their
+                # slots freed, so a slot number here may name a newer frame; these boxes are not its
+                return
             jobs = []
             for slot, dets, failure, dropped in answers:
                 job = self._pending.pop(slot, None)
