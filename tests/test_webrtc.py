@@ -35,6 +35,7 @@ from webrtc_helpers import (
 )
 
 from stream.core.yuv import I420
+from stream.live.webrtc import session as session_module
 from stream.live.webrtc.ice import LOOPBACK, IceConfig, IceServer, rtc_configuration, set_host_addresses
 from stream.live.webrtc.session import (
     MAX_SDP_BYTES,
@@ -479,6 +480,46 @@ async def test_feed_wakes_a_waiter_from_another_thread_and_keeps_only_the_newest
         await asyncio.wait_for(waiter, 5)
     feed.push(images[0], 9.0)  # after close: ignored, never raises into the pipeline
     assert feed.latest is not None and feed.latest.seq == 3
+
+
+async def test_feed_reader_cancelled_as_a_frame_arrives_ends_cancelled():
+    """Shutdown cancels readers while frames keep coming: a cancel that lands in the same loop turn as
+    a frame must still end the reader (Python 3.11's wait_for returned the frame instead, and the
+    shared encoder's loop then ran forever, holding up the service's stop)."""
+    feed = FrameFeed("cam")
+    reader = asyncio.ensure_future(feed.next(0, timeout=30))
+    await wait_until(lambda: feed.waiting == 1, 5, "the reader to wait")
+    pusher = threading.Thread(target=feed.push, args=(np.zeros((4, 4, 3), np.uint8), 0.0))
+    pusher.start()
+    pusher.join()  # the wake-up is scheduled on this loop, not run yet
+    reader.cancel()  # and the cancel arrives in the same turn
+    done, _ = await asyncio.wait((reader,), timeout=5)
+    assert done, "the cancelled reader must end"
+    assert reader.cancelled(), f"the cancel was swallowed: the reader returned {reader.result()!r}"
+    assert feed.waiting == 0
+
+
+async def test_a_connection_that_never_closes_does_not_hold_up_shutdown(monkeypatch, caplog):
+    monkeypatch.setattr(session_module, "CLOSE_TIMEOUT_S", 0.5)
+    before = snapshot()
+    playback = WhepPlayback(LOOPBACK)
+    feed = FrameFeed("cam")
+    with Pusher(feed):
+        viewer = await watch(playback, "cam", feed, decode=False)
+        await wait_until(lambda: viewer.received >= 2, 15, "first frames")
+        stuck = playback.session(viewer.session_id).pc
+        really_close = stuck.close
+
+        async def never_closes() -> None:
+            await asyncio.Event().wait()
+
+        stuck.close = never_closes
+        await asyncio.wait_for(playback.close_all(), 10)  # TimeoutError: it waited for the stuck one
+    assert playback.viewers("cam") == 0
+    assert "did not close within 0.5 s" in caplog.text
+    await really_close()
+    await viewer.close()
+    await assert_released(before)
 
 
 async def test_shared_viewer_that_falls_behind_resyncs_at_a_keyframe():

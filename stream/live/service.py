@@ -119,7 +119,10 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
                     break
     finally:
         log.info("stopping")
-        await gateway.close()
+        try:  # bounded: WebRTC sessions that will not close must not keep the pipeline running
+            await asyncio.wait_for(gateway.close(), stop_timeout)
+        except TimeoutError:
+            log.warning("WebRTC sessions did not close within %g s; stopping streams anyway", stop_timeout)
         await loop.run_in_executor(None, pipeline.stop, stop_timeout)
         await close_events()
         await runner.cleanup()

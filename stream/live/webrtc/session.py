@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 MAX_SDP_BYTES = 64 * 1024
 """Browsers' offers are 3-10 KiB; anything near this is not an honest offer."""
 SDP_CONTENT_TYPE = "application/sdp"
+CLOSE_TIMEOUT_S = 5.0
+"""How long closing a peer connection or a task may take before it is left behind (shutdown goes on)."""
 VIDEO_CODECS = ("VP8", "H264")
 """What aiortc can decode and encode (mime subtypes as SDP writes them)."""
 
@@ -293,7 +295,11 @@ class SessionHost(Generic[S]):
         for t in tasks:
             t.cancel()
         try:
-            await session.pc.close()
+            # bounded: one connection that never finishes closing must not hold up shutdown
+            await asyncio.wait_for(session.pc.close(), CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("%s session %s: connection did not close within %g s; left behind",
+                        self.role, short(session.id), CLOSE_TIMEOUT_S)
         finally:
             self._release(session)
             with contextlib.suppress(asyncio.CancelledError):

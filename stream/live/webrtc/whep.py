@@ -53,6 +53,7 @@ from stream.core.h264 import H264Encoder, H264Settings, VideoEncoder, even_size,
 from stream.core.yuv import Picture
 from stream.live.webrtc.ice import IceConfig
 from stream.live.webrtc.session import (
+    CLOSE_TIMEOUT_S,
     MAX_SDP_BYTES,
     VIDEO_CODECS,
     OfferError,
@@ -169,9 +170,11 @@ class FrameFeed:
                 remaining = None if deadline is None else deadline - loop.time()
                 if remaining is not None and remaining <= 0:
                     return None
-                await asyncio.wait_for(fut, remaining)
-            except TimeoutError:
-                return None
+                # not wait_for: on Python 3.11 it swallows a cancellation that lands while ``fut``
+                # completes (gh-86296), and a reader cancelled at shutdown would then wait forever
+                done, _ = await asyncio.wait((fut,), timeout=remaining)
+                if not done:
+                    return None
             finally:
                 if not fut.done() or fut.cancelled():
                     self._forget(loop, fut)
@@ -358,8 +361,10 @@ class SharedEncoder:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            done, _ = await asyncio.wait((task,), timeout=CLOSE_TIMEOUT_S)
+            if not done:
+                log.warning("stream %s: %s encoder did not stop within %g s; left behind",
+                            self.feed.stream_id, self.codec, CLOSE_TIMEOUT_S)
         self._encoder = None
 
     async def _run(self) -> None:
