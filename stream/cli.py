@@ -119,9 +119,13 @@ def add_redact_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-plates", action="store_true", help="do not detect licence plates")
     p.add_argument("--no-heads", action="store_true",
                    help="do not mask heads of distant people found by the person detector")
+    p.add_argument("--no-plate-crops", action="store_true",
+                   help="do not search each vehicle's crop for its plate a second time (faster, "
+                        "misses more small plates)")
     p.add_argument("--vehicle-plates", type=_non_negative, default=None, metavar="PX",
                    help="vehicles up to PX pixels tall with no plate found on them get a mask over "
-                        "their middle, where a plate too small to detect is (default 200; 0: off)")
+                        "their middle, where a plate too small to detect is (default 120, 200 with "
+                        "--no-plate-crops; 0: off)")
     p.add_argument("--coast", type=int, default=None,
                    help="frames a mask stays after its detection is lost (default 12)")
     p.add_argument("--lookback", type=int, default=4,
@@ -146,7 +150,8 @@ def add_redact_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_redact)
 
 
-_OPTION = {"vehicle_plates_px": "--vehicle-plates", "plates": "--no-plates", "heads": "--no-heads"}
+_OPTION = {"vehicle_plates_px": "--vehicle-plates", "plates": "--no-plates", "heads": "--no-heads",
+           "plate_crops": "--no-plate-crops"}
 """the ``redact`` option of a detection setting whose name differs from it"""
 
 
@@ -170,8 +175,9 @@ def detection_config(args: argparse.Namespace) -> DetectionConfig:
             preset=args.preset, face_model=args.face_model, face_threshold=args.face_threshold,
             plate_threshold=args.plate_threshold, input_size=args.input_size, plate_every=args.plate_every,
             person_every=args.person_every, plates=not args.no_plates, heads=not args.no_heads,
-            vehicle_plates_px=args.vehicle_plates, providers=[p.lower() for p in names], threads=args.threads,
-            int8=args.int8, model_dir=args.model_dir)
+            vehicle_plates_px=args.vehicle_plates, plate_crops=not args.no_plate_crops,
+            providers=[p.lower() for p in names], threads=args.threads, int8=args.int8,
+            model_dir=args.model_dir)
     except ValidationError as e:
         err = e.errors()[0]
         field = str(err["loc"][0])

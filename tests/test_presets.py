@@ -25,30 +25,42 @@ def summary(cfg: ensemble.DetectorConfig) -> dict[str, Any]:
         "plate": None if cfg.plate is None else (cfg.plate.threshold, cfg.plate.input_size, cfg.plate.every),
         "person": None if cfg.person_heads is None else (cfg.person_heads.input_size, cfg.person_heads.every),
         "vehicle_plates": cfg.plate_max_vehicle_px,
+        "crops": None if cfg.plate_crops is None else (cfg.plate_crops.sizes, cfg.plate_crops.mask_below_px),
     }
 
 
 @pytest.mark.parametrize(("settings", "expected"), [
     ({"preset": "accurate"},
      {"faces": {"centerface": (0.35, 960, 640)}, "plate": (0.2, 960, 1), "person": (960, 1),
-      "vehicle_plates": 200.0}),
+      "vehicle_plates": 200.0, "crops": ((256,), 120.0)}),
     ({"preset": "fast"},
      {"faces": {"yunet": (0.5, 640, 640)}, "plate": (0.2, 640, 3), "person": (512, 3),
-      "vehicle_plates": 200.0}),
+      "vehicle_plates": 200.0, "crops": ((256,), 120.0)}),
     ({"preset": "fast", "face_model": "both", "face_threshold": 0.4},
      {"faces": {"centerface": (0.4, 640, 640), "yunet": (0.4, 640, 640)}, "plate": (0.2, 640, 3),
-      "person": (512, 3), "vehicle_plates": 200.0}),
+      "person": (512, 3), "vehicle_plates": 200.0, "crops": ((256,), 120.0)}),
     ({"preset": "fast", "input_size": 800},  # an explicit size is every model's
      {"faces": {"yunet": (0.5, 800, 640)}, "plate": (0.2, 800, 3), "person": (800, 3),
-      "vehicle_plates": 200.0}),
+      "vehicle_plates": 200.0, "crops": ((256,), 120.0)}),
     ({"preset": "accurate", "input_size": 480, "plate_every": 2, "person_every": 4, "plate_threshold": 0.5},
      {"faces": {"centerface": (0.35, 480, 480)}, "plate": (0.5, 480, 2), "person": (480, 4),
-      "vehicle_plates": 200.0}),
+      "vehicle_plates": 200.0, "crops": ((256,), 120.0)}),
     ({"preset": "fast", "plates": False, "heads": False, "vehicle_plates_px": 0},
-     {"faces": {"yunet": (0.5, 640, 640)}, "plate": None, "person": None, "vehicle_plates": None}),
-    ({"preset": "accurate", "face_model": "yunet", "vehicle_plates_px": 120},
+     {"faces": {"yunet": (0.5, 640, 640)}, "plate": None, "person": None, "vehicle_plates": None,
+      "crops": None}),
+    # with the crop pass, the explicit limit is for searched vehicles; unsearched ones keep 200
+    ({"preset": "accurate", "face_model": "yunet", "vehicle_plates_px": 90},
      {"faces": {"yunet": (0.5, 960, 640)}, "plate": (0.2, 960, 1), "person": (960, 1),
-      "vehicle_plates": 120.0}),
+      "vehicle_plates": 200.0, "crops": ((256,), 90.0)}),
+    ({"preset": "accurate", "vehicle_plates_px": 0},  # 0: no middle masks at all
+     {"faces": {"centerface": (0.35, 960, 640)}, "plate": (0.2, 960, 1), "person": (960, 1),
+      "vehicle_plates": None, "crops": ((256,), 0.0)}),
+    ({"preset": "accurate", "plate_crops": False, "vehicle_plates_px": 120},
+     {"faces": {"centerface": (0.35, 960, 640)}, "plate": (0.2, 960, 1), "person": (960, 1),
+      "vehicle_plates": 120.0, "crops": None}),
+    ({"preset": "fast", "heads": False},  # no person model: no vehicles to crop
+     {"faces": {"yunet": (0.5, 640, 640)}, "plate": (0.2, 640, 3), "person": None,
+      "vehicle_plates": 200.0, "crops": None}),
 ])
 def test_preset_with_explicit_settings_over_it(settings: dict[str, Any], expected: dict[str, Any]) -> None:
     assert summary(DetectionConfig(**settings).detector_settings()) == expected
@@ -100,6 +112,8 @@ def _capture(monkeypatch: pytest.MonkeyPatch) -> None:
       "--plate-every", "2", "--no-heads", "--vehicle-plates", "0", "--providers", "CPU", "--threads", "2"],
      {"preset": "fast", "face_model": "both", "face_threshold": 0.4, "input_size": 800, "plate_every": 2,
       "heads": False, "vehicle_plates_px": 0, "providers": ["cpu"], "threads": 2}),
+    (["--preset", "fast", "--no-plate-crops", "--vehicle-plates", "150"],
+     {"preset": "fast", "plate_crops": False, "vehicle_plates_px": 150, "providers": ["cuda", "cpu"]}),
     (["--preset", "accurate", "--plate-threshold", "0.3", "--person-every", "2", "--no-plates"],
      {"preset": "accurate", "plate_threshold": 0.3, "person_every": 2, "plates": False,
       "providers": ["cuda", "cpu"]}),

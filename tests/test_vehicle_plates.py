@@ -56,7 +56,8 @@ def zone_of(vehicle: tuple[int, int, int, int]) -> np.ndarray:
 
 def test_a_small_bus_without_a_found_plate_gets_a_plate_mask(bus: np.ndarray) -> None:
     # a plate threshold no box reaches stands for a plate too small for the plate model
-    blind = FrameDetector(detector_config("accurate", providers=("cpu",), plate_threshold=0.99))
+    blind = FrameDetector(detector_config("accurate", providers=("cpu",), plate_threshold=0.99,
+                                          plate_crops=False))
     small = blind.detect([bus])[0]
     assert set(small.labels) <= {"face", "plate"}  # vehicles place masks, they are not masks
     plates = small.with_label("plate").boxes
@@ -66,6 +67,20 @@ def test_a_small_bus_without_a_found_plate_gets_a_plate_mask(bus: np.ndarray) ->
     off = FrameDetector(detector_config("accurate", providers=("cpu",), plate_threshold=0.99,
                                         vehicle_plates=0))
     assert len(off.detect([bus])[0].with_label("plate")) == 0
+
+
+def test_with_the_crop_pass_only_vehicles_below_its_reach_get_a_mask(bus: np.ndarray) -> None:
+    """The crop pass searched the bus (172 px tall) and found nothing: at that size it would have
+    found a plate, so no middle mask; shrunk below ``SEARCHED_VEHICLE_PLATES_PX`` it gets one."""
+    blind = FrameDetector(detector_config("accurate", providers=("cpu",), plate_threshold=0.99))
+    assert blind.config.plate_crops is not None and blind.config.plate_crops.threshold == 0.99
+    assert len(blind.detect([bus])[0].with_label("plate")) == 0
+    assert blind.crops_run == 1
+    canvas = np.full((360, 640, 3), 128, np.uint8)
+    canvas[100:100 + 180, 200:200 + 135] = cv2.resize(bus, (135, 180), interpolation=cv2.INTER_AREA)
+    found = blind.detect([canvas])[0].with_label("plate")
+    assert blind.crops_run >= 2, "the small bus was searched too"
+    assert len(found) == 1 and found.boxes[0, 3] - found.boxes[0, 1] < 60  # the middle of an 86 px bus
 
 
 def test_a_vehicle_whose_plate_was_found_gets_no_second_mask(bus: np.ndarray) -> None:

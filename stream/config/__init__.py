@@ -244,10 +244,15 @@ class DetectionConfig(ConfigModel):
                                      description="the same for the person model (head and vehicle masks)")
     plates: bool = Field(True, description="detect licence plates")
     heads: bool = Field(True, description="mask heads of small, distant people (CCTV)")
+    plate_crops: bool = Field(
+        True, description="search each vehicle the person model finds for its plate a second time, on a "
+                          "crop scaled to the plate model's reach (small and distant plates). Needs "
+                          "plates and heads (the person model)")
     vehicle_plates_px: float | None = Field(
         None, ge=0, le=4096,
         description="vehicles up to this many pixels tall with no plate found on them get a plate mask "
-                    "over their middle (default 200; 0: off). Needs plates and heads (the person model)")
+                    "over their middle (default 120 with plate_crops, 200 without; 0: off). Needs "
+                    "plates and heads (the person model)")
     providers: list[Literal["tensorrt", "cuda", "cpu"]] = Field(
         default_factory=lambda: ["tensorrt", "cuda", "cpu"], min_length=1,
         description="ONNX Runtime providers in order; unavailable ones are skipped with a warning")
@@ -293,7 +298,8 @@ class DetectionConfig(ConfigModel):
             self.preset, face_model=self.face_model, face_threshold=self.face_threshold,
             plate_threshold=self.plate_threshold, input_size=self.input_size, plate_every=self.plate_every,
             person_every=self.person_every, plates=self.plates, heads=self.heads,
-            vehicle_plates=self.vehicle_plates_px, providers=self.providers, threads=self.threads,
+            vehicle_plates=self.vehicle_plates_px, plate_crops=self.plate_crops, providers=self.providers,
+            threads=self.threads,
             model_dir=self.model_dir, backend=self.backend, device_id=self.device_id, fp16=self.fp16,
             int8=self.int8, cache_dir=self.engine_cache_dir, device_preprocess=self.device_preprocess,
             **runtime)

@@ -129,6 +129,13 @@ class I420:
         return I420.from_planes(self.y[:height, :width], self.u[:height // 2, :width // 2],
                                 self.v[:height // 2, :width // 2])
 
+    def region(self, x1: int, y1: int, x2: int, y2: int) -> I420:
+        """A copy of the box ``x1, y1, x2, y2`` (even coordinates, within the picture): nothing scaled."""
+        if (x1 | y1 | x2 | y2) % 2 or not (0 <= x1 < x2 <= self.width and 0 <= y1 < y2 <= self.height):
+            raise ValueError(f"cannot cut ({x1}, {y1}, {x2}, {y2}) from {self.width}x{self.height}")
+        return I420.from_planes(self.y[y1:y2, x1:x2], self.u[y1 // 2:y2 // 2, x1 // 2:x2 // 2],
+                                self.v[y1 // 2:y2 // 2, x1 // 2:x2 // 2])
+
     def to_bgr(self, size: tuple[int, int] | None = None) -> np.ndarray:
         """A BGR copy, optionally at ``size`` (width, height; even): the planes are scaled first, so
         a detector that wants 640 px of a 1280 px frame pays for a quarter of the colour conversion."""

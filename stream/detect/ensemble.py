@@ -28,6 +28,7 @@ from stream.detect.backend import TRANSFERS, BackendName
 from stream.detect.base import Chunk, OnnxDetector
 from stream.detect.buckets import DEFAULT_BUCKETS
 from stream.detect.centerface import CenterFace
+from stream.detect.crops import CropConfig, cut, plan_crops, to_frame
 from stream.detect.device import DeviceFrames, SideStream, torch_device_ok
 from stream.detect.runtime import DEFAULT_PROVIDERS
 from stream.detect.yolo import PersonYolo, PlateYolo
@@ -75,7 +76,12 @@ class DetectorConfig:
     """people shorter than this (in source pixels) get a head mask from their body box"""
     plate_max_vehicle_px: float | None = None
     """vehicles (found by the person model) shorter than this with no plate detected on them get
-    a plate mask over their middle: their plates are below what the plate model sees"""
+    a plate mask over their middle: their plates are below what the plate model sees. With
+    ``plate_crops`` this holds for vehicles the crop pass did not search (over its per-frame cap);
+    a searched one gets the mask only under ``plate_crops.mask_below_px``. None or 0: no masks"""
+    plate_crops: CropConfig | None = None
+    """the plate model run again on a crop around each vehicle (see :mod:`stream.detect.crops`);
+    needs the plate model and the person model (which reports the vehicles)"""
     providers: Sequence[str] = DEFAULT_PROVIDERS
     threads: int = 0
     model_dir: Path | None = None
@@ -93,7 +99,8 @@ class DetectorConfig:
     input size (up to 640); GPUs and the torch backend always run the fp32 graphs"""
 
 
-def plates_from_vehicles(vehicles: Detections, plates: Detections, max_height: float) -> Detections:
+def plates_from_vehicles(vehicles: Detections, plates: Detections,
+                         max_height: float | np.ndarray) -> Detections:
     """Plate-sized-and-more masks on small vehicles where the plate model found no plate.
 
     A car 60-200 px tall carries a plate of 5-15 px, which no plate model here detects. Where it
@@ -101,6 +108,7 @@ def plates_from_vehicles(vehicles: Detections, plates: Detections, max_height: f
     was at 20-60% of the vehicle's width and 26-70% of its height. The mask (a rectangle, enlarged
     by the plate mask scale) is drawn on the middle of the vehicle, 15-85% across and 25-80% down,
     which covered every such plate; a vehicle that already has a detected plate inside gets none.
+    ``max_height`` may differ per vehicle (an array): searched ones by the crop pass have a lower one.
     """
     if not len(vehicles):
         return Detections()
@@ -197,6 +205,8 @@ class Prepared:
     """per model, in the order faces..., plate, person: the frames it is due on and its inputs"""
     scales: list[Scale] = field(default_factory=list)
     """per frame: how the models' boxes map back to the source (see :func:`detector_input`)"""
+    images: list[Picture] = field(default_factory=list)
+    """the source frames, which the crop pass cuts vehicles from at full resolution"""
 
 
 class FrameDetector:
@@ -216,8 +226,18 @@ class FrameDetector:
 
         self.face_models = [(build(FACE_MODELS[n], m), m) for n, m in cfg.faces.items() if m.enabled]
         self.plate_model = build(PlateYolo, cfg.plate)
-        vehicles = bool(cfg.plate_max_vehicle_px) and cfg.plate is not None and cfg.plate.enabled
+        plates_on = cfg.plate is not None and cfg.plate.enabled
+        vehicles = plates_on and (bool(cfg.plate_max_vehicle_px) or cfg.plate_crops is not None)
         self.person_model = build(PersonYolo, cfg.person_heads, **({"vehicles": True} if vehicles else {}))
+        cc = cfg.plate_crops
+        # the same weights as the plate model, at the crops' size (its own session: on a CPU an
+        # int8 variant where the size allows, as for the full-frame pass)
+        sizes = cc.sizes if cc is not None and plates_on and self.person_model is not None else ()
+        self.crop_models = [m for m in (build(PlateYolo, ModelConfig(threshold=cc.threshold, input_size=size,
+                                                                     min_input=size)) for size in sizes)
+                            if m is not None] if cc is not None else []
+        self.crops_run = 0
+        """vehicle crops searched so far (benchmarks divide the crop pass's time by it)"""
         gpu = [m for m in self.models if m.on_gpu]
         self.device = f"cuda:{cfg.device_id}" if gpu else "cpu"
         # frames go up once per batch and every model cuts its canvas from that copy
@@ -243,10 +263,14 @@ class FrameDetector:
         sizes = sorted({b for m in self.models for b in m.buckets if b <= max_batch} | {1})
         for n in sizes:
             self.detect([frame] * n)
+        for m in self.crop_models:  # black frames have no vehicles: the crop pass gets its own run
+            crop = np.zeros((m.input_size // 2, m.input_size, 3), np.uint8)
+            for n in sizes:
+                m.run([crop] * n)
 
     @property
     def models(self) -> list[OnnxDetector]:
-        found = [m for m, _ in self.face_models] + [self.plate_model, self.person_model]
+        found = [m for m, _ in self.face_models] + [self.plate_model, self.person_model, *self.crop_models]
         return [m for m in found if m is not None]
 
     def __call__(self, images: list[Picture],
@@ -323,7 +347,7 @@ class FrameDetector:
                     sub = frames.subset(picked) if frames is not None and model.on_gpu else None
                     chunks = model.prepare([bgr[i] for i in picked], sub)
                 runs.append((model, due, chunks))
-        return Prepared(n, runs, scales)
+        return Prepared(n, runs, scales, list(images) if self.crop_models else [])
 
     def complete(self, prepared: Prepared) -> list[Detections]:
         """Run every model on a prepared batch and merge their boxes per frame."""
@@ -340,6 +364,8 @@ class FrameDetector:
         face_runs = results[:len(self.face_models)]
         plates, plate_due = results[-2]
         people, people_due = results[-1]
+        vehicles = [people[i].with_label("vehicle") for i in range(n)]
+        crop_plates, searched = self._crop_pass(prepared.images, vehicles, people_due)
         out = []
         for i in range(n):
             observed = set()
@@ -357,10 +383,44 @@ class FrameDetector:
                 # a head already covered by a detected face needs no second mask
                 inter = iou_matrix(heads.boxes, faces.boxes)
                 heads = heads.select(inter.max(axis=1) < 0.1)
+            found = plates[i]
+            if len(crop_plates[i]):  # the same plate found twice: keep the more certain box
+                both = Detections.concat([found, crop_plates[i]])
+                found = both.select(np.isin(np.arange(len(both)), nms(both.boxes, both.scores, 0.5)))
             zones = Detections()
             if self.config.plate_max_vehicle_px and self.plate_model is not None:
-                zones = plates_from_vehicles(people[i].with_label("vehicle"), plates[i],
-                                             self.config.plate_max_vehicle_px)
-            d = Detections.concat([faces, heads, plates[i], zones])
+                limit: float | np.ndarray = self.config.plate_max_vehicle_px
+                if searched[i] is not None and self.config.plate_crops is not None:
+                    limit = np.where(searched[i], self.config.plate_crops.mask_below_px, limit)
+                zones = plates_from_vehicles(vehicles[i], found, limit)
+            d = Detections.concat([faces, heads, found, zones])
             out.append(Detections(d.boxes, d.scores, d.labels, observed=frozenset(observed)))
         return out
+
+    def _crop_pass(self, images: list[Picture], vehicles: list[Detections], due: list[bool]
+                   ) -> tuple[list[Detections], list[np.ndarray | None]]:
+        """Plates found on the vehicle crops of a batch (one plate-model batch for all of them), per
+        frame in source pixels; and per frame which of its vehicles were searched (None: none)."""
+        n = len(vehicles)
+        found = [Detections()] * n
+        searched: list[np.ndarray | None] = [None] * n
+        cc = self.config.plate_crops
+        if not self.crop_models or cc is None or not images:
+            return found, searched
+        crops = plan_crops([v if due[i] else None for i, v in enumerate(vehicles)],
+                           [im.shape[:2] for im in images], cc)
+        if not crops:
+            return found, searched
+        pixels = [cut(images[c.frame], c.box) for c in crops]
+        self.crops_run += len(crops)
+        per_frame: dict[int, list[Detections]] = {}
+        for model in self.crop_models:
+            for c, d in zip(crops, model.run(pixels), strict=True):
+                per_frame.setdefault(c.frame, []).append(to_frame(d, c.box))
+        for c in crops:
+            if searched[c.frame] is None:
+                searched[c.frame] = np.zeros(len(vehicles[c.frame]), bool)
+            searched[c.frame][c.vehicle] = True  # type: ignore[index]
+        for i, parts in per_frame.items():
+            found[i] = Detections.concat(parts)
+        return found, searched

@@ -11,10 +11,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from stream.detect.crops import CropConfig
 from stream.detect.ensemble import DetectorConfig, ModelConfig
 
 VEHICLE_PLATES_PX = 200.0
-"""vehicles up to this tall get a plate mask when no plate is found on them (both presets; 0: off)"""
+"""vehicles up to this tall get a plate mask when no plate is found on them and the crop pass did
+not search them (it is off, or the frame had more vehicles than it searches)"""
+SEARCHED_VEHICLE_PLATES_PX = 120.0
+"""the same for vehicles the crop pass searched: below about 120 px it found fewer than 85% of the
+development set's synthetic plates (80-120 px: 36/45, 40-80 px: 14/23) and none of the real plates
+of 5-9 px on cars 38-74 px tall, from 120 px on 87-100% (docs/redaction-quality.md)"""
 
 PRESETS: dict[str, dict[str, object]] = {
     "accurate": {"face_model": "centerface", "input_size": 960, "plate_size": 960, "person_size": 960,
@@ -39,11 +45,15 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
                     face_threshold: float | None = None, plate_threshold: float | None = None,
                     input_size: int | None = None, plate_every: int | None = None,
                     person_every: int | None = None, plates: bool = True, heads: bool = True,
-                    vehicle_plates: float | None = None, int8: bool | str = True,
+                    vehicle_plates: float | None = None, plate_crops: bool = True,
+                    crop_sizes: Sequence[int] | None = None, int8: bool | str = True,
                     providers: Sequence[str] = ("cuda", "cpu"), threads: int = 0,
                     model_dir: Path | None = None, **runtime: Any) -> DetectorConfig:
     """A preset with the options given explicitly taking precedence over it.
 
+    ``vehicle_plates`` is the tallest vehicle that gets a middle mask where no plate was found on
+    it (0: none): with ``plate_crops`` (the second plate pass on vehicle crops) that is the limit
+    for searched vehicles, and unsearched ones keep at least :data:`VEHICLE_PLATES_PX`.
     ``input_size`` given explicitly sets every model's size. ``int8`` (``auto``/True or
     ``off``/False) lets CPU sessions load the int8 variants of the plate and person models where
     their input is within what the variant was checked at (640: the fast preset's sizes).
@@ -51,7 +61,12 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
     device_preprocess): fields of :class:`DetectorConfig` that do not change what is detected.
     """
     p = PRESETS[preset]
-    vp = VEHICLE_PLATES_PX if vehicle_plates is None else vehicle_plates
+    crops = plate_crops and plates and heads  # the vehicles come from the person model
+    searched = SEARCHED_VEHICLE_PLATES_PX if vehicle_plates is None else vehicle_plates
+    if not crops:
+        vp = VEHICLE_PLATES_PX if vehicle_plates is None else vehicle_plates
+    else:  # unsearched vehicles (over the crop pass's per-frame cap) keep the first round's limit
+        vp = max(VEHICLE_PLATES_PX, searched) if searched else 0.0
     size = input_size or int(p["input_size"])  # type: ignore[call-overload]
     plate_size = input_size or int(p["plate_size"])  # type: ignore[call-overload]
     person_size = input_size or int(p["person_size"])  # type: ignore[call-overload]
@@ -67,6 +82,9 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
         cfg.plate.input_size = plate_size
         cfg.plate.every = plate_every or int(p["plate_every"])  # type: ignore[call-overload]
     cfg.plate_max_vehicle_px = vp or None
+    if crops and cfg.plate is not None:
+        cfg.plate_crops = CropConfig(mask_below_px=searched, threshold=cfg.plate.threshold,
+                                     **({"sizes": tuple(crop_sizes)} if crop_sizes else {}))
     if not heads:
         cfg.person_heads = None
     elif cfg.person_heads is not None:
