@@ -124,8 +124,7 @@ def add_redact_parser(sub: argparse._SubParsersAction) -> None:
                         "misses more small plates)")
     p.add_argument("--vehicle-plates", type=_non_negative, default=None, metavar="PX",
                    help="vehicles up to PX pixels tall with no plate found on them get a mask over "
-                        "their middle, where a plate too small to detect is (default 120, 200 with "
-                        "--no-plate-crops; 0: off)")
+                        "their middle, where a plate too small to detect is (default 200; 0: off)")
     p.add_argument("--coast", type=int, default=None,
                    help="frames a mask stays after its detection is lost (default 12)")
     p.add_argument("--lookback", type=int, default=4,

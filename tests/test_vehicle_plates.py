@@ -69,10 +69,11 @@ def test_a_small_bus_without_a_found_plate_gets_a_plate_mask(bus: np.ndarray) ->
     assert len(off.detect([bus])[0].with_label("plate")) == 0
 
 
-def test_with_the_crop_pass_only_vehicles_below_its_reach_get_a_mask(bus: np.ndarray) -> None:
-    """The crop pass searched the bus (172 px tall) and found nothing: at that size it would have
-    found a plate, so no middle mask; shrunk below ``SEARCHED_VEHICLE_PLATES_PX`` it gets one."""
-    blind = FrameDetector(detector_config("accurate", providers=("cpu",), plate_threshold=0.99))
+def test_a_searched_vehicle_gets_a_mask_only_below_the_limit(bus: np.ndarray) -> None:
+    """The crop pass searched the bus (172 px tall) and found nothing: over a 120 px limit, no
+    middle mask; shrunk below it, one."""
+    blind = FrameDetector(detector_config("accurate", providers=("cpu",), plate_threshold=0.99,
+                                          vehicle_plates=120))
     assert blind.config.plate_crops is not None and blind.config.plate_crops.threshold == 0.99
     assert len(blind.detect([bus])[0].with_label("plate")) == 0
     assert blind.crops_run == 1

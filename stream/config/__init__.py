@@ -251,8 +251,8 @@ class DetectionConfig(ConfigModel):
     vehicle_plates_px: float | None = Field(
         None, ge=0, le=4096,
         description="vehicles up to this many pixels tall with no plate found on them get a plate mask "
-                    "over their middle (default 120 with plate_crops, 200 without; 0: off). Needs "
-                    "plates and heads (the person model)")
+                    "over their middle (default 200; 0: off): with plate_crops, after their crop was "
+                    "searched too. Needs plates and heads (the person model)")
     providers: list[Literal["tensorrt", "cuda", "cpu"]] = Field(
         default_factory=lambda: ["tensorrt", "cuda", "cpu"], min_length=1,
         description="ONNX Runtime providers in order; unavailable ones are skipped with a warning")

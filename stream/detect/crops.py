@@ -36,9 +36,10 @@ class CropConfig:
     frame cost a hundred plate runs. Vehicles beyond it keep the middle masks of the first round"""
     threshold: float = 0.2
     """plate score threshold on the crops"""
-    mask_below_px: float = 40.0
+    mask_below_px: float = 200.0
     """a searched vehicle with no plate found still gets the middle mask when shorter than this:
-    its plate is below the plate model's reach even enlarged"""
+    its plate may be below the plate model's reach even enlarged (presets: the same limit as for
+    unsearched vehicles; see ``stream.detect.presets.VEHICLE_PLATES_PX`` for the evidence)"""
 
 
 @dataclass(frozen=True)
