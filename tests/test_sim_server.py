@@ -66,12 +66,17 @@ def relay_server() -> Iterator[RtspServer]:
 
 def open_rtsp(url: str, transport: str = "tcp", deadline_s: float = 15.0) -> av.container.InputContainer:
     """Open an RTSP URL, retrying while it is not there yet (a relay path 404s until its publisher's
-    first keyframe)."""
+    first keyframe) and, for UDP, while GStreamer's server answers SETUP with 5XX (it could not set
+    up the UDP transport, e.g. bind an RTP/RTCP port pair while the rest of the suite holds many UDP
+    sockets; seen once in a full run, never alone)."""
     deadline = time.monotonic() + deadline_s
+    transient: tuple[type[BaseException], ...] = (av.error.HTTPNotFoundError, ConnectionRefusedError)
+    if transport == "udp":
+        transient += (av.error.HTTPServerError,)
     while True:
         try:
             return av.open(url, options={"rtsp_transport": transport}, timeout=(10.0, 5.0))
-        except (av.error.HTTPNotFoundError, ConnectionRefusedError):
+        except transient:
             if time.monotonic() > deadline:
                 raise
         time.sleep(0.1)
