@@ -77,7 +77,8 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
         cfg.plate.every = plate_every or int(p["plate_every"])  # type: ignore[call-overload]
     cfg.plate_max_vehicle_px = vp or None
     if crops and cfg.plate is not None:
-        cfg.plate_crops = CropConfig(mask_below_px=vp, threshold=cfg.plate.threshold,
+        cfg.plate_crops = CropConfig(mask_below_px=vp,
+                                     threshold=max(CropConfig.threshold, plate_threshold or 0.0),
                                      **({"sizes": tuple(crop_sizes)} if crop_sizes else {}))
     if not heads:
         cfg.person_heads = None
