@@ -109,7 +109,7 @@ def plates_from_vehicles(vehicles: Detections, plates: Detections,
     was at 20-60% of the vehicle's width and 26-70% of its height. The mask (a rectangle, enlarged
     by the plate mask scale) is drawn on the middle of the vehicle, 15-85% across and 25-80% down,
     which covered every such plate; a vehicle that already has a detected plate inside gets none.
-    ``max_height`` may differ per vehicle (an array): searched ones by the crop pass have a lower one.
+    ``max_height`` may differ per vehicle (an array): the crop pass's searched vehicles have their own.
     """
     if not len(vehicles):
         return Detections()
@@ -230,13 +230,15 @@ class FrameDetector:
         plates_on = cfg.plate is not None and cfg.plate.enabled
         vehicles = plates_on and (bool(cfg.plate_max_vehicle_px) or cfg.plate_crops is not None)
         self.person_model = build(PersonYolo, cfg.person_heads, **({"vehicles": True} if vehicles else {}))
-        cc = cfg.plate_crops
-        # the same weights as the plate model, at the crops' size (its own session: on a CPU an
+        # the crop pass: the plate model's weights again, one session per crop size (on a CPU the
         # int8 variant where the size allows, as for the full-frame pass)
-        sizes = cc.sizes if cc is not None and plates_on and self.person_model is not None else ()
-        self.crop_models = [m for m in (build(PlateYolo, ModelConfig(threshold=cc.threshold, input_size=size,
-                                                                     min_input=size)) for size in sizes)
-                            if m is not None] if cc is not None else []
+        self.crop_models: list[OnnxDetector] = []
+        cc = cfg.plate_crops
+        if cc is not None and plates_on and self.person_model is not None:
+            for size in cc.sizes:
+                model = build(PlateYolo, ModelConfig(threshold=cc.threshold, input_size=size, min_input=size))
+                if model is not None:
+                    self.crop_models.append(model)
         self.crops_run = 0
         """vehicle crops searched so far, and the seconds the crop pass took (cutting and the plate
         model): the cost per vehicle that benchmarks report"""
