@@ -28,7 +28,6 @@ Yaw: positive turns the plate towards the image's left (its right edge nearer th
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -48,6 +47,10 @@ import cv2
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+from stream.core.checksum import sha256_file  # noqa: E402
+
 BUCKETS = ((0.0, 16.0, "<16"), (16.0, 32.0, "16-32"), (32.0, 64.0, "32-64"), (64.0, 1e9, ">=64"))
 PLATE_PX = (5.0, 80.0)
 """plate heights (box, px) the planner aims for: the scorer's buckets, within what a camera shows"""
@@ -171,14 +174,6 @@ def resolve_sources(names: Iterable[str]) -> list[Source]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _cache_path(s: Source, cache: Path) -> Path:
     return REPO / s.member if s.registry == "local" else cache / f"{s.name}{Path(s.member).suffix}"
 
@@ -227,7 +222,7 @@ def fetch_sources(sources: Sequence[Source], cache: Path,
     todo: dict[tuple[str, str, str], list[Source]] = {}
     for s in sources:
         p = _cache_path(s, cache)
-        if p.is_file() and _sha256(p) == s.sha256:
+        if p.is_file() and sha256_file(p) == s.sha256:
             paths[s.name] = p
         elif s.registry == "local":
             raise PlateSynthError(f"{s.member} is missing or changed (sha256 != {s.sha256}); restore it with "
@@ -261,7 +256,7 @@ def fetch_sources(sources: Sequence[Source], cache: Path,
                 raise PlateSynthError(f"could not unpack {archives[0].name}: {e}; " + manual) from e
             for s in group:
                 part = wanted[s.member]
-                if not part.is_file() or _sha256(part) != s.sha256:
+                if not part.is_file() or sha256_file(part) != s.sha256:
                     part.unlink(missing_ok=True)
                     raise PlateSynthError(f"{s.origin}: missing or not sha256 {s.sha256}; the package "
                                           "changed; " + manual)
