@@ -371,15 +371,10 @@ def delivering(broker: Broker, tmp_path: Path, deliveries: list[DeliveryProcess]
 
 def test_events_written_here_are_delivered_by_the_delivery_process(broker: Broker, tmp_path: Path,
                                                                    deliveries: list[DeliveryProcess]) -> None:
-    topic = new_topic(broker)
-    spool = tmp_path / "spool"
-    cfg = events_config(spool, broker.bootstrap, topic)
-    d = start_delivery(cfg, [spool])
-    deliveries.append(d)
+    run = delivering(broker, tmp_path, deliveries)
+    topic, spool, d, m, em = run.topic, run.spool, run.delivery, run.metrics, run.emitter
     assert d.alive and d.pid != os.getpid() and d.metrics_port
     assert d.health() == (True, None)
-    m = Metrics()
-    em = start_events(cfg, m, delivery=d)
     assert em is not None and isinstance(em.sink, SpoolWriterSink)
     ids = []
     for i in range(600):

@@ -62,7 +62,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO, TypeVar
@@ -123,6 +123,18 @@ def encode_record(seq: int, key: str | None, category: str, when: float, value: 
     head = b"%d %s %s %.3f" % (seq, (key or "-").encode(), category.encode(), when)
     crc = zlib.crc32(value, zlib.crc32(head))
     return b"%s %08x %s\n" % (head, crc, value)
+
+
+def records_in(chunk: bytes, off: int, segment: str) -> Iterator[tuple[int, int, Any]]:
+    """Each line of ``chunk`` (whole records read from byte ``off`` of ``segment``, the last newline
+    cut off): its start, the byte after its newline, and the record (:func:`decode_record`), None
+    for a damaged one, which is logged. Both spool readers parse their chunks through it."""
+    for line in chunk.split(b"\n"):
+        start, off = off, off + len(line) + 1
+        rec = decode_record(line)
+        if rec is None:
+            log.error("events: spool segment %s has a damaged record at byte %d; skipping it", segment, start)
+        yield start, off, rec
 
 
 def decode_record(line: bytes) -> tuple[int, bytes | None, str, float, bytes] | None:
@@ -622,17 +634,14 @@ class Spool(_Cursor, _Segments):
                 if cut < 0:
                     chunk = chunk + f.readline()  # one record longer than the chunk
                     cut = len(chunk) - 1
-                for line in chunk[:cut].split(b"\n"):
-                    start, off = off, off + len(line) + 1
-                    rec = decode_record(line)
+                for start, end, rec in records_in(chunk[:cut], off, self._path(seg).name):
+                    off = end
                     if rec is None:
                         self.corrupt += 1
-                        log.error("events: spool segment %s has a damaged record at byte %d; skipping it",
-                                  self._path(seg).name, start)
                         continue
                     seq = rec[0] + 1
                     out.append(Record(rec[0], rec[1], rec[2], rec[3], rec[4], seg, start, off))
-                    got += len(line)
+                    got += off - start - 1
                     if len(out) >= max_records or got >= max_bytes:
                         break
             self.read_pos = (seq, seg, off)
@@ -954,19 +963,16 @@ class SpoolReader(_Cursor):
                                 "skipping its %d byte(s)", self._path(seg).name, size - off)
                     seq, seg, off = max(seq, nxt), nxt, 0
                     continue
-                for line in chunk[:cut].split(b"\n"):
-                    start, off = off, off + len(line) + 1
-                    rec = decode_record(line)
+                for start, end, rec in records_in(chunk[:cut], off, self._path(seg).name):
+                    off = end
                     if rec is None:
                         self.corrupt += 1
-                        log.error("events: spool segment %s has a damaged record at byte %d; skipping it",
-                                  self._path(seg).name, start)
                         continue
                     if rec[0] < seq:
                         continue  # before the cursor (a segment read again from its start)
                     seq = rec[0] + 1
                     out.append(Record(rec[0], rec[1], rec[2], rec[3], rec[4], seg, start, off, self.index))
-                    got += len(line)
+                    got += off - start - 1
                     if len(out) >= max_records or got >= max_bytes:
                         break
             self.read_pos = (seq, seg, off)
