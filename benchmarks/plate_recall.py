@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crops", choices=["on", "off"], default=None, help="the vehicle-crop plate pass")
     ap.add_argument("--crop", action="append", default=[], metavar="FIELD=VALUE",
                     help="a field of the crop pass's settings (stream.detect.crops.CropConfig), "
-                         "e.g. sizes=256,384 or mask_below_px=100")
+                         "e.g. sizes=256,384 or threshold=0.45")
     ap.add_argument("--plate-threshold", type=float, default=None)
     ap.add_argument("--int8", default="auto")
     ap.add_argument("--misses", action="store_true", help="list every missed plate")

@@ -38,10 +38,6 @@ class CropConfig:
     """plate score threshold on the crops: enlarged grilles, badges and lettering score 0.2-0.3; at
     0.3 the development sets lost no plate found at 0.2 and street video was masked less (0.45 lost
     plates)"""
-    mask_below_px: float = 200.0
-    """a searched vehicle with no plate found still gets the middle mask when shorter than this:
-    its plate may be below the plate model's reach even enlarged (presets: the same limit as for
-    unsearched vehicles; see ``stream.detect.presets.VEHICLE_PLATES_PX`` for the evidence)"""
 
 
 @dataclass(frozen=True)

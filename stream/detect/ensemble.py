@@ -77,9 +77,8 @@ class DetectorConfig:
     """people shorter than this (in source pixels) get a head mask from their body box"""
     plate_max_vehicle_px: float | None = None
     """vehicles (found by the person model) shorter than this with no plate detected on them get
-    a plate mask over their middle: their plates are below what the plate model sees. With
-    ``plate_crops`` this holds for vehicles the crop pass did not search (over its per-frame cap);
-    a searched one gets the mask only under ``plate_crops.mask_below_px``. None or 0: no masks"""
+    a plate mask over their middle: their plates are below what the plate model sees (with
+    ``plate_crops``: neither pass found one). None or 0: no masks"""
     plate_crops: CropConfig | None = None
     """the plate model run again on a crop around each vehicle (see :mod:`stream.detect.crops`);
     needs the plate model and the person model (which reports the vehicles)"""
@@ -100,8 +99,7 @@ class DetectorConfig:
     input size (up to 640); GPUs and the torch backend always run the fp32 graphs"""
 
 
-def plates_from_vehicles(vehicles: Detections, plates: Detections,
-                         max_height: float | np.ndarray) -> Detections:
+def plates_from_vehicles(vehicles: Detections, plates: Detections, max_height: float) -> Detections:
     """Plate-sized-and-more masks on small vehicles where the plate model found no plate.
 
     A car 60-200 px tall carries a plate of 5-15 px, which no plate model here detects. Where it
@@ -109,7 +107,6 @@ def plates_from_vehicles(vehicles: Detections, plates: Detections,
     was at 20-60% of the vehicle's width and 26-70% of its height. The mask (a rectangle, enlarged
     by the plate mask scale) is drawn on the middle of the vehicle, 15-85% across and 25-80% down,
     which covered every such plate; a vehicle that already has a detected plate inside gets none.
-    ``max_height`` may differ per vehicle (an array): the crop pass's searched vehicles have their own.
     """
     if not len(vehicles):
         return Detections()
@@ -370,7 +367,7 @@ class FrameDetector:
         plates, plate_due = results[-2]
         people, people_due = results[-1]
         vehicles = [people[i].with_label("vehicle") for i in range(n)]
-        crop_plates, searched = self._crop_pass(prepared.images, vehicles, people_due)
+        crop_plates = self._crop_pass(prepared.images, vehicles, people_due)
         out = []
         for i in range(n):
             observed = set()
@@ -394,28 +391,23 @@ class FrameDetector:
                 found = both.select(np.isin(np.arange(len(both)), nms(both.boxes, both.scores, 0.5)))
             zones = Detections()
             if self.config.plate_max_vehicle_px and self.plate_model is not None:
-                limit: float | np.ndarray = self.config.plate_max_vehicle_px
-                if searched[i] is not None and self.config.plate_crops is not None:
-                    limit = np.where(searched[i], self.config.plate_crops.mask_below_px, limit)
-                zones = plates_from_vehicles(vehicles[i], found, limit)
+                zones = plates_from_vehicles(vehicles[i], found, self.config.plate_max_vehicle_px)
             d = Detections.concat([faces, heads, found, zones])
             out.append(Detections(d.boxes, d.scores, d.labels, observed=frozenset(observed)))
         return out
 
     def _crop_pass(self, images: list[Picture], vehicles: list[Detections], due: list[bool]
-                   ) -> tuple[list[Detections], list[np.ndarray | None]]:
+                   ) -> list[Detections]:
         """Plates found on the vehicle crops of a batch (one plate-model batch for all of them), per
-        frame in source pixels; and per frame which of its vehicles were searched (None: none)."""
-        n = len(vehicles)
-        found = [Detections()] * n
-        searched: list[np.ndarray | None] = [None] * n
+        frame in source pixels."""
+        found = [Detections()] * len(vehicles)
         cc = self.config.plate_crops
         if not self.crop_models or cc is None or not images:
-            return found, searched
+            return found
         crops = plan_crops([v if due[i] else None for i, v in enumerate(vehicles)],
                            [im.shape[:2] for im in images], cc)
         if not crops:
-            return found, searched
+            return found
         t0 = time.perf_counter()
         pixels = [cut(images[c.frame], c.box) for c in crops]
         per_frame: dict[int, list[Detections]] = {}
@@ -424,10 +416,6 @@ class FrameDetector:
                 per_frame.setdefault(c.frame, []).append(to_frame(d, c.box))
         self.crops_run += len(crops)
         self.crop_seconds += time.perf_counter() - t0
-        for c in crops:
-            if searched[c.frame] is None:
-                searched[c.frame] = np.zeros(len(vehicles[c.frame]), bool)
-            searched[c.frame][c.vehicle] = True  # type: ignore[index]
         for i, parts in per_frame.items():
             found[i] = Detections.concat(parts)
-        return found, searched
+        return found

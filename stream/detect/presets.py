@@ -17,9 +17,9 @@ from stream.detect.ensemble import DetectorConfig, ModelConfig
 VEHICLE_PLATES_PX = 200.0
 """vehicles up to this tall get a plate mask when no plate is found on them (both presets; 0: off).
 The crop pass searches them first; it does not replace the mask: on the moving-camera development
-clips, masks only up to 120 px for searched vehicles lost 14 of 268 plates under 16 px (motion-blurred
-plates on buses and vans 120-200 px tall, which the plate model misses at any crop scale), while
-up to 200 px the crop pass raised recall from 0.930 to 0.957 (docs/redaction-quality.md)"""
+clips, with the crop pass and masks only up to 120 px, 14 of 268 plates under 16 px were lost
+(motion-blurred plates on buses and vans 120-200 px tall, which the plate model misses at any crop
+scale), while up to 200 px the crop pass raised recall from 0.930 to 0.957 (docs/redaction-quality.md)"""
 
 PRESETS: dict[str, dict[str, object]] = {
     "accurate": {"face_model": "centerface", "input_size": 960, "plate_size": 960, "person_size": 960,
@@ -77,8 +77,7 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
         cfg.plate.every = plate_every or int(p["plate_every"])  # type: ignore[call-overload]
     cfg.plate_max_vehicle_px = vp or None
     if crops and cfg.plate is not None:
-        cfg.plate_crops = CropConfig(mask_below_px=vp,
-                                     threshold=max(CropConfig.threshold, plate_threshold or 0.0),
+        cfg.plate_crops = CropConfig(threshold=max(CropConfig.threshold, plate_threshold or 0.0),
                                      **({"sizes": tuple(crop_sizes)} if crop_sizes else {}))
     if not heads:
         cfg.person_heads = None
