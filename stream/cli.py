@@ -119,6 +119,13 @@ def add_redact_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-plates", action="store_true", help="do not detect licence plates")
     p.add_argument("--no-heads", action="store_true",
                    help="do not mask heads of distant people found by the person detector")
+    p.add_argument("--screens", action="store_true",
+                   help="also mask screens (TVs, laptops, phones) found by the person detector")
+    p.add_argument("--persons", action="store_true",
+                   help="also mask whole persons (body boxes), for strict sites")
+    p.add_argument("--zones", type=Path, metavar="FILE",
+                   help="privacy zones to paint on every frame: a YAML/JSON list of {kind: mask|only, "
+                        "points: [[x, y], ...]} in fractions of the picture (see docs/privacy.md)")
     p.add_argument("--no-plate-crops", action="store_true",
                    help="do not search each vehicle's crop for its plate a second time (faster, "
                         "misses more small plates)")
@@ -223,7 +230,9 @@ def cmd_redact(args: argparse.Namespace) -> int:
 
 
 def _redact(args: argparse.Namespace) -> int:
-    from stream.core.redact import RedactConfig, Redactor, Style
+    from stream.config import RedactionConfig
+    from stream.config.privacy import load_zones
+    from stream.core.redact import Redactor, Style
     from stream.core.track import Tracker, TrackerConfig
     from stream.detect.ensemble import FrameDetector
     from stream.files import JobOptions, check_paths, check_size, run_job
@@ -235,13 +244,15 @@ def _redact(args: argparse.Namespace) -> int:
         raise UserError("--coast must be >= 0", exit_code=2)
     if args.lookback < 0:
         raise UserError("--lookback must be >= 0", exit_code=2)
-    cfg = detection_config(args).detector_settings()
+    classes = [c for c, on in (("screen", args.screens), ("person", args.persons)) if on]
+    cfg = detection_config(args).detector_settings(classes=classes)
+    zones = load_zones(args.zones) if args.zones else None
     gap = max([m.every for m in (cfg.plate, cfg.person_heads) if m is not None], default=1)
     if args.coast is not None and gap > 1 and args.coast < gap:
         raise UserError(f"--coast {args.coast} is shorter than the detector gap ({gap} frames from "
                         "--plate-every/--person-every): boxes would vanish between runs; raise --coast",
                         exit_code=2)
-    rcfg = RedactConfig(style=Style(args.style))
+    rcfg = RedactionConfig(style=Style(args.style)).redact_config()
     if args.face_scale:
         rcfg.mask_scale["face"] = args.face_scale
     if args.plate_scale:
@@ -254,7 +265,7 @@ def _redact(args: argparse.Namespace) -> int:
                       progress=not args.no_progress and sys.stderr.isatty(), max_pixels=max_pixels)
     t0 = time.perf_counter()
     report = run_job(args.input, args.output, args.masks_json, detector, Tracker(tcfg), Redactor(rcfg), opts,
-                     kind=kind)
+                     kind=kind, zones=zones)
     dt = time.perf_counter() - t0
     n = len(report.frames)
     masked = sum(len(f["regions"]) for f in report.frames)
@@ -302,10 +313,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         taken = (f"shard {shard.index} of {shard.count}: {len(mine)} stream(s) here "
                  f"({', '.join(mine) or 'none'}), {len(others)} left to the other workers")
     if args.check:
-        from stream.live.auth import load_tokens
+        from stream.live.auth import load_auth
 
-        # everything `run` reads before it starts is checked here too (a missing tokens file included)
-        load_tokens(config.auth.tokens_env, config.auth.tokens_file, args.insecure_no_auth)
+        # everything `run` reads before it starts is checked here too (missing tokens or users files too)
+        load_auth(config.auth, args.insecure_no_auth)
         print(f"{args.config}: ok, {len(config.streams)} stream(s)" + (f"; {taken}" if taken else ""),
               file=sys.stderr)
         return 0
@@ -386,6 +397,218 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _days(text: str) -> float:
+    v = _number(text)
+    if not 0 < v <= 3650:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 3650 days, got {text}")
+    return v
+
+
+def add_users_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("users", help="named users with roles (viewer, operator, admin) in the users file",
+                       description="Manage auth.users_file: each user gets a role and a token, printed once; "
+                                   "the file keeps only a salted hash of it. A running server picks changes "
+                                   "up within seconds.")
+    usub = p.add_subparsers(dest="users_cmd", metavar="{add,list,remove}", required=True,
+                            parser_class=_Parser)
+    a = usub.add_parser("add", help="add a user and print its new token (once) on stdout")
+    a.add_argument("name", help="user name: letters, digits and '_.@+-'")
+    a.add_argument("--role", required=True,
+                   help="viewer: watch; operator: also add/remove streams, publish, set zones; admin: all")
+    a.add_argument("--expires-days", type=_days, default=None, metavar="N",
+                   help="the token stops working after N days (default: never)")
+    ls = usub.add_parser("list", help="list users: name, role, expiry (never tokens or hashes)")
+    r = usub.add_parser("remove", help="remove a user: its token stops working")
+    r.add_argument("name")
+    for q in (a, ls, r):
+        where = q.add_mutually_exclusive_group(required=True)
+        where.add_argument("--file", type=Path, help="the users file (created by the first add)")
+        where.add_argument("--config", type=Path,
+                           help="take the users file from this config's auth.users_file")
+    p.set_defaults(func=cmd_users)
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    from stream.live import users
+
+    path: Path = args.file if args.file is not None else _users_file_of(args.config)
+    if args.users_cmd == "add":
+        entry, token = users.add(path, args.name, args.role, args.expires_days)
+        print(token, flush=True)  # stdout holds the token and nothing else
+        until = "" if entry.expires is None else f", expires {users.stamp(entry.expires)}"
+        print(f"stream-redact: added user {entry.name!r} ({entry.role}{until}) to {path}; the token above is "
+              "shown only this once", file=sys.stderr)
+    elif args.users_cmd == "remove":
+        entry = users.remove(path, args.name)
+        print(f"stream-redact: removed user {entry.name!r} ({entry.role}) from {path}", file=sys.stderr)
+    else:
+        for entry in users.read(path):
+            print(users.describe(entry))
+    return 0
+
+
+def _users_file_of(config_path: Path) -> Path:
+    from stream.config import load_config
+
+    path = load_config(config_path).auth.users_file
+    if path is None:
+        raise UserError(f"{config_path} sets no auth.users_file; add it there or give --file", exit_code=2)
+    return path
+
+
+def add_audit_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("audit", help="check or read the audit log (audit.path)")
+    asub = p.add_subparsers(dest="audit_cmd", metavar="{verify,show}", required=True, parser_class=_Parser)
+    v = asub.add_parser("verify", help="check each file's hash chain; exit 0 intact, 1 broken, 2 unreadable",
+                        description="Follows each file's chain of sha256 hashes from its first line and "
+                                    "names the first broken link: an edited, deleted or reordered line.")
+    v.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    s = asub.add_parser("show", help="print records, one a line, optionally filtered")
+    s.add_argument("file", type=Path, metavar="FILE")
+    s.add_argument("--user", help="only records of this user (or claiming to be)")
+    s.add_argument("--stream", help="only records about this stream id")
+    s.add_argument("--since", help="only records from this time on (RFC 3339, e.g. 2025-01-31T12:00:00Z)")
+    p.set_defaults(func=cmd_audit)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from stream.events import audit
+
+    if args.audit_cmd == "show":
+        since = audit.parse_time(args.since) if args.since else None
+        for rec in audit.read_records(args.file):
+            if audit.matches(rec, args.user, args.stream, since):
+                print(audit.describe(rec))
+        return 0
+    code = 0
+    for path in args.files:
+        try:
+            v = audit.verify(path)
+        except UserError as e:
+            print(f"stream-redact: error: {e}", file=sys.stderr)
+            code = 2
+            continue
+        if v.intact:
+            span = f" (seq {v.first_seq}-{v.last_seq})" if v.records else ""
+            print(f"{path}: intact, {v.records} record(s){span}")
+        else:
+            print(f"{path}: BROKEN at line {v.line}: {v.why}")
+            code = max(code, 1)
+        for note in v.notes:
+            print(f"{path}: note: {note}")
+    return code
+
+
+def _time(text: str) -> float:
+    from stream.live.publish.custody import parse_time
+
+    try:
+        return parse_time(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_recordings_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="join a stream's recorded segments over a time range into one MP4, "
+                                      "with a verification bundle",
+                       description="Copies the packets of the segments overlapping the range (no "
+                                   "re-encoding) into OUTPUT and writes OUTPUT.custody.json: the export's "
+                                   "SHA-256 and the source segments' manifests. The export starts at the "
+                                   "last keyframe at or before --from (up to gop_s early) and ends at the "
+                                   "last frame at or before --to. Only segments that match their "
+                                   "manifests and chain to each other are exported.")
+    p.add_argument("stream", help="stream id")
+    p.add_argument("--dir", type=Path, required=True, help="the record output's dir (holding STREAM/)")
+    p.add_argument("--from", dest="start", type=_time, required=True, metavar="T",
+                   help="start: ISO-8601 (2024-05-01T12:00:00Z; no zone means UTC) or epoch seconds")
+    p.add_argument("--to", dest="end", type=_time, required=True, metavar="T", help="end, as --from")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the MP4 to write (must not exist)")
+    p.set_defaults(func=cmd_export)
+    v = sub.add_parser("verify-export", help="check an export against its bundle: exit 0 verified, 1 "
+                                             "tampered, 2 missing or unreadable",
+                       description="Checks the export's SHA-256, the embedded manifests and their chain, "
+                                   "and every frame's packet against the manifests.")
+    v.add_argument("export", type=Path, help="the exported MP4")
+    v.add_argument("--bundle", type=Path, default=None, help="its bundle (default: EXPORT.custody.json)")
+    v.set_defaults(func=cmd_verify_export)
+    r = sub.add_parser("verify-recordings", help="check every segment of a stream against its manifest and "
+                                                 "the manifests' chain (exit 0, 1 or 2 as verify-export)")
+    r.add_argument("folder", type=Path, help="a stream's recordings: the record output's DIR/STREAM_ID")
+    r.set_defaults(func=cmd_verify_recordings)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from stream.live.publish.custody import CustodyError, bundle_path, export
+
+    folder = args.dir / args.stream
+    if not folder.is_dir():
+        raise UserError(f"no recordings of stream {args.stream!r} in {args.dir} ({folder} is not a folder); "
+                        "give the record output's dir and the stream id", exit_code=2)
+    for out in (args.output, bundle_path(args.output)):
+        if out.exists() or out.is_symlink():
+            raise UserError(f"{out} exists already; an export never overwrites a file: choose another "
+                            "name or remove it", exit_code=2)
+    if not args.output.parent.is_dir() and str(args.output.parent):
+        raise UserError(f"folder {args.output.parent} does not exist; create it or choose another -o",
+                        exit_code=2)
+    try:
+        bundle = export(folder, args.start, args.end, args.output)
+    except CustodyError as e:
+        raise UserError(f"NOT EXPORTED: {e}") from None
+    except (LookupError, ValueError) as e:
+        raise UserError(f"{e}; `stream-redact verify-recordings {folder}` lists what there is") from None
+    except OSError as e:
+        raise UserError(f"cannot export to {args.output}: {e.strerror or e}; free space or choose another "
+                        "folder") from None
+    ex, cov = bundle["export"], bundle["covered"]
+    print(f"exported {ex['frames']} frame(s) of {args.stream}, {cov['from']['utc']} to {cov['to']['utc']}, "
+          f"from {len(bundle['segments'])} segment(s) -> {args.output} (sha256 {ex['sha256'][:16]}...); "
+          f"bundle {bundle_path(args.output)}")
+    for problem in bundle["chain"]["problems_elsewhere"]:
+        print(f"stream-redact: warning: outside the export: {problem}", file=sys.stderr)
+    return 0
+
+
+def cmd_verify_export(args: argparse.Namespace) -> int:
+    from stream.live.publish.custody import bundle_path, verify_export
+
+    bundle = args.bundle or bundle_path(args.export)
+    try:
+        doc, problems = verify_export(args.export, bundle)
+    except OSError as e:
+        what = e.filename or args.export
+        raise UserError(f"cannot read {what}: {e.strerror or e}; give the export and its bundle "
+                        "(--bundle, default EXPORT.custody.json)", exit_code=2) from None
+    if problems:
+        raise UserError(f"NOT VERIFIED: {'; '.join(problems)}", exit_code=1)
+    segs, cov = doc["segments"], doc["covered"]
+    first, last = segs[0]["manifest"]["index"], segs[-1]["manifest"]["index"]
+    print(f"verified: {args.export} is {doc['export']['frames']} frame(s) of stream {doc['stream']}, "
+          f"{cov['from']['utc']} to {cov['to']['utc']}, every frame as recorded in segments {first}-{last} "
+          "whose manifests chain")
+    return 0
+
+
+def cmd_verify_recordings(args: argparse.Namespace) -> int:
+    from stream.live.publish.custody import verify_stream
+
+    try:
+        report = verify_stream(args.folder)
+    except OSError as e:
+        raise UserError(f"cannot read {args.folder}: {e.strerror or e}; give a stream's folder of "
+                        "recordings (the record output's DIR/STREAM_ID)", exit_code=2) from None
+    if not report.ok:
+        raise UserError(f"NOT VERIFIED: {'; '.join(report.problems)}", exit_code=1)
+    if not report.links:
+        print(f"{args.folder}: no finished segments")
+        return 0
+    a, b = report.links[0], report.links[-1]
+    print(f"verified: {len(report.links)} segment(s) of {a.doc['stream']}, index {a.index}-{b.index}, "
+          f"{a.doc['start']['utc']} to {b.doc['end']['utc']}"
+          + (f" (the {a.index} before were deleted on purpose)" if a.index else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="stream-redact", description="Real-time face and licence-plate redaction.")
     parser.add_argument("--version", action="version", version=f"stream-redact {__version__}")
@@ -401,6 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     from stream.loadtest.cli import add_bench_parser
 
     add_bench_parser(sub)
+    add_users_parser(sub)
+    add_audit_parser(sub)
+    add_recordings_parsers(sub)
     return parser
 
 

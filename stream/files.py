@@ -24,11 +24,13 @@ import cv2
 import numpy as np
 
 from stream.core.detections import Detect, FrameRef
+from stream.core.durable import fsync_dir
 from stream.core.errors import UserError
 from stream.core.h264 import H264Encoder, H264Settings
 from stream.core.masking import Masked, MaskingStage
 from stream.core.redact import Redactor
 from stream.core.track import Tracker
+from stream.core.zones import ZoneSet
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +155,7 @@ class Staged:
             raise
         self.pairs = []
         for folder in {dst.parent for dst in done}:
-            _fsync_dir(folder)
+            fsync_dir(folder)
 
     def discard(self) -> None:
         """Remove every temp file not yet committed (a no-op after :meth:`commit`)."""
@@ -174,19 +176,6 @@ def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder if str(folder) else ".", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot sync a directory; the rename itself has happened
     finally:
         os.close(fd)
 
@@ -585,8 +574,10 @@ def _check_readable(path: Path, label: Path) -> None:
 
 
 def run_job(src: Path, dst: Path, masks: Path | None, detect: Detect, tracker: Tracker,
-            redactor: Redactor, opts: JobOptions, kind: str | None = None) -> MaskReport:
-    """Redact one file; ``kind`` is what :func:`check_paths` returned, if the caller ran it.
+            redactor: Redactor, opts: JobOptions, kind: str | None = None,
+            zones: ZoneSet | None = None) -> MaskReport:
+    """Redact one file; ``kind`` is what :func:`check_paths` returned, if the caller ran it;
+    ``zones`` are painted over every frame.
 
     Everything is written to temp files beside the targets and renamed into place at the end, so
     a failure (full disk, detector error, signal) leaves neither a partial output nor a temp file,
@@ -599,11 +590,11 @@ def run_job(src: Path, dst: Path, masks: Path | None, detect: Detect, tracker: T
         except OSError as e:
             raise write_error(e, dst) from None
         if kind == "image":
-            report = redact_image(src, out, detect, MaskingStage(tracker, redactor, lookback=0),
+            report = redact_image(src, out, detect, MaskingStage(tracker, redactor, 0, zones),
                                   opts.max_pixels, label=dst)
         else:
-            report = redact_video(src, out, detect, MaskingStage(tracker, redactor, opts.lookback), opts,
-                                  label=dst)
+            stage = MaskingStage(tracker, redactor, opts.lookback, zones)
+            report = redact_video(src, out, detect, stage, opts, label=dst)
         if masks is not None:
             try:
                 tmp = staged.new(masks)

@@ -105,3 +105,50 @@ class ServiceThread:
         if self.stop_event is not None:
             self.loop.call_soon_threadsafe(self.stop_event.set)
         assert self.done.wait(30), "service did not stop"
+
+
+class Served:
+    """A pipeline (no streams unless ``config`` has some) with its WebRTC gateway and HTTP app, on the
+    running event loop, as `stream-redact run` assembles them, with the given authenticator and audit log."""
+
+    async def start(self, authn: Any, audit_log: Any = None, config: Any = None,
+                    detector_factory: Callable[[], Any] = NoFaces) -> Served:
+        import aiohttp
+
+        from stream.config import parse_config
+        from stream.live.http import start_http
+        from stream.live.pipeline import Pipeline
+        from stream.live.rtc import RtcGateway
+
+        self.pipeline = Pipeline(config or parse_config({}), detector_factory)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.pipeline.start)
+        self.gateway = RtcGateway(self.pipeline)
+        self.runner, port = await start_http(self.pipeline, "127.0.0.1", 0, authn, gateway=self.gateway,
+                                             audit_log=audit_log)
+        self.base = f"http://127.0.0.1:{port}"
+        self.http = aiohttp.ClientSession()
+        return self
+
+    async def call(self, method: str, path: str, token: str | None = None, headers: dict | None = None,
+                   body: Any = None, sdp: str | None = None) -> tuple[int, Any, dict]:
+        h = dict(headers or {})
+        if token is not None:
+            h["Authorization"] = f"Bearer {token}"
+        kwargs: dict[str, Any] = {"json": body} if body is not None else {}
+        if sdp is not None:
+            kwargs = {"data": sdp.encode()}
+            h["Content-Type"] = "application/sdp"
+        async with self.http.request(method, self.base + path, headers=h, **kwargs) as r:
+            text = await r.text()
+            try:
+                doc = await r.json(content_type=None) if text else None
+            except ValueError:
+                doc = text
+            return r.status, doc, dict(r.headers)
+
+    async def stop(self) -> None:
+        await self.http.close()
+        await self.gateway.close()
+        await self.runner.cleanup()
+        await asyncio.get_running_loop().run_in_executor(None, self.pipeline.stop, 5.0)

@@ -156,3 +156,44 @@ def test_chromium_publishes_over_whip(service: ServiceThread, browser: object) -
     sel = '[data-stream="bodycam"] video'
     viewer.wait_for_function(f"document.querySelector('{sel}') && "
                              f"document.querySelector('{sel}').videoWidth > 0", timeout=30_000)
+
+
+def test_zone_editor_draws_saves_and_the_zone_appears_in_the_played_video(service: ServiceThread,
+                                                                          browser: object) -> None:
+    from stream.core.zones import FILL_BGR
+
+    square = [(0.1, 0.1), (0.45, 0.1), (0.45, 0.6), (0.1, 0.6)]
+    page = new_page(browser)
+    page.goto(f"{service.base}/#token={TOKEN}")
+    tile = '[data-stream="lobby"]'
+    video = f"{tile} video"
+    page.wait_for_function(f"document.querySelector('{video}') && "
+                           f"document.querySelector('{video}').videoWidth > 0", timeout=30_000)
+    page.click(f"{tile} .zones-btn")
+    page.wait_for_function(f"document.querySelector('{tile} .zone-status').textContent.includes('no zones')",
+                           timeout=10_000)
+    box = page.locator(f"{tile} .zone-layer").bounding_box()
+    for fx, fy in square:
+        page.mouse.click(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
+    page.click(f"{tile} .zone-finish")
+    page.click(f"{tile} .zone-save")
+    page.wait_for_function(f"document.querySelector('{tile} .zone-status').textContent.includes('saved: 1')",
+                           timeout=10_000)
+    assert page.locator(f"{tile} .zone-layer polygon.mask").count() == 1
+    import json
+    import urllib.request
+    req = urllib.request.Request(service.base + "/api/streams/lobby/zones",
+                                 headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        zones = json.loads(r.read())["zones"]
+    assert len(zones) == 1 and zones[0]["kind"] == "mask"
+    assert np.abs(np.array(zones[0]["points"]) - np.array(square)).max() < 0.01
+
+    def painted() -> bool:  # the picture inside the zone (away from its edge) is the zone's flat fill
+        frame = grab(page, video).astype(int)
+        inner = frame[int(0.15 * 240):int(0.55 * 240), int(0.15 * 320):int(0.4 * 320)]
+        return bool(np.abs(inner - FILL_BGR).max() <= 16) and frame.std() > 5
+
+    wait_for(painted, timeout=20, what="the saved zone painted in the video the browser plays")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "zone-editor.png"))

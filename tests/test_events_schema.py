@@ -85,7 +85,9 @@ def test_every_type_has_a_valid_example() -> None:
     for name, event in examples.items():
         schema.validate(event)
         assert schema.short_type(event["type"]) == name.removesuffix(".json")
-        if not event["type"].endswith("events_dropped"):
+        if event["type"].startswith(schema.PREFIX + "audit."):
+            assert event["subject"] == schema.AUDIT_SUBJECT  # one chain, one partition
+        elif not event["type"].endswith("events_dropped"):
             assert event["subject"] == event["data"]["stream_id"]
 
 

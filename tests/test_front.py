@@ -212,7 +212,8 @@ def paths(child: FakeChild) -> list[tuple[str, str]]:
 
 
 ROUTED = [("GET", "/api/streams/{id}"), ("DELETE", "/api/streams/{id}"), ("POST", "/whep/{id}"),
-          ("POST", "/whip/{id}"), ("DELETE", "/whep/{id}/sess-9"), ("PATCH", "/whip/{id}/sess-9")]
+          ("POST", "/whip/{id}"), ("DELETE", "/whep/{id}/sess-9"), ("PATCH", "/whip/{id}/sess-9"),
+          ("GET", "/api/streams/{id}/zones"), ("PUT", "/api/streams/{id}/zones")]
 
 
 @pytest.mark.parametrize(("method", "template"), ROUTED)

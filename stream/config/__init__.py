@@ -21,6 +21,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 
 from stream.config.base import ENV_NAME, ConfigModel, config_path, expand_env, file_context
 from stream.config.events import EventsConfig
+from stream.config.privacy import OPTIONAL_LABELS, PrivacyConfig, ZoneConfig, check_zones
 from stream.core.errors import UserError
 from stream.core.redact import RedactConfig, Style
 from stream.core.track import TrackerConfig
@@ -169,13 +170,56 @@ class FileOutputConfig(ConfigModel):
         return v
 
 
-OutputConfig = Annotated[RtspOutputConfig | FileOutputConfig, Field(discriminator="type")]
+class RecordOutputConfig(ConfigModel):
+    """Record the redacted stream as evidence: fragmented MP4 segments, each with a hash-chained manifest."""
+
+    type: Literal["record"]
+    dir: Path = Field(description="folder of the recordings: each stream writes DIR/STREAM_ID/YYYYMMDD/; "
+                                  "created if missing, but its parent must exist. In the config file a "
+                                  "relative path is relative to the config file's folder; through the API, "
+                                  "to api.file_output_dir")
+    segment_s: float = Field(60.0, ge=1, le=3600,
+                             description="seconds per segment; a segment ends at the first frame after "
+                                         "this long and the next starts with a keyframe")
+    retention_days: float = Field(30.0, gt=0, le=36_500,
+                                  description="segments that ended longer ago than this are deleted with "
+                                              "their manifests (logged, counted, audited)")
+    max_bytes: int | None = Field(None, ge=10_000,
+                                  description="most bytes this stream's recordings may take on disk; past "
+                                              "it the oldest segments are deleted (none: only a full disk "
+                                              "deletes early)")
+    bitrate_kbps: int | None = Field(None, ge=50, le=100_000, description="target bitrate; none: CRF 23")
+    gop_s: float = Field(2.0, gt=0, le=10, description="seconds between keyframes within a segment")
+
+    @field_validator("dir")
+    @classmethod
+    def _parent_exists(cls, v: Path, info: ValidationInfo) -> Path:
+        v = config_path(v, info)
+        if v.exists() and not v.is_dir():
+            raise ValueError(f"{v} is not a folder; give the folder recordings go to")
+        if not v.exists() and not v.parent.is_dir():
+            raise ValueError(f"folder {v.parent} does not exist; create it or choose another dir")
+        return v
+
+
+OutputConfig = Annotated[RtspOutputConfig | FileOutputConfig | RecordOutputConfig,
+                         Field(discriminator="type")]
 
 
 class StreamConfig(ConfigModel):
     id: str = Field(description="stream id: letters, digits, _ . -; used in metrics, URLs and events")
     source: SourceConfig
     outputs: list[OutputConfig] = Field(default_factory=list, description="where the redacted stream goes")
+    zones: list[ZoneConfig] = Field(default_factory=list, description=(
+        "privacy zones: polygons always painted over (mask) or the only parts shown (only), in every "
+        "published frame whatever detection says; changeable at run time with PUT /api/streams/{id}/zones"))
+    privacy: PrivacyConfig = Field(PrivacyConfig(), description="extra classes masked on this stream: "
+                                   "screens, whole persons")
+
+    @field_validator("zones")
+    @classmethod
+    def _zones(cls, v: list[ZoneConfig]) -> list[ZoneConfig]:
+        return check_zones(v)
 
     @field_validator("id")
     @classmethod
@@ -285,12 +329,14 @@ class DetectionConfig(ConfigModel):
     def _relative_to_config(cls, v: Path | None, info: ValidationInfo) -> Path | None:
         return None if v is None else config_path(v, info)
 
-    def detector_settings(self, buckets: Sequence[int] | None = None) -> DetectorConfig:
+    def detector_settings(self, buckets: Sequence[int] | None = None,
+                          classes: Sequence[str] = ()) -> DetectorConfig:
         """What the detector is built from: the preset, with every field set here taking precedence.
 
         The one conversion from these settings to the detector's: the live pipeline (with the
         batcher's ``buckets``), ``redact`` and the benchmarks all call it, so one config means one
-        detector wherever it is used. ``buckets`` None keeps the detector's default sizes."""
+        detector wherever it is used. ``buckets`` None keeps the detector's default sizes; ``classes``
+        (``screen``, ``person``) are reported besides faces and plates."""
         from stream.detect.presets import detector_config
 
         runtime: dict[str, Any] = {} if buckets is None else {"buckets": tuple(buckets)}
@@ -298,7 +344,8 @@ class DetectionConfig(ConfigModel):
             self.preset, face_model=self.face_model, face_threshold=self.face_threshold,
             plate_threshold=self.plate_threshold, input_size=self.input_size, plate_every=self.plate_every,
             person_every=self.person_every, plates=self.plates, heads=self.heads,
-            vehicle_plates=self.vehicle_plates_px, plate_crops=self.plate_crops, providers=self.providers,
+            vehicle_plates=self.vehicle_plates_px, plate_crops=self.plate_crops, classes=tuple(classes),
+            providers=self.providers,
             threads=self.threads,
             model_dir=self.model_dir, backend=self.backend, device_id=self.device_id, fp16=self.fp16,
             int8=self.int8, cache_dir=self.engine_cache_dir, device_preprocess=self.device_preprocess,
@@ -313,7 +360,9 @@ class RedactionConfig(ConfigModel):
     coast: int = Field(12, ge=0, le=300, description="frames a lost box stays masked")
 
     def redact_config(self) -> RedactConfig:
-        return RedactConfig(style=self.style, mask_scale={"face": self.face_scale, "plate": self.plate_scale})
+        # whole persons and screens: a little margin for limbs and bezels, which their boxes cut close
+        return RedactConfig(style=self.style, mask_scale={"face": self.face_scale, "plate": self.plate_scale,
+                                                          "person": 1.1, "screen": 1.1})
 
     def tracker_config(self) -> TrackerConfig:
         return TrackerConfig(max_coast=self.coast)
@@ -343,19 +392,87 @@ class HttpConfig(ConfigModel):
         return _host(v)
 
 
+_HEADER = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+"""an HTTP header name (matched whole)"""
+ROLE = Literal["viewer", "operator", "admin"]
+
+
+class ProxyAuthConfig(ConfigModel):
+    """A reverse proxy (SSO) that has logged the user in and names them in a header."""
+
+    header: str = Field("X-Forwarded-User", description="header holding the user name; believed only "
+                                                        "from the addresses in trusted")
+    trusted: list[str] = Field(min_length=1, description="CIDRs of the reverse proxies (e.g. 10.0.5.7/32); "
+                                                         "the header from any other address is refused")
+    role_header: str | None = Field(None, description="header holding the user's role (viewer, operator, "
+                                                      "admin) for users not in auth.users_file")
+    default_role: ROLE = Field("viewer", description="role of a proxied user neither in auth.users_file nor "
+                                                     "given a role by role_header")
+
+    @field_validator("header", "role_header")
+    @classmethod
+    def _header(cls, v: str | None) -> str | None:
+        if v is not None and not _HEADER.fullmatch(v):
+            raise ValueError(f"{v!r} is not an HTTP header name; write e.g. X-Forwarded-User")
+        if v is not None and v.lower() in ("authorization", "host", "x-forwarded-for", "x-stream-redact-peer",
+                                           "x-stream-redact-front"):
+            raise ValueError(f"{v} cannot carry the user name; use the header the proxy sets, e.g. "
+                             "X-Forwarded-User")
+        return v
+
+    @field_validator("trusted")
+    @classmethod
+    def _trusted(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not a CIDR network; write the proxy's address, e.g. "
+                                 "10.0.5.7/32") from None
+        return v
+
+
 class AuthConfig(ConfigModel):
     """Where bearer tokens for the control API, WHIP and WHEP come from (never the YAML itself)."""
 
     tokens_env: str = Field("STREAM_REDACT_TOKENS", pattern=f"^{ENV_NAME.pattern}$",
-                            description="environment variable holding comma-separated tokens")
+                            description="environment variable holding comma-separated tokens (each acts "
+                                        "as role admin)")
     tokens_file: Path | None = Field(
         None, description="file with one token per line (e.g. a mounted secret); a relative path is "
                           "relative to the config file's folder")
+    users_file: Path | None = Field(
+        None, description="named users with roles (viewer, operator, admin) and hashed tokens, managed "
+                          "with `stream-redact users`; read again when it changes. Relative to the "
+                          "config file's folder")
+    proxy: ProxyAuthConfig | None = Field(
+        None, description="trust a reverse proxy's (SSO) user header, from its addresses only")
 
-    @field_validator("tokens_file")
+    @field_validator("tokens_file", "users_file")
     @classmethod
     def _tokens_file(cls, v: Path | None, info: ValidationInfo) -> Path | None:
         return None if v is None else config_path(v, info)
+
+
+class AuditConfig(ConfigModel):
+    """The tamper-evident audit log: who watched, changed or was refused what, and incidents."""
+
+    path: Path | None = Field(
+        None, description="JSON Lines file, hash-chained and appended to (each `run --workers N` worker "
+                          "writes <name>.worker-<i><suffix>); none: no audit log, and a warning at start. "
+                          "Relative to the config file's folder")
+    events: bool = Field(True, description="also send every record as an audit.* event through the event "
+                                           "sink (a copy off the machine anchors the chain)")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if v is None:
+            return None
+        v = config_path(v, info)
+        if not v.parent.is_dir():
+            raise ValueError(f"folder {v.parent} does not exist; create it or choose another audit path")
+        return v
 
 
 DEFAULT_SOURCE_NETWORKS = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
@@ -464,6 +581,8 @@ class PipelineConfig(ConfigModel):
     webrtc: WebRtcConfig = WebRtcConfig()
     events: EventsConfig = Field(EventsConfig(), description="detection/stream/incident events: jsonl file "
                                                              "or Kafka")
+    audit: AuditConfig = Field(AuditConfig(), description="who watched, changed or was refused what: a "
+                                                          "hash-chained JSON Lines file")
 
     @model_validator(mode="after")
     def _unique(self) -> PipelineConfig:
@@ -488,13 +607,21 @@ class PipelineConfig(ConfigModel):
                              f"({gap} frames): boxes would vanish between runs; raise coast")
         return self
 
+    def privacy_classes(self) -> tuple[str, ...]:
+        """The optional classes (``screen``, ``person``) the shared detector reports. With head masks
+        on, the person model runs anyway and reports both, so a stream added later may ask for them;
+        without, only what a configured stream asks for (the person model then runs for it)."""
+        if self.detection.heads:
+            return tuple(sorted(OPTIONAL_LABELS))
+        return tuple(sorted(set().union(*(s.privacy.labels for s in self.streams))))
+
 
 def _where(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("rtsp", "file", "whip"):
+        elif part in ("rtsp", "file", "whip", "record"):
             continue  # discriminated-union tags are not config keys
         else:
             out += f".{part}" if out else str(part)

@@ -4,7 +4,8 @@ Detections of frame t decide the masks of frame t; a tracker keeps masks alive t
 detections; with ``lookback`` > 0 the stage holds that many frames back so a face first found
 in frame t is also masked in the frames just before it (a detector usually fires a frame or
 two after a face enters). Look-back costs ``lookback`` frames of latency, so live streams
-use 0 and files a few frames. Files and live streams both mask through this stage.
+use 0 and files a few frames. Files and live streams both mask through this stage, and paint
+their privacy zones here.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from stream.core.nms import scale_boxes
 from stream.core.redact import Redactor, Region
 from stream.core.track import Seen, Tracker
 from stream.core.yuv import Picture, blank_like
+from stream.core.zones import ZoneSet
 
 NOT_OBSERVED = Detections(observed=frozenset())
 """what the tracker is told about a frame that got no detections: nothing was looked for"""
@@ -54,10 +56,14 @@ class _Pending:
 class MaskingStage:
     """Feed detections frame by frame; get painted frames out, ``lookback`` frames later."""
 
-    def __init__(self, tracker: Tracker, redactor: Redactor, lookback: int = 0) -> None:
+    def __init__(self, tracker: Tracker, redactor: Redactor, lookback: int = 0,
+                 zones: ZoneSet | None = None) -> None:
         self.tracker = tracker
         self.redactor = redactor
         self.lookback = max(0, lookback)
+        self.zones = zones or ZoneSet()
+        """privacy zones painted over every frame after its masks; replace the whole object to change
+        them (a frame reads it once)"""
         self._pending: deque[_Pending] = deque()
         self._size: tuple[int, ...] | None = None
 
@@ -97,4 +103,5 @@ class MaskingStage:
             return Masked(p.index, blank_like(p.image), [], p.meta, NOT_OBSERVED, failed=True)
         dets = Detections.concat([p.dets, *p.extra]) if p.extra else p.dets
         regions = self.redactor.apply(p.image, dets)
+        self.zones.paint(p.image)
         return Masked(p.index, p.image, regions, p.meta, dets)

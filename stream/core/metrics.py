@@ -106,14 +106,28 @@ class Metrics:
                                     buckets=FILL_BUCKETS, registry=r)
         self.transfer_bytes = Counter(p + "transfer_bytes", "Bytes copied between host and GPU",
                                       ["direction"], registry=r)
+        # recordings (stream/live/publish/record.py): reasons are fixed names (retention, disk_full, io)
+        self.recording_segments = Counter(p + "recording_segments", "Recording segments finished with a "
+                                          "manifest", ["stream"], registry=r)
+        self.recording_bytes = Gauge(p + "recording_bytes", "Bytes of finished segments and manifests on "
+                                     "disk", ["stream"], registry=r)
+        self.recording_deleted = Counter(p + "recording_deleted", "Recording segments deleted, by reason "
+                                         "(retention, disk_full)", ["stream", "reason"], registry=r)
+        self.recording_errors = Counter(p + "recording_errors", "Recording write failures, by reason "
+                                        "(disk_full, io, locked); the segment being written is lost",
+                                        ["stream", "reason"], registry=r)
+        self.recording_failing = Gauge(p + "recording_failing", "1 while a recording cannot be written "
+                                       "(alarm on it)", ["stream"], registry=r)
 
     def forget_stream(self, stream_id: str) -> None:
         """Remove a removed stream's series so dashboards do not show it forever."""
-        for metric in (self.frames_in, self.frames_published, self.queue_depth, self.stream_up):
+        for metric in (self.frames_in, self.frames_published, self.queue_depth, self.stream_up,
+                       self.recording_segments, self.recording_bytes, self.recording_failing):
             with contextlib.suppress(KeyError):
                 metric.remove(stream_id)
         for metric in (self.frames_sent, self.frames_dropped, self.frames_blanked, self.frames_withheld,
-                       self.detections, self.latency, self.reconnects, self.output_up, self.source_errors):
+                       self.detections, self.latency, self.reconnects, self.output_up, self.source_errors,
+                       self.recording_deleted, self.recording_errors):
             for labels in _series(metric, stream_id):
                 with contextlib.suppress(KeyError):  # removed meanwhile
                     metric.remove(*labels)

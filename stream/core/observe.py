@@ -7,6 +7,8 @@ skipped, never allowed to stop a stream.
 
 from __future__ import annotations
 
+from typing import Any
+
 from stream.core.detections import Detections
 from stream.core.frames import Failure, Frame
 from stream.core.track import TrackChanges
@@ -25,6 +27,10 @@ class Observer:
     def state(self, stream_id: str, state: str, error: str | None) -> None:
         """A stream went ``up``, ``down`` (``error`` says why, credentials masked), ``ended`` or
         ``stopped``."""
+
+    def recording(self, stream_id: str, action: str, fields: dict[str, Any]) -> None:
+        """A ``record`` output finished (``audit.recording.segment``) or deleted
+        (``audit.recording.deleted``) a segment; called on that output's thread."""
 
     def incident(self, stream_id: str, reason: Failure, frames: int, ended: bool, action: str) -> None:
         """Fail-closed incident: called when frames start being blanked/withheld (``ended`` False,

@@ -82,6 +82,10 @@ class DetectorConfig:
     plate_crops: CropConfig | None = None
     """the plate model run again on a crop around each vehicle (see :mod:`stream.detect.crops`);
     needs the plate model and the person model (which reports the vehicles)"""
+    screens: bool = False
+    """report screens (COCO tv, laptop, cell phone) as ``screen`` boxes; needs the person model"""
+    bodies: bool = False
+    """report the person model's body boxes as ``person`` boxes (streams that mask whole persons)"""
     providers: Sequence[str] = DEFAULT_PROVIDERS
     threads: int = 0
     model_dir: Path | None = None
@@ -226,7 +230,8 @@ class FrameDetector:
         self.plate_model = build(PlateYolo, cfg.plate)
         plates_on = cfg.plate is not None and cfg.plate.enabled
         vehicles = plates_on and (bool(cfg.plate_max_vehicle_px) or cfg.plate_crops is not None)
-        self.person_model = build(PersonYolo, cfg.person_heads, **({"vehicles": True} if vehicles else {}))
+        self.person_model = build(PersonYolo, cfg.person_heads, **({"vehicles": True} if vehicles else {}),
+                                  **({"screens": True} if cfg.screens else {}))
         # the crop pass: the plate model's weights again, one session per crop size (on a CPU the
         # int8 variant where the size allows, as for the full-frame pass)
         self.crop_models: list[OnnxDetector] = []
@@ -377,6 +382,14 @@ class FrameDetector:
                 observed.add("face")
             if plate_due[i]:
                 observed.add("plate")
+            extra = []
+            if people_due[i] and self.person_model is not None:
+                if self.config.bodies:
+                    observed.add("person")
+                    extra.append(people[i].with_label("person"))
+                if self.config.screens:
+                    observed.add("screen")
+                    extra.append(people[i].with_label("screen"))
             faces = Detections.concat([r[i] for r, _ in face_runs])
             if len(self.face_models) > 1 and len(faces):
                 faces = faces.select(np.isin(np.arange(len(faces)), nms(faces.boxes, faces.scores, 0.4)))
@@ -392,7 +405,7 @@ class FrameDetector:
             zones = Detections()
             if self.config.plate_max_vehicle_px and self.plate_model is not None:
                 zones = plates_from_vehicles(vehicles[i], found, self.config.plate_max_vehicle_px)
-            d = Detections.concat([faces, heads, found, zones])
+            d = Detections.concat([faces, heads, found, zones, *extra])
             out.append(Detections(d.boxes, d.scores, d.labels, observed=frozenset(observed)))
         return out
 

@@ -47,7 +47,8 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
                     vehicle_plates: float | None = None, plate_crops: bool = True,
                     crop_sizes: Sequence[int] | None = None, int8: bool | str = True,
                     providers: Sequence[str] = ("cuda", "cpu"), threads: int = 0,
-                    model_dir: Path | None = None, **runtime: Any) -> DetectorConfig:
+                    model_dir: Path | None = None, classes: Sequence[str] = (),
+                    **runtime: Any) -> DetectorConfig:
     """A preset with the options given explicitly taking precedence over it.
 
     ``vehicle_plates`` is the tallest vehicle that gets a middle mask where neither the full-frame
@@ -55,6 +56,8 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
     ``input_size`` given explicitly sets every model's size. ``int8`` (``auto``/True or
     ``off``/False) lets CPU sessions load the int8 variants of the plate and person models where
     their input is within what the variant was checked at (640: the fast preset's sizes).
+    ``classes`` adds ``screen`` and/or ``person`` (whole bodies) boxes to what is reported; they come
+    from the person model, which then runs even without ``heads`` (head masks stay off).
     ``runtime`` sets where models run (backend, device_id, fp16, cache_dir, buckets,
     device_preprocess): fields of :class:`DetectorConfig` that do not change what is detected.
     """
@@ -79,9 +82,12 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
     if crops and cfg.plate is not None:
         cfg.plate_crops = CropConfig(threshold=max(CropConfig.threshold, plate_threshold or 0.0),
                                      **({"sizes": tuple(crop_sizes)} if crop_sizes else {}))
-    if not heads:
+    cfg.screens, cfg.bodies = "screen" in classes, "person" in classes
+    if not heads and not classes:
         cfg.person_heads = None
     elif cfg.person_heads is not None:
+        if not heads:  # the model runs for the classes asked for; no head masks
+            cfg.head_max_person_px = 0.0
         cfg.person_heads.input_size, cfg.person_heads.min_input = person_size, min(640, person_size)
         cfg.person_heads.every = person_every or int(p["person_every"])  # type: ignore[call-overload]
     return cfg

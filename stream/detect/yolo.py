@@ -41,49 +41,70 @@ VEHICLE_CLASSES = (2, 3, 5, 7)
 """COCO car, motorcycle, bus, truck"""
 VEHICLE_THRESHOLD = 0.2
 """lower than for people: a vehicle only places a plate mask, and distant cars score 0.2-0.3"""
+SCREEN_CLASSES = (62, 63, 67)
+"""COCO tv, laptop, cell phone: what a screen shows may be as private as a face"""
+SCREEN_THRESHOLD = 0.25
+"""screens are masked for privacy, so a doubtful one is masked too"""
 
 
 class PersonYolo(YoloV8):
-    """COCO persons, and vehicles when asked: not redacted themselves, they place head masks
-    where faces are too small to detect and plate masks where plates are (see ensemble)."""
+    """COCO persons, and vehicles and screens when asked: persons place head masks where faces are
+    too small to detect (and are masked whole on strict streams), vehicles place plate masks
+    (see ensemble), screens are masked on streams that ask for it."""
 
     model_name = "person"
     label = "person"
     per_shape = True
 
-    def __init__(self, *args: object, vehicles: bool = False, **kw: object) -> None:
+    def __init__(self, *args: object, vehicles: bool = False, screens: bool = False, **kw: object) -> None:
         super().__init__(*args, **kw)  # type: ignore[arg-type]
-        self.vehicles = vehicles
+        self.vehicles, self.screens = vehicles, screens
+        # the output rows kept, in order: box, person, then the vehicle and screen classes asked for
+        self.rows = [0, 1, 2, 3, 4 + self.class_index]
+        self.rows += [4 + c for c in VEHICLE_CLASSES] if vehicles else []
+        self.rows += [4 + c for c in SCREEN_CLASSES] if screens else []
 
     def reshape_model(self, model: onnx.ModelProto, height: int, width: int) -> onnx.ModelProto:
-        last = max(VEHICLE_CLASSES) if self.vehicles else self.class_index
-        return keep_rows(rebuild_for_shape(model, height, width), 4 + last + 1)
+        return keep_rows(rebuild_for_shape(model, height, width), self.rows)
 
     def _finish(self, outputs: list[np.ndarray], i: int, place: Placement, shape: tuple) -> Detections:
         people = super()._finish(outputs, i, place, shape)
-        if not self.vehicles:
-            return people
+        parts = [people]
         out = outputs[0][i]
-        scores = out[[4 + c for c in VEHICLE_CLASSES]].max(axis=0)
-        sel = np.flatnonzero(scores >= VEHICLE_THRESHOLD)
-        cars = self._boxes(corners(out, sel), scores[sel], place, shape, "vehicle", VEHICLE_THRESHOLD)
-        return Detections.concat([people, cars])
+        row = 5
+        asked = ((self.vehicles, VEHICLE_CLASSES, "vehicle", VEHICLE_THRESHOLD),
+                 (self.screens, SCREEN_CLASSES, "screen", SCREEN_THRESHOLD))
+        for wanted, classes, label, threshold in asked:
+            if not wanted:
+                continue
+            scores = out[row:row + len(classes)].max(axis=0)
+            row += len(classes)
+            sel = np.flatnonzero(scores >= threshold)
+            parts.append(self._boxes(corners(out, sel), scores[sel], place, shape, label, threshold))
+        return Detections.concat(parts) if len(parts) > 1 else people
 
 
-def keep_rows(model: onnx.ModelProto, rows: int) -> onnx.ModelProto:
-    """Cut the output to its first ``rows`` channels inside the graph (box + the person score).
+def keep_rows(model: onnx.ModelProto, rows: list[int]) -> onnx.ModelProto:
+    """Keep only the output channels ``rows`` (box, person score, other classes asked for), inside
+    the graph.
 
-    The COCO head returns 84 channels per anchor and only 5 are used: slicing on the device
-    makes the download 17 times smaller (1.7 MB -> 100 KB per 640x384 frame), or 7 times with
-    the vehicle classes kept (12 rows).
+    The COCO head returns 84 channels per anchor and only 5 are used for persons: cutting on the
+    device makes the download 17 times smaller (1.7 MB -> 100 KB per 640x384 frame), or 7 times
+    with the vehicle classes kept (9 rows), 5 times with screens as well (12 rows). A contiguous
+    run is a Slice; other sets a Gather of constant indices.
     """
     out = model.graph.output[0]
-    sliced = out.name + "_rows"
-    consts = {"rows_starts": [0], "rows_ends": [rows], "rows_axes": [1]}
+    cut = out.name + "_rows"
+    if rows == list(range(len(rows))):
+        consts = {"rows_starts": [0], "rows_ends": [len(rows)], "rows_axes": [1]}
+        node = onnx.helper.make_node("Slice", [out.name, *consts], [cut])
+    else:
+        consts = {"rows_index": rows}
+        node = onnx.helper.make_node("Gather", [out.name, "rows_index"], [cut], axis=1)
     for name, value in consts.items():
         model.graph.initializer.append(numpy_helper.from_array(np.array(value, np.int64), name))
-    model.graph.node.append(onnx.helper.make_node("Slice", [out.name, *consts], [sliced]))
-    new = onnx.helper.make_tensor_value_info(sliced, out.type.tensor_type.elem_type, None)
+    model.graph.node.append(node)
+    new = onnx.helper.make_tensor_value_info(cut, out.type.tensor_type.elem_type, None)
     del model.graph.output[:]
     model.graph.output.append(new)
     return model

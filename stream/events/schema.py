@@ -35,8 +35,20 @@ INCIDENT_ENDED = PREFIX + "incident.ended"
 FRAME_DETECTIONS = PREFIX + "frame.detections"
 EVENTS_DROPPED = PREFIX + "pipeline.events_dropped"
 
+AUDIT_ACTIONS = (
+    "audit.log.opened", "audit.log.closed", "audit.log.resumed_after_damage", "audit.log.records_lost",
+    "audit.login.refused", "audit.access.refused", "audit.users.changed",
+    "audit.view.started", "audit.view.ended",
+    "audit.stream.added", "audit.stream.removed", "audit.zones.changed",
+    "audit.incident.started", "audit.incident.ended",
+    "audit.recording.segment", "audit.recording.deleted",
+)
+"""every audit record's action (:mod:`stream.events.audit`); each is sent as ``stream-redact.<action>``"""
+AUDIT_SUBJECT = "audit"
+"""the subject (Kafka key) of audit events: one process's chain stays in one partition, in order"""
+
 TYPES = (TRACK_STARTED, TRACK_UPDATED, TRACK_ENDED, STREAM_UP, STREAM_DOWN, INCIDENT_STARTED,
-         INCIDENT_ENDED, FRAME_DETECTIONS, EVENTS_DROPPED)
+         INCIDENT_ENDED, FRAME_DETECTIONS, EVENTS_DROPPED, *(PREFIX + a for a in AUDIT_ACTIONS))
 """every event type of schema v1"""
 
 

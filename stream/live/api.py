@@ -28,21 +28,31 @@ from stream.config import (
     MAX_DEPTH,
     ApiConfig,
     FileOutputConfig,
+    RecordOutputConfig,
     RtspOutputConfig,
     RtspSourceConfig,
     StreamConfig,
     format_errors,
 )
+from stream.events.audit import AuditLog, masked
 from stream.live import shard as sharding
-from stream.live.auth import Tokens
+from stream.live.auth import FRONT_HEADER, PEER_HEADER, Authenticator, Refusal, required_role
 from stream.live.httpbody import BodyTooLarge, read_limited
 from stream.live.pipeline import Pipeline, StreamLimit
+from stream.live.users import User
+from stream.live.webrtc.session import REQUESTER, Requester
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 256 * 1024
 PROTECTED = ("/api/", "/whip/", "/whep/")
-TOKENS = web.AppKey("tokens", Tokens)
+AUTH = web.AppKey("auth", Authenticator)
+AUDIT = web.AppKey("audit", AuditLog)
+_KEY = getattr(web, "RequestKey", None)  # aiohttp >= 3.12 types request storage; older ones take names
+USER: Any = _KEY("user", User) if _KEY is not None else "user"
+"""``request[USER]``: who made an authenticated request (a :class:`User`)"""
+PEER: Any = _KEY("peer", str) if _KEY is not None else "peer"
+"""``request[PEER]``: the address it came from (behind ``run --workers N``'s front, the front's word)"""
 PIPE = web.AppKey("api_pipeline", Pipeline)
 ALLOW_FILES = web.AppKey("allow_file_sources", bool)
 ADDING = web.AppKey("adding", asyncio.Lock)
@@ -52,20 +62,58 @@ def error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
 
+def audit(request: web.Request, action: str, **fields: Any) -> None:
+    """Record ``action`` in the audit log (when there is one) as done by the request's user, from
+    its address: ``audit(request, "audit.zones.changed", stream_id=..., old=..., new=...)``."""
+    log_ = request.app.get(AUDIT)
+    if log_ is None:
+        return
+    user: User | None = request.get(USER)
+    who = {"role": user.role} if user is not None else {}
+    log_.record(action, user.name if user is not None else None, **who,
+                address=request.get(PEER, request.remote), **fields)
+
+
+def _refused(request: web.Request, refusal: Refusal, action: str) -> web.Response:
+    route = required_role(request.method, request.path)[1]
+    if action == "audit.login.refused":
+        audit(request, action, reason=refusal.reason, claimed_user=refusal.claimed, method=request.method,
+              route=route)
+    else:
+        audit(request, action, reason=refusal.reason, method=request.method, route=route)
+    resp = error(refusal.status, refusal.message)
+    if refusal.status == 401:
+        invalid = ', error="invalid_token"' if refusal.reason == "expired token" else ""
+        resp.headers["WWW-Authenticate"] = f'Bearer realm="stream-redact"{invalid}'
+    return resp
+
+
 def protect(*prefixes: str) -> Any:
-    """Middleware: bearer token required on paths under ``prefixes`` (401 missing, 403 wrong)."""
+    """Middleware: who is calling (401 unknown, 403 wrong token), and whether their role may call
+    this route (403 naming the role needed); every refusal is audited, never with the token.
+
+    The user goes on the request (``request[USER]``, the address it came from on ``request[PEER]``)
+    and, for WebRTC sessions, into :data:`REQUESTER`."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.method != "OPTIONS" and request.path.startswith(prefixes):
-            why = request.app[TOKENS].check(request.headers.get("Authorization"))
-            if why is not None:
-                status = 403 if why == "invalid token" else 401
-                resp = error(status, why)
-                if status == 401:
-                    resp.headers["WWW-Authenticate"] = 'Bearer realm="stream-redact"'
-                return resp
-        return await handler(request)
+        if request.method == "OPTIONS" or not request.path.startswith(prefixes):
+            return await handler(request)
+        authn = request.app[AUTH]
+        peer = authn.peer(request.remote, request.headers.get(PEER_HEADER), request.headers.get(FRONT_HEADER))
+        request[PEER] = peer
+        who = await authn.authenticate(request.headers, peer)
+        if isinstance(who, Refusal):
+            return _refused(request, who, "audit.login.refused")
+        request[USER] = who
+        denied = authn.authorize(who, request.method, request.path)
+        if denied is not None:
+            return _refused(request, denied, "audit.access.refused")
+        token = REQUESTER.set(Requester(who.name, who.role, peer))
+        try:
+            return await handler(request)
+        finally:
+            REQUESTER.reset(token)
 
     return middleware
 
@@ -84,7 +132,9 @@ def json_depth(raw: bytes) -> int:
     return int(np.cumsum(step).max(initial=0))
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+async def _json_body(request: web.Request,
+                     expected: str = "the stream: {\"id\": ..., \"source\": {...}}") -> dict[str, Any]:
+    """The request's JSON object, size- and depth-checked; ``expected`` says what it should hold."""
     try:
         raw = await read_limited(request, MAX_BODY)
     except BodyTooLarge:
@@ -101,7 +151,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
             e, UnicodeDecodeError) else "nested too deeply"
         raise _Bad(400, f"body is not valid JSON ({why}); send a JSON object") from None
     if not isinstance(body, dict):
-        raise _Bad(400, "body must be a JSON object describing the stream: {\"id\": ..., \"source\": {...}}")
+        raise _Bad(400, f"body must be a JSON object describing {expected}")
     return body
 
 
@@ -125,22 +175,35 @@ async def get_stream(request: web.Request) -> web.Response:
 
 
 def _in_output_dir(body: dict[str, Any], api: ApiConfig) -> dict[str, Any]:
-    """Relative file-output paths of an API body, taken relative to ``api.file_output_dir``."""
+    """Relative file-output paths (and record-output dirs) of an API body, taken relative to
+    ``api.file_output_dir``."""
     outputs = body.get("outputs")
     if api.file_output_dir is None or not isinstance(outputs, list):
         return body
     fixed = []
     for o in outputs:
-        if isinstance(o, dict) and o.get("type") == "file" and isinstance(o.get("path"), str) \
-                and not os.path.isabs(o["path"]):
-            o = {**o, "path": str(api.file_output_dir / o["path"])}
+        kind = o.get("type") if isinstance(o, dict) else None
+        key = {"file": "path", "record": "dir"}.get(kind) if isinstance(kind, str) else None
+        if key is not None and isinstance(o.get(key), str) and not os.path.isabs(o[key]):
+            o = {**o, key: str(api.file_output_dir / o[key])}
         fixed.append(o)
     return {**body, "outputs": fixed}
 
 
 def _file_output_problem(cfg: StreamConfig, api: ApiConfig, p: Pipeline) -> tuple[int, str] | None:
     """Why an API stream may not write its file outputs, or None: only under the one configured
-    folder, never over an existing file, never where another stream (config ones too) records."""
+    folder, never over an existing file, never where another stream (config ones too) records.
+    Record outputs too go only under that folder (each stream in its own DIR/STREAM_ID)."""
+    records = [o for o in cfg.outputs if isinstance(o, RecordOutputConfig)]
+    if records and (not api.allow_file_outputs or api.file_output_dir is None):
+        return 403, ("record outputs cannot be added through the API (api.allow_file_outputs is off); add "
+                     "the recording in the config, or set api.allow_file_outputs and api.file_output_dir")
+    for o in records:
+        assert api.file_output_dir is not None
+        root, folder = Path(os.path.realpath(api.file_output_dir)), Path(os.path.realpath(o.dir))
+        if folder != root and root not in folder.parents:
+            return 403, (f"record output dir {o.dir.name!r} is outside api.file_output_dir; give a folder "
+                         "name (it is made there) or leave dir as api.file_output_dir itself")
     outputs = [o for o in cfg.outputs if isinstance(o, FileOutputConfig)]
     if not outputs:
         return None
@@ -255,6 +318,7 @@ async def add_stream(request: web.Request) -> web.Response:
         except ValueError as e:
             return error(409, str(e))
     log.info("stream %s added through the API", cfg.id)
+    audit(request, "audit.stream.added", stream_id=cfg.id, stream=masked(cfg.model_dump(mode="json")))
     resp = web.json_response(runner.status(), status=201)
     resp.headers["Location"] = f"/api/streams/{cfg.id}"
     return resp
@@ -263,7 +327,8 @@ async def add_stream(request: web.Request) -> web.Response:
 async def remove_stream(request: web.Request) -> web.Response:
     sid = request.match_info["stream_id"]
     p = request.app[PIPE]
-    if sid not in p.streams:
+    runner = p.streams.get(sid)
+    if runner is None:
         return error(404, f"no stream {sid!r}; GET /api/streams lists them")
     loop = asyncio.get_running_loop()
     try:
@@ -271,7 +336,25 @@ async def remove_stream(request: web.Request) -> web.Response:
     except KeyError:
         return error(404, f"no stream {sid!r}")
     log.info("stream %s removed through the API", sid)
+    audit(request, "audit.stream.removed", stream_id=sid,
+          stream=masked(runner.config.model_dump(mode="json")))
     return web.Response(status=204)
+
+
+async def audit_records(request: web.Request) -> web.Response:
+    """The audit records this process wrote lately (admin): ``?since=SEQ`` those after a seq."""
+    log_ = request.app.get(AUDIT)
+    if log_ is None:
+        return error(404, "no audit log is configured; set audit.path in the config")
+    try:
+        since = int(request.query.get("since", "0"))
+        limit = int(request.query.get("limit", "1000"))
+    except ValueError:
+        return error(400, "since and limit must be whole numbers (since: the last seq you have)")
+    if since < 0 or not 1 <= limit <= 1000:
+        return error(400, "since must be >= 0 and limit between 1 and 1000")
+    await asyncio.get_running_loop().run_in_executor(None, log_.flush, 2.0)
+    return web.json_response({"file": log_.path.name, "records": log_.since(since, limit)})
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -286,6 +369,8 @@ def openapi_document() -> dict[str, Any]:
            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
     status = {"type": "object", "additionalProperties": True,
               "properties": {"id": {"type": "string"}, "state": {"type": "string"}}}
+    zones = {"type": "object", "required": ["zones"], "additionalProperties": False,
+             "properties": {"zones": {"type": "array", "items": {"$ref": "#/components/schemas/ZoneConfig"}}}}
     sid_param = {"name": "stream_id", "in": "path", "required": True,
                  "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}}
     return {
@@ -317,6 +402,31 @@ def openapi_document() -> dict[str, Any]:
                            "responses": {"204": {"description": "removed"}, "401": err, "403": err,
                                          "404": err}},
             },
+            "/api/audit": {
+                "get": {"summary": "Recent audit records of this process (role admin)",
+                        "operationId": "getAudit",
+                        "parameters": [
+                            {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                            {"name": "limit", "in": "query",
+                             "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
+                        "responses": {"200": {"description": "records", "content": {"application/json": {
+                            "schema": {"type": "object", "properties": {
+                                "file": {"type": "string"},
+                                "records": {"type": "array", "items": {"type": "object"}}}}}}},
+                            "400": err, "401": err, "403": err, "404": err}},
+            },
+            "/api/streams/{stream_id}/zones": {
+                "parameters": [sid_param],
+                "get": {"summary": "A stream's privacy zones", "operationId": "getZones",
+                        "responses": {"200": {"description": "zones", "content": {"application/json": {
+                            "schema": zones}}}, "401": err, "403": err, "404": err}},
+                "put": {"summary": "Replace a stream's privacy zones (painted from the next frame on)",
+                        "operationId": "putZones",
+                        "requestBody": {"required": True, "content": {"application/json": {"schema": zones}}},
+                        "responses": {"200": {"description": "the zones now painted", "content": {
+                            "application/json": {"schema": zones}}},
+                            "400": err, "401": err, "403": err, "404": err, "413": err}},
+            },
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
@@ -331,9 +441,12 @@ def openapi_document() -> dict[str, Any]:
     }
 
 
-def add_routes(app: web.Application, pipeline: Pipeline, tokens: Tokens, allow_file_sources: bool) -> None:
+def add_routes(app: web.Application, pipeline: Pipeline, authn: Authenticator, allow_file_sources: bool,
+               audit_log: AuditLog | None = None) -> None:
     app[PIPE] = pipeline
-    app[TOKENS] = tokens
+    app[AUTH] = authn
+    if audit_log is not None:
+        app[AUDIT] = audit_log
     app[ALLOW_FILES] = allow_file_sources
     app[ADDING] = asyncio.Lock()
     app.middlewares.append(protect(*PROTECTED))
@@ -341,4 +454,8 @@ def add_routes(app: web.Application, pipeline: Pipeline, tokens: Tokens, allow_f
     app.router.add_post("/api/streams", add_stream)
     app.router.add_get("/api/streams/{stream_id}", get_stream)
     app.router.add_delete("/api/streams/{stream_id}", remove_stream)
+    app.router.add_get("/api/audit", audit_records)
     app.router.add_get("/openapi.json", openapi)
+    from stream.live.zones_api import add_zone_routes  # it builds on this module's helpers
+
+    add_zone_routes(app)

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
 from stream.live.api import MAX_BODY, error
+from stream.live.auth import FRONT_HEADER, PEER_HEADER
 from stream.live.http import page, serve_app
 from stream.live.shard import worker_of
 from stream.live.webrtc.session import MAX_SDP_BYTES
@@ -44,7 +45,10 @@ BODY_CAP = max(MAX_BODY, MAX_SDP_BYTES) + 1
 gets its own 413 (after its token check), without the front buffering more than that"""
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                         "trailer", "transfer-encoding", "upgrade"})
-NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", "x-forwarded-for", "x-forwarded-proto"}
+NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", "x-forwarded-for", "x-forwarded-proto",
+                              PEER_HEADER.lower(), FRONT_HEADER.lower()}
+"""a caller's own X-Stream-Redact-* headers never reach a worker: only the front says where a request
+came from"""
 NOT_RELAYED = HOP_BY_HOP | {"content-length"}
 SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
 """the worker sees the caller's headers, not ones the front's HTTP client would add"""
@@ -76,6 +80,7 @@ class Children(Protocol):
 
 
 CHILDREN = web.AppKey("front_children", Children)
+PEER_SECRET = web.AppKey("front_peer_secret", str)
 CLIENT = web.AppKey("front_client", aiohttp.ClientSession)
 REGISTRY = web.AppKey("front_registry", CollectorRegistry)
 SCRAPE_ERRORS = web.AppKey("front_scrape_errors", Counter)
@@ -134,6 +139,10 @@ def _request_headers(request: web.Request) -> CIMultiDict[str]:
     if chain:
         out["X-Forwarded-For"] = ", ".join(chain)
     out["X-Forwarded-Proto"] = request.scheme
+    secret = request.app.get(PEER_SECRET)
+    if secret and request.remote:  # the worker audits, and checks auth.proxy.trusted against, this address
+        out[PEER_HEADER] = request.remote
+        out[FRONT_HEADER] = secret
     return out
 
 
@@ -398,10 +407,14 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return resp
 
 
-def make_front_app(children: Children, registry: CollectorRegistry | None = None) -> web.Application:
-    """The public app of a multi-process run; ``registry`` holds the supervisor's own metrics."""
+def make_front_app(children: Children, registry: CollectorRegistry | None = None,
+                   peer_secret: str | None = None) -> web.Application:
+    """The public app of a multi-process run; ``registry`` holds the supervisor's own metrics.
+    ``peer_secret`` goes with each forwarded request's real address, which workers believe only with it."""
     app = web.Application(middlewares=[json_errors])
     app[CHILDREN] = children
+    if peer_secret:
+        app[PEER_SECRET] = peer_secret
     app[REGISTRY] = registry = registry if registry is not None else CollectorRegistry()
     app[SCRAPE_ERRORS] = scrape_errors(registry)
 
@@ -426,6 +439,8 @@ def make_front_app(children: Children, registry: CollectorRegistry | None = None
     r.add_post("/api/streams", add_stream)
     r.add_get("/api/streams/{stream_id}", to_owner)
     r.add_delete("/api/streams/{stream_id}", to_owner)
+    r.add_get("/api/streams/{stream_id}/zones", to_owner)
+    r.add_put("/api/streams/{stream_id}/zones", to_owner)
     for kind in ("whip", "whep"):
         r.add_post(f"/{kind}/{{stream_id}}", to_owner)
         r.add_delete(f"/{kind}/{{stream_id}}/{{session}}", to_owner)
@@ -433,7 +448,7 @@ def make_front_app(children: Children, registry: CollectorRegistry | None = None
     return app
 
 
-async def start_front(children: Children, host: str, port: int,
-                      registry: CollectorRegistry | None = None) -> tuple[web.AppRunner, int]:
+async def start_front(children: Children, host: str, port: int, registry: CollectorRegistry | None = None,
+                      peer_secret: str | None = None) -> tuple[web.AppRunner, int]:
     """Serve the front; returns the runner (to clean up) and the bound port (``port`` may be 0)."""
-    return await serve_app(make_front_app(children, registry), host, port)
+    return await serve_app(make_front_app(children, registry, peer_secret), host, port)

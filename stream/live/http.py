@@ -17,8 +17,9 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from stream.events.audit import AuditLog
 from stream.live.api import MAX_BODY, add_routes
-from stream.live.auth import Tokens
+from stream.live.auth import Authenticator, Tokens
 from stream.live.pipeline import Pipeline
 from stream.live.rtc import RtcGateway
 
@@ -62,9 +63,13 @@ async def page(request: web.Request) -> web.Response:
                                                             "connect-src 'self'; frame-ancestors 'none'"})
 
 
-def make_app(pipeline: Pipeline, tokens: Tokens | None = None, allow_file_sources: bool = False,
-             gateway: RtcGateway | None = None) -> web.Application:
-    """Metrics and health are open (they hold no secrets); the control API needs a token."""
+def make_app(pipeline: Pipeline, tokens: Tokens | Authenticator | None = None,
+             allow_file_sources: bool = False, gateway: RtcGateway | None = None,
+             audit_log: AuditLog | None = None) -> web.Application:
+    """Metrics and health are open (they hold no secrets); the control API needs a token (shared
+    ``Tokens`` act as admin; an :class:`Authenticator` knows users and roles too). With
+    ``audit_log``, viewing, stream and zone changes and refused requests are recorded there."""
+    authn = tokens if isinstance(tokens, Authenticator) else Authenticator(tokens or Tokens())
     app = web.Application(client_max_size=MAX_BODY)
     app[PIPELINE] = pipeline
     app.router.add_get("/metrics", metrics)
@@ -72,9 +77,14 @@ def make_app(pipeline: Pipeline, tokens: Tokens | None = None, allow_file_source
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/", page)
     app.router.add_get("/static/{name}", page)
-    add_routes(app, pipeline, tokens or Tokens(), allow_file_sources)
+    add_routes(app, pipeline, authn, allow_file_sources, audit_log)
     if gateway is not None:
         gateway.add_routes(app)
+    if audit_log is not None:
+        from stream.live.webrtc.whep import audit_viewing
+
+        if gateway is not None:
+            audit_viewing(gateway.whep, audit_log)
     return app
 
 
@@ -132,11 +142,11 @@ class QuietSite(web.BaseSite):
         await super().stop()
 
 
-async def start_http(pipeline: Pipeline, host: str, port: int, tokens: Tokens | None = None,
-                     allow_file_sources: bool = False,
-                     gateway: RtcGateway | None = None) -> tuple[web.AppRunner, int]:
+async def start_http(pipeline: Pipeline, host: str, port: int, tokens: Tokens | Authenticator | None = None,
+                     allow_file_sources: bool = False, gateway: RtcGateway | None = None,
+                     audit_log: AuditLog | None = None) -> tuple[web.AppRunner, int]:
     """Serve the app; returns the runner (to clean up) and the bound port (``port`` may be 0)."""
-    return await serve_app(make_app(pipeline, tokens, allow_file_sources, gateway), host, port)
+    return await serve_app(make_app(pipeline, tokens, allow_file_sources, gateway, audit_log), host, port)
 
 
 async def serve_app(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:

@@ -17,14 +17,18 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
+
 from stream.config import (
     FileOutputConfig,
     FileSourceConfig,
     PipelineConfig,
+    RecordOutputConfig,
     RtspOutputConfig,
     StreamConfig,
     WhipSourceConfig,
 )
+from stream.config.privacy import OPTIONAL_LABELS, ZoneConfig, zone_set
 from stream.core.detections import Detections
 from stream.core.frames import Drop, Failure, Frame, Job, JobQueue
 from stream.core.masking import NOT_OBSERVED, MaskingStage
@@ -37,8 +41,9 @@ from stream.core.urls import origins_only
 from stream.core.yuv import Picture
 from stream.live.batcher import Batcher, DetectorFactory, Stage, hang_timeout_ms
 from stream.live.gpu import GpuMonitor, start_gpu_monitor
-from stream.live.publish.encoder import EncoderOutput
+from stream.live.publish.encoder import EncoderOutput, Painted
 from stream.live.publish.file import FileOutput
+from stream.live.publish.record import RecordOutput
 from stream.live.publish.rtsp import RtspOutput
 from stream.live.shard import Shard
 from stream.live.sources.base import PushedSource, Source
@@ -68,7 +73,10 @@ class StreamRunner:
         self.backlog = pipeline.queue_size + 2 * pipeline.batcher.max_batch + 8
         # live frames cannot wait for later ones: no look-back
         self.stage = MaskingStage(Tracker(pipeline.redaction.tracker_config()),
-                                  Redactor(pipeline.redaction.redact_config()), lookback=0)
+                                  Redactor(pipeline.redaction.redact_config()), lookback=0,
+                                  zones=zone_set(config.zones))
+        self._unwanted = np.array(sorted(OPTIONAL_LABELS - config.privacy.labels))
+        """labels the shared detector reports for other streams that this one does not mask"""
         self.outputs = outputs if outputs is not None else self._make_outputs()
         self.source = self._make_source()
         self.state = "starting"
@@ -112,7 +120,13 @@ class StreamRunner:
                 outs.append(RtspOutput(self.id, label, o, self.metrics))
             elif isinstance(o, FileOutputConfig):
                 outs.append(FileOutput(self.id, label, o, self.metrics))
+            elif isinstance(o, RecordOutputConfig):
+                outs.append(RecordOutput(self.id, label, o, self.metrics, stream=lambda: self.config,
+                                         audit=self._recording_audit))
         return outs
+
+    def _recording_audit(self, action: str, fields: dict[str, Any]) -> None:
+        self._notify("recording", self.id, action, fields)
 
     def _make_source(self) -> Source:
         src = self.config.source
@@ -230,11 +244,14 @@ class StreamRunner:
         if job.dropped is not None and job.dropped is not Drop.OVERLOAD:
             return  # counted where it was dropped; nothing is published
         frame = job.frame
-        if job.detections is not None:
+        dets = job.detections
+        if dets is not None:
             self._end_incident()
+            if len(self._unwanted) and len(dets):
+                dets = dets.select(~np.isin(np.asarray(dets.labels), self._unwanted))
         # painted in place: no copy on the hot path, and no unredacted copy left for any hook to see;
         # a frame without detections comes out black (look-back 0: exactly one frame out per frame in)
-        (masked,) = self.stage.push(frame.seq, frame.image, job.detections, elapsed=self._elapsed(frame),
+        (masked,) = self.stage.push(frame.seq, frame.image, dets, elapsed=self._elapsed(frame),
                                     seen=Seen.of(frame))
         tracks = self.stage.tracker.changes
         if masked.failed:
@@ -245,6 +262,13 @@ class StreamRunner:
         self._note_new_tracks(frame, tracks)
         self._publish(frame, masked.image, masked.dets)
         self._notify("frame", frame, masked.dets, None, tracks)
+
+    def set_zones(self, zones: list[ZoneConfig]) -> list[ZoneConfig]:
+        """Paint ``zones`` from the next frame on (replacing the stream's zones); the old ones."""
+        old = self.config.zones
+        self.config = self.config.model_copy(update={"zones": list(zones)})
+        self.stage.zones = zone_set(self.config.zones)
+        return old
 
     def _starved(self) -> bool:
         """Nothing went out for a whole ``max_latency_ms``: even one frame in that time could not be
@@ -290,8 +314,13 @@ class StreamRunner:
         self.published += 1
         self._last_out = time.monotonic()
         self.metrics.frames_published.labels(self.id).inc()
+        painted = None
+        if any(out.wants_painted for out in self.outputs):  # recordings keep what was painted
+            h, w = image.shape[:2]
+            regions = None if dets is NOT_OBSERVED else tuple(self.stage.redactor.regions(dets, w, h))
+            painted = Painted(frame.seq, frame.wall_time, regions)
         for out in self.outputs:
-            out.submit(image, frame.captured_at)
+            out.submit(image, frame.captured_at, painted)
         for hook in self.on_redacted:
             hook(frame, image, dets)
 

@@ -17,9 +17,10 @@ from collections.abc import Callable
 from stream.config import PipelineConfig
 from stream.core.errors import UserError
 from stream.core.metrics import Metrics
+from stream.events.audit import AuditObserver, open_audit
 from stream.events.delivery import DeliveryStatus, start_own_delivery
 from stream.events.sinks import sink_health, start_events
-from stream.live.auth import load_tokens
+from stream.live.auth import load_auth
 from stream.live.batcher import Detect, DetectorFactory, Stage
 from stream.live.http import start_http
 from stream.live.pipeline import Pipeline
@@ -37,7 +38,8 @@ def detector_factory_for(config: PipelineConfig) -> DetectorFactory:
     from stream.detect.ensemble import FrameDetector
 
     def factory() -> Detect:
-        detector = FrameDetector(config.detection.detector_settings(config.batcher.buckets))
+        detector = FrameDetector(config.detection.detector_settings(config.batcher.buckets,
+                                                                    config.privacy_classes()))
         if config.detection.warmup and detector.device != "cpu":
             detector.warmup(max_batch=config.batcher.max_batch)
         return detector
@@ -50,21 +52,23 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
                 insecure_no_auth: bool = False, on_listen: Callable[[int], None] | None = None,
                 shard: Shard | None = None, stage: Stage | None = None, metrics: Metrics | None = None,
                 on_pipeline: Callable[[Pipeline], None] | None = None, announce: bool = True,
-                delivery: DeliveryStatus | None = None) -> int:
+                delivery: DeliveryStatus | None = None, front_secret: str | None = None,
+                process: str = "main") -> int:
     """Run until ``stop`` is set, a signal arrives, or every source has ended; 0 on a clean stop.
 
     ``detector_factory`` None builds detectors from ``config.detection``; a worker process of
     ``run --workers N`` passes its ``stage`` (the detection stage process) instead, and gets the
     pipeline through ``on_pipeline`` before it starts. With ``events.delivery: process`` a single
     process starts its own delivery process; a worker passes ``delivery`` (the supervisor's one
-    delivers its spool)."""
+    delivers its spool), the front's ``front_secret`` (so it believes the front's word on where a
+    request came from) and its ``process`` name (in its audit log's first record)."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         # off the main thread (tests) there are no signal handlers: stop through the event instead
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    tokens = load_tokens(config.auth.tokens_env, config.auth.tokens_file, insecure_no_auth)
+    authn = load_auth(config.auth, insecure_no_auth, front_secret)
     configured = None if stage is not None else detector_factory_for(config)
     pipeline = Pipeline(config, None if stage is not None else detector_factory or configured,
                         metrics=metrics, stage=stage)
@@ -81,8 +85,22 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
     if events is not None:
         pipeline.observers.append(events)
         pipeline.events_health = functools.partial(sink_health, events)
+    try:
+        audit_log = open_audit(config, events.sink if events is not None else None, process)
+    except BaseException:
+        if events is not None:
+            events.close(0)
+        if own is not None:
+            own.stop(0)
+        raise
+    if audit_log is not None:
+        pipeline.observers.append(AuditObserver(audit_log))
+        if authn.users is not None:
+            authn.users.on_change.append(audit_log.users_changed)
 
     async def close_events() -> None:
+        if audit_log is not None:  # first: its last records go to the event sink too
+            await loop.run_in_executor(None, audit_log.close, config.events.flush_timeout_s)
         if events is not None:  # after the pipeline: what it observed last is stored, then delivered
             await loop.run_in_executor(None, events.close, config.events.flush_timeout_s)
         if own is not None:  # after the spool's last events: it delivers them, then ends
@@ -96,8 +114,8 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
         raise
     gateway = RtcGateway(pipeline, config.webrtc, config.http.host)
     try:
-        runner, port = await start_http(pipeline, config.http.host, config.http.port, tokens,
-                                        config.api.allow_file_sources, gateway)
+        runner, port = await start_http(pipeline, config.http.host, config.http.port, authn,
+                                        config.api.allow_file_sources, gateway, audit_log)
     except OSError as e:
         await gateway.close()
         await loop.run_in_executor(None, pipeline.stop, stop_timeout)

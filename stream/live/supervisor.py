@@ -27,6 +27,7 @@ import logging
 import math
 import multiprocessing
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -43,6 +44,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from stream.config import HttpConfig, PipelineConfig, StreamConfig
 from stream.core.errors import UserError
+from stream.events.audit import process_path
 from stream.events.delivery import DeliveryProcess
 from stream.live.batcher import DetectorFactory
 from stream.live.frame_ring import remove_prefix, shm_root
@@ -97,8 +99,11 @@ def worker_config(config: PipelineConfig, index: int, count: int,
             f"{jsonl_path.stem}.worker-{index}{jsonl_path.suffix}")}),
         "spool": ev.spool.model_copy(update={"dir": ev.spool.folder() / f"worker-{index}"}),
     })
+    audit = config.audit  # one hash chain per writing process (stream.events.audit)
+    if audit.path is not None:
+        audit = audit.model_copy(update={"path": process_path(audit.path, f"worker-{index}")})
     return config.model_copy(update={"streams": mine, "http": HttpConfig(host="127.0.0.1", port=0),
-                                     "events": events})
+                                     "events": events, "audit": audit})
 
 
 @dataclass
@@ -142,6 +147,8 @@ class Supervisor:
         self.prefix = f"stream-redact-{os.getpid()}-"
         self.address = str(self.run_dir / "stage.sock")
         self.authkey = os.urandom(32)
+        self.front_secret = secrets.token_hex(32)
+        """the front sends it with each request's real address; workers believe that address only with it"""
         self.registry = registry or CollectorRegistry()
         self.worker_up = Gauge("stream_redact_worker_up", "1 while a child process of run --workers is up",
                                ["worker"], registry=self.registry)
@@ -189,7 +196,7 @@ class Supervisor:
             spec = WorkerSpec(index, self.count, worker_config(self.config, index, self.count,
                                                               self._streams.get(index)),
                               self.address, self.authkey, str(self.shm_dir), self._slot_prefix(index),
-                              self.insecure_no_auth, self.shard)
+                              self.insecure_no_auth, self.shard, self.front_secret)
             return self.ctx.Process(target=worker_main, name=f"stream-redact-worker-{index}", daemon=True,
                                     args=(spec, report, os.getpid(), self.log_level))
 
@@ -371,7 +378,7 @@ async def supervise(config: PipelineConfig, workers: int, insecure_no_auth: bool
                     on_listen: Callable[[int], None] | None = None, stop_timeout: float = 5.0,
                     hang_s: float = HANG_S, detector_factory: DetectorFactory | None = None) -> int:
     """Run the supervisor and its front until ``stop`` or SIGINT/SIGTERM; 0 on a clean stop."""
-    from stream.live.auth import load_tokens
+    from stream.live.auth import load_auth
     from stream.live.front import start_front
 
     loop = asyncio.get_running_loop()
@@ -379,14 +386,15 @@ async def supervise(config: PipelineConfig, workers: int, insecure_no_auth: bool
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    # the workers check tokens; a missing tokens file is refused here, before anything starts
-    load_tokens(config.auth.tokens_env, config.auth.tokens_file, insecure_no_auth)
+    # the workers check tokens; a missing tokens or users file is refused here, before anything starts
+    load_auth(config.auth, insecure_no_auth)
     sup = Supervisor(config, workers, insecure_no_auth, shard, hang_s=hang_s,
                      log_level=logging.getLogger("stream").getEffectiveLevel(),
                      detector_factory=detector_factory)
     await loop.run_in_executor(None, sup.start)
     try:
-        runner, port = await start_front(sup, config.http.host, config.http.port, registry=sup.registry)
+        runner, port = await start_front(sup, config.http.host, config.http.port, registry=sup.registry,
+                                         peer_secret=sup.front_secret)
     except OSError as e:
         await loop.run_in_executor(None, sup.stop, stop_timeout)
         raise UserError(str(e)) from None

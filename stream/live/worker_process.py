@@ -45,6 +45,8 @@ class WorkerSpec:
     slot_prefix: str
     insecure_no_auth: bool = False
     shard: Shard | None = None
+    front_secret: str | None = None
+    """the supervisor's front sends it with the address each request came from (for auth and audit)"""
 
     @property
     def name(self) -> str:
@@ -94,6 +96,7 @@ def worker_main(spec: WorkerSpec, report: Connection, parent_pid: int, log_level
     try:
         asyncio.run(serve(spec.config, insecure_no_auth=spec.insecure_no_auth, shard=spec.shard, stage=stage,
                           metrics=metrics, on_pipeline=on_pipeline, on_listen=on_listen,
-                          announce=False, delivery=delivery))
+                          announce=False, delivery=delivery, front_secret=spec.front_secret,
+                          process=spec.name))
     finally:
         stop_beat.set()

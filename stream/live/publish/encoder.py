@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from fractions import Fraction
 
 import av
@@ -21,6 +22,7 @@ from stream.core.frames import Drop
 from stream.core.h264 import H264Encoder, H264Settings, even_size
 from stream.core.metrics import Metrics
 from stream.core.queues import BoundedQueue
+from stream.core.redact import Region
 from stream.core.yuv import Picture, resize_picture
 
 log = logging.getLogger(__name__)
@@ -32,12 +34,25 @@ class OutputError(Exception):
     """An output that cannot be opened or written; the message names the fix, not credentials."""
 
 
+@dataclass(frozen=True)
+class Painted:
+    """What a published frame carried besides its pixels, for outputs that keep a record of it."""
+
+    seq: int
+    wall_time: float
+    """when the frame was captured (seconds since the epoch)"""
+    regions: tuple[Region, ...] | None
+    """the regions painted over; None: the frame went out black (no detections in time)"""
+
+
 class EncoderOutput:
     """Base of outputs: subclasses say how to open a container (:meth:`open_container`)."""
 
     kind = "output"
     keep_size = False
     """True: frames of a new size are scaled to the first size; False: the encoder restarts"""
+    wants_painted = False
+    """True: :meth:`submit` needs each frame's :class:`Painted` (recordings keep the masks)"""
 
     def __init__(self, stream_id: str, label: str, metrics: Metrics, fps: float = 25.0,
                  bitrate_kbps: int | None = None, gop_s: float = 1.0, queue_size: int = 2) -> None:
@@ -58,8 +73,8 @@ class EncoderOutput:
         self.up = False
 
     # -- called by the redaction stage -----------------------------------------------------------
-    def submit(self, image: Picture, captured_at: float) -> None:
-        """Queue a redacted frame; never blocks."""
+    def submit(self, image: Picture, captured_at: float, painted: Painted | None = None) -> None:
+        """Queue a redacted frame; never blocks. ``painted`` is only read by outputs that want it."""
         if self._queue.put((image, captured_at)) is not None:
             why = Drop.STOPPING if self._queue.closed else Drop.OUTPUT_BUSY
             self.metrics.frames_dropped.labels(self.stream_id, why.value).inc()

@@ -90,8 +90,9 @@ function makeTile(s) {
   el.dataset.stream = s.id;
   el.querySelector(".name").textContent = s.id;
   grid.appendChild(el);
-  const tile = { el, pc: null, resource: null, last: null };
+  const tile = { el, pc: null, resource: null, last: null, editor: null };
   tiles.set(s.id, tile);
+  el.querySelector(".zones-btn").addEventListener("click", () => openZones(s.id, tile));
   play(s.id, tile).catch((e) => tileError(tile, e));
   return tile;
 }
@@ -122,6 +123,110 @@ function update(s) {
   if (s.error) items.unshift(Object.assign(document.createElement("li"), { textContent: s.error }));
   list.replaceChildren(...items);
 }
+
+// -- privacy-zone editor ------------------------------------------------------------------------
+// Zones are polygons in fractions of the picture (0..1). The overlay is laid exactly over the part
+// of the <video> element the picture fills (object-fit: contain letterboxes it), so a click maps
+// to the same point of the camera's picture whatever the tile's size.
+function contentRect(video) {
+  const w = video.clientWidth, h = video.clientHeight;
+  const vw = video.videoWidth || 16, vh = video.videoHeight || 9;
+  const scale = Math.min(w / vw, h / vh);
+  const cw = vw * scale, ch = vh * scale;
+  return { left: video.offsetLeft + (w - cw) / 2, top: video.offsetTop + (h - ch) / 2, width: cw, height: ch };
+}
+
+function placeLayer(tile) {
+  const layer = tile.el.querySelector(".zone-layer");
+  const r = contentRect(tile.el.querySelector("video"));
+  Object.assign(layer.style, { left: `${r.left}px`, top: `${r.top}px`, width: `${r.width}px`, height: `${r.height}px` });
+}
+
+function drawZones(tile) {
+  const ed = tile.editor, layer = tile.el.querySelector(".zone-layer");
+  const SVG = layer.namespaceURI;  // the overlay's own namespace: no address written in the page
+  const shapes = ed.zones.map((z) => {
+    const p = document.createElementNS(SVG, "polygon");
+    p.setAttribute("points", z.points.map((q) => q.join(",")).join(" "));
+    p.setAttribute("class", z.kind);
+    return p;
+  });
+  if (ed.current.length) {
+    const p = document.createElementNS(SVG, ed.current.length > 2 ? "polygon" : "polyline");
+    p.setAttribute("points", ed.current.map((q) => q.join(",")).join(" "));
+    p.setAttribute("class", "drawing");
+    shapes.push(p);
+  }
+  layer.replaceChildren(...shapes);
+  placeLayer(tile);
+}
+
+function zoneStatus(tile, text) { tile.el.querySelector(".zone-status").textContent = text || ""; }
+
+function closeZones(tile) {
+  tile.editor = null;
+  tile.el.querySelector(".zone-layer").style.display = "none";
+  tile.el.querySelector(".zone-tools").hidden = true;
+}
+
+async function openZones(id, tile) {
+  if (tile.editor) { closeZones(tile); return; }
+  const tools = tile.el.querySelector(".zone-tools"), layer = tile.el.querySelector(".zone-layer");
+  let zones;
+  try {
+    ({ zones } = await api(`/api/streams/${encodeURIComponent(id)}/zones`));
+  } catch (e) { tileError(tile, e); return; }
+  tile.editor = { id, zones: zones.map((z) => ({ kind: z.kind, points: z.points, name: z.name || "" })), current: [] };
+  tools.hidden = false;
+  layer.style.display = "block";
+  zoneStatus(tile, zones.length ? `${zones.length} zone(s) saved` : "no zones yet");
+  drawZones(tile);
+}
+
+function finishShape(tile) {
+  const ed = tile.editor;
+  if (!ed) return;
+  if (ed.current.length < 3) { zoneStatus(tile, "a zone needs at least 3 corners"); return; }
+  ed.zones.push({ kind: tile.el.querySelector(".zone-kind").value, points: ed.current, name: "" });
+  ed.current = [];
+  zoneStatus(tile, "shape added; Save to apply it");
+  drawZones(tile);
+}
+
+async function saveZones(tile) {
+  const ed = tile.editor;
+  if (!ed) return;
+  if (ed.current.length >= 3) finishShape(tile);
+  const r = await fetch(`/api/streams/${encodeURIComponent(ed.id)}/zones`, {
+    method: "PUT", headers: headers({ "Content-Type": "application/json" }), body: JSON.stringify({ zones: ed.zones }),
+  });
+  const body = await r.json().catch(() => ({}));
+  if (!r.ok) { zoneStatus(tile, `not saved: ${body.error || r.status}`); return; }
+  ed.zones = body.zones;
+  zoneStatus(tile, `saved: ${body.zones.length} zone(s) painted on the stream`);
+  drawZones(tile);
+}
+
+function round4(x) { return Math.round(Math.min(1, Math.max(0, x)) * 10000) / 10000; }
+
+grid.addEventListener("click", (e) => {
+  const el = e.target.closest(".tile");
+  const tile = el && tiles.get(el.dataset.stream);
+  if (!tile || !tile.editor) return;
+  const layer = e.target.closest(".zone-layer");
+  if (layer) {
+    const r = layer.getBoundingClientRect();
+    tile.editor.current.push([round4((e.clientX - r.left) / r.width), round4((e.clientY - r.top) / r.height)]);
+    drawZones(tile);
+  } else if (e.target.matches(".zone-finish")) finishShape(tile);
+  else if (e.target.matches(".zone-undo")) {
+    if (tile.editor.current.length) tile.editor.current.pop(); else tile.editor.zones.pop();
+    drawZones(tile);
+  } else if (e.target.matches(".zone-clear")) { tile.editor.zones = []; tile.editor.current = []; drawZones(tile); }
+  else if (e.target.matches(".zone-save")) saveZones(tile).catch((err) => zoneStatus(tile, String(err.message || err)));
+  else if (e.target.matches(".zone-cancel")) closeZones(tile);
+});
+window.addEventListener("resize", () => tiles.forEach((t) => t.editor && placeLayer(t)));
 
 async function refresh() {
   try {

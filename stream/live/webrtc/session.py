@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import secrets
 import time
@@ -120,6 +121,20 @@ def parse_offer(sdp: object, want: Literal["send", "recv"], max_bytes: int = MAX
     return desc
 
 
+@dataclass(frozen=True)
+class Requester:
+    """Who asked for a session (the audit log records it): user name, role, and address."""
+
+    user: str
+    role: str
+    address: str | None
+
+
+REQUESTER: contextvars.ContextVar[Requester | None] = contextvars.ContextVar("requester", default=None)
+"""set by the HTTP layer around each authenticated request, so a session answered for it knows who
+asked without the WebRTC code taking HTTP requests"""
+
+
 def new_session_id() -> str:
     """Unguessable: the session URL is what lets a client DELETE its session."""
     return secrets.token_urlsafe(16)
@@ -146,6 +161,8 @@ class RtcSession:
     connected: asyncio.Event = field(default_factory=asyncio.Event, kw_only=True)
     closed: bool = field(default=False, kw_only=True)
     tasks: set[asyncio.Task[None]] = field(default_factory=set, kw_only=True)
+    requester: Requester | None = field(default_factory=REQUESTER.get, kw_only=True)
+    """who asked for it (None outside an authenticated request, e.g. in tests of this layer)"""
 
 
 S = TypeVar("S", bound=RtcSession)
@@ -169,6 +186,10 @@ class SessionHost(Generic[S]):
         self.connect_timeout_s = connect_timeout_s
         self._sessions: dict[str, S] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self.on_opened: list[Callable[[S], None]] = []
+        """told of each session once its offer is answered (the audit log)"""
+        self.on_closed: list[Callable[[S, str | None], None]] = []
+        """told of each opened session when it closes, with why"""
 
     def session(self, session_id: str) -> S | None:
         return self._sessions.get(session_id)
@@ -217,6 +238,7 @@ class SessionHost(Generic[S]):
         """The offer is answered: the session is open, and closed unless it connects in time."""
         self._sessions[session.id] = session
         self._spawn(session, self._watch_connect(session))
+        self._tell(self.on_opened, session)
 
     async def _abandon(self, session: S) -> None:
         """Release a session whose offer failed; it was never open, so nobody is told it ended."""
@@ -254,6 +276,14 @@ class SessionHost(Generic[S]):
             await self._discard(session)
         finally:
             self._ended(session, reason)
+            self._tell(self.on_closed, session, reason)
+
+    def _tell(self, hooks: Sequence[Callable[..., None]], *args: Any) -> None:
+        for hook in hooks:
+            try:
+                hook(*args)
+            except Exception:  # a failing listener must not keep a session open or closed
+                log.exception("%s session %s: a session listener failed", self.role, short(args[0].id))
 
     def _forget(self, session: S) -> None:
         """Drop a closing session from a subclass's own indexes."""
