@@ -29,6 +29,14 @@ def _logger_levels() -> Iterator[None]:
         logging.getLogger(n).setLevel(level)
 
 
+@pytest.fixture(autouse=True)
+def _own_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test has its own state directory (events spool, saved zones): what one test leaves there
+    never reaches the next, nor the home directory of whoever runs the suite."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+
+
 @pytest.fixture(scope="session")
 def astronaut() -> np.ndarray:
     return read_bgr(ASTRONAUT)

@@ -269,3 +269,83 @@ def test_zones_of_an_unknown_stream_and_without_a_token(service: ServiceThread) 
     status, body = _call(service.base, "PUT", "/api/streams/nope/zones", {"zones": []})
     assert status == 404 and "no stream 'nope'" in body["error"]
     assert _call(service.base, "GET", "/api/streams/lobby/zones", token=None)[0] == 401
+
+
+# -- zones set through the API outlive a restart -------------------------------------------------
+def _stream(zones: list | None = None) -> Any:
+    from stream.config import StreamConfig
+    return StreamConfig.model_validate({"id": "gate", "source": {"type": "whip"},
+                                        "zones": [{"points": p} for p in (zones or [])]})
+
+
+def test_saved_zones_come_back_unless_the_config_changed_since(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    from stream.live.zone_store import ZoneStore
+
+    store = ZoneStore(tmp_path / "zones")
+    assert store.restore(_stream()).zones == []  # nothing saved
+    drawn = [ZoneConfig(points=SQUARE, name="garden")]
+    store.save(_stream(), drawn, configured=[], user="olga")
+    assert (tmp_path / "zones" / "gate.json").stat().st_mode & 0o777 == 0o600
+    assert store.restore(_stream()).zones == drawn
+    # the config's own zones were edited after the API set them: the config is the newer word
+    edited = [[0.5, 0.5], [0.9, 0.5], [0.9, 0.9]]
+    with caplog.at_level("WARNING"):
+        assert [z.points for z in store.restore(_stream([edited])).zones] == [[tuple(p) for p in edited]]
+    assert "changed after zones were set through the API" in caplog.text
+    assert not store.path("gate").exists() and list((tmp_path / "zones").glob("gate.json.replaced-*"))
+    # a damaged file: the config's zones apply, and the log says what to do
+    store.path("gate").write_text("{not json")
+    with caplog.at_level("ERROR"):
+        assert store.restore(_stream()).zones == []
+    assert "damaged" in caplog.text and "Delete the file" in caplog.text
+    store.forget("gate")
+    assert not store.path("gate").exists()
+
+
+def test_zones_set_through_the_api_survive_a_restart_and_go_with_the_stream(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch
+                                                                              ) -> None:
+    monkeypatch.setenv("ZONES_TEST_TOKENS", TOKEN)
+    clip = make_clip(tmp_path / "face.mp4", frames=30, width=320, height=240)
+    doc = {"streams": [{"id": "lobby", "source": {"type": "file", "path": str(clip.path), "loop": True}}],
+           "detection": {"preset": "fast", "plates": False, "heads": False, "providers": ["cpu"]},
+           "auth": {"tokens_env": "ZONES_TEST_TOKENS"}, "http": {"port": 0}}
+    zones = {"zones": [{"kind": "mask", "points": SQUARE, "name": "garden"}]}
+    svc = ServiceThread(parse_config(doc), NoFaces)
+    try:
+        assert _call(svc.base, "PUT", "/api/streams/lobby/zones", zones)[0] == 200
+    finally:
+        svc.stop()
+    svc = ServiceThread(parse_config(doc), NoFaces)
+    try:
+        status, body = _call(svc.base, "GET", "/api/streams/lobby/zones")
+        assert status == 200 and body["zones"][0]["name"] == "garden", body
+        assert _call(svc.base, "DELETE", "/api/streams/lobby")[0] == 204
+    finally:
+        svc.stop()
+    svc = ServiceThread(parse_config(doc), NoFaces)
+    try:  # removed on purpose: the stream comes back from the config with the config's zones
+        assert _call(svc.base, "GET", "/api/streams/lobby/zones") == (200, {"zones": []})
+    finally:
+        svc.stop()
+
+
+def test_zones_that_cannot_be_saved_are_still_painted_and_the_answer_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZONES_TEST_TOKENS", TOKEN)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    clip = make_clip(tmp_path / "face.mp4", frames=30, width=320, height=240)
+    cfg = parse_config({
+        "streams": [{"id": "lobby", "source": {"type": "file", "path": str(clip.path), "loop": True}}],
+        "detection": {"preset": "fast", "plates": False, "heads": False, "providers": ["cpu"]},
+        "auth": {"tokens_env": "ZONES_TEST_TOKENS"}, "http": {"port": 0},
+        "api": {"zones_dir": str(blocker / "zones")}})
+    svc = ServiceThread(cfg, NoFaces)
+    try:
+        status, body = _call(svc.base, "PUT", "/api/streams/lobby/zones", {"zones": [{"points": SQUARE}]})
+        assert status == 507 and "applied but not saved" in body["error"] and "api.zones_dir" in body["error"]
+        assert len(_call(svc.base, "GET", "/api/streams/lobby/zones")[1]["zones"]) == 1
+    finally:
+        svc.stop()

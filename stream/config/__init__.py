@@ -491,6 +491,10 @@ class ApiConfig(ConfigModel):
         None, description="the one folder API-added recordings go to (needed by allow_file_outputs); a "
                           "relative output path in an API request is taken relative to it. A relative "
                           "file_output_dir is relative to the config file's folder")
+    zones_dir: Path | None = Field(
+        None, description="where zones set through the API are kept, one file per stream, so they outlive a "
+                          "restart (default: zones/ in the state directory); relative to the config file's "
+                          "folder")
     max_streams: int = Field(128, ge=1, le=10_000,
                              description="most streams this worker runs (config and API together); "
                                          "an API add beyond it gets 429")
@@ -513,7 +517,7 @@ class ApiConfig(ConfigModel):
                                      "10.0.0.0/8 or cam.example.org") from None
         return v
 
-    @field_validator("file_output_dir")
+    @field_validator("file_output_dir", "zones_dir")
     @classmethod
     def _dir(cls, v: Path | None, info: ValidationInfo) -> Path | None:
         return None if v is None else config_path(v, info)

@@ -336,6 +336,7 @@ async def remove_stream(request: web.Request) -> web.Response:
     except KeyError:
         return error(404, f"no stream {sid!r}")
     log.info("stream %s removed through the API", sid)
+    await asyncio.to_thread(p.zone_store.forget, sid)  # removed on purpose: its saved zones go too
     audit(request, "audit.stream.removed", stream_id=sid,
           stream=masked(runner.config.model_dump(mode="json")))
     return web.Response(status=204)
@@ -425,7 +426,7 @@ def openapi_document() -> dict[str, Any]:
                         "requestBody": {"required": True, "content": {"application/json": {"schema": zones}}},
                         "responses": {"200": {"description": "the zones now painted", "content": {
                             "application/json": {"schema": zones}}},
-                            "400": err, "401": err, "403": err, "404": err, "413": err}},
+                            "400": err, "401": err, "403": err, "404": err, "413": err, "507": err}},
             },
         },
         "components": {

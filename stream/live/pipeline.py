@@ -28,6 +28,7 @@ from stream.config import (
     StreamConfig,
     WhipSourceConfig,
 )
+from stream.config.events import state_dir
 from stream.config.privacy import OPTIONAL_LABELS, ZoneConfig, zone_set
 from stream.core.detections import Detections
 from stream.core.frames import Drop, Failure, Frame, Job, JobQueue
@@ -49,6 +50,7 @@ from stream.live.shard import Shard
 from stream.live.sources.base import PushedSource, Source
 from stream.live.sources.file import FileSource
 from stream.live.sources.rtsp import RtspSource
+from stream.live.zone_store import ZoneStore
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,8 @@ class StreamRunner:
         self.stage = MaskingStage(Tracker(pipeline.redaction.tracker_config()),
                                   Redactor(pipeline.redaction.redact_config()), lookback=0,
                                   zones=zone_set(config.zones))
+        self.configured_zones = config.zones
+        """the zones the stream was defined with (config file or API add), before any saved ones"""
         self._unwanted = np.array(sorted(OPTIONAL_LABELS - config.privacy.labels))
         """labels the shared detector reports for other streams that this one does not mask"""
         self.outputs = outputs if outputs is not None else self._make_outputs()
@@ -353,6 +357,8 @@ class Pipeline:
         stage process, shared by every worker."""
         self.config = config
         self.metrics = metrics or Metrics()
+        self.zone_store = ZoneStore(config.api.zones_dir or state_dir() / "zones")
+        """zones set through the API, restored when their stream starts"""
         fc = config.fail_closed
         if stage is None:
             if detector_factory is None:
@@ -419,8 +425,9 @@ class Pipeline:
                 if limit is not None and len(self.streams) >= limit:
                     raise StreamLimit(f"{len(self.streams)} streams run already, the most api.max_streams "
                                       f"({limit}) allows; remove one or raise api.max_streams")
-                runner = StreamRunner(config, self.config, self.batcher, self.metrics,
-                                      observers=self.observers)
+                runner = StreamRunner(self.zone_store.restore(config), self.config, self.batcher,
+                                      self.metrics, observers=self.observers)
+                runner.configured_zones = config.zones
                 self.streams[config.id] = runner
             for hook in list(self.on_stream_added):
                 hook(runner)

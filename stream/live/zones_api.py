@@ -3,11 +3,12 @@
 ``PUT /api/streams/{id}/zones`` replaces the whole set (an empty list removes them); the next
 frame the stream publishes is painted with the new zones. The body is checked by the same model
 as the config file, so a bad polygon is refused with the same words, and nothing changes.
-Zones set here live as long as the stream runs; the config file is not rewritten.
+A new set is painted first and then saved (:mod:`stream.live.zone_store`) so it outlives a restart.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -17,7 +18,7 @@ from pydantic import Field, ValidationError, field_validator
 from stream.config import format_errors
 from stream.config.base import ConfigModel
 from stream.config.privacy import ZoneConfig, check_zones
-from stream.live.api import PIPE, _Bad, _json_body, audit, error
+from stream.live.api import PIPE, USER, _Bad, _json_body, audit, error
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,20 @@ async def put_zones(request: web.Request) -> web.Response:
     except ValidationError as e:
         details = format_errors(e).split("\n  ")
         return error(400, f"invalid zones: {'; '.join(details)}", details=details)
+    # painted first: hiding more is never the wrong way to fail; then kept for the next start
     old = runner.set_zones(zones)
     log.info("stream %s: %d privacy zone(s) set (were %d)", sid, len(zones), len(old))
+    user = request.get(USER)
     audit(request, "audit.zones.changed", stream_id=sid, old=zones_json(old), new=zones_json(zones))
+    store = request.app[PIPE].zone_store
+    try:
+        await asyncio.to_thread(store.save, runner.config, zones, runner.configured_zones,
+                                user.name if user is not None else None)
+    except OSError as e:
+        log.error("stream %s: zones applied but not saved to %s (%s); they are lost on restart", sid,
+                  store.folder, e.strerror)
+        return error(507, f"zones applied but not saved ({e.strerror} in {store.folder}): they are lost when "
+                          "the service restarts; make api.zones_dir writable and PUT them again")
     return web.json_response({"zones": zones_json(zones)})
 
 
