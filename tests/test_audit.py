@@ -297,3 +297,38 @@ async def test_a_whep_viewer_is_recorded_from_start_to_end(audited: tuple[Served
     assert started["session"] == ended["session"]
     assert headers["Location"].split("/")[-1] not in log.path.read_text()  # a session URL is a secret
     assert ended["connected"] is True and ended["duration_s"] > 0 and "ended" in ended["reason"]
+
+
+async def test_a_whip_publisher_is_recorded_from_start_to_end(audited: tuple[Served, AuditLog, dict[str, str]]
+                                                              ) -> None:
+    import numpy as np
+    from webrtc_helpers import ClipTrack
+
+    s, log, tokens = audited
+    status, doc, _ = await s.call("POST", "/api/streams", tokens["operator"],
+                                  body={"id": "bodycam", "source": {"type": "whip"}})
+    assert status == 201, doc
+    # a viewer may watch but not publish: refused, and that is in the log too
+    assert (await s.call("POST", "/whip/bodycam", tokens["viewer"], sdp="v=0\r\n"))[0] == 403
+    pc = client_pc()
+    images = [np.full((120, 160, 3), 40 * i, np.uint8) for i in range(4)]
+    pc.addTrack(ClipTrack(images))
+    await pc.setLocalDescription(await pc.createOffer())
+    status, answer, headers = await s.call("POST", "/whip/bodycam", tokens["operator"],
+                                           sdp=pc.localDescription.sdp)
+    assert status == 201, answer
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+    await wait_until(lambda: s.pipeline.streams["bodycam"].seq >= 5, 30, "frames from the publisher")
+    assert (await s.call("DELETE", headers["Location"], tokens["operator"]))[0] == 200
+    await pc.close()
+    await asyncio.to_thread(log.flush)
+    by = {r["action"]: r for r in records(log.path)}
+    started, ended = by["audit.publish.started"], by["audit.publish.ended"]
+    for r in (started, ended):
+        assert (r["user"], r["role"], r["address"], r["stream_id"]) == ("otto", "operator", "127.0.0.1",
+                                                                       "bodycam")
+    assert started["session"] == ended["session"] and ended["connected"] is True
+    assert headers["Location"].split("/")[-1] not in log.path.read_text()
+    denied = [r for r in records(log.path) if r["action"] == "audit.access.refused"]
+    assert [(r["user"], r["route"]) for r in denied] == [("vera", "/whip/{stream_id}")]
+    assert verify(log.path).intact

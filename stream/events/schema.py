@@ -38,7 +38,7 @@ EVENTS_DROPPED = PREFIX + "pipeline.events_dropped"
 AUDIT_ACTIONS = (
     "audit.log.opened", "audit.log.closed", "audit.log.resumed_after_damage", "audit.log.records_lost",
     "audit.login.refused", "audit.access.refused", "audit.users.changed",
-    "audit.view.started", "audit.view.ended",
+    "audit.view.started", "audit.view.ended", "audit.publish.started", "audit.publish.ended",
     "audit.stream.added", "audit.stream.removed", "audit.zones.changed",
     "audit.incident.started", "audit.incident.ended",
     "audit.recording.segment", "audit.recording.deleted",

@@ -81,10 +81,11 @@ def make_app(pipeline: Pipeline, tokens: Tokens | Authenticator | None = None,
     if gateway is not None:
         gateway.add_routes(app)
     if audit_log is not None:
-        from stream.live.webrtc.whep import audit_viewing
+        from stream.live.webrtc.session import audit_sessions
 
         if gateway is not None:
-            audit_viewing(gateway.whep, audit_log)
+            audit_sessions(gateway.whep, audit_log, "view")
+            audit_sessions(gateway.whip, audit_log, "publish")
     return app
 
 

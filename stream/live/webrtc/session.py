@@ -22,6 +22,7 @@ from typing import Any, Generic, Literal, TypeVar
 from aiortc import RTCPeerConnection, RTCRtpTransceiver, RTCSessionDescription
 from aiortc.sdp import SessionDescription
 
+from stream.events.audit import AuditLog
 from stream.live.webrtc.ice import IceConfig, apply
 
 log = logging.getLogger(__name__)
@@ -334,3 +335,30 @@ class SessionHost(Generic[S]):
             self._release(session)
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def audit_sessions(host: SessionHost[Any], audit: AuditLog, kind: str) -> None:
+    """Record in ``audit`` who opened a session of ``host`` (``kind`` ``view``: WHEP viewers,
+    ``publish``: WHIP publishers), on which stream, from where, and for how long."""
+    opened: dict[str, float] = {}
+
+    def who(session: RtcSession) -> dict[str, Any]:
+        r = session.requester
+        return {"role": r.role if r else None, "address": r.address if r else None,
+                "stream_id": session.stream_id, "session": short(session.id)}
+
+    def started(session: RtcSession) -> None:
+        opened[session.id] = time.monotonic()
+        audit.record(f"audit.{kind}.started", session.requester.user if session.requester else None,
+                     **who(session), codec=getattr(session, "codec", "unknown"))
+
+    def ended(session: RtcSession, reason: str | None) -> None:
+        start = opened.pop(session.id, None)
+        if start is None:
+            return  # never answered: nothing was watched or sent
+        audit.record(f"audit.{kind}.ended", session.requester.user if session.requester else None,
+                     **who(session), duration_s=round(time.monotonic() - start, 3),
+                     connected=session.connected.is_set(), reason=reason)
+
+    host.on_opened.append(started)
+    host.on_closed.append(ended)

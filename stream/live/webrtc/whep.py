@@ -51,7 +51,6 @@ from av import VideoFrame
 
 from stream.core.h264 import H264Encoder, H264Settings, VideoEncoder, even_size, video_frame
 from stream.core.yuv import Picture
-from stream.events.audit import AuditLog
 from stream.live.webrtc.ice import IceConfig
 from stream.live.webrtc.session import (
     CLOSE_TIMEOUT_S,
@@ -595,28 +594,3 @@ class WhepPlayback(SessionHost[WhepSession]):
     def _ended(self, session: WhepSession, reason: str | None) -> None:
         log.info("stream %s: WHEP viewer %s gone: %s (%d watching)", session.stream_id, short(session.id),
                  reason, self.viewers(session.stream_id))
-
-
-def audit_viewing(playback: WhepPlayback, audit: AuditLog) -> None:
-    """Record in ``audit`` who watched which stream, from where, and for how long."""
-    opened: dict[str, float] = {}
-
-    def started(session: WhepSession) -> None:
-        who = session.requester
-        opened[session.id] = time.monotonic()
-        audit.record("audit.view.started", who.user if who else None, role=who.role if who else None,
-                     address=who.address if who else None, stream_id=session.stream_id,
-                     session=short(session.id), codec=session.codec)
-
-    def ended(session: WhepSession, reason: str | None) -> None:
-        start = opened.pop(session.id, None)
-        if start is None:
-            return  # never answered: nothing was watched
-        who = session.requester
-        audit.record("audit.view.ended", who.user if who else None, role=who.role if who else None,
-                     address=who.address if who else None, stream_id=session.stream_id,
-                     session=short(session.id), duration_s=round(time.monotonic() - start, 3),
-                     connected=session.connected.is_set(), reason=reason)
-
-    playback.on_opened.append(started)
-    playback.on_closed.append(ended)
