@@ -89,6 +89,12 @@ class FakeChild:
         headers = {"X-Worker": self.name}
         if request.method == "GET" and path == "/api/streams":
             return web.json_response({"streams": self.streams}, headers=headers)
+        if request.method == "GET" and path == "/api/audit":
+            if self.name == "worker-1" and request.query.get("fail") == "400":
+                return web.json_response({"error": "since must be >= 0"}, status=400, headers=headers)
+            record = {"seq": 1, "action": "audit.log.opened", "since": request.query.get("since")}
+            return web.json_response({"file": f"audit.{self.name}.jsonl", "records": [record]},
+                                     headers=headers)
         if request.method == "POST" and path == "/api/streams":
             try:
                 doc = json.loads(self.seen[-1].body)
@@ -294,6 +300,19 @@ async def test_the_stream_list_holds_every_workers_streams(cluster: Cluster) -> 
                    "unavailable": []}
     assert all(paths(w) == [("GET", "/api/streams?x=1")] for w in cluster.workers)
     assert all(w.seen[-1].headers["Authorization"] == f"Bearer {TOKEN}" for w in cluster.workers)
+
+
+async def test_the_audit_export_holds_every_workers_log(cluster: Cluster) -> None:
+    status, doc, _ = await cluster.call("GET", "/api/audit?since=7", headers=AUTH)
+    assert status == 200, doc
+    assert [(log["worker"], log["file"], log["records"][0]["since"]) for log in doc["logs"]] == [
+        ("worker-0", "audit.worker-0.jsonl", "7"), ("worker-1", "audit.worker-1.jsonl", "7")]
+    assert (await cluster.call("GET", "/api/audit"))[0] == 401  # the workers check the token
+    status, doc, _ = await cluster.call("GET", "/api/audit?fail=400", headers=AUTH)
+    assert status == 400 and "since" in doc["error"]
+    cluster.children.set_port("worker-1", None)
+    status, doc, _ = await cluster.call("GET", "/api/audit", headers=AUTH)
+    assert status == 200 and doc["unavailable"] == ["worker-1"] and len(doc["logs"]) == 1
 
 
 @pytest.mark.parametrize("how", ["restarting", "refused"])

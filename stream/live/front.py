@@ -276,6 +276,28 @@ async def list_streams(request: web.Request) -> web.Response:
     return web.json_response({"streams": streams, "unavailable": unavailable})
 
 
+async def audit_logs(request: web.Request) -> web.Response:
+    """Every worker's audit records (admin; each worker keeps its own chain): ``{"logs": [{"worker",
+    "file", "records"}], "unavailable": [...]}``. ``since`` counts in each worker's own file."""
+    answers = await _ask_all(request, request.raw_path, LIST_TIMEOUT, _request_headers(request))
+    for _, a in answers:
+        if a is not None and a.status in (400, 401, 403):
+            return _relay(a)
+    logs: list[dict[str, Any]] = []
+    unavailable: list[str] = []
+    for name, a in answers:
+        doc = a.json() if a is not None and a.status == 200 else None
+        if isinstance(doc, dict) and isinstance(doc.get("records"), list):
+            logs.append({"worker": name, "file": doc.get("file"), "records": doc["records"]})
+        elif a is not None and a.status == 404:
+            return _relay(a)  # no audit log configured: every worker says the same
+        else:
+            unavailable.append(name)
+    if not logs:
+        return _unavailable(f"no worker is answering ({', '.join(unavailable) or 'none started'})")
+    return web.json_response({"logs": logs, "unavailable": unavailable})
+
+
 async def healthz(request: web.Request) -> web.Response:
     """The front answers, so the supervisor runs (it restarts its children itself)."""
     return web.json_response({"status": "ok"})
@@ -436,6 +458,7 @@ def make_front_app(children: Children, registry: CollectorRegistry | None = None
     r.add_get("/static/{name}", page)
     r.add_get("/openapi.json", to_first)
     r.add_get("/api/streams", list_streams)
+    r.add_get("/api/audit", audit_logs)
     r.add_post("/api/streams", add_stream)
     r.add_get("/api/streams/{stream_id}", to_owner)
     r.add_delete("/api/streams/{stream_id}", to_owner)
