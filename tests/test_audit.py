@@ -332,3 +332,39 @@ async def test_a_whip_publisher_is_recorded_from_start_to_end(audited: tuple[Ser
     denied = [r for r in records(log.path) if r["action"] == "audit.access.refused"]
     assert [(r["user"], r["route"]) for r in denied] == [("vera", "/whip/{stream_id}")]
     assert verify(log.path).intact
+
+
+def test_the_login_throttle_counts_per_address_within_its_window() -> None:
+    from stream.live.throttle import LoginThrottle
+
+    now = [1000.0]
+    t = LoginThrottle(limit=3, window_s=60, clock=lambda: now[0])
+    for _ in range(3):
+        assert t.wait_s("192.0.2.1") is None
+        t.refused("192.0.2.1")
+    assert t.wait_s("192.0.2.1") == 60 and t.wait_s("192.0.2.2") is None  # others are not affected
+    assert t.first_wait("192.0.2.1") and not t.first_wait("192.0.2.1")  # one audit line per spell
+    now[0] += 30
+    assert t.wait_s("192.0.2.1") == 30
+    now[0] += 30.5
+    assert t.wait_s("192.0.2.1") is None and t.first_wait("192.0.2.1")  # the window has passed
+
+
+async def test_a_token_guessing_flood_is_throttled_but_a_known_user_keeps_working(
+        audited: tuple[Served, AuditLog, dict[str, str]]) -> None:
+    from stream.live.throttle import LIMIT
+
+    s, log, tokens = audited
+    assert (await s.call("GET", "/api/streams", tokens["viewer"]))[0] == 200  # vera logged in before
+    token_id, _ = tokens["admin"].split(".")
+    for i in range(LIMIT):
+        assert (await s.call("GET", "/api/streams", f"{token_id}.{'g' * 40}{i:03d}"))[0] == 403
+    for _ in range(3):
+        status, doc, headers = await s.call("GET", "/api/streams", "guess-0123456789abcdef")
+        assert status == 429 and "too many refused logins" in doc["error"]
+        assert 1 <= int(headers["Retry-After"]) <= 60
+    assert (await s.call("GET", "/api/streams", tokens["viewer"]))[0] == 200  # known: still in
+    assert (await s.call("GET", "/api/streams", tokens["admin"]))[0] == 429  # never verified: waits
+    await asyncio.to_thread(log.flush)
+    refused = [r["reason"] for r in records(log.path) if r["action"] == "audit.login.refused"]
+    assert refused == ["invalid token"] * LIMIT + ["throttled"]

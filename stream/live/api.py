@@ -39,6 +39,7 @@ from stream.live import shard as sharding
 from stream.live.auth import FRONT_HEADER, PEER_HEADER, Authenticator, Refusal, required_role
 from stream.live.httpbody import BodyTooLarge, read_limited
 from stream.live.pipeline import Pipeline, StreamLimit
+from stream.live.throttle import LoginThrottle
 from stream.live.users import User
 from stream.live.webrtc.session import REQUESTER, Requester
 
@@ -48,6 +49,7 @@ MAX_BODY = 256 * 1024
 PROTECTED = ("/api/", "/whip/", "/whep/")
 AUTH = web.AppKey("auth", Authenticator)
 AUDIT = web.AppKey("audit", AuditLog)
+THROTTLE = web.AppKey("login_throttle", LoginThrottle)
 _KEY = getattr(web, "RequestKey", None)  # aiohttp >= 3.12 types request storage; older ones take names
 USER: Any = _KEY("user", User) if _KEY is not None else "user"
 """``request[USER]``: who made an authenticated request (a :class:`User`)"""
@@ -102,8 +104,21 @@ def protect(*prefixes: str) -> Any:
         authn = request.app[AUTH]
         peer = authn.peer(request.remote, request.headers.get(PEER_HEADER), request.headers.get(FRONT_HEADER))
         request[PEER] = peer
-        who = await authn.authenticate(request.headers, peer)
+        throttle = request.app[THROTTLE]
+        wait = throttle.wait_s(peer)
+        # a throttled address still gets in with a token already verified (an operator at work behind
+        # the same NAT), but costs no hashing and no audit line per guess
+        who = await authn.authenticate(request.headers, peer, cached_only=wait is not None)
+        if isinstance(who, Refusal) and wait is not None:
+            if throttle.first_wait(peer):
+                audit(request, "audit.login.refused", reason="throttled", claimed_user=None,
+                      method=request.method, route=required_role(request.method, request.path)[1])
+            resp = error(429, f"too many refused logins from {peer} in the last {throttle.window_s:.0f} s; "
+                              f"retry in {wait:.0f} s with a valid token")
+            resp.headers["Retry-After"] = str(round(wait))
+            return resp
         if isinstance(who, Refusal):
+            throttle.refused(peer)
             return _refused(request, who, "audit.login.refused")
         request[USER] = who
         denied = authn.authorize(who, request.method, request.path)
@@ -446,6 +461,7 @@ def add_routes(app: web.Application, pipeline: Pipeline, authn: Authenticator, a
                audit_log: AuditLog | None = None) -> None:
     app[PIPE] = pipeline
     app[AUTH] = authn
+    app[THROTTLE] = LoginThrottle()
     if audit_log is not None:
         app[AUDIT] = audit_log
     app[ALLOW_FILES] = allow_file_sources

@@ -229,13 +229,16 @@ class UserStore:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    async def verify(self, entry: Entry, token: str, secret: str) -> bool:
-        """Whether ``secret`` is ``entry``'s: from the cache, else one PBKDF2 off the event loop."""
+    async def verify(self, entry: Entry, token: str, secret: str, cached_only: bool = False) -> bool:
+        """Whether ``secret`` is ``entry``'s: from the cache, else (unless ``cached_only``) one PBKDF2
+        off the event loop."""
         key = hashlib.sha256(token.encode()).digest()
         with self._lock:
             cached = self._verified.get(key)
         if cached is not None and hmac.compare_digest(cached, entry.hash):
             return True
+        if cached_only:
+            return False
         ok = await asyncio.to_thread(check_secret, secret, entry.hash)
         if ok:
             with self._lock:
@@ -307,8 +310,11 @@ class Authenticator:
             return peer_header
         return remote
 
-    async def authenticate(self, headers: Mapping[str, str], peer: str | None) -> User | Refusal:
-        """Who sent a request with ``headers`` (a case-insensitive mapping) from ``peer``."""
+    async def authenticate(self, headers: Mapping[str, str], peer: str | None,
+                           cached_only: bool = False) -> User | Refusal:
+        """Who sent a request with ``headers`` (a case-insensitive mapping) from ``peer``;
+        ``cached_only``: a user token is accepted only if it was verified before (no hashing: what a
+        throttled address may still spend)."""
         get = headers.get
         if self.tokens.insecure:
             return User("anonymous", "admin", "insecure")
@@ -325,7 +331,8 @@ class Authenticator:
             self.users.refresh()
             parts = split_token(token)
             entry = self.users.entry(parts[0]) if parts is not None else None
-            if entry is not None and parts is not None and await self.users.verify(entry, token, parts[1]):
+            if entry is not None and parts is not None and await self.users.verify(entry, token, parts[1],
+                                                                                   cached_only):
                 if entry.expired():
                     return Refusal(401, f"the token of user {entry.name!r} expired at "
                                         f"{users_file.stamp(entry.expires or 0)}; an admin issues a new one "
