@@ -150,6 +150,8 @@ def test_the_pipeline_records_segments_whose_manifests_verify(recorded: tuple[Pa
         assert link.segment.parent == folder / day and link.segment.name.startswith("cam-")
         assert doc["start"]["utc"].endswith("Z") and doc["end"]["epoch"] >= doc["start"]["epoch"]
         assert doc["models"]["models"]["yunet"] == doc["models"]["models"]["yunet"].lower()
+        # exactly the models this stream's detector runs: the fast preset's YuNet, no plates, no persons
+        assert set(doc["models"]["models"]) == {"yunet"}
         assert len(doc["models"]["manifest_sha256"]) == 64 and len(doc["config_sha256"]) == 64
         with av.open(str(link.segment)) as c:  # fragmented MP4, H.264, one packet per manifest frame
             assert c.streams.video[0].codec_context.name == "h264"

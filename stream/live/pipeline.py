@@ -60,6 +60,14 @@ class StreamLimit(Exception):
 
 
 
+def model_families(pipeline: PipelineConfig) -> list[str]:
+    """The models the shared detector runs (face model names, ``plate``, ``person``), from the same
+    one conversion the detector is built from: what a recording's manifests name."""
+    s = pipeline.detection.detector_settings(classes=pipeline.privacy_classes())
+    return [*s.faces, *(["plate"] if s.plate is not None else []),
+            *(["person"] if s.person_heads is not None else [])]
+
+
 class StreamRunner:
     """One stream: receives frames from its source, redacts them in order, feeds its outputs."""
 
@@ -81,6 +89,7 @@ class StreamRunner:
         """the zones the stream was defined with (config file or API add), before any saved ones"""
         self._unwanted = np.array(sorted(OPTIONAL_LABELS - config.privacy.labels))
         """labels the shared detector reports for other streams that this one does not mask"""
+        self._models = model_families(pipeline)
         self.outputs = outputs if outputs is not None else self._make_outputs()
         self.source = self._make_source()
         self.state = "starting"
@@ -126,7 +135,7 @@ class StreamRunner:
                 outs.append(FileOutput(self.id, label, o, self.metrics))
             elif isinstance(o, RecordOutputConfig):
                 outs.append(RecordOutput(self.id, label, o, self.metrics, stream=lambda: self.config,
-                                         audit=self._recording_audit))
+                                         audit=self._recording_audit, models=self._models))
         return outs
 
     def _recording_audit(self, action: str, fields: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ import math
 import os
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fractions import Fraction
@@ -127,13 +127,16 @@ def config_digest(config: dict[str, Any]) -> str:
 
 
 @cache
-def models_digest() -> dict[str, Any]:
-    """The installed model manifest's SHA-256 and every model's pinned SHA-256: a detector loads a
-    weights file only when it has exactly that digest (stream.detect.models)."""
+def models_digest(families: Iterable[str] | None = None) -> dict[str, Any]:
+    """The installed model manifest's SHA-256 and the pinned SHA-256 of each model of ``families``
+    (``face`` model names, ``plate``, ``person``; with their int8 variants; None: every model): a
+    detector loads a weights file only when it has exactly that digest (stream.detect.models)."""
     from stream.detect.models import MANIFEST_PATH, manifest
 
+    wanted = None if families is None else set(families)
     return {"manifest_sha256": sha256_file(MANIFEST_PATH),
-            "models": {name: spec.sha256 for name, spec in sorted(manifest().items())}}
+            "models": {name: spec.sha256 for name, spec in sorted(manifest().items())
+                       if wanted is None or name.removesuffix("_int8") in wanted}}
 
 
 # -- files ---------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -134,10 +134,12 @@ class RecordOutput(EncoderOutput):
 
     def __init__(self, stream_id: str, label: str, config: RecordOutputConfig, metrics: Metrics,
                  stream: Callable[[], StreamConfig] | None = None, fps: float = 25.0,
-                 audit: Audit | None = None, clock: Callable[[], float] = time.time) -> None:
+                 audit: Audit | None = None, clock: Callable[[], float] = time.time,
+                 models: Sequence[str] | None = None) -> None:
         """``stream`` gives the stream's config as it is now (zones change at run time): each manifest
-        records its digest; ``audit`` is told of every deletion; ``clock`` is what retention measures
-        age against."""
+        records its digest; ``audit`` is told of every finished and deleted segment; ``clock`` is
+        what retention measures age against; ``models`` names the model families the detector runs
+        (None: every installed model is listed)."""
         super().__init__(stream_id, label, metrics, fps=fps, bitrate_kbps=config.bitrate_kbps,
                          gop_s=config.gop_s, queue_size=8)
         self.config = config
@@ -145,6 +147,7 @@ class RecordOutput(EncoderOutput):
         self.audit = audit
         self.clock = clock
         self.stream = stream
+        self.models = custody.models_digest(None if models is None else tuple(models))
         self._seg: _Segment | None = None
         self._next: Painted | None = None
         self._stored: deque[_Stored] = deque()
@@ -310,7 +313,7 @@ class RecordOutput(EncoderOutput):
             "blanked_frames": sum(1 for f in seg.frames if f.get("blanked")),
             "masks": {"width": seg.size[0], "height": seg.size[1], "frames": seg.frames},
             "packet_sha256": packets,
-            "models": custody.models_digest(),
+            "models": self.models,
             "config_sha256": custody.config_digest(self.stream().model_dump(mode="json")) if self.stream
             else None,
             "previous_manifest_sha256": self._prev,
