@@ -98,3 +98,39 @@ def test_one_shared_detector_masks_persons_only_on_the_stream_that_asks(tmp_path
     assert all("person" in s for s in labels["strict"][2:]), labels["strict"]
     assert not any("person" in s or "screen" in s for s in labels["normal"]), labels["normal"]
 
+
+def _screen_synth() -> Any:
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("screen_synth", FIXTURES.parent.parent / "benchmarks" /
+                                                  "screen_synth.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["screen_synth"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_rendered_monitor_is_found_and_masked_where_it_is() -> None:
+    """The screens class end to end on a picture the test renders: a 200 px monitor facing the camera
+    (the model scores it about 0.7) is reported as a screen covering it, and painted over."""
+    from stream.config import DetectionConfig
+    from stream.core.masking import MaskingStage
+    from stream.core.redact import Redactor
+    from stream.core.track import Tracker
+    from stream.detect.ensemble import FrameDetector
+
+    ss = _screen_synth()
+    scene = ss.render(200, 0.0, 6, "chelsea.jpg", "astronaut_256.jpg")
+    settings = DetectionConfig(preset="accurate", providers=["cpu"], plates=False)
+    det = FrameDetector(settings.detector_settings(classes=["screen"]))
+    found = det([scene.image])[0]
+    screens = found.with_label("screen")
+    assert len(screens) == 1 and ss.covered(screens.boxes, scene.box, scene.image.shape[:2]) == 1.0
+    redact = parse_config({"redaction": {"style": "solid"}}).redaction.redact_config()
+    image = scene.image.copy()
+    (masked,) = MaskingStage(Tracker(), Redactor(redact)).push(0, image, found)
+    x1, y1, x2, y2 = scene.box
+    assert "screen" in {r.label for r in masked.regions}
+    assert int(masked.image[y1:y2, x1:x2].max()) == 0, "the screen's picture is still visible"
