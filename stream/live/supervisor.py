@@ -219,6 +219,10 @@ class Supervisor:
         """Start the stage and wait until its detector is loaded (its error if it cannot load),
         then the workers, waiting until each serves; then watch them all."""
         try:
+            if self.config.events.jsonl.path is None:
+                # each worker writes events.worker-<i>.jsonl beside the default file, by an explicit
+                # path, so its sink does not create the state folder the default one would: here it is
+                self.config.events.jsonl.file().parent.mkdir(parents=True, exist_ok=True)
             self._start_delivery()
             stage = self._procs[0]
             self._launch(stage)
