@@ -306,6 +306,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     shard = sharding.resolve(args.shard_index, args.shard_count)  # bad values stop before the config loads
     config = load_config(args.config)
+    clustered = config.cluster.mode == "kafka"
+    if clustered and shard is not None:
+        raise UserError("cluster.mode kafka assigns streams through the consumer group; drop --shard-index/"
+                        "--shard-count (or use cluster.mode static)", exit_code=2)
     taken = ""
     if shard is not None:
         mine, others = shard.split(s.id for s in config.streams)
@@ -325,6 +329,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if shard is not None:
         print(f"stream-redact: {taken}", file=sys.stderr, flush=True)
     workers = args.workers if args.workers is not None else config.workers
+    if clustered:
+        if workers not in (None, 1):
+            raise UserError(f"cluster.mode kafka runs one stream worker per process (got --workers "
+                            f"{workers}); run more processes or pods instead: each joins the group and takes "
+                            "a share",
+                            exit_code=2)
+        workers = 1
     if workers is None:
         from stream.live.supervisor import default_workers
 

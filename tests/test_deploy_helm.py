@@ -285,3 +285,258 @@ def test_chart_packages(tmp_path: Path) -> None:
     res = helm("package", str(CHART), "-d", str(tmp_path))
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "stream-redact-0.1.0.tgz").is_file()
+
+
+# cluster.mode kafka: a Deployment whose pods share the streams through a Kafka consumer group.
+KAFKA_SERVERS = "kafka.data.svc:9092"
+KAFKA_VALUES = {
+    # the production-shaped example: GPUs, SASL/TLS, autoscaler, ServiceMonitor
+    "kafka-cluster": ["-f", str(CHART / "ci" / "kafka-cluster-values.yaml")],
+    # the defaults with the mode flipped and brokers given: nothing else set
+    "kafka-plain": ["--set", "cluster.mode=kafka,kafka.enabled=true",
+                    "--set", f"kafka.bootstrapServers={{{KAFKA_SERVERS}}}"],
+}
+
+
+@functools.cache
+def rendered_kafka(name: str) -> list[dict]:
+    res = helm("template", "sr", str(CHART), "--namespace", "video", *KAFKA_VALUES[name])
+    assert res.returncode == 0, res.stderr
+    return [d for d in yaml.safe_load_all(res.stdout) if d]
+
+
+def kafka_workers(docs: list[dict]) -> dict:
+    """The worker Deployment (the chart's other Deployment is MediaMTX's)."""
+    return one(docs, "Deployment", "sr-stream-redact")
+
+
+def kafka_worker(docs: list[dict]) -> dict:
+    return kafka_workers(docs)["spec"]["template"]["spec"]["containers"][0]
+
+
+def render_fails(values: dict, tmp_path: Path) -> str:
+    """Render with ``values``; the render must fail. Returns helm's error output."""
+    f = tmp_path / "values.yaml"
+    f.write_text(yaml.safe_dump(values))
+    res = helm("template", "sr", str(CHART), "-f", str(f))
+    assert res.returncode != 0, f"rendered: {values}"
+    return res.stderr
+
+
+def kafka_mode(**more: Any) -> dict:
+    """Values for kafka mode with brokers, merged one level deep with ``more``."""
+    values: dict[str, Any] = {"cluster": {"mode": "kafka"},
+                              "kafka": {"enabled": True, "bootstrapServers": [KAFKA_SERVERS]}}
+    for key, value in more.items():
+        values[key] = {**values[key], **value} if isinstance(value, dict) and key in values else value
+    return values
+
+
+@pytest.mark.parametrize("name", list(KAFKA_VALUES))
+def test_kafka_mode_lint_strict(name: str) -> None:
+    res = helm("lint", "--strict", str(CHART), *KAFKA_VALUES[name])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "0 chart(s) failed" in res.stdout
+
+
+@pytest.mark.parametrize("name", list(KAFKA_VALUES))
+def test_kafka_mode_manifests_are_valid_kubernetes(name: str, tmp_path: Path) -> None:
+    docs = [d for d in rendered_kafka(name) if d["kind"] not in CRDS]
+    out = tmp_path / f"{name}.yaml"
+    out.write_text(yaml.safe_dump_all(docs))
+    res = run([venv_tool("kubernetes-validate"), "-k", K8S, "--strict", str(out)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("passed") == len(docs), res.stdout
+
+
+@pytest.mark.parametrize("name", list(KAFKA_VALUES))
+def test_kafka_mode_runs_a_deployment_of_single_process_workers(name: str) -> None:
+    docs = rendered_kafka(name)
+    assert not [d for d in docs if d["kind"] == "StatefulSet"]
+    dep = kafka_workers(docs)
+    c = kafka_worker(docs)
+    assert c["args"] == ["run", "--config", "/etc/stream-redact/config.yaml", "--workers", "1"]
+    env = env_of(c)
+    assert not {"STREAM_REDACT_SHARD_INDEX", "STREAM_REDACT_SHARD_COUNT"} & env.keys()
+    assert not any("--shard" in a for a in c["args"])
+    # a replaced pod's streams are started elsewhere before it is gone: one extra pod, none missing
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate",
+                                       "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    # the same pod as in static mode otherwise: probes, lockdown, mounts
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert {"/tmp", "/var/lib/stream-redact", "/etc/stream-redact", "/dev/shm"} <= {
+        m["mountPath"] for m in c["volumeMounts"]}
+    assert next(v for v in pod["volumes"] if v["name"] == "state")["emptyDir"]
+
+
+def test_kafka_mode_replicas_and_autoscaler() -> None:
+    plain = rendered_kafka("kafka-plain")
+    assert kafka_workers(plain)["spec"]["replicas"] == 1  # replicaCount, as in static mode
+    assert not [d for d in plain if d["kind"] == "HorizontalPodAutoscaler"]  # off by default
+
+    docs = rendered_kafka("kafka-cluster")
+    dep = kafka_workers(docs)
+    assert "replicas" not in dep["spec"]  # the autoscaler owns the count; an upgrade must not reset it
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": dep["metadata"]["name"]}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+    assert hpa["spec"]["metrics"] == [{"type": "Resource", "resource": {
+        "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 60}}}]
+    # scaling down moves streams: at most one worker at a time, after a long quiet spell
+    down = hpa["spec"]["behavior"]["scaleDown"]
+    assert down["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 300}]
+    assert down["stabilizationWindowSeconds"] >= 300
+    assert kafka_worker(docs)["resources"]["requests"]["cpu"] == "6"  # what utilisation is measured against
+
+
+@pytest.mark.parametrize("name, session", [("kafka-plain", 10), ("kafka-cluster", 15)])
+def test_kafka_mode_gives_a_stopping_pod_time_to_hand_over(name: str, session: int) -> None:
+    """SIGTERM: the pod stops its streams, then leaves the group; cut short, they stay dark a session."""
+    pod = kafka_workers(rendered_kafka(name))["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == session + 50
+    static = one(rendered("default"), "StatefulSet")["spec"]["template"]["spec"]
+    assert static["terminationGracePeriodSeconds"] == 30  # static mode keeps its own value
+
+
+def test_kafka_mode_grace_period_can_be_set(tmp_path: Path) -> None:
+    f = tmp_path / "values.yaml"
+    f.write_text(yaml.safe_dump(kafka_mode(cluster={"mode": "kafka", "terminationGracePeriodSeconds": 120})))
+    res = helm("template", "sr", str(CHART), "-f", str(f))
+    assert res.returncode == 0, res.stderr
+    dep = one([d for d in yaml.safe_load_all(res.stdout) if d], "Deployment", "sr-stream-redact")
+    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120
+
+
+@pytest.mark.parametrize("name", list(KAFKA_VALUES))
+def test_kafka_mode_config_joins_the_group(name: str, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rendered config loads as a worker loads it, in kafka mode, on the brokers of the events."""
+    docs = rendered_kafka(name)
+    text = one(docs, "ConfigMap", "sr-stream-redact")["data"]["config.yaml"]
+    for var in ("CAM_USER", "CAM_PASS", "KAFKA_SASL_PASSWORD"):
+        monkeypatch.setenv(var, f"{var.lower()}-value")
+    (tmp_path / "kafka-tls").mkdir()
+    (tmp_path / "kafka-tls" / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    (tmp_path / "state").mkdir()
+    text = text.replace("/etc/stream-redact/kafka-tls", str(tmp_path / "kafka-tls"))
+    text = text.replace("/var/lib/stream-redact", str(tmp_path / "state"))
+    (tmp_path / "config.yaml").write_text(text)
+    cfg = load_config(tmp_path / "config.yaml")
+    expected = {
+        "kafka-plain": ("stream-redact", 64, 10.0, [KAFKA_SERVERS], 0),
+        "kafka-cluster": ("cctv-redaction", 32, 15.0,
+                          ["kafka-0.kafka.data.svc:9093", "kafka-1.kafka.data.svc:9093"], 3),
+    }[name]
+    assert cfg.cluster.mode == "kafka"
+    assert (cfg.cluster.group_id, cfg.cluster.partitions, cfg.cluster.session_timeout_s) == expected[:3]
+    assert cfg.cluster.assignments_topic == "stream-redact.assignments"
+    assert cfg.cluster.streams_topic == "stream-redact.streams"
+    assert cfg.events.kafka is not None and cfg.events.kafka.bootstrap_servers == expected[3]
+    assert len(cfg.streams) == expected[4]  # every worker has every stream; the group picks which it runs
+    # the pods roll when the cluster settings change
+    checksum = kafka_workers(docs)["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    assert len(checksum) == 64
+
+
+@pytest.mark.parametrize("name", list(VALUES))
+def test_static_mode_config_has_no_cluster_section(name: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    text = one(rendered(name), "ConfigMap", "sr-stream-redact")["data"]["config.yaml"]
+    assert "cluster" not in yaml.safe_load(text)
+    assert _pipeline_config(name, tmp_path, monkeypatch).cluster.mode == "static"
+
+
+def test_kafka_mode_services_budget_and_monitor_select_the_workers() -> None:
+    for name in KAFKA_VALUES:
+        docs = rendered_kafka(name)
+        dep = kafka_workers(docs)
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        svc = one(docs, "Service", "sr-stream-redact")
+        assert svc["spec"]["selector"].items() <= labels.items() and svc["spec"]["ports"][0]["port"] == 9108
+        pdb = one(docs, "PodDisruptionBudget")
+        assert pdb["spec"]["maxUnavailable"] == 1
+        assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # no per-pod DNS in kafka mode: the headless Service is there only for the ServiceMonitor
+    plain = rendered_kafka("kafka-plain")
+    assert not [d for d in plain if d["metadata"]["name"] == "sr-stream-redact-headless"]
+    docs = rendered_kafka("kafka-cluster")
+    headless = one(docs, "Service", "sr-stream-redact-headless")
+    assert headless["spec"]["selector"].items() <= kafka_workers(docs)["spec"]["template"]["metadata"][
+        "labels"].items()
+    sm = one(docs, "ServiceMonitor")
+    assert sm["spec"]["selector"]["matchLabels"].items() <= headless["metadata"]["labels"].items()
+
+
+def test_kafka_mode_secrets_come_from_existing_secrets() -> None:
+    docs = rendered_kafka("kafka-cluster")
+    env = env_of(kafka_worker(docs))
+    assert env["KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "stream-redact-kafka",
+                                                                        "key": "password"}
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    assert "password:" not in yaml.safe_dump_all(docs).replace("password_env:", "")
+
+
+def test_kafka_mode_pod_disruption_budget_is_configurable(tmp_path: Path) -> None:
+    f = tmp_path / "values.yaml"
+    f.write_text(yaml.safe_dump(kafka_mode(podDisruptionBudget={"maxUnavailable": "25%"})))
+    res = helm("template", "sr", str(CHART), "-f", str(f))
+    assert res.returncode == 0, res.stderr
+    pdb = one([d for d in yaml.safe_load_all(res.stdout) if d], "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == "25%"
+
+
+KAFKA_BAD = [
+    ({"cluster": {"mode": "kafka"}},
+     "cluster.mode kafka needs Kafka brokers, which the workers join a consumer group on: set "
+     "kafka.enabled=true and kafka.bootstrapServers"),
+    ({"cluster": {"mode": "kafka"}, "kafka": {"bootstrapServers": [KAFKA_SERVERS]}},
+     "cluster.mode kafka needs Kafka brokers"),  # brokers given but Kafka off: still none to join
+    (kafka_mode(persistence={"enabled": True}),
+     "persistence.enabled needs cluster.mode static: in kafka mode the workers are a Deployment"),
+    (kafka_mode(pipeline={"workers": 4}),
+     "pipeline.workers is 4, but cluster.mode kafka runs one stream worker per pod (run --workers 1)"),
+    (kafka_mode(replicaCount=65), "replicaCount (65) is more than cluster.partitions (64)"),
+    (kafka_mode(cluster={"autoscaling": {"enabled": True, "maxReplicas": 9}, "partitions": 8}),
+     "cluster.autoscaling.maxReplicas (9) is more than cluster.partitions (8)"),
+    (kafka_mode(cluster={"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 3}}),
+     "cluster.autoscaling.minReplicas (5) is more than cluster.autoscaling.maxReplicas (3)"),
+    (kafka_mode(cluster={"autoscaling": {"enabled": True}}, resources={"requests": {"cpu": None}}),
+     "cluster.autoscaling.enabled scales on CPU utilisation, which is measured against the pods' CPU "
+     "request: set resources.requests.cpu"),
+    (kafka_mode(cluster={"sessionTimeoutS": 30, "terminationGracePeriodSeconds": 40}),
+     "cluster.terminationGracePeriodSeconds (40) is shorter than cluster.sessionTimeoutS + 20 s (50)"),
+    (kafka_mode(cluster={"rollingUpdate": {"maxSurge": 0, "maxUnavailable": 0}}),
+     "cluster.rollingUpdate.maxSurge and maxUnavailable are both 0"),
+]
+
+
+@pytest.mark.parametrize("values, message", KAFKA_BAD, ids=[m.split(" (")[0].split(":")[0][:40]
+                                                              for _, m in KAFKA_BAD])
+def test_kafka_mode_refuses_what_cannot_work(values: dict, message: str, tmp_path: Path) -> None:
+    err = render_fails(values, tmp_path)
+    assert message in err, err
+
+
+KAFKA_SCHEMA_BAD = [
+    ({"cluster": {"mode": "etcd"}}, "cluster.mode"),
+    ({"cluster": {"sessionTimeoutS": 2}}, "cluster.sessionTimeoutS: Must be greater than or equal to 6"),
+    ({"cluster": {"partitions": 0}}, "cluster.partitions: Must be greater than or equal to 1"),
+    ({"cluster": {"groupId": ""}}, "cluster.groupId: String length must be greater than or equal to 1"),
+    ({"cluster": {"assignmentsTopic": "no spaces"}}, "cluster.assignmentsTopic: Does not match pattern"),
+    ({"cluster": {"shards": 3}}, "Additional property shards is not allowed"),
+    ({"pipeline": {"cluster": {"mode": "kafka"}}}, "pipeline: Must not validate the schema (not)"),
+]
+
+
+@pytest.mark.parametrize("values, message", KAFKA_SCHEMA_BAD,
+                         ids=[m.split(":")[0] for _, m in KAFKA_SCHEMA_BAD])
+def test_bad_cluster_values_are_rejected_by_the_schema(values: dict, message: str, tmp_path: Path) -> None:
+    err = render_fails(values, tmp_path)
+    assert "values don't meet the specifications of the schema" in err, err
+    assert message in err, err

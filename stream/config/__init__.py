@@ -20,6 +20,7 @@ import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from stream.config.base import ENV_NAME, ConfigModel, config_path, expand_env, file_context
+from stream.config.cluster import ClusterConfig
 from stream.config.events import EventsConfig
 from stream.config.privacy import OPTIONAL_LABELS, PrivacyConfig, ZoneConfig, check_zones
 from stream.core.errors import UserError
@@ -585,6 +586,8 @@ class PipelineConfig(ConfigModel):
     webrtc: WebRtcConfig = WebRtcConfig()
     events: EventsConfig = Field(EventsConfig(), description="detection/stream/incident events: jsonl file "
                                                              "or Kafka")
+    cluster: ClusterConfig = Field(ClusterConfig(), description="how the workers of a deployment share the "
+                                   "streams: a fixed split (static) or a Kafka consumer group (kafka)")
     audit: AuditConfig = Field(AuditConfig(), description="who watched, changed or was refused what: a "
                                                           "hash-chained JSON Lines file")
 
@@ -605,6 +608,9 @@ class PipelineConfig(ConfigModel):
             raise ValueError(f"{len(self.streams)} streams are configured but api.max_streams is "
                              f"{self.api.max_streams}; raise api.max_streams or split the streams over "
                              "workers")
+        if self.cluster.mode == "kafka" and self.events.kafka is None:
+            raise ValueError("cluster.mode kafka needs events.kafka (bootstrap_servers and security): the "
+                             "workers find each other through the same brokers; add an events.kafka section")
         gap = max(self.detection.plate_every or 1, self.detection.person_every or 1)
         if self.redaction.coast < gap:
             raise ValueError(f"redaction.coast ({self.redaction.coast}) is shorter than the detector gap "

@@ -106,6 +106,13 @@ class Metrics:
                                     buckets=FILL_BUCKETS, registry=r)
         self.transfer_bytes = Counter(p + "transfer_bytes", "Bytes copied between host and GPU",
                                       ["direction"], registry=r)
+        # cluster mode (stream/live/cluster.py): this worker's share of the consumer group's partitions
+        self.cluster_partitions = Gauge(p + "cluster_partitions", "Assignment partitions this worker holds",
+                                        registry=r)
+        self.cluster_streams = Gauge(p + "cluster_streams", "Streams the cluster gave this worker that run "
+                                     "here", registry=r)
+        self.cluster_rebalances = Counter(p + "cluster_rebalances", "Assignments received from the consumer "
+                                          "group", registry=r)
         # recordings (stream/live/publish/record.py): reasons are fixed names (retention, disk_full, io)
         self.recording_segments = Counter(p + "recording_segments", "Recording segments finished with a "
                                           "manifest", ["stream"], registry=r)

@@ -183,7 +183,12 @@ async def list_streams(request: web.Request) -> web.Response:
 
 async def get_stream(request: web.Request) -> web.Response:
     sid = request.match_info["stream_id"]
-    runner = request.app[PIPE].streams.get(sid)
+    p = request.app[PIPE]
+    runner = p.streams.get(sid)
+    if runner is None and p.cluster is not None and sid in p.cluster.book.current():
+        return error(404, f"stream {sid!r} runs on another worker of the cluster (assignments partition "
+                          f"{p.cluster.owner_partition(sid)}); ask that worker", partition=
+                     p.cluster.owner_partition(sid))
     if runner is None:
         return error(404, f"no stream {sid!r}; GET /api/streams lists them")
     return web.json_response(runner.status())
@@ -313,7 +318,7 @@ async def add_stream(request: web.Request) -> web.Response:
         return error(421, f"stream {cfg.id!r} runs on worker {other}, not on this "
                           f"worker process ({index} of {count}); send it to the supervisor's address",
                      worker=other, workers=count)
-    if cfg.id in p.streams:
+    if cfg.id in p.streams or (p.cluster is not None and cfg.id in p.cluster.book.current()):
         return error(409, f"stream {cfg.id!r} already exists; DELETE /api/streams/{cfg.id} first or use "
                           "another id")
     why_host = await _host_problem(cfg, api)
@@ -324,6 +329,8 @@ async def add_stream(request: web.Request) -> web.Response:
         why_file = _file_output_problem(cfg, api, p)
         if why_file is not None:
             return error(*why_file)
+        if p.cluster is not None:
+            return await _cluster_add(request, cfg)
         try:
             runner = await loop.run_in_executor(None, lambda: p.add_stream(cfg, limit=api.max_streams))
         except StreamLimit as e:
@@ -339,9 +346,49 @@ async def add_stream(request: web.Request) -> web.Response:
     return resp
 
 
+def _credentials(cfg: StreamConfig) -> bool:
+    urls = [getattr(cfg.source, "url", None), *(getattr(o, "url", None) for o in cfg.outputs)]
+    return any(u and (urlsplit(u).username or urlsplit(u).password) for u in urls)
+
+
+async def _cluster_add(request: web.Request, cfg: StreamConfig) -> web.Response:
+    """Cluster mode: the stream is defined for the whole cluster (the streams topic); its owner
+    starts it, whichever worker that is."""
+    member = request.app[PIPE].cluster
+    if _credentials(cfg):
+        return error(400, "in cluster mode a stream added through the API is stored in the cluster's streams "
+                          "topic, and credentials are never stored there: give the camera a URL without "
+                          "user:password (e.g. credentials by network policy), or add it to the config file "
+                          "with ${VARS}")
+    try:
+        await asyncio.to_thread(member.publish, cfg.id, cfg)
+    except Exception as e:
+        return error(503, f"the cluster's streams topic cannot be written ({type(e).__name__}); nothing was "
+                          "added; retry when the brokers are reachable", retry_after=5)
+    log.info("stream %s defined for the cluster through the API", cfg.id)
+    audit(request, "audit.stream.added", stream_id=cfg.id, stream=masked(cfg.model_dump(mode="json")))
+    partition = member.owner_partition(cfg.id)
+    resp = web.json_response({"id": cfg.id, "state": "defined", "partition": partition,
+                              "here": partition in member.owned}, status=202)
+    resp.headers["Location"] = f"/api/streams/{cfg.id}"
+    return resp
+
+
 async def remove_stream(request: web.Request) -> web.Response:
     sid = request.match_info["stream_id"]
     p = request.app[PIPE]
+    if p.cluster is not None:
+        if sid not in p.cluster.book.current():
+            return error(404, f"no stream {sid!r} in the cluster; GET /api/streams on each worker lists them")
+        try:
+            await asyncio.to_thread(p.cluster.publish, sid, None)
+        except Exception as e:
+            return error(503, f"the cluster's streams topic cannot be written ({type(e).__name__}); nothing "
+                              "was removed; retry when the brokers are reachable")
+        log.info("stream %s removed from the cluster through the API", sid)
+        await asyncio.to_thread(p.zone_store.forget, sid)
+        audit(request, "audit.stream.removed", stream_id=sid)
+        return web.json_response({"id": sid, "state": "removed"}, status=202)
     runner = p.streams.get(sid)
     if runner is None:
         return error(404, f"no stream {sid!r}; GET /api/streams lists them")

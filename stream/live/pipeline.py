@@ -367,6 +367,9 @@ class Pipeline:
         self.config = config
         self.metrics = metrics or Metrics()
         self.zone_store = ZoneStore(config.api.zones_dir or state_dir() / "zones")
+        self.cluster: Any = None
+        """the :class:`~stream.live.cluster.ClusterMember` in cluster mode: the API adds and removes
+        streams through it, for the whole cluster"""
         """zones set through the API, restored when their stream starts"""
         fc = config.fail_closed
         if stage is None:

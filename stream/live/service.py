@@ -11,6 +11,7 @@ import contextlib
 import functools
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Callable
 
@@ -22,6 +23,7 @@ from stream.events.delivery import DeliveryStatus, start_own_delivery
 from stream.events.sinks import sink_health, start_events
 from stream.live.auth import load_auth
 from stream.live.batcher import Detect, DetectorFactory, Stage
+from stream.live.cluster import ClusterMember
 from stream.live.http import start_http
 from stream.live.pipeline import Pipeline
 from stream.live.rtc import RtcGateway
@@ -70,7 +72,10 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
             loop.add_signal_handler(sig, stop.set)
     authn = load_auth(config.auth, insecure_no_auth, front_secret)
     configured = None if stage is not None else detector_factory_for(config)
-    pipeline = Pipeline(config, None if stage is not None else detector_factory or configured,
+    clustered = config.cluster.mode == "kafka"
+    # in cluster mode the consumer group says which streams run here: the pipeline starts with none
+    pipeline = Pipeline(config.model_copy(update={"streams": []}) if clustered else config,
+                        None if stage is not None else detector_factory or configured,
                         metrics=metrics, stage=stage)
     pipeline.shard = shard
     if on_pipeline is not None:
@@ -121,6 +126,23 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
         await loop.run_in_executor(None, pipeline.stop, stop_timeout)
         await close_events()
         raise UserError(str(e)) from None
+    member = None
+    if clustered:
+        member = ClusterMember(config, lambda cfg: pipeline.add_stream(cfg),
+                               lambda sid: pipeline.remove_stream(sid, stop_timeout),
+                               lambda: set(pipeline.streams), pipeline.metrics, process,
+                               config.cluster.member_id or f"{socket.gethostname()}:{port}")
+        pipeline.cluster = member
+        try:
+            await loop.run_in_executor(None, member.start)
+        except Exception as e:
+            await gateway.close()
+            await loop.run_in_executor(None, pipeline.stop, stop_timeout)
+            await close_events()
+            await runner.cleanup()
+            raise UserError(f"cluster.mode kafka: cannot reach the brokers of events.kafka "
+                            f"({type(e).__name__}: {e}); check events.kafka.bootstrap_servers and that the "
+                            "broker is up") from None
     if announce:  # a worker of `run --workers N` leaves this to the supervisor, whose port it is
         print(f"stream-redact: {len(pipeline.streams)} stream(s) running; metrics at "
               f"http://{config.http.host}:{port}/metrics, health at /healthz and /readyz", file=sys.stderr,
@@ -137,6 +159,8 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
                     break
     finally:
         log.info("stopping")
+        if member is not None:  # its streams stop first, then it leaves the group: no stream runs twice
+            await loop.run_in_executor(None, member.stop, stop_timeout)
         try:  # bounded: WebRTC sessions that will not close must not keep the pipeline running
             await asyncio.wait_for(gateway.close(), stop_timeout)
         except TimeoutError:

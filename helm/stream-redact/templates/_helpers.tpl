@@ -82,5 +82,59 @@ app.kubernetes.io/part-of: stream-redact
 {{- $_ := set $events "jsonl" (dict "path" "/var/lib/stream-redact/events.jsonl") -}}
 {{- end -}}
 {{- $_ := set $cfg "events" $events -}}
+{{- if eq .Values.cluster.mode "kafka" -}}
+{{- $c := .Values.cluster -}}
+{{- $_ := set $cfg "cluster" (dict "mode" "kafka" "group_id" $c.groupId "assignments_topic" $c.assignmentsTopic "streams_topic" $c.streamsTopic "partitions" (int $c.partitions) "session_timeout_s" $c.sessionTimeoutS) -}}
+{{- end -}}
 {{- toYaml $cfg -}}
+{{- end -}}
+
+
+{{/* Grace period of a worker pod. kafka: on SIGTERM it stops its streams, then leaves the group so
+     that the others start them at once; killed before that, its streams stay dark until the group
+     gives up on it (cluster.sessionTimeoutS). */}}
+{{- define "stream-redact.terminationGracePeriodSeconds" -}}
+{{- if eq .Values.cluster.mode "kafka" -}}
+{{- $session := int (ceil .Values.cluster.sessionTimeoutS) -}}
+{{- $min := add $session 20 -}}
+{{- $grace := int (.Values.cluster.terminationGracePeriodSeconds | default (add $session 50)) -}}
+{{- if lt $grace (int $min) -}}
+{{- fail (printf "cluster.terminationGracePeriodSeconds (%d) is shorter than cluster.sessionTimeoutS + 20 s (%d): a worker killed before it has stopped its streams and left the group leaves them dark for a further session timeout; set it to %d or more, or leave it empty for sessionTimeoutS + 50 s" $grace $min $min) -}}
+{{- end -}}
+{{- $grace -}}
+{{- else -}}
+{{- .Values.terminationGracePeriodSeconds -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Values that only make sense together in cluster.mode kafka; each failure names the value to set. */}}
+{{- define "stream-redact.checkCluster" -}}
+{{- if eq .Values.cluster.mode "kafka" -}}
+{{- $c := .Values.cluster -}}
+{{- if not (and .Values.kafka.enabled .Values.kafka.bootstrapServers) -}}
+{{- fail "cluster.mode kafka needs Kafka brokers, which the workers join a consumer group on: set kafka.enabled=true and kafka.bootstrapServers (e.g. [kafka-0.kafka:9092]), the same Kafka the events go to, or use cluster.mode static" -}}
+{{- end -}}
+{{- if .Values.persistence.enabled -}}
+{{- fail "persistence.enabled needs cluster.mode static: in kafka mode the workers are a Deployment, which has no volume per pod; set persistence.enabled=false (the event spool is then an emptyDir of persistence.size)" -}}
+{{- end -}}
+{{- if and (hasKey (.Values.pipeline | default dict) "workers") (ne (int .Values.pipeline.workers) 1) -}}
+{{- fail (printf "pipeline.workers is %v, but cluster.mode kafka runs one stream worker per pod (run --workers 1); remove pipeline.workers and raise replicaCount (or cluster.autoscaling) instead" .Values.pipeline.workers) -}}
+{{- end -}}
+{{- $most := ternary $c.autoscaling.maxReplicas .Values.replicaCount $c.autoscaling.enabled -}}
+{{- $what := ternary "cluster.autoscaling.maxReplicas" "replicaCount" $c.autoscaling.enabled -}}
+{{- if gt (int $most) (int $c.partitions) -}}
+{{- fail (printf "%s (%d) is more than cluster.partitions (%d): a worker without a partition of the assignments topic runs no stream; lower %s or raise cluster.partitions (before the topic is created: its partition count is fixed then)" $what (int $most) (int $c.partitions) $what) -}}
+{{- end -}}
+{{- if and (eq (toString $c.rollingUpdate.maxSurge) "0") (eq (toString $c.rollingUpdate.maxUnavailable) "0") -}}
+{{- fail "cluster.rollingUpdate.maxSurge and maxUnavailable are both 0, so no pod could ever be replaced; set maxSurge 1 (room for one more pod) or maxUnavailable 1" -}}
+{{- end -}}
+{{- if $c.autoscaling.enabled -}}
+{{- if gt (int $c.autoscaling.minReplicas) (int $c.autoscaling.maxReplicas) -}}
+{{- fail (printf "cluster.autoscaling.minReplicas (%d) is more than cluster.autoscaling.maxReplicas (%d); lower minReplicas or raise maxReplicas" (int $c.autoscaling.minReplicas) (int $c.autoscaling.maxReplicas)) -}}
+{{- end -}}
+{{- if not (and .Values.resources.requests (hasKey .Values.resources.requests "cpu")) -}}
+{{- fail "cluster.autoscaling.enabled scales on CPU utilisation, which is measured against the pods' CPU request: set resources.requests.cpu" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}

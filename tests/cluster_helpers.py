@@ -1,0 +1,104 @@
+"""Cluster-mode members for tests and the failover benchmark: real `stream-redact run` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kafka_broker import Broker, free_port
+
+TOKEN = "cluster-test-token-0123456789"
+
+
+class Member:
+    """One `stream-redact run` process of the cluster, with its own HTTP port."""
+
+    def __init__(self, folder: Path, name: str, doc: dict[str, Any]) -> None:
+        self.name, self.port = name, free_port()
+        self.config = folder / f"{name}.yaml"
+        self.config.write_text(yaml.safe_dump({**doc, "http": {"port": self.port}}))
+        self.log = folder / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Member:
+        env = {**os.environ, "CLUSTER_TEST_TOKENS": TOKEN}
+        with self.log.open("ab") as out:
+            cmd = [sys.executable, "-m", "stream.cli", *(["-v"] if os.environ.get("CLUSTER_DEBUG") else []),
+                   "run", "--config", str(self.config)]
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        return self
+
+    def streams(self) -> set[str] | None:
+        """The streams running here (None: the member does not answer)."""
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/api/streams",
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+        try:
+            with urllib.request.urlopen(req, timeout=2) as r:
+                return {s["id"] for s in json.loads(r.read())["streams"]}
+        except (OSError, ValueError, urllib.error.URLError):
+            return None
+
+    def published(self) -> dict[str, int] | None:
+        """Frames published so far by each stream running here (None: the member does not answer)."""
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/api/streams",
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+        try:
+            with urllib.request.urlopen(req, timeout=2) as r:
+                return {s["id"]: int(s.get("published") or 0) for s in json.loads(r.read())["streams"]}
+        except (OSError, ValueError, urllib.error.URLError):
+            return None
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
+                                     headers={"Authorization": f"Bearer {TOKEN}",
+                                              "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=15) as r:
+                return r.status, json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+
+def cluster_doc(broker: Broker, clip: Path, streams: list[str]) -> dict[str, Any]:
+    return {
+        "streams": [{"id": s, "source": {"type": "file", "path": str(clip), "loop": True}} for s in streams],
+        "detection": {"preset": "fast", "plates": False, "heads": False, "providers": ["cpu"],
+                      "warmup": False},
+        "auth": {"tokens_env": "CLUSTER_TEST_TOKENS"},
+        "events": {"sink": "none", "kafka": {"bootstrap_servers": broker.bootstrap}},
+        "cluster": {"mode": "kafka", "partitions": 16, "session_timeout_s": 6},
+    }
+
+
+def placement(ms: list[Member]) -> Counter[str] | None:
+    """How many members run each stream; None while one of the live members does not answer."""
+    seen: Counter[str] = Counter()
+    for m in ms:
+        got = m.streams()
+        if got is None:
+            return None
+        seen.update(got)
+    return seen
+
+
+def each_once(ms: list[Member], ids: list[str]) -> bool:
+    seen = placement(ms)
+    return seen is not None and sorted(seen) == sorted(ids) and all(n == 1 for n in seen.values())
