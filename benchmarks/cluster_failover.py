@@ -98,11 +98,15 @@ class Sampler:
         return out
 
 
+class Unsettled(RuntimeError):
+    """A phase did not reach its state in time (recorded in the results, not a crash)."""
+
+
 def wait_until(cond: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
-            raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
+            raise Unsettled(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.2)
 
 
@@ -146,35 +150,17 @@ def main(argv: list[str] | None = None) -> int:
                           "lost": [s for s in ids if not any(s in (m.streams() or ()) for m in rest)]}
 
         # 2. scale up: one more member (the killed one's place taken by a new process)
-        before = {sid: m.name for m in rest for sid in (m.streams() or ())}
-        newcomer = Member(work, f"m{args.members}", doc).start()
-        members.append(newcomer)
-        grown = [*rest, newcomer]
-        t_add = time.monotonic()
-        wait_until(lambda: each_once(grown, ids) and bool(newcomer.streams()), 60,
-                   "the new member taking streams")
-        moved = sorted(newcomer.streams() or ())
-        wait_until(lambda: all(sampler.first_live_after(s, t_add, before.get(s)) is not None for s in moved),
-                   30, "the moved streams publishing on the new member")
-        add_gaps = {s: round(sampler.dark_s([s], t_add, time.monotonic())[s], 2) for s in moved}
-        result["scale_up"] = {"members_after": len(grown), "streams_moved": len(moved),
-                              "share_moved": round(len(moved) / len(ids), 3), "dark_s": add_gaps,
-                              "ran_twice_s": sampler.twice_s(t_add, time.monotonic())}
-
+        grown = rest
+        try:
+            result["scale_up"] = scale_up(sampler, work, doc, members, rest, ids)
+            grown = [*rest, members[-1]]
+        except Unsettled as e:
+            result["scale_up"] = {"error": str(e)}
         # 3. rolling restart of every member
-        t_roll = time.monotonic()
-        for m in grown:
-            m.stop()
-            m.start()
-            wait_until(lambda: each_once(grown, ids), 90, f"every stream once after restarting {m.name}")
-        wait_until(lambda: all(sampler.first_live_after(s, time.monotonic() - 1) is not None for s in ids),
-                   30, "every stream publishing after the rolling restart")
-        dark = sampler.dark_s(ids, t_roll, time.monotonic())
-        result["rolling_restart"] = {"seconds": round(time.monotonic() - t_roll, 1),
-                                     "dark_s": {k: round(v, 2) for k, v in dark.items()},
-                                     "dark_p50_s": statistics.median(dark.values()),
-                                     "dark_max_s": max(dark.values()),
-                                     "ran_twice_s": sampler.twice_s(t_roll, time.monotonic())}
+        try:
+            result["rolling_restart"] = rolling_restart(sampler, grown, ids)
+        except Unsettled as e:
+            result["rolling_restart"] = {"error": str(e)}
     finally:
         sampler.stop()
         for m in members:
@@ -182,6 +168,46 @@ def main(argv: list[str] | None = None) -> int:
         for m in members:
             m.kill()
         broker.stop()
+    report(result, args)
+    return 0
+
+
+def scale_up(sampler: Sampler, work: Path, doc: dict[str, Any], members: list[Member], rest: list[Member],
+             ids: list[str]) -> dict[str, Any]:
+    """Start one more member: which streams move to it, and how long each is dark."""
+    before = {sid: m.name for m in rest for sid in (m.streams() or ())}
+    newcomer = Member(work, f"m{len(members)}", doc).start()
+    members.append(newcomer)
+    grown = [*rest, newcomer]
+    t_add = time.monotonic()
+    wait_until(lambda: each_once(grown, ids) and bool(newcomer.streams()), 60,
+               "the new member taking streams")
+    moved = sorted(newcomer.streams() or ())
+    wait_until(lambda: all(sampler.first_live_after(s, t_add, before.get(s)) is not None for s in moved),
+               30, "the moved streams publishing on the new member")
+    add_gaps = {s: round(sampler.dark_s([s], t_add, time.monotonic())[s], 2) for s in moved}
+    return {"members_after": len(grown), "streams_moved": len(moved),
+            "share_moved": round(len(moved) / len(ids), 3), "dark_s": add_gaps,
+            "ran_twice_s": sampler.twice_s(t_add, time.monotonic())}
+
+
+def rolling_restart(sampler: Sampler, grown: list[Member], ids: list[str]) -> dict[str, Any]:
+    """Restart every member in turn; dark seconds per stream over the whole restart."""
+    t_roll = time.monotonic()
+    for m in grown:
+        m.stop()
+        m.start()
+        wait_until(lambda: each_once(grown, ids), 90, f"every stream once after restarting {m.name}")
+    wait_until(lambda: all(sampler.first_live_after(s, time.monotonic() - 1) is not None for s in ids),
+               30, "every stream publishing after the rolling restart")
+    dark = sampler.dark_s(ids, t_roll, time.monotonic())
+    return {"seconds": round(time.monotonic() - t_roll, 1),
+            "dark_s": {k: round(v, 2) for k, v in dark.items()},
+            "dark_p50_s": statistics.median(dark.values()), "dark_max_s": max(dark.values()),
+            "ran_twice_s": sampler.twice_s(t_roll, time.monotonic())}
+
+
+def report(result: dict[str, Any], args: argparse.Namespace) -> None:
     k, u, r = result["kill"], result["scale_up"], result["rolling_restart"]
     print(f"cluster failover: {args.members} members, {args.streams} streams, session timeout 6 s, "
           f"sampled every {SAMPLE_S} s")
@@ -189,15 +215,20 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|")
     print(f"| SIGKILL one member | {k['streams_moved']} | {k['gap_p50_s']:.1f} / {k['gap_max_s']:.1f} | "
           f"{sum(k['ran_twice_s'].values()):.2f} | {len(k['lost'])} |")
-    add = list(u["dark_s"].values()) or [0.0]
-    print(f"| add a member ({u['members_after']}) | {u['streams_moved']} ({u['share_moved']:.0%}) | "
-          f"{statistics.median(add):.1f} / {max(add):.1f} | {sum(u['ran_twice_s'].values()):.2f} | 0 |")
-    print(f"| rolling restart ({r['seconds']:.0f} s) | all | dark {r['dark_p50_s']:.1f} / "
-          f"{r['dark_max_s']:.1f} per stream | {sum(r['ran_twice_s'].values()):.2f} | 0 |")
+    if "error" in u:
+        print(f"| add a member | did not settle: {u['error']} | | | |")
+    else:
+        add = list(u["dark_s"].values()) or [0.0]
+        print(f"| add a member ({u['members_after']}) | {u['streams_moved']} ({u['share_moved']:.0%}) | "
+              f"{statistics.median(add):.1f} / {max(add):.1f} | {sum(u['ran_twice_s'].values()):.2f} | 0 |")
+    if "error" in r:
+        print(f"| rolling restart | did not settle: {r['error']} | | | |")
+    else:
+        print(f"| rolling restart ({r['seconds']:.0f} s) | all | dark {r['dark_p50_s']:.1f} / "
+              f"{r['dark_max_s']:.1f} per stream | {sum(r['ran_twice_s'].values()):.2f} | 0 |")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.json}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -36,11 +36,6 @@ class ClusterConfig(ConfigModel):
         10.0, ge=6, le=300, description="a worker silent this long leaves the group and its streams move; "
         "a worker that cannot reach the group for this long stops its streams")
 
-    member_id: str | None = Field(None, min_length=1, max_length=200, description=(
-        "this worker's stable name in the group (Kafka static membership): a worker that comes back under "
-        "the same name within the session timeout gets its streams back without moving anyone's; default "
-        "the host name and HTTP port (a pod keeps its name across container restarts). Unique per worker"))
-
     @field_validator("assignments_topic", "streams_topic")
     @classmethod
     def _topics(cls, v: str) -> str:

@@ -34,6 +34,8 @@ from stream.events.kafka import client_settings
 log = logging.getLogger(__name__)
 
 POLL_S = 0.25
+STALL_SESSIONS = 3
+"""a member that joined and got no assignment within this many session timeouts joins again"""
 CATCH_UP_S = 30.0
 """how long a starting worker waits to have read the streams topic to its end before joining"""
 
@@ -92,18 +94,12 @@ class ClusterMember:
 
     def __init__(self, config: PipelineConfig, start: Callable[[StreamConfig], None],
                  stop: Callable[[str], None], running: Callable[[], set[str]],
-                 metrics: Metrics | None = None, name: str = "worker",
-                 instance_id: str | None = None) -> None:
+                 metrics: Metrics | None = None, name: str = "worker") -> None:
         assert config.events.kafka is not None, "cluster mode needs events.kafka (checked with the config)"
         self.config, self.cluster, self.kafka = config, config.cluster, config.events.kafka
         self._start, self._stop_stream, self._running = start, stop, running
         self.metrics = metrics
         self.name = name
-        self.instance_id = instance_id
-        """the group.instance.id (static membership): a member does not leave the group when it stops,
-        and one that comes back under the same id within the session timeout takes its partitions back
-        without a rebalance. Dynamic members (None) leave on stop, which some brokers handle badly: a
-        leader that left could stall the group's next assignment (seen with Tansu)"""
         self.book = StreamBook(list(config.streams))
         self.owned: set[int] = set()
         self.rebalances = 0
@@ -114,6 +110,8 @@ class ClusterMember:
         self._threads: list[threading.Thread] = []
         self._producer: Any = None
         self._seen_version = -1
+        self._reachable_at = time.monotonic()
+        self._assigned = False
         self._started: dict[str, StreamConfig] = {}
         """the definition each stream here was started from (its zones may have changed since)"""
 
@@ -128,9 +126,7 @@ class ClusterMember:
             self._threads.append(t)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop this worker's streams, then close the membership: a dynamic member leaves the group (its
-        partitions move at once), a static one is let go by the group after the session timeout
-        unless it is back by then."""
+        """Stop this worker's streams, then leave the group (its partitions move at once)."""
         self._stop.set()
         for t in self._threads:
             t.join(timeout)
@@ -236,6 +232,7 @@ class ClusterMember:
 
             def on_partitions_assigned(self, assigned: Any) -> None:
                 with member._lock:
+                    member._assigned = True
                     member.rebalances += 1
                     member.session_lost = False
                     if member.metrics is not None:
@@ -259,12 +256,20 @@ class ClusterMember:
                         # polls every POLL_S, so a short one costs nothing and restarts settle fast
                         max_poll_interval_ms=2 * session_ms,
                         partition_assignment_strategy=(CooperativeStickyAssignor,),
-                        **({"group_instance_id": self.instance_id} if self.instance_id else {}),
                         **client_settings(self.kafka))
                     consumer.subscribe([self.cluster.assignments_topic], listener=Listener())
+                    joined_at, self._assigned = time.monotonic(), False
                 consumer.poll(timeout_ms=int(POLL_S * 1000))  # no records: this drives the group protocol
                 self._check_session(consumer)
                 self._reconcile()
+                waited = time.monotonic() - joined_at
+                if not self._assigned and waited > STALL_SESSIONS * self.cluster.session_timeout_s:
+                    # a group whose leader vanished mid-rebalance can wait for it for good on some
+                    # brokers: a member with a new id makes the group start over
+                    log.warning("consumer group %s: no assignment after %.0f s; joining again as a new "
+                                "member", self.cluster.group_id, waited)
+                    consumer.close(autocommit=False)
+                    consumer = None
             except Exception as e:
                 log.warning("consumer group %s: %s: %s; joining again", self.cluster.group_id,
                             type(e).__name__, e)
@@ -276,16 +281,23 @@ class ClusterMember:
                 self._stop.wait(2.0)
         if consumer is not None:
             with self._lock:
-                self._set_owned(set())  # stop first, then close: the next owner starts after us
+                self._set_owned(set())  # stop first, then leave: the next owner starts after us
             consumer.close(autocommit=False)
 
     def _check_session(self, consumer: Any) -> None:
-        """Cut off from the group for a session timeout: the group has given our partitions away."""
-        heartbeat = getattr(getattr(consumer, "_coordinator", None), "heartbeat", None)
-        if heartbeat is None or not self.owned:
+        """Cut off from the group for a session timeout: the group has given our partitions away.
+
+        Cut off means no group coordinator reachable: a member the group expelled while reachable
+        is told so on its next heartbeat, and loses its partitions through the listener. Heartbeats
+        alone are no measure: none go out while a rebalance is under way, which may well take a
+        session timeout (the group waits for a dead member to expire)."""
+        coordinator = getattr(consumer, "_coordinator", None)
+        now = time.monotonic()
+        if coordinator is None or not coordinator.coordinator_unknown():
+            self._reachable_at = now
             return
-        last = max(heartbeat.last_receive, heartbeat.last_reset)
-        if time.monotonic() - last > self.cluster.session_timeout_s:
+        last = self._reachable_at
+        if self.owned and now - last > self.cluster.session_timeout_s:
             with self._lock:
                 if self.owned:
                     log.error("consumer group %s unreachable for %.0f s: stopping this worker's %d stream(s) "

@@ -11,7 +11,6 @@ import contextlib
 import functools
 import logging
 import signal
-import socket
 import sys
 from collections.abc import Callable
 
@@ -130,8 +129,7 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
     if clustered:
         member = ClusterMember(config, lambda cfg: pipeline.add_stream(cfg),
                                lambda sid: pipeline.remove_stream(sid, stop_timeout),
-                               lambda: set(pipeline.streams), pipeline.metrics, process,
-                               config.cluster.member_id or f"{socket.gethostname()}:{port}")
+                               lambda: set(pipeline.streams), pipeline.metrics, process)
         pipeline.cluster = member
         try:
             await loop.run_in_executor(None, member.start)
