@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from cluster_helpers import Member, cluster_doc, each_once  # noqa: E402
 from helpers import make_clip  # noqa: E402
 from kafka_broker import Broker  # noqa: E402
+from live_helpers import wait_for as wait_until  # noqa: E402
 from machine import cpu_model  # noqa: E402
 
 SAMPLE_S = 0.25
@@ -98,16 +99,8 @@ class Sampler:
         return out
 
 
-class Unsettled(RuntimeError):
-    """A phase did not reach its state in time (recorded in the results, not a crash)."""
-
-
-def wait_until(cond: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise Unsettled(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.2)
+Unsettled = AssertionError
+"""what :func:`wait_until` raises when a phase did not reach its state in time (recorded, not a crash)"""
 
 
 def main(argv: list[str] | None = None) -> int:

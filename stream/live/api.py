@@ -34,6 +34,7 @@ from stream.config import (
     StreamConfig,
     format_errors,
 )
+from stream.core.urls import mask_url
 from stream.events.audit import AuditLog, masked
 from stream.live import shard as sharding
 from stream.live.auth import FRONT_HEADER, PEER_HEADER, Authenticator, Refusal, required_role
@@ -347,8 +348,9 @@ async def add_stream(request: web.Request) -> web.Response:
 
 
 def _credentials(cfg: StreamConfig) -> bool:
+    """A URL of the stream holds something the logs would mask (user info, query values)."""
     urls = [getattr(cfg.source, "url", None), *(getattr(o, "url", None) for o in cfg.outputs)]
-    return any(u and (urlsplit(u).username or urlsplit(u).password) for u in urls)
+    return any(u and mask_url(u) != u for u in urls)
 
 
 async def _cluster_add(request: web.Request, cfg: StreamConfig) -> web.Response:
@@ -358,8 +360,8 @@ async def _cluster_add(request: web.Request, cfg: StreamConfig) -> web.Response:
     if _credentials(cfg):
         return error(400, "in cluster mode a stream added through the API is stored in the cluster's streams "
                           "topic, and credentials are never stored there: give the camera a URL without "
-                          "user:password (e.g. credentials by network policy), or add it to the config file "
-                          "with ${VARS}")
+                          "user:password or query values (e.g. credentials by network policy), or add it to "
+                          "the config file with ${VARS}")
     try:
         await asyncio.to_thread(member.publish, cfg.id, cfg)
     except Exception as e:
