@@ -89,6 +89,19 @@ def test_a_mask_zone_covers_every_pixel_inside_it(points: list, w: int, h: int) 
     assert painted.sum() <= inside.sum() + 2.5 * (w + h) * 2
 
 
+def test_rasters_kept_for_a_few_sizes_only() -> None:
+    """A sender that changes resolution all the time must not grow memory without bound."""
+    from stream.core.zones import MAX_RASTERS
+
+    zones = ZoneSet((Zone("mask", tuple(map(tuple, SQUARE))),))
+    for w in range(100, 140, 2):
+        zones.paint(np.zeros((80, w, 3), np.uint8))
+    assert len(zones._rasters) == MAX_RASTERS
+    frame = np.zeros((80, 100, 3), np.uint8)  # an evicted size is rasterised again, the same
+    zones.paint(frame)
+    assert (frame[zones.mask(100, 80)] == FILL_BGR).all()
+
+
 def test_an_only_zone_paints_everything_outside_it() -> None:
     zones = ZoneSet((Zone("only", tuple(map(tuple, SQUARE))),))
     painted = zones.mask(320, 240)

@@ -29,6 +29,8 @@ MAX_POINTS = 64
 MAX_ZONES = 32
 SHIFT = 8
 """fractional bits of the polygon corners handed to cv2 (1/256 pixel)"""
+MAX_RASTERS = 4
+"""picture sizes whose rasters are kept per zone set (oldest dropped first)"""
 GROW = np.ones((3, 3), np.uint8)
 """a painted area grows by one pixel all round"""
 FILL_BGR = (48, 48, 48)
@@ -132,6 +134,8 @@ class ZoneSet:
         key = (width, height, chroma)
         r = self._rasters.get(key)
         if r is None:
+            if len(self._rasters) >= MAX_RASTERS:  # a WebRTC sender changing size often: keep memory bounded
+                self._rasters.pop(next(iter(self._rasters)))
             r = self._rasters[key] = rasterise(self.zones, width, height, chroma)
         return r
 
