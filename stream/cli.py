@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stream import __version__
+from stream.audio.redactor import AudioPolicy
 from stream.core.errors import UserError
 from stream.detect.models import ModelError
 from stream.detect.presets import PRESETS
@@ -87,8 +88,8 @@ def add_redact_parser(sub: argparse._SubParsersAction) -> None:
         help="redact faces and licence plates in an image or video file",
         description=(
             "Redact every face and licence plate in an image (jpg/png) or video (mp4/mov/avi/mkv). "
-            "Video keeps its frame rate and resolution. Audio is dropped unless --keep-audio; "
-            "audio is NOT redacted (voices and spoken names stay audible)."
+            "Video keeps its frame rate and resolution. Audio is redacted too (--audio): by default "
+            "speech is muted and every other sound (sirens, alarms, the street) is kept."
         ),
     )
     p.add_argument("input", type=Path, help="image or video to redact")
@@ -138,8 +139,12 @@ def add_redact_parser(sub: argparse._SubParsersAction) -> None:
                    help="frames a newly found face is also masked backwards in time (default 4)")
     p.add_argument("--batch", type=_positive_int, default=1,
                    help="frames per detector batch (default 1: fastest on CPU; 8-32 on a GPU)")
+    p.add_argument("--audio", choices=[a.value for a in AudioPolicy], default=None,
+                   help="mute_speech (default): speech silenced, other sound kept; disguise: words kept, "
+                        "voices pitch- and formant-shifted with a random key; drop: no audio; keep: the "
+                        "audio copied unredacted (voices and spoken names stay audible)")
     p.add_argument("--keep-audio", action="store_true",
-                   help="copy the audio track unchanged (it is not redacted)")
+                   help="the same as --audio keep (copies the audio unredacted)")
     p.add_argument("--providers", default="cuda,cpu",
                    help="ONNX Runtime providers in order of preference (default: cuda,cpu)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per model (default: all cores)")
@@ -261,7 +266,11 @@ def _redact(args: argparse.Namespace) -> int:
     if args.coast is not None:
         tcfg.max_coast = args.coast
     detector = FrameDetector(cfg)
-    opts = JobOptions(batch=args.batch, lookback=args.lookback, keep_audio=args.keep_audio,
+    if args.keep_audio and args.audio not in (None, "keep"):
+        raise UserError(f"--keep-audio and --audio {args.audio} contradict each other; give one of them",
+                        exit_code=2)
+    audio = AudioPolicy(args.audio or ("keep" if args.keep_audio else "mute_speech"))
+    opts = JobOptions(batch=args.batch, lookback=args.lookback, audio=audio,
                       progress=not args.no_progress and sys.stderr.isatty(), max_pixels=max_pixels)
     t0 = time.perf_counter()
     report = run_job(args.input, args.output, args.masks_json, detector, Tracker(tcfg), Redactor(rcfg), opts,

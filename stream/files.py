@@ -23,6 +23,9 @@ import av
 import cv2
 import numpy as np
 
+from stream.audio.codec import RATE as AUDIO_RATE
+from stream.audio.codec import AudioIn, AudioOut
+from stream.audio.redactor import AudioPolicy, AudioRedactConfig, AudioRedactor, SpeechSegment
 from stream.core.detections import Detect, FrameRef
 from stream.core.durable import fsync_dir
 from stream.core.errors import UserError
@@ -46,7 +49,8 @@ DEFAULT_MAX_PIXELS = 100_000_000
 class JobOptions:
     batch: int = 4
     lookback: int = 4
-    keep_audio: bool = False
+    audio: AudioPolicy = AudioPolicy.MUTE_SPEECH
+    """what happens to an audio track: muted speech (default), disguised voices, dropped or kept"""
     crf: int = 18
     preset: str = "veryfast"
     progress: bool = True
@@ -62,6 +66,8 @@ class MaskReport:
     height: int = 0
     frames: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    audio: dict[str, Any] | None = None
+    """the audio's policy, its speech segments (seconds) and how much of it was muted, by reason"""
 
     def add(self, m: Masked) -> None:
         self.frames.append({"frame": m.index, "regions": [r.as_json() for r in m.regions]})
@@ -69,6 +75,8 @@ class MaskReport:
     def to_json(self) -> str:
         """The document as compact JSON; ``warnings`` only when there are any."""
         doc: dict[str, Any] = {"width": self.width, "height": self.height, "frames": self.frames}
+        if self.audio is not None:
+            doc["audio"] = self.audio
         if self.warnings:
             doc["warnings"] = self.warnings
         return json.dumps(doc, separators=(",", ":"))
@@ -417,17 +425,24 @@ def _batches(frames: queue.Queue, size: int) -> Iterator[list[np.ndarray]]:
 
 
 class _Encoder:
-    """Writes painted frames with libx264 at the input's frame rate, and the input's audio if kept;
-    frames keep their order. Odd-sized video keeps its exact size (in 4:4:4)."""
+    """Writes painted frames with libx264 at the input's frame rate, and the audio (redacted and
+    encoded as AAC, or copied with ``keep``); frames keep their order. Odd-sized video keeps its
+    exact size (in 4:4:4)."""
 
     def __init__(self, dst: Path, width: int, height: int, rate: Fraction, opts: JobOptions,
                  audio_template: av.audio.stream.AudioStream | None) -> None:
         self.container = av.open(str(dst), mode="w")
+        self.audio: Any = None
+        self.audio_out: AudioOut | None = None
         try:
             self.video = H264Encoder(width, height, H264Settings(preset=opts.preset, crf=opts.crf,
                                                                  odd_size="yuv444p"),
                                      rate=rate, container=self.container)
-            self.audio = self.container.add_stream_from_template(audio_template) if audio_template else None
+            if audio_template is not None and opts.audio is AudioPolicy.KEEP:
+                self.audio = self.container.add_stream_from_template(audio_template)
+            elif audio_template is not None:
+                channels = 1 if audio_template.codec_context.layout.nb_channels == 1 else 2
+                self.audio_out = AudioOut(self.container, "aac", channels)
         except BaseException:
             self.abort()
             raise
@@ -443,10 +458,19 @@ class _Encoder:
             packet.stream = self.audio
             self.container.mux(packet)
 
+    def write_redacted(self, samples: np.ndarray, t: float) -> None:
+        """Redacted samples whose first one belongs at ``t`` seconds of the output."""
+        if self.audio_out is not None and len(samples):
+            for packet in self.audio_out.encode(samples, round(t * AUDIO_RATE)):
+                self.container.mux(packet)
+
     def close(self) -> None:
-        """Flush the encoder and write the index; a full disk surfaces here, so it must propagate."""
+        """Flush the encoders and write the index; a full disk surfaces here, so it must propagate."""
         for packet in self.video.flush():
             self.container.mux(packet)
+        if self.audio_out is not None:
+            for packet in self.audio_out.flush():
+                self.container.mux(packet)
         self.container.close()
 
     def abort(self) -> None:
@@ -457,8 +481,65 @@ class _Encoder:
             log.debug("closing the aborted output failed: %s", e)
 
 
+class _AudioTrack:
+    """Decodes the input's audio packets, redacts them (the policy) and hands them to the encoder.
+
+    Times are seconds from the video's first frame, which is where the output's clock starts;
+    audio from before it is cut (the output has no picture there to go with it).
+    """
+
+    def __init__(self, stream: av.audio.stream.AudioStream, start: float, policy: AudioPolicy,
+                 report: MaskReport) -> None:
+        self.stream, self.start, self.policy = stream, start, policy
+        self.input = AudioIn()
+        self.redactor: AudioRedactor | None = None
+        self.report = report
+        self.speech: list[list[float]] = []
+
+    def packets(self, q: queue.Queue, encoder: _Encoder) -> None:
+        while not q.empty():
+            packet = q.get()
+            if self.policy is AudioPolicy.KEEP:
+                encoder.write_audio(packet)
+                continue
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError as e:  # a bad audio packet is silence, never the video's end
+                self.report.warnings.append(f"undecodable audio packet skipped ({e})")
+                continue
+            for frame in frames:
+                t = float(frame.time) - self.start if frame.time is not None else None
+                samples = self.input.convert(frame)
+                if self.redactor is None:
+                    self.redactor = AudioRedactor(AUDIO_RATE, self.input.channels,
+                                                  AudioRedactConfig(policy=self.policy,
+                                                                    key=secrets.randbits(32)),
+                                                  on_segment=self._segment, stream_id="file")
+                for r in self.redactor.push(samples, t):
+                    self._write(r.samples, r.t, encoder)
+
+    def finish(self, encoder: _Encoder) -> None:
+        if self.redactor is not None:
+            for r in self.redactor.flush():
+                self._write(r.samples, r.t, encoder)
+            self.report.audio = {"policy": self.policy.value, "speech": self.speech,
+                                 "muted_s": {k.value: round(v / AUDIO_RATE, 3)
+                                             for k, v in self.redactor.totals.items()}}
+
+    def _segment(self, seg: SpeechSegment) -> None:
+        self.speech.append([round(seg.start, 3), round(seg.end, 3)])
+
+    @staticmethod
+    def _write(samples: np.ndarray, t: float, encoder: _Encoder) -> None:
+        if t < 0:  # before the first picture
+            cut = min(len(samples), round(-t * AUDIO_RATE))
+            samples, t = samples[cut:], t + cut / AUDIO_RATE
+        encoder.write_redacted(samples, t)
+
+
 def _pump(frames: queue.Queue, detect: Detect, stage: MaskingStage, encoder: _Encoder, report: MaskReport,
-          opts: JobOptions, audio_q: queue.Queue | None, decoder: threading.Thread, progress: Any) -> int:
+          opts: JobOptions, audio_q: queue.Queue | None, decoder: threading.Thread, progress: Any,
+          track: _AudioTrack | None = None) -> int:
     """Detect, mask and encode until the decoder is done; returns the number of frames."""
     index = 0
     for batch in _batches(frames, opts.batch):
@@ -468,18 +549,17 @@ def _pump(frames: queue.Queue, detect: Detect, stage: MaskingStage, encoder: _En
                 encoder.write(m.image)
                 report.add(m)
             index += 1
-        if audio_q is not None:
-            while not audio_q.empty():
-                encoder.write_audio(audio_q.get())
+        if audio_q is not None and track is not None:
+            track.packets(audio_q, encoder)
         if progress is not None:
             progress.update(len(batch))
     for m in stage.flush():
         encoder.write(m.image)
         report.add(m)
-    if audio_q is not None:
+    if audio_q is not None and track is not None:
         decoder.join()
-        while not audio_q.empty():
-            encoder.write_audio(audio_q.get())
+        track.packets(audio_q, encoder)
+        track.finish(encoder)
     return index
 
 
@@ -498,10 +578,13 @@ def redact_video(src: Path, dst: Path, detect: Detect, stage: MaskingStage, opts
         raise
     rate = vstream.average_rate or vstream.guessed_rate or Fraction(25)
     total = vstream.frames or None
-    audio = container.streams.audio[0] if opts.keep_audio and container.streams.audio else None
-    if opts.keep_audio and audio is None:
-        log.warning("--keep-audio: %s has no audio stream", src)
+    keeps_audio = opts.audio is not AudioPolicy.DROP
+    audio = container.streams.audio[0] if keeps_audio and container.streams.audio else None
+    if opts.audio is AudioPolicy.KEEP and audio is None:
+        log.warning("--audio keep: %s has no audio stream", src)
     report = MaskReport(width=width, height=height)
+    start = float(vstream.start_time * vstream.time_base) if vstream.start_time is not None else 0.0
+    track = _AudioTrack(audio, start, opts.audio, report) if audio is not None else None
     frames: queue.Queue = queue.Queue(maxsize=16)
     stop = threading.Event()
     audio_q: queue.Queue | None = queue.Queue() if audio is not None else None
@@ -525,7 +608,7 @@ def redact_video(src: Path, dst: Path, detect: Detect, stage: MaskingStage, opts
     index = 0
     closed = False
     try:
-        index = _pump(frames, detect, stage, encoder, report, opts, audio_q, decoder, progress)
+        index = _pump(frames, detect, stage, encoder, report, opts, audio_q, decoder, progress, track)
         encoder.close()
         closed = True
     except OSError as e:  # av.error.OSError too: ENOSPC from mux or from the trailer

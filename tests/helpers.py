@@ -214,6 +214,11 @@ def check_masks_contract(doc: dict, width: int, height: int, frames: int, warnin
     ``warnings``: the input was damaged, so the document must carry a ``warnings`` list of strings
     (the same lines the CLI prints on stderr); otherwise it must not have one.
     """
+    if "audio" in doc:  # only for inputs with an audio track that was redacted
+        audio = doc["audio"]
+        assert set(audio) == {"policy", "speech", "muted_s"}, audio
+        assert all(len(seg) == 2 and 0 <= seg[0] <= seg[1] for seg in audio["speech"]), audio
+        doc = {k: v for k, v in doc.items() if k != "audio"}
     if warnings:
         assert set(doc) == {"width", "height", "frames", "warnings"}, sorted(doc)
         assert isinstance(doc["warnings"], list) and doc["warnings"], doc["warnings"]

@@ -74,15 +74,15 @@ def test_video_face_obscured_in_every_frame(face_clip: Clip, redacted_face_clip)
             assert np.abs(dst[i].astype(int) - src[i].astype(int)).mean() < 3, f"frame {i} altered"
 
 
-@pytest.mark.parametrize("keep_audio", [True, False], ids=["keep-audio", "drop-audio"])
+@pytest.mark.parametrize("audio", [["--keep-audio"], ["--audio", "drop"], []],
+                         ids=["keep-audio", "drop-audio", "redacted-audio"])
 @pytest.mark.parametrize("fmt", ["mp4", "mkv", "avi", "mov"])
-def test_formats_and_audio(tmp_path: Path, fmt: str, keep_audio: bool) -> None:
+def test_formats_and_audio(tmp_path: Path, fmt: str, audio: list[str]) -> None:
     clip = make_clip(tmp_path / f"in.{fmt}", frames=8, fps=Fraction(30000, 1001), audio=True)
     src = read_video(clip.path)
     assert src.audio_codec == "aac" and src.audio_packets > 0
     out, masks = tmp_path / f"out.{fmt}", tmp_path / "masks.json"
-    res = run_cli("redact", clip.path, "-o", out, "--masks-json", masks, *FAST,
-                  *(["--keep-audio"] if keep_audio else []))
+    res = run_cli("redact", clip.path, "-o", out, "--masks-json", masks, *FAST, *audio)
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
     assert warning_lines(res.stderr) == [], "a complete file reported as damaged: " + res.stderr
@@ -90,12 +90,15 @@ def test_formats_and_audio(tmp_path: Path, fmt: str, keep_audio: bool) -> None:
     assert len(info.frames) == 8
     assert (info.width, info.height) == (320, 240)
     assert info.fps == Fraction(30000, 1001)
-    if keep_audio:
+    doc = json.loads(masks.read_text())
+    if audio == ["--keep-audio"]:
         assert info.audio_codec == src.audio_codec
         assert info.audio_packets == src.audio_packets
-    else:
+    elif audio:
         assert info.audio_codec is None
-    doc = json.loads(masks.read_text())
+    else:  # the default: re-encoded after redaction, and said so in the masks document
+        assert info.audio_codec == "aac" and info.audio_packets > 0
+        assert doc["audio"]["policy"] == "mute_speech"
     check_masks_contract(doc, 320, 240, frames=8)
     assert_faces_obscured(clip, src.frames, info.frames, doc)
 

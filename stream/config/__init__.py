@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from stream.config.audio import AudioConfig
 from stream.config.base import ENV_NAME, ConfigModel, config_path, expand_env, file_context
 from stream.config.cluster import ClusterConfig
 from stream.config.events import EventsConfig
@@ -216,6 +217,8 @@ class StreamConfig(ConfigModel):
         "published frame whatever detection says; changeable at run time with PUT /api/streams/{id}/zones"))
     privacy: PrivacyConfig = Field(PrivacyConfig(), description="extra classes masked on this stream: "
                                    "screens, whole persons")
+    audio: AudioConfig = Field(AudioConfig(), description="what happens to the stream's sound: speech "
+                               "muted (default) or disguised, or the audio dropped or kept")
 
     @field_validator("zones")
     @classmethod

@@ -212,6 +212,7 @@ class TopicsConfig(ConfigModel):
     stream: str | None = Field(None, description="stream up/down")
     incident: str | None = Field(None, description="fail-closed incidents")
     frame: str | None = Field(None, description="per-frame detections (when events.per_frame)")
+    audio: str | None = Field(None, description="speech found in the audio, audio muted on a fault")
     pipeline: str | None = Field(None, description="the pipeline's own alarms (events dropped)")
 
     @field_validator("*")

@@ -125,16 +125,27 @@ class Metrics:
                                         ["stream", "reason"], registry=r)
         self.recording_failing = Gauge(p + "recording_failing", "1 while a recording cannot be written "
                                        "(alarm on it)", ["stream"], registry=r)
+        # audio (stream/live/audio_lane.py): how each second of sound left, and the redactor's health
+        self.audio_seconds = Counter(p + "audio_seconds", "Seconds of audio published, by what happened to "
+                                     "them: kept, speech (muted or disguised), fault or late (muted because "
+                                     "the redactor failed or fell behind)", ["stream", "result"], registry=r)
+        self.audio_speech_segments = Counter(p + "audio_speech_segments", "Stretches of speech found",
+                                             ["stream"], registry=r)
+        self.audio_faults = Counter(p + "audio_faults", "Audio redactor failures (the audio they cover is "
+                                    "muted)", ["stream"], registry=r)
+        self.audio_delay = Gauge(p + "audio_delay_seconds", "How long the audio is held back for the speech "
+                                 "detector's look-ahead", ["stream"], registry=r)
 
     def forget_stream(self, stream_id: str) -> None:
         """Remove a removed stream's series so dashboards do not show it forever."""
         for metric in (self.frames_in, self.frames_published, self.queue_depth, self.stream_up,
-                       self.recording_segments, self.recording_bytes, self.recording_failing):
+                       self.recording_segments, self.recording_bytes, self.recording_failing,
+                       self.audio_speech_segments, self.audio_faults, self.audio_delay):
             with contextlib.suppress(KeyError):
                 metric.remove(stream_id)
         for metric in (self.frames_sent, self.frames_dropped, self.frames_blanked, self.frames_withheld,
                        self.detections, self.latency, self.reconnects, self.output_up, self.source_errors,
-                       self.recording_deleted, self.recording_errors):
+                       self.recording_deleted, self.recording_errors, self.audio_seconds):
             for labels in _series(metric, stream_id):
                 with contextlib.suppress(KeyError):  # removed meanwhile
                     metric.remove(*labels)

@@ -32,6 +32,12 @@ class Observer:
         """A ``record`` output finished (``audit.recording.segment``) or deleted
         (``audit.recording.deleted``) a segment; called on that output's thread."""
 
+    def speech(self, stream_id: str, started: float, ended: float, probability: float, policy: str) -> None:
+        """A stretch of speech (Unix seconds) was muted or disguised in the stream's audio."""
+
+    def audio_muted(self, stream_id: str, reason: str, seconds: float) -> None:
+        """Audio was published silent because its redactor failed (``fault``) or fell behind (``late``)."""
+
     def incident(self, stream_id: str, reason: Failure, frames: int, ended: bool, action: str) -> None:
         """Fail-closed incident: called when frames start being blanked/withheld (``ended`` False,
         ``frames`` 1) and when detection is back or the stream stops (``ended`` True, total)."""

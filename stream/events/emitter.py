@@ -161,6 +161,17 @@ class EventEmitter(Observer):
                     self._emit(schema.STREAM_DOWN, now, data, stream_id)
             s.state = state
 
+    def speech(self, stream_id: str, started: float, ended: float, probability: float, policy: str) -> None:
+        data = {"stream_id": stream_id, "started_at": schema.rfc3339(started),
+                "ended_at": schema.rfc3339(ended),
+                "duration_s": round(max(0.0, ended - started), 3), "probability": _score(probability),
+                "policy": policy}
+        self._emit(schema.AUDIO_SPEECH, ended, data, stream_id)
+
+    def audio_muted(self, stream_id: str, reason: str, seconds: float) -> None:
+        self._emit(schema.AUDIO_MUTED, time.time(), {"stream_id": stream_id, "reason": reason,
+                                                      "seconds": round(seconds, 3)}, stream_id)
+
     def incident(self, stream_id: str, reason: Failure, frames: int, ended: bool, action: str) -> None:
         s = self._stream(stream_id)
         now = time.time()

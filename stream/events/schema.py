@@ -34,6 +34,8 @@ INCIDENT_STARTED = PREFIX + "incident.started"
 INCIDENT_ENDED = PREFIX + "incident.ended"
 FRAME_DETECTIONS = PREFIX + "frame.detections"
 EVENTS_DROPPED = PREFIX + "pipeline.events_dropped"
+AUDIO_SPEECH = PREFIX + "audio.speech"
+AUDIO_MUTED = PREFIX + "audio.muted"
 
 AUDIT_ACTIONS = (
     "audit.log.opened", "audit.log.closed", "audit.log.resumed_after_damage", "audit.log.records_lost",
@@ -48,7 +50,8 @@ AUDIT_SUBJECT = "audit"
 """the subject (Kafka key) of audit events: one process's chain stays in one partition, in order"""
 
 TYPES = (TRACK_STARTED, TRACK_UPDATED, TRACK_ENDED, STREAM_UP, STREAM_DOWN, INCIDENT_STARTED,
-         INCIDENT_ENDED, FRAME_DETECTIONS, EVENTS_DROPPED, *(PREFIX + a for a in AUDIT_ACTIONS))
+         INCIDENT_ENDED, FRAME_DETECTIONS, AUDIO_SPEECH, AUDIO_MUTED, EVENTS_DROPPED,
+         *(PREFIX + a for a in AUDIT_ACTIONS))
 """every event type of schema v1"""
 
 

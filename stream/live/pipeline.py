@@ -17,8 +17,10 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import av
 import numpy as np
 
+from stream.audio.redactor import SpeechSegment
 from stream.config import (
     FileOutputConfig,
     FileSourceConfig,
@@ -40,6 +42,7 @@ from stream.core.redact import Redactor
 from stream.core.track import Seen, TrackChanges, Tracker
 from stream.core.urls import origins_only
 from stream.core.yuv import Picture
+from stream.live.audio_lane import AudioLane
 from stream.live.batcher import Batcher, DetectorFactory, Stage, hang_timeout_ms
 from stream.live.gpu import GpuMonitor, start_gpu_monitor
 from stream.live.publish.encoder import EncoderOutput, Painted
@@ -90,7 +93,18 @@ class StreamRunner:
         self._unwanted = np.array(sorted(OPTIONAL_LABELS - config.privacy.labels))
         """labels the shared detector reports for other streams that this one does not mask"""
         self._models = model_families(pipeline)
+        self.audio: AudioLane | None = None
+        """the stream's audio redaction (None with ``audio.policy: drop``)"""
+        if config.audio.policy != "drop":
+            self.audio = AudioLane(self.id, config.audio, metrics, self.max_latency_s,
+                                   on_speech=self._speech, on_muted=self._audio_muted)
         self.outputs = outputs if outputs is not None else self._make_outputs()
+        if self.audio is not None:
+            for out in self.outputs:
+                out.audio_bitrate = config.audio.bitrate_kbps * 1000
+                if isinstance(out, RtspOutput):
+                    out.audio_codec = config.audio.codec
+                self.audio.sinks.append(out.submit_audio)
         self.source = self._make_source()
         self.state = "starting"
         self.error: str | None = None
@@ -154,6 +168,8 @@ class StreamRunner:
         self.batcher.attach(self.queue)
         for out in self.outputs:
             out.start()
+        if self.audio is not None:
+            self.audio.start()
         self._thread.start()
         self.source.start()
 
@@ -165,6 +181,8 @@ class StreamRunner:
         self._ordered.close()
         self._thread.join(max(0.1, deadline - time.monotonic()))
         self.batcher.detach(self.id)
+        if self.audio is not None:  # the held tail goes to the outputs before they close
+            self.audio.stop(max(0.1, min(2.0, deadline - time.monotonic())))
         for out in self.outputs:
             out.stop(max(0.1, deadline - time.monotonic()))
         self._end_incident()
@@ -195,6 +213,27 @@ class StreamRunner:
             self.metrics.frames_dropped.labels(self.id, Drop.BACKLOG.value).inc()
         if self.queue.put(job) is not None:
             self.metrics.frames_dropped.labels(self.id, Drop.QUEUE_FULL.value).inc()
+
+    @property
+    def wants_audio(self) -> bool:
+        return self.audio is not None
+
+    def on_audio(self, frame: av.AudioFrame, arrived: float | None = None) -> None:
+        if self.audio is not None:
+            self.audio.on_audio(frame, arrived)
+
+    def on_audio_track(self, channels: int) -> None:
+        if self.audio is not None:
+            for out in self.outputs:
+                out.expect_audio(1 if channels == 1 else 2)
+
+    def _speech(self, seg: SpeechSegment) -> None:
+        now, wall = time.monotonic(), time.time()
+        self._notify("speech", self.id, wall - (now - seg.start), wall - (now - seg.end), seg.probability,
+                     self.config.audio.policy)
+
+    def _audio_muted(self, reason: str, seconds: float) -> None:
+        self._notify("audio_muted", self.id, reason, seconds)
 
     def on_up(self, width: int, height: int, codec: str) -> None:
         if self.size is not None and self.size != (width, height):
@@ -336,6 +375,8 @@ class StreamRunner:
             out.submit(image, frame.captured_at, painted)
         for hook in self.on_redacted:
             hook(frame, image, dets)
+        if self.audio is not None:
+            self.audio.video_published(frame.captured_at)
 
     def status(self) -> dict[str, Any]:
         from stream.core.metrics import sample
@@ -352,6 +393,7 @@ class StreamRunner:
             "latency_ms": None if self._latency_ms is None else round(self._latency_ms, 1),
             "recent": list(self.recent),
             "outputs": {o.label: {"up": o.up, "frames": o.frames_written} for o in self.outputs},
+            "audio": None if self.audio is None else self.audio.status(),
         }
 
 

@@ -12,12 +12,16 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
 
 import av
 import av.error
+import numpy as np
 
+from stream.audio.codec import RATE as AUDIO_RATE
+from stream.audio.codec import AudioOut
 from stream.core.frames import Drop
 from stream.core.h264 import H264Encoder, H264Settings, even_size
 from stream.core.metrics import Metrics
@@ -28,6 +32,8 @@ from stream.core.yuv import Picture, resize_picture
 log = logging.getLogger(__name__)
 
 TIME_BASE = Fraction(1, 90_000)
+AUDIO_BACKLOG_S = 3.0
+"""redacted audio waiting for the output thread beyond this is dropped, oldest first"""
 
 
 class OutputError(Exception):
@@ -71,6 +77,16 @@ class EncoderOutput:
         self._last_pts = -1
         self.frames_written = 0
         self.up = False
+        self.audio_codec = "aac"
+        self.audio_bitrate = 64_000
+        self._audio: deque[tuple[np.ndarray, float]] = deque()
+        self._audio_lock = threading.Lock()
+        self._audio_queued = 0
+        self._audio_channels = 0
+        """channels of the audio the stream has (0: none yet); the container gets a track for it"""
+        self._audio_out: AudioOut | None = None
+        self.audio_written = 0
+        """seconds of audio muxed (all containers of this output)"""
 
     # -- called by the redaction stage -----------------------------------------------------------
     def submit(self, image: Picture, captured_at: float, painted: Painted | None = None) -> None:
@@ -78,6 +94,22 @@ class EncoderOutput:
         if self._queue.put((image, captured_at)) is not None:
             why = Drop.STOPPING if self._queue.closed else Drop.OUTPUT_BUSY
             self.metrics.frames_dropped.labels(self.stream_id, why.value).inc()
+
+    def submit_audio(self, samples: np.ndarray, t: float) -> None:
+        """Queue redacted audio ([n, channels] float32 at 48 kHz) whose first sample is at stream-clock
+        time ``t``; never blocks. It is muxed beside the video frames, on the output's own clock."""
+        with self._audio_lock:
+            self._audio_channels = samples.shape[1]
+            self._audio.append((samples, t))
+            self._audio_queued += len(samples)
+            while self._audio_queued > AUDIO_BACKLOG_S * AUDIO_RATE and len(self._audio) > 1:
+                old, _ = self._audio.popleft()
+                self._audio_queued -= len(old)
+
+    def expect_audio(self, channels: int) -> None:
+        """The stream will carry audio of ``channels`` (1 or 2): open with an audio track."""
+        with self._audio_lock:
+            self._audio_channels = channels
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"{self.kind}-{self.stream_id}", daemon=True)
@@ -108,6 +140,10 @@ class EncoderOutput:
 
     def write(self, image: Picture, captured_at: float) -> None:
         size = even_size(image.shape[1], image.shape[0])  # 4:2:0: a last odd row/column is dropped
+        if self._container is not None and self._audio_channels and (
+                self._audio_out is None or self._audio_out.channels != self._audio_channels):
+            log.info("stream %s: output %s restarts to carry the stream's audio", self.stream_id, self.label)
+            self._close(flush=True)
         if self._container is not None and size != self._size:
             assert self._size is not None
             if self.keep_size:
@@ -125,6 +161,7 @@ class EncoderOutput:
         self._last_pts = pts
         for packet in self._encoder.encode(image, pts):
             self._container.mux(packet)
+        self._write_audio()
         self.frames_written += 1
         self.metrics.frames_sent.labels(self.stream_id, self.label).inc()
         self.metrics.latency.labels(self.stream_id, self.label).observe(time.monotonic() - captured_at)
@@ -138,7 +175,35 @@ class EncoderOutput:
             container.close()
             raise
         self._container, self._encoder, self._size = container, encoder, size
+        if self._audio_channels:
+            try:
+                self._audio_out = AudioOut(container, self.audio_codec, self._audio_channels,
+                                           bitrate=self.audio_bitrate)
+            except (av.error.FFmpegError, ValueError) as e:  # a container that cannot hold it: video only
+                log.error("stream %s: output %s cannot carry %s audio (%s); publishing video only",
+                          self.stream_id, self.label, self.audio_codec, e)
+                self._audio_channels = 0
         self._set_up(True)
+
+    def _write_audio(self) -> None:
+        """Mux the audio queued so far, timed on this output's clock (the first video frame is 0)."""
+        with self._audio_lock:
+            blocks = list(self._audio)
+            self._audio.clear()
+            self._audio_queued = 0
+        out, container = self._audio_out, self._container
+        if out is None or container is None or self._t0 is None:
+            return
+        for samples, t in blocks:
+            if samples.shape[1] != out.channels:
+                continue  # the restart for the new layout comes with the next video frame
+            at = round((t - self._t0) * AUDIO_RATE)
+            if at < 0:  # before this container's first picture
+                samples, at = samples[-at:], 0
+            if len(samples):
+                for packet in out.encode(samples, at):
+                    container.mux(packet)
+                self.audio_written += len(samples) / AUDIO_RATE
 
     def settings(self) -> H264Settings:
         """Live H.264: no frame delay, headers with every keyframe (a reader may join at any one)."""
@@ -151,14 +216,20 @@ class EncoderOutput:
         self.metrics.output_up.labels(self.stream_id, self.label).set(1 if up else 0)
 
     def _close(self, flush: bool) -> None:
-        container, encoder = self._container, self._encoder
-        self._container, self._encoder = None, None
+        if flush and self._container is not None:
+            with contextlib.suppress(av.error.FFmpegError, OSError, ValueError):
+                self._write_audio()  # the audio that came after the last picture
+        container, encoder, audio = self._container, self._encoder, self._audio_out
+        self._container, self._encoder, self._audio_out = None, None, None
         self._size = None
         if container is None:
             return
         try:
             if flush and encoder is not None:
                 for packet in encoder.flush():
+                    container.mux(packet)
+            if flush and audio is not None:
+                for packet in audio.flush():
                     container.mux(packet)
         except (av.error.FFmpegError, OSError, ValueError):
             pass  # the peer is gone; nothing left to save

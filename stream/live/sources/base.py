@@ -10,6 +10,8 @@ import logging
 import threading
 from typing import Protocol
 
+import av
+
 from stream.core.yuv import Picture
 
 log = logging.getLogger(__name__)
@@ -20,6 +22,18 @@ class SourceHandler(Protocol):
         """A decoded picture (I420 where the decoder made 4:2:0, else BGR: see
         :func:`~stream.core.yuv.decoded_picture`); ``arrived`` (``time.monotonic()``) is when its data
         reached this process, where the source knows it: the frame's deadline counts from then."""
+
+    def on_audio(self, frame: av.AudioFrame, arrived: float | None = None) -> None:
+        """A decoded audio frame (any codec, rate and layout), with when its data arrived."""
+
+    def on_audio_track(self, channels: int) -> None:
+        """The source has an audio track of ``channels`` channels: outputs open with an audio track
+        from the first frame instead of restarting when the first audio arrives."""
+
+    @property
+    def wants_audio(self) -> bool:
+        """False: the stream publishes no audio, so sources need not demux or decode it."""
+        ...
 
     def on_up(self, width: int, height: int, codec: str) -> None: ...
 

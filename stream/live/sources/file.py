@@ -48,22 +48,47 @@ class FileSource(Source):
                 raise av.error.InvalidDataError(0, "no video track")
             vs = container.streams.video[0]
             vs.thread_type = "AUTO"
+            audio = container.streams.audio[0] if container.streams.audio and self.handler.wants_audio \
+                else None
+            if audio is not None:
+                self.handler.on_audio_track(audio.codec_context.layout.nb_channels)
             rate = float(vs.average_rate or 25)
             first: float | None = None
             last = 0.0
             n = 0
-            for frame in container.decode(vs):
+            for packet in container.demux(vs, *([audio] if audio is not None else [])):
                 if self.stopping:
                     break
-                t = frame.time if frame.time is not None else n / rate
-                first = t if first is None else first
-                last = t - first
-                if n == 0 and offset == 0:
-                    self.handler.on_up(frame.width, frame.height, vs.codec_context.name)
-                if self.config.realtime:
-                    wait = start + offset + last - time.monotonic()
-                    if wait > 0 and self._stop.wait(wait):
+                if packet.stream is audio:
+                    if first is not None and self._audio(packet, start + offset - first):
                         break
-                self.handler.on_frame(decoded_picture(frame), offset + last)
-                n += 1
+                    continue
+                for frame in packet.decode():
+                    t = frame.time if frame.time is not None else n / rate
+                    first = t if first is None else first
+                    last = t - first
+                    if n == 0 and offset == 0:
+                        self.handler.on_up(frame.width, frame.height, vs.codec_context.name)
+                    if self.config.realtime:
+                        wait = start + offset + last - time.monotonic()
+                        if wait > 0 and self._stop.wait(wait):
+                            return last + 1 / rate
+                    self.handler.on_frame(decoded_picture(frame), offset + last)
+                    n += 1
             return last + 1 / rate if n else 0.0
+
+    def _audio(self, packet: av.Packet, base: float) -> bool:
+        """Decode an audio packet and hand its frames over when their time comes (``base`` + media
+        time, on the clock the video is paced by); True when stopped meanwhile."""
+        try:
+            frames = packet.decode()
+        except av.error.FFmpegError:
+            return False
+        for frame in frames:
+            due = base + float(frame.time) if frame.time is not None else None
+            if self.config.realtime and due is not None:
+                wait = due - time.monotonic()
+                if wait > 0 and self._stop.wait(wait):
+                    return True
+            self.handler.on_audio(frame, due if self.config.realtime else None)
+        return False

@@ -1,0 +1,1 @@
+"""Audio redaction: speech detection, muting and voice disguise."""
