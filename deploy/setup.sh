@@ -17,15 +17,19 @@ fi
 if ! command -v chromium >/dev/null; then
   NEED_APT="$NEED_APT chromium"
 fi
+# espeak-ng speaks the test sentences of the audio redaction tests (self-made speech, no downloads).
+if ! command -v espeak-ng >/dev/null; then
+  NEED_APT="$NEED_APT espeak-ng"
+fi
 if [ -n "$NEED_APT" ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
-    echo "setup: installing $(echo $NEED_APT | wc -w) Debian package(s) for the tests: RTSP server, Chromium"
+    echo "setup: installing $(echo $NEED_APT | wc -w) Debian package(s) for the tests: RTSP server, Chromium, espeak-ng"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     # shellcheck disable=SC2086
     apt-get install -y -qq --no-install-recommends $NEED_APT >/dev/null
   else
-    echo "setup: note: missing Debian packages, so the RTSP/browser tests will be skipped;" \
+    echo "setup: note: missing Debian packages, so the RTSP/browser/speech tests will be skipped;" \
          "install them with: sudo apt-get install $(echo $NEED_APT)" >&2
   fi
 fi

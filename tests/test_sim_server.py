@@ -1,4 +1,5 @@
-"""The loopback RTSP server (stream.sim): looping cameras, credentials, the publish/play relay, restarts.
+"""The loopback RTSP server (stream.sim): looping cameras, A/V media files, credentials, the publish/play
+relay, restarts.
 
 These run the real GStreamer server under the system Python and read it with PyAV, as the pipeline
 and the load tests do.
@@ -16,6 +17,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from audio_material import HAVE_ESPEAK, Scene, make_scene, read_av, segment_energy, write_av_clip
 from helpers import make_clip
 
 from stream.samples import SampleError, sample_path
@@ -27,6 +29,14 @@ CLIP_SECONDS = 2
 CLIP_FRAMES = FPS * CLIP_SECONDS
 TICKS_PER_FRAME = 90_000 // FPS  # RTP video clock
 USER, PASSWORD = "viewer", "pa:ss w/rd"  # characters that need quoting in a URL
+MEDIA_SECONDS = 9.0
+MEDIA = {  # mount -> (file, PyAV encoder, codec a reader decodes, its sample rate)
+    "aac": ("scene.mp4", "aac", "aac", 48000),
+    "opus": ("scene.mkv", "libopus", "opus", 48000),
+    "pcmu": ("scene.mov", "pcm_mulaw", "pcm_mulaw", 8000),
+}
+MAX_AV_OFFSET_S = 0.060
+needs_espeak = pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng is missing (apt-get install espeak-ng)")
 
 pytestmark = pytest.mark.skipif(
     not gst_rtsp_available(),
@@ -61,6 +71,21 @@ def camera_server(clip: Path) -> Iterator[RtspServer]:
 @pytest.fixture(scope="module")
 def relay_server() -> Iterator[RtspServer]:
     with RtspServer(relays=["/live"]) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def av_scene() -> Scene:
+    """9 s: two utterances and the siren between four sync markers (0.6, 3.2, 6.0, 8.6 s)."""
+    return make_scene(MEDIA_SECONDS)
+
+
+@pytest.fixture(scope="module")
+def media_server(av_scene: Scene, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RtspServer]:
+    work = tmp_path_factory.mktemp("media")
+    files = {f"/{mount}": write_av_clip(work / name, av_scene, size=(320, 180), fps=FPS, audio_codec=encoder)
+             for mount, (name, encoder, _codec, _rate) in MEDIA.items()}
+    with RtspServer(media=files, auth=(USER, PASSWORD)) as server:
         yield server
 
 
@@ -277,3 +302,59 @@ def test_start_failure_reports_the_server_error(tmp_path: Path) -> None:
         RtspServer(cameras={"/cam": not_mp4}).start()
     with pytest.raises(RuntimeError, match="apt-get install"):
         RtspServer(relays=["/live"], python="/nonexistent/python3").start()
+
+
+@needs_espeak
+@pytest.mark.parametrize("mount", sorted(MEDIA))
+def test_media_serves_video_and_audio_in_sync(media_server: RtspServer, av_scene: Scene, mount: str) -> None:
+    _name, _encoder, codec, rate = MEDIA[mount]
+    capture = read_av(media_server.url(f"/{mount}", USER, PASSWORD), options={"rtsp_transport": "tcp"},
+                      max_seconds=MEDIA_SECONDS + 1, timeout=(10.0, 5.0))
+    assert (capture.video_codec, capture.audio_codec, capture.rate) == ("h264", codec, rate)
+    # The whole file, once (FFmpeg leaves the first frame's pts unset, so that one is not kept).
+    assert round(MEDIA_SECONDS * FPS) - 2 <= len(capture.frames) <= round(MEDIA_SECONDS * FPS)
+    # The reader's clock starts at the file's start, so the flashes fall where the file has them.
+    assert capture.flashes() == pytest.approx(av_scene.markers, abs=0.5 / FPS)
+    offsets = capture.offsets()
+    assert len(offsets) == len(av_scene.markers), (capture.flashes(), capture.beeps())
+    assert all(abs(o) <= MAX_AV_OFFSET_S for o in offsets), offsets
+    # The audio is the file's: speech and siren loud where the scene has them.
+    start = capture.audio_start
+    shifted = [(a - start, b - start) for a, b in av_scene.speech + av_scene.siren]
+    levels = segment_energy(capture.audio, capture.rate, shifted)
+    assert all(level > -30 for level in levels), levels
+
+
+@needs_espeak
+def test_media_gives_each_reader_the_file_from_its_start(media_server: RtspServer, av_scene: Scene) -> None:
+    url = media_server.url("/aac", USER, PASSWORD)
+    with open_rtsp(url) as first:
+        deadline = time.monotonic() + 20
+        for frame in first.decode(video=0):
+            if frame.time is not None and frame.time > av_scene.markers[0] + 0.5:
+                break
+            assert time.monotonic() < deadline, "the first reader gets no frames"
+        # A shared pipeline would give the second reader the first one's position (past the flash).
+        second = read_av(url, options={"rtsp_transport": "tcp"}, max_seconds=av_scene.markers[0] + 0.5,
+                         timeout=(10.0, 5.0))
+    assert second.flashes() == pytest.approx(av_scene.markers[:1], abs=0.5 / FPS)
+    assert second.beeps() == pytest.approx(av_scene.markers[:1], abs=MAX_AV_OFFSET_S)
+
+
+@needs_espeak
+def test_media_needs_the_camera_credentials(media_server: RtspServer) -> None:
+    with pytest.raises(av.error.HTTPUnauthorizedError):
+        av.open(media_server.url("/aac"), options={"rtsp_transport": "tcp"}, timeout=(10.0, 5.0))
+
+
+def test_media_start_failure_reports_the_reason(tmp_path: Path, clip: Path) -> None:
+    junk = tmp_path / "junk.mkv"
+    junk.write_bytes(b"this is not a video")
+    with pytest.raises(RuntimeError, match=r"exited before READY[\s\S]*cannot demux"):
+        RtspServer(media={"/av": junk}).start()
+    with pytest.raises(RuntimeError, match=r"exited before READY[\s\S]*\.mkv"):
+        RtspServer(media={"/av": tmp_path / "clip.avi"}).start()
+    # A video without audio is served as video only; the camera clip is one.
+    with RtspServer(media={"/av": clip}) as server, open_rtsp(server.url("/av")) as container:
+        assert [s.type for s in container.streams] == ["video"]
+        assert next(container.decode(video=0)).width == 320

@@ -1,17 +1,21 @@
 #!/usr/bin/env python3
-"""RTSP server for tests and load tests: looping mp4 cameras and publish/play relays, on loopback.
+"""RTSP server for tests and load tests: looping mp4 cameras, A/V media files, publish/play relays.
 
 It runs under the system Python, because GStreamer's bindings (python3-gi,
 gir1.2-gst-rtsp-server-1.0) come from the distribution and do not import inside a virtual
 environment; so it uses only the standard library and ``gi``, never the ``stream`` package::
 
-    /usr/bin/python3 stream/sim/rtsp_server.py --port 8554 --camera /cam1=clip.mp4 --relay /live
+    /usr/bin/python3 stream/sim/rtsp_server.py --port 8554 --camera /cam1=clip.mp4 --relay /live \
+        --media /av1=scene.mkv
 
 Camera mounts send the H.264 track of an mp4 as a live camera would: paced by the clock, looping
-forever, never re-encoded, one pipeline shared by all readers. Relay mounts take one publisher
-(ANNOUNCE + RECORD) and forward its access units, again without re-encoding, to any number of
-readers that PLAY the same path. Prints ``READY <port>`` on stdout once listening; SIGTERM or SIGINT
-stops it.
+forever, never re-encoded, one pipeline shared by all readers. Media mounts send a file's H.264
+video and its audio track (AAC, Opus or G.711 mu-law, found by probing the file; .mp4/.mov or .mkv)
+as a camera with a microphone would, paced by the clock; every reader gets its own pipeline that
+starts at the beginning of the file and plays it once (no loop: tests read a known stretch, then
+the stream ends with RTCP BYE). Relay mounts take one publisher (ANNOUNCE + RECORD) and forward its
+access units, again without re-encoding, to any number of readers that PLAY the same path. Prints
+``READY <port>`` on stdout once listening; SIGTERM or SIGINT stops it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -55,6 +60,14 @@ REQUIRED_ELEMENTS = {
     "rtph264depay": "gstreamer1.0-plugins-good",
     "rtpbin": "gstreamer1.0-plugins-good",
     "h264parse": "gstreamer1.0-plugins-bad",
+    "queue": "libgstreamer1.0-0",
+    "fakesink": "libgstreamer1.0-0",
+    "matroskademux": "gstreamer1.0-plugins-good",
+    "aacparse": "gstreamer1.0-plugins-good",
+    "rtpmp4gpay": "gstreamer1.0-plugins-good",
+    "opusparse": "gstreamer1.0-plugins-bad",
+    "rtpopuspay": "gstreamer1.0-plugins-good",
+    "rtppcmupay": "gstreamer1.0-plugins-good",
 }
 
 # Access units travel as AVC with codec_data in the caps, so the SDP carries SPS/PPS
@@ -76,6 +89,14 @@ PLAY_LAUNCH = (
     "( appsrc name=src is-live=true format=time do-timestamp=false min-latency=0 max-bytes=8000000 "
     "! h264parse config-interval=-1 ! rtph264pay name=pay0 pt=96 config-interval=0 )"
 )
+# Media mounts: the demuxer by file suffix, and the payloader chain by the audio track's codec.
+MEDIA_DEMUXERS = {".mp4": "qtdemux", ".m4v": "qtdemux", ".mov": "qtdemux", ".mkv": "matroskademux"}
+MEDIA_AUDIO = {
+    "aac": "aacparse ! rtpmp4gpay name=pay1 pt=97",
+    "opus": "opusparse ! rtpopuspay name=pay1 pt=97",
+    "pcmu": "rtppcmupay name=pay1",  # static payload type 0
+}
+MEDIA_VIDEO = "h264parse ! rtph264pay name=pay0 pt=96 config-interval=1"
 ROLE_ANONYMOUS = "anonymous"
 ROLE_USER = "user"
 NONE = Gst.CLOCK_TIME_NONE
@@ -373,6 +394,105 @@ class Camera:
             self._on_fatal(f"camera {self.path} ({self.location}): {err.message} [{debug}]")
 
 
+def audio_kind(caps: Gst.Caps) -> str | None:
+    """The MEDIA_AUDIO key for a demuxer's audio caps, None for a codec a media mount cannot send."""
+    st = caps.get_structure(0)
+    name = st.get_name()
+    if name == "audio/mpeg":
+        ok, version = st.get_int("mpegversion")
+        return "aac" if ok and version in (2, 4) else None
+    return {"audio/x-opus": "opus", "audio/x-mulaw": "pcmu"}.get(name)
+
+
+def probe_media(location: str, timeout_s: float = 10.0) -> str | None:
+    """Demux the start of `location` to learn its tracks: returns the audio kind (None: no audio);
+    raises RuntimeError when the file does not demux, has no H.264 video or an unsupported audio codec.
+
+    Probing, rather than a codec named on the command line, keeps the mount spec a plain path and
+    fails at startup, with the reason, instead of at a reader's DESCRIBE.
+    """
+    demuxer = MEDIA_DEMUXERS[os.path.splitext(location)[1].lower()]
+    pipeline = Gst.parse_launch(f"filesrc name=file ! {demuxer} name=demux")
+    pipeline.get_by_name("file").set_property("location", location)
+    tracks: list[tuple[str, Gst.Caps]] = []
+    done = threading.Event()
+
+    def on_pad(_demux: Gst.Element, pad: Gst.Pad) -> None:
+        caps = pad.get_current_caps() or pad.query_caps(None)
+        tracks.append((pad.get_name(), caps))
+        sink = Gst.ElementFactory.make("fakesink", None)
+        sink.set_property("async", False)
+        pipeline.add(sink)
+        sink.sync_state_with_parent()
+        pad.link(sink.get_static_pad("sink"))
+
+    demux = pipeline.get_by_name("demux")
+    demux.connect("pad-added", on_pad)
+    demux.connect("no-more-pads", lambda _demux: done.set())
+    bus = pipeline.get_bus()
+    deadline = time.monotonic() + timeout_s
+    try:
+        pipeline.set_state(Gst.State.PAUSED)
+        while not done.is_set():
+            msg = bus.timed_pop_filtered(50 * MS, Gst.MessageType.ERROR)
+            if msg is not None:
+                raise RuntimeError(f"cannot demux {location}: {msg.parse_error()[0].message}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cannot demux {location}: no tracks within {timeout_s:g} s")
+    finally:
+        pipeline.set_state(Gst.State.NULL)
+    video = [caps for name, caps in tracks if name.startswith("video")]
+    audio = [caps for name, caps in tracks if name.startswith("audio")]
+    if not video or video[0].get_structure(0).get_name() != "video/x-h264":
+        found = video[0].to_string() if video else "no video track"
+        raise RuntimeError(f"{location}: a media mount needs H.264 video, found {found}")
+    if not audio:
+        return None
+    kind = audio_kind(audio[0])
+    if kind is None:
+        raise RuntimeError(f"{location}: cannot send audio {audio[0].to_string()} "
+                           f"(supported: AAC, Opus, mu-law)")
+    return kind
+
+
+def media_launch(location: str, audio: str | None) -> str:
+    """The launch line of a media mount (the file's location is set per media, so it needs no quoting)."""
+    demuxer = MEDIA_DEMUXERS[os.path.splitext(location)[1].lower()]
+    launch = f"( filesrc name=file ! {demuxer} name=demux demux.video_0 ! queue ! {MEDIA_VIDEO}"
+    if audio is not None:
+        launch += f" demux.audio_0 ! queue ! {MEDIA_AUDIO[audio]}"
+    return launch + " )"
+
+
+class Media:
+    """A media mount: a file's H.264 video and its audio, sent as a live camera with a microphone.
+
+    Each reader gets its own pipeline (the factory is not shared), which starts at the beginning of
+    the file, so a test knows what time in the file every frame and sample it reads came from. The
+    RTSP server's sinks sync to the clock, which paces the file at real time; at the end of the
+    file the stream ends (RTCP BYE) instead of looping.
+
+    Lip-sync as FFmpeg readers see it: until the first RTCP sender report, FFmpeg times each stream
+    from its own first packet; both start at file time 0 here, so those clocks already agree and no
+    jump shows when the reports arrive. Opus arrives 6.5 ms late: RTP does not carry the encoder's
+    pre-skip (312 samples), so readers play the priming samples too.
+    """
+
+    def __init__(self, path: str, location: str, roles: tuple[str, ...]) -> None:
+        self.path = path
+        self.location = location
+        self.audio = probe_media(location)
+        self.factory = GstRtspServer.RTSPMediaFactory()
+        self.factory.set_launch(media_launch(location, self.audio))
+        self.factory.set_shared(False)
+        grant(self.factory, roles)
+        self.factory.connect("media-configure", self._configure)
+
+    def _configure(self, _factory: GstRtspServer.RTSPMediaFactory, media: GstRtspServer.RTSPMedia) -> None:
+        media.get_element().get_by_name("file").set_property("location", self.location)
+        info(f"{self.path}: reader media for {self.location} (audio {self.audio or 'none'})")
+
+
 class Relay:
     """A relay mount: one publisher RECORDs, any number of readers PLAY the same path.
 
@@ -460,6 +580,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=0, help="TCP port; 0 picks a free one (default)")
     parser.add_argument("--camera", action="append", default=[], metavar="/PATH=FILE.mp4",
                         help="serve the H.264 of FILE.mp4 as a looping live camera at /PATH (repeatable)")
+    parser.add_argument("--media", action="append", default=[], metavar="/PATH=FILE",
+                        help="serve FILE's H.264 video and AAC/Opus/mu-law audio at /PATH, from its start "
+                             "for each reader, once (.mp4, .mov or .mkv; repeatable)")
     parser.add_argument("--relay", action="append", default=[], metavar="/PATH",
                         help="accept a publisher (ANNOUNCE/RECORD) at /PATH and fan it out (repeatable)")
     parser.add_argument("--auth", metavar="USER:PASSWORD",
@@ -478,14 +601,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not os.path.isfile(location):
             parser.error(f"--camera {path}: no such file {location!r}")
         cameras[path] = location
+    media: dict[str, str] = {}
+    for spec in args.media:
+        path, sep, location = spec.partition("=")
+        if not sep or not path.startswith("/") or not location:
+            parser.error(f"--media wants /PATH=FILE, got {spec!r}")
+        if os.path.splitext(location)[1].lower() not in MEDIA_DEMUXERS:
+            parser.error(f"--media {path}: {location!r} is not one of {', '.join(sorted(MEDIA_DEMUXERS))}")
+        if not os.path.isfile(location):
+            parser.error(f"--media {path}: no such file {location!r}")
+        if path in cameras or path in media:
+            parser.error(f"{path} is mounted twice")
+        media[path] = location
     for path in args.relay:
         if not path.startswith("/"):
             parser.error(f"--relay wants /PATH, got {path!r}")
-        if path in cameras:
-            parser.error(f"{path} is both a camera and a relay")
+        if path in cameras or path in media:
+            parser.error(f"{path} is both a {'camera' if path in cameras else 'media'} and a relay")
     if args.auth is not None and ":" not in args.auth:
         parser.error("--auth wants USER:PASSWORD")
     args.cameras = cameras
+    args.media = media
     return args
 
 
@@ -542,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
             camera.start()
             play_mounts.add_factory(path, camera.factory)
             cameras.append(camera)
+        media = [Media(path, location, camera_roles) for path, location in args.media.items()]
+        for item in media:
+            play_mounts.add_factory(item.path, item.factory)
     except (RuntimeError, GLib.Error) as exc:
         log(str(exc))
         for camera in cameras:
@@ -570,7 +709,8 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=wait_stdin_eof, name="stdin-eof", daemon=True).start()
 
     port = server.get_bound_port()
-    mounts = [camera.path for camera in cameras] + [relay.path for relay in relays]
+    mounts = [*(camera.path for camera in cameras), *(item.path for item in media),
+              *(relay.path for relay in relays)]
     info(f"listening on {args.host}:{port}; mounts {mounts}")
     sys.stdout.write(f"READY {port}\n")
     sys.stdout.flush()

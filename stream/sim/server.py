@@ -67,8 +67,11 @@ class RtspServer:
         start_timeout_s: float = 30.0,
         stop_timeout_s: float = 5.0,
         verbose: bool = False,
+        media: dict[str, Path] | None = None,
     ) -> None:
         self.cameras = {path: Path(file) for path, file in (cameras or {}).items()}
+        self.media = {path: Path(file) for path, file in (media or {}).items()}
+        """mounts that play a file's video and audio once, from its start, for each reader"""
         self.relays = list(relays or [])
         self.auth = auth
         self.auth_method = auth_method
@@ -80,7 +83,7 @@ class RtspServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._stderr: collections.deque[str] = collections.deque(maxlen=200)
         self._threads: list[threading.Thread] = []
-        for path in [*self.cameras, *self.relays]:
+        for path in [*self.cameras, *self.relays, *self.media]:
             if not path.startswith("/"):
                 raise ValueError(f"mount paths start with '/': {path!r}")
 
@@ -107,6 +110,8 @@ class RtspServer:
             cmd += ["--camera", f"{path}={file}"]
         for path in self.relays:
             cmd += ["--relay", path]
+        for path, file in self.media.items():
+            cmd += ["--media", f"{path}={file}"]
         if self.auth is not None:
             cmd += ["--auth", f"{self.auth[0]}:{self.auth[1]}", "--auth-method", self.auth_method]
         if self.verbose:
@@ -121,7 +126,7 @@ class RtspServer:
         """
         if self.running:
             return self
-        for file in self.cameras.values():
+        for file in self.cameras.values():  # a bad media file is named by the server itself
             if not file.is_file():
                 raise FileNotFoundError(f"camera clip not found: {file}")
         deadline = time.monotonic() + self.start_timeout_s
