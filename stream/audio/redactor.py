@@ -199,12 +199,12 @@ class AudioRedactor:
             self._restart_tracker()
             return
         prev = self._decided
-        for end, speaking in decisions:
+        for end, speaking, onset, p in decisions:
             end = min(end, self._fed)
-            p = self._tracker.last_probability
             if speaking and self._open is None:
-                self._open = _Interval(max(0, prev - self.preroll), None, MuteReason.SPEECH,
-                                       speech_start=prev)
+                onset = min(prev, onset)
+                self._open = _Interval(max(0, onset - self.preroll), None, MuteReason.SPEECH,
+                                       speech_start=onset)
                 self._intervals.append(self._open)
             if self._open is not None:
                 self._open.peak = max(self._open.peak, p)
@@ -245,7 +245,9 @@ class AudioRedactor:
     def _releasable(self) -> int:
         if self._tracker is None:
             return self._fed
-        limit = self._decided - self.preroll - self.ramp
+        pending = self._tracker.pending_onset
+        base = self._decided if pending is None else min(self._decided, pending)
+        limit = base - self.preroll - self.ramp
         if self._disguise is not None:
             limit = min(limit, self._disg_start + len(self._disg))
         return max(self._head, min(limit, self._fed))
@@ -295,7 +297,8 @@ class AudioRedactor:
             k = int(inside.sum())
             if k:
                 muted[iv.reason] = muted.get(iv.reason, 0) + k
-            ramp = np.minimum(np.clip((iv.start - idx) / self.ramp, 0, 1),
+            # distance to the stretch in ramps: before it (start - idx) or after it (idx - end + 1)
+            ramp = np.maximum(np.clip((iv.start - idx) / self.ramp, 0, 1),
                               np.clip((idx - end + 1) / self.ramp, 0, 1))
             gain = np.minimum(gain, np.where(inside, 0.0, ramp).astype(np.float32))
         return gain, muted

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -99,6 +100,16 @@ class Resampler16k:
         return out.astype(np.float32)
 
 
+class Decision(NamedTuple):
+    """The speech state after one chunk: caller samples before ``end`` are scored; ``onset`` is
+    where the current stretch of speech began (meaningful while ``speaking``)."""
+
+    end: int
+    speaking: bool
+    onset: int
+    probability: float
+
+
 @dataclass(frozen=True)
 class SpeechConfig:
     """When a run of chunks counts as speech, and how long speech is held after it fades."""
@@ -109,14 +120,16 @@ class SpeechConfig:
     """probability under which speech may end (hysteresis: a syllable's dip does not end it)"""
     hangover_s: float = 0.3
     """speech ends only after this long under ``stop`` (the tail of a word, a short pause)"""
+    min_chunks: int = 2
+    """chunks in a row at ``start`` before speech starts: a siren's attack or a beep scores high for
+    one chunk; speech does for many. The look-ahead reaches back over them, so nothing leaks"""
 
 
 class SpeechTracker:
     """One stream's speech state: feed audio at its own rate, get speech on/off per chunk.
 
-    Decisions come back as ``(end_sample, speaking)``: every caller sample before ``end_sample``
-    (counted from the first sample fed) has been scored, and ``speaking`` is the state the
-    hysteresis holds at that point.
+    Decisions come back per chunk (:class:`Decision`), in the caller's samples counted from the
+    first sample fed.
     """
 
     def __init__(self, model: SpeechModel, rate: int, config: SpeechConfig | None = None,
@@ -134,6 +147,9 @@ class SpeechTracker:
         """the caller's sample at which the current run of chunks began (moved by :meth:`reset`)"""
         self.speaking = False
         self._quiet_s = 0.0
+        self._run = 0
+        self.onset = origin
+        """the caller's sample where the current (or last) stretch of speech began"""
         self.last_probability = 0.0
 
     def reset(self, skipped: int = 0) -> None:
@@ -147,15 +163,22 @@ class SpeechTracker:
         self._state = np.zeros(STATE_SHAPE, dtype=np.float32)
         self.speaking = False
         self._quiet_s = 0.0
+        self._run = 0
 
-    def feed(self, mono: np.ndarray) -> list[tuple[int, bool]]:
+    @property
+    def pending_onset(self) -> int | None:
+        """Where speech would begin if the chunks now above ``start`` are confirmed (None: no such
+        run): audio from there on must not be released yet."""
+        return self.onset if self._run > 0 and not self.speaking else None
+
+    def feed(self, mono: np.ndarray) -> list[Decision]:
         """Score ``mono`` (float32, the caller's rate); the decisions of every whole chunk."""
         self._fed += len(mono)
         self._pending = np.concatenate([self._pending, self._resampler.push(mono)])
         n = len(self._pending) // CHUNK
         if n == 0:
             return []
-        out: list[tuple[int, bool]] = []
+        out: list[Decision] = []
         cfg = self.config
         for k in range(n):
             new = self._pending[k * CHUNK:(k + 1) * CHUNK]
@@ -164,16 +187,24 @@ class SpeechTracker:
             self._context = new[-CONTEXT:].copy()
             p = float(prob[0])
             self.last_probability = p
+            begin = self._origin + round(self._chunks * CHUNK * self.rate / VAD_RATE)
             self._chunks += 1
             if p >= cfg.start:
-                self.speaking, self._quiet_s = True, 0.0
-            elif self.speaking and p < cfg.stop:
+                self._quiet_s = 0.0
+                if not self.speaking:
+                    if self._run == 0:
+                        self.onset = begin
+                    self._run += 1
+                    self.speaking = self._run >= cfg.min_chunks
+            elif not self.speaking:
+                self._run = 0
+            elif p < cfg.stop:
                 self._quiet_s += CHUNK / VAD_RATE
                 if self._quiet_s >= cfg.hangover_s:
-                    self.speaking = False
-            elif self.speaking:
-                self._quiet_s = 0.0
+                    self.speaking, self._run = False, 0
+            # between stop and start, speech goes on but the quiet time is not reset: a fading tail
+            # hovering there does not hold speech open for ever
             end = self._origin + round(self._chunks * CHUNK * self.rate / VAD_RATE)
-            out.append((end, self.speaking))
+            out.append(Decision(end, self.speaking, self.onset, p))
         self._pending = self._pending[n * CHUNK:]
         return out
