@@ -62,9 +62,10 @@ class AudioOut:
     """Encodes one output's audio (``aac`` or ``opus``) into ``container`` with steady timestamps.
 
     Timestamps are in samples at :data:`RATE`. The caller gives each block the sample position it
-    belongs at (its time on the stream's clock); a block that would overlap the previous one is
-    moved after it, and a gap of more than a frame is left as a gap (the muxer and players keep
-    the timing), so audio never drifts from the video's clock.
+    belongs at (its time on the stream's clock). A gap of more than a frame is left as a gap (the
+    muxer and players keep the timing); a block that reaches back more than a frame into time
+    already written loses that part (a source that sent a burst of old audio). Either way audio
+    stays on the video's clock instead of drifting behind it.
     """
 
     def __init__(self, container: av.container.OutputContainer, codec: str, channels: int,
@@ -92,6 +93,11 @@ class AudioOut:
             samples = samples.mean(axis=1, keepdims=True) if self.channels == 1 else \
                 np.repeat(samples[:, :1], 2, axis=1)
         packets: list[av.Packet] = []
+        if self._in_next is not None and self._in_next - at > self.frame_size:
+            cut = min(len(samples), self._in_next - at)
+            samples, at = samples[cut:], at + cut
+            if not len(samples):
+                return packets
         if self._in_next is not None and at - self._in_next > self.frame_size:
             packets += self._drain()  # a gap: what is buffered goes out where it belongs
             self._next = None

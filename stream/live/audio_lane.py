@@ -51,7 +51,12 @@ MAX_QUEUED_S = 5.0
 class ArrivalClock:
     """Maps a source's media timestamps to the local clock: time = media time + the smallest
     arrival offset seen. Arrival jitter only ever makes data later than that, so the minimum is
-    the steady path delay; a jump of the media clock (a reconnect) starts a new offset."""
+    the steady path delay; a jump of the media clock (a reconnect) starts a new offset.
+
+    The stream's video frames keep one (their capture times are their arrival); audio with
+    timestamps on the same media timeline (one RTSP session, one file) is placed with the video's
+    offset, so a camera server that sends audio a second ahead of its video, as a file-backed one
+    does after preroll, still comes out in sync."""
 
     def __init__(self, jump_s: float = 1.0) -> None:
         self.jump_s = jump_s
@@ -71,7 +76,10 @@ class AudioLane:
 
     def __init__(self, stream_id: str, config: AudioConfig, metrics: Metrics, max_latency_s: float,
                  on_speech: Callable[[SpeechSegment], None] | None = None,
-                 on_muted: Callable[[str, float], None] | None = None) -> None:
+                 on_muted: Callable[[str, float], None] | None = None,
+                 video_clock: ArrivalClock | None = None) -> None:
+        """``video_clock``: the clock of the stream's video frames, for audio whose media times are on
+        the video's timeline (see :meth:`on_audio`)."""
         self.stream_id = stream_id
         self.config = config
         self.policy = AudioPolicy(config.policy)
@@ -86,9 +94,10 @@ class AudioLane:
         """1 or 2 once audio has arrived; outputs add an audio track from then on"""
         self._in = AudioIn()
         self._clock = ArrivalClock()
+        self.video_clock = video_clock
         self._redactor: AudioRedactor | None = None
         self._cond = threading.Condition()
-        self._inbox: deque[tuple[av.AudioFrame, float]] = deque()
+        self._inbox: deque[tuple[av.AudioFrame, float, float | None]] = deque()
         self._queued_s = 0.0
         self._held: deque[Released] = deque()
         self._video_mark: float | None = None
@@ -112,17 +121,19 @@ class AudioLane:
             self._cond.notify()
         self._thread.join(timeout)
 
-    def on_audio(self, frame: av.AudioFrame, arrived: float | None = None) -> None:
-        """A decoded frame from the source; never blocks."""
+    def on_audio(self, frame: av.AudioFrame, arrived: float | None = None,
+                 media: float | None = None) -> None:
+        """A decoded frame from the source; never blocks. ``media``: its time (seconds) on the timeline
+        of the video frames' ``pts``, where the source has one; else it is timed by its arrival."""
         now = time.monotonic()
         seconds = frame.samples / max(1, frame.sample_rate)
         with self._cond:
             if self._stopping:
                 return
-            self._inbox.append((frame, now if arrived is None else min(arrived, now)))
+            self._inbox.append((frame, now if arrived is None else min(arrived, now), media))
             self._queued_s += seconds
             while self._queued_s > MAX_QUEUED_S and len(self._inbox) > 1:  # stuck: drop the oldest
-                old, _ = self._inbox.popleft()
+                old, _, _ = self._inbox.popleft()
                 self._queued_s -= old.samples / max(1, old.sample_rate)
                 self.metrics.audio_seconds.labels(self.stream_id, MuteReason.LATE.value).inc(
                     old.samples / max(1, old.sample_rate))
@@ -147,8 +158,8 @@ class AudioLane:
                 self._queued_s = 0.0
                 stopping = self._stopping
             try:
-                for frame, arrived in batch:
-                    self._take(frame, arrived)
+                for frame, arrived, media in batch:
+                    self._take(frame, arrived, media)
                 if stopping and self._redactor is not None:
                     self._held.extend(self._redactor.flush())
             except Exception:
@@ -159,9 +170,12 @@ class AudioLane:
             if stopping:
                 return
 
-    def _take(self, frame: av.AudioFrame, arrived: float) -> None:
-        media = float(frame.time) if frame.time is not None else None
-        t = self._clock.time(media, arrived)
+    def _take(self, frame: av.AudioFrame, arrived: float, media: float | None) -> None:
+        video = self.video_clock.offset if self.video_clock is not None else None
+        if media is not None and video is not None:
+            t = media + video
+        else:
+            t = self._clock.time(float(frame.time) if frame.time is not None else None, arrived)
         samples = self._in.convert(frame)
         if not len(samples):
             return

@@ -42,7 +42,7 @@ from stream.core.redact import Redactor
 from stream.core.track import Seen, TrackChanges, Tracker
 from stream.core.urls import origins_only
 from stream.core.yuv import Picture
-from stream.live.audio_lane import AudioLane
+from stream.live.audio_lane import ArrivalClock, AudioLane
 from stream.live.batcher import Batcher, DetectorFactory, Stage, hang_timeout_ms
 from stream.live.gpu import GpuMonitor, start_gpu_monitor
 from stream.live.publish.encoder import EncoderOutput, Painted
@@ -95,9 +95,12 @@ class StreamRunner:
         self._models = model_families(pipeline)
         self.audio: AudioLane | None = None
         """the stream's audio redaction (None with ``audio.policy: drop``)"""
+        self.media_clock = ArrivalClock()
+        """media time -> capture time of the video frames (audio on their timeline follows it)"""
         if config.audio.policy != "drop":
             self.audio = AudioLane(self.id, config.audio, metrics, self.max_latency_s,
-                                   on_speech=self._speech, on_muted=self._audio_muted)
+                                   on_speech=self._speech, on_muted=self._audio_muted,
+                                   video_clock=self.media_clock)
         self.outputs = outputs if outputs is not None else self._make_outputs()
         if self.audio is not None:
             for out in self.outputs:
@@ -197,6 +200,8 @@ class StreamRunner:
         # the deadline and the latency count from when the frame's data arrived (RTSP: the packet
         # was read), so decoding and any decoder delay use up the frame's time too
         captured = now if arrived is None else min(arrived, now)
+        if pts is not None:
+            self.media_clock.time(pts, captured)
         self.seq += 1
         frame = Frame(self.id, self.seq, image, captured, time.time() - (now - captured), pts)
         job = Job(frame, deadline=captured + self.max_latency_s)
@@ -218,9 +223,10 @@ class StreamRunner:
     def wants_audio(self) -> bool:
         return self.audio is not None
 
-    def on_audio(self, frame: av.AudioFrame, arrived: float | None = None) -> None:
+    def on_audio(self, frame: av.AudioFrame, arrived: float | None = None,
+                 media: float | None = None) -> None:
         if self.audio is not None:
-            self.audio.on_audio(frame, arrived)
+            self.audio.on_audio(frame, arrived, media)
 
     def on_audio_track(self, channels: int) -> None:
         if self.audio is not None:

@@ -23,8 +23,10 @@ class SourceHandler(Protocol):
         :func:`~stream.core.yuv.decoded_picture`); ``arrived`` (``time.monotonic()``) is when its data
         reached this process, where the source knows it: the frame's deadline counts from then."""
 
-    def on_audio(self, frame: av.AudioFrame, arrived: float | None = None) -> None:
-        """A decoded audio frame (any codec, rate and layout), with when its data arrived."""
+    def on_audio(self, frame: av.AudioFrame, arrived: float | None = None,
+                 media: float | None = None) -> None:
+        """A decoded audio frame (any codec, rate and layout), with when its data arrived and, where
+        the source has one, its time on the same timeline as the ``pts`` of :meth:`on_frame`."""
 
     def on_audio_track(self, channels: int) -> None:
         """The source has an audio track of ``channels`` channels: outputs open with an audio track

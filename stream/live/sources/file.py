@@ -60,7 +60,7 @@ class FileSource(Source):
                 if self.stopping:
                     break
                 if packet.stream is audio:
-                    if first is not None and self._audio(packet, start + offset - first):
+                    if first is not None and self._audio(packet, start, offset - first):
                         break
                     continue
                 for frame in packet.decode():
@@ -77,18 +77,19 @@ class FileSource(Source):
                     n += 1
             return last + 1 / rate if n else 0.0
 
-    def _audio(self, packet: av.Packet, base: float) -> bool:
-        """Decode an audio packet and hand its frames over when their time comes (``base`` + media
-        time, on the clock the video is paced by); True when stopped meanwhile."""
+    def _audio(self, packet: av.Packet, start: float, shift: float) -> bool:
+        """Decode an audio packet and hand its frames over when their time comes; ``shift`` puts the
+        file's time on the video's ``pts`` timeline (this pass's offset, from the first picture).
+        True when stopped meanwhile."""
         try:
             frames = packet.decode()
         except av.error.FFmpegError:
             return False
         for frame in frames:
-            due = base + float(frame.time) if frame.time is not None else None
-            if self.config.realtime and due is not None:
-                wait = due - time.monotonic()
+            media = shift + float(frame.time) if frame.time is not None else None
+            if self.config.realtime and media is not None:
+                wait = start + media - time.monotonic()
                 if wait > 0 and self._stop.wait(wait):
                     return True
-            self.handler.on_audio(frame, due if self.config.realtime else None)
+            self.handler.on_audio(frame, None, media)
         return False

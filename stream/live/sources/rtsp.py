@@ -84,8 +84,8 @@ class RtspSource(Source):
             frames = packet.decode()
         except av.error.FFmpegError:
             return
-        for frame in frames:
-            self.handler.on_audio(frame, arrived)
+        for frame in frames:  # one session: audio and video timestamps share the demuxer's timeline
+            self.handler.on_audio(frame, arrived, float(frame.time) if frame.time is not None else None)
 
     def _report(self, e: SourceError) -> None:
         if self.stopping:
