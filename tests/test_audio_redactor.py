@@ -6,20 +6,26 @@ The material is made here: espeak-ng speech, a siren and street-like noise mixed
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
-from audio_material import HAVE_ESPEAK, Scene, make_scene, segment_energy
-from live_helpers import wait_for
+from audio_material import HAVE_ESPEAK, Scene, make_scene, read_av, segment_energy, write_av_clip
+from live_helpers import counter, wait_for
 
 from stream.audio.codec import RATE
 from stream.audio.redactor import AudioPolicy, AudioRedactConfig, AudioRedactor, MuteReason, SpeechSegment
 from stream.audio.vad import SpeechModel, SpeechTracker, shared_model
+from stream.config import parse_config
 from stream.config.audio import AudioConfig
 from stream.core.metrics import Metrics, sample
+from stream.core.observe import Observer
 from stream.live.audio_lane import ArrivalClock, AudioLane
+from stream.live.pipeline import Pipeline
+from stream.live.service import detector_factory_for
 
 needs_espeak = pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng missing: apt-get install espeak-ng")
 
@@ -63,13 +69,13 @@ def muted_share(y: np.ndarray, intervals: list[tuple[float, float]], floor: floa
 def test_speech_is_muted_from_its_first_syllable_and_the_siren_is_kept(scene: Scene) -> None:
     y, red, times = redact(scene.samples)
     assert len(y) == len(scene.samples), "every sample goes out, none twice"
-    assert times[0] == pytest.approx(50.0) and all(b > a for a, b in zip(times, times[1:], strict=False))
+    assert times[0] == pytest.approx(50.0) and all(b > a for a, b in itertools.pairwise(times))
     # every speech sample silent, including the first 100 ms of each utterance (the look-ahead's job)
     assert muted_share(y, scene.speech) >= 0.99
     assert muted_share(y, [(a, a + 0.1) for a, _ in scene.speech]) == 1.0
     # the siren and the markers come through unchanged
-    for got, sent in zip(segment_energy(y, RATE, scene.siren), segment_energy(scene.samples, RATE, scene.siren),
-                         strict=True):
+    sirens = segment_energy(scene.samples, RATE, scene.siren)
+    for got, sent in zip(segment_energy(y, RATE, scene.siren), sirens, strict=True):
         assert got == pytest.approx(sent, abs=0.5)
     quiet = _gaps(scene)
     kept = 1 - muted_share(y, quiet)
@@ -167,7 +173,7 @@ def test_a_jump_in_the_callers_clock_moves_the_timeline_not_the_audio() -> None:
     times += [r.t for i in range(0, RATE, 960) for r in red.push(x[i:i + 960], 30.0 + i / RATE)]
     assert times[0] == pytest.approx(10.0)
     assert max(times) > 30.0 and max(times) < 31.0
-    assert all(b > a for a, b in zip(times, times[1:], strict=False))
+    assert all(b > a for a, b in itertools.pairwise(times))
 
 
 def test_the_tracker_counts_chunks_in_the_callers_samples() -> None:
@@ -215,8 +221,8 @@ def test_the_lane_holds_audio_until_the_video_of_its_moment_is_out() -> None:
         for k in range(50):  # one second of audio, all arrived now
             lane.on_audio(frame(tone, k * 960), arrived=start + k * 0.02)
         # no video yet: nothing is released while its video could still come
-        wait_for(lambda: sample(metrics, "stream_redact_audio_seconds_total", stream="cam", result="kept") > 0.5,
-                 what="the lane to redact the audio")
+        kept = "stream_redact_audio_seconds_total"
+        wait_for(lambda: sample(metrics, kept, stream="cam", result="kept") > 0.5, what="the lane to redact")
         with lock:
             assert got == []
         lane.video_published(start + 0.5)
@@ -229,3 +235,43 @@ def test_the_lane_holds_audio_until_the_video_of_its_moment_is_out() -> None:
         total = sum(n for n, _ in got)
     assert total == 50 * 960, "stop releases the held tail"
     assert sample(metrics, "stream_redact_audio_delay_seconds", stream="cam") == pytest.approx(lane.delay_s)
+
+
+class Muted(Observer):
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float]] = []
+
+    def audio_muted(self, stream_id: str, reason: str, seconds: float) -> None:
+        self.calls.append((reason, seconds))
+
+
+@needs_espeak
+def test_a_live_stream_whose_speech_detector_fails_publishes_silence(
+        scene: Scene, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clip = write_av_clip(tmp_path / "in.mp4", scene, size=(160, 90), face=False)
+
+    def broken(self: SpeechModel, chunks: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise RuntimeError("injected speech detector failure")
+
+    monkeypatch.setattr(SpeechModel, "score", broken)
+    out = tmp_path / "out.mp4"
+    cfg = parse_config({"streams": [{"id": "cam", "source": {"type": "file", "path": str(clip)},
+                                     "outputs": [{"type": "file", "path": str(out)}]}],
+                        "detection": {"preset": "fast", "plates": False, "heads": False,
+                                      "providers": ["cpu"]}})
+    p = Pipeline(cfg, detector_factory_for(cfg))
+    muted = Muted()
+    p.observers.append(muted)
+    p.start()
+    try:
+        wait_for(lambda: p.ended, timeout=60, what="the file source to end")
+    finally:
+        p.stop()
+    got = read_av(out)
+    assert len(got.audio) > 0.8 * scene.duration * got.rate, "the audio track must stay (silent), not vanish"
+    assert np.abs(got.audio).max() < 1e-3, "audio the failed detector covered was published"
+    assert counter(p.metrics, "audio_faults", stream="cam") > 0
+    assert counter(p.metrics, "audio_seconds", stream="cam", result="fault") > 0.8 * scene.duration
+    assert counter(p.metrics, "audio_seconds", stream="cam", result="kept") == 0
+    assert muted.calls and {r for r, _ in muted.calls} == {"fault"}
+    assert counter(p.metrics, "frames_published", stream="cam") > 0, "video goes on"
