@@ -44,6 +44,8 @@ AudioSink = Callable[[np.ndarray, float], None]
 """called with each redacted block ([n, channels] float32 at 48 kHz) and the stream-clock time of
 its first sample (``time.monotonic()`` seconds); must not block"""
 
+REPORT_S = 5.0
+"""while audio is muted for a fault or lateness, the muted seconds are reported at most this often"""
 MAX_QUEUED_S = 5.0
 """decoded audio waiting for the lane beyond this is dropped (the lane is stuck; a bound on memory)"""
 
@@ -105,6 +107,9 @@ class AudioLane:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"audio-{stream_id}", daemon=True)
         self.delay_s = 0.0
+        self._faults_seen = 0
+        self._muted: dict[MuteReason, list[Any] | None] = {}
+        """samples muted for a fault or lateness not yet reported, and since when"""
         for r in ("kept", *MuteReason):
             metrics.audio_seconds.labels(stream_id, str(r))
         metrics.audio_faults.labels(stream_id)
@@ -161,7 +166,10 @@ class AudioLane:
                 for frame, arrived, media in batch:
                     self._take(frame, arrived, media)
                 if stopping and self._redactor is not None:
-                    self._held.extend(self._redactor.flush())
+                    for r in self._redactor.flush():
+                        self._held.append(r)
+                        self._account(r)
+                    self._report_muted()
             except Exception:
                 log.exception("stream %s: audio lane failed; its audio is dropped until the next frame",
                               self.stream_id)
@@ -194,6 +202,7 @@ class AudioLane:
                                                              max(0.05, self.config.speech_threshold - 0.15))),
                                 key=self.key)
         red = AudioRedactor(RATE, channels, cfg, on_segment=self._segment, stream_id=self.stream_id)
+        self._faults_seen = 0
         self.channels = channels
         self.delay_s = red.delay_s
         self.metrics.audio_delay.labels(self.stream_id).set(red.delay_s)
@@ -205,10 +214,29 @@ class AudioLane:
         self.metrics.audio_seconds.labels(self.stream_id, "kept").inc(max(0, n - muted) / RATE)
         for reason, k in r.muted.items():
             self.metrics.audio_seconds.labels(self.stream_id, reason.value).inc(k / RATE)
-            if reason is not MuteReason.SPEECH and self.on_muted is not None:
-                self.on_muted(reason.value, k / RATE)
-        if r.muted.get(MuteReason.FAULT):
-            self.metrics.audio_faults.labels(self.stream_id).inc()
+        assert self._redactor is not None
+        if self._redactor.faults > self._faults_seen:
+            self.metrics.audio_faults.labels(self.stream_id).inc(self._redactor.faults - self._faults_seen)
+            self._faults_seen = self._redactor.faults
+        now = time.monotonic()
+        for reason in (MuteReason.FAULT, MuteReason.LATE):
+            k = r.muted.get(reason, 0)
+            if k:
+                if self._muted.get(reason) is None:
+                    self._muted[reason] = [0, now]
+                self._muted[reason][0] += k
+            # one report when the stretch ends, and one every REPORT_S while it lasts
+            pending = self._muted.get(reason)
+            if pending is not None and (not k or now - pending[1] >= REPORT_S):
+                if self.on_muted is not None:
+                    self.on_muted(reason.value, pending[0] / RATE)
+                self._muted[reason] = None if not k else [0, now]
+
+    def _report_muted(self) -> None:
+        for reason, pending in self._muted.items():
+            if pending is not None and pending[0] and self.on_muted is not None:
+                self.on_muted(reason.value, pending[0] / RATE)
+        self._muted.clear()
 
     def _segment(self, seg: SpeechSegment) -> None:
         self.metrics.audio_speech_segments.labels(self.stream_id).inc()
