@@ -9,6 +9,12 @@ import numpy as np
 import pytest
 from audio_material import HAVE_ESPEAK, Scene, make_scene, read_av, segment_energy, write_av_clip
 from helpers import run_cli
+from live_helpers import counter, wait_for
+
+from stream.config import parse_config
+from stream.live.pipeline import Pipeline
+from stream.live.publish import custody
+from stream.live.service import detector_factory_for
 
 pytestmark = pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng missing: apt-get install espeak-ng")
 
@@ -93,3 +99,29 @@ def test_drop_writes_no_audio_and_contradicting_options_are_refused(clip: Path, 
     assert res.returncode == 2
     assert "--keep-audio and --audio mute_speech contradict" in res.stderr
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_recordings_carry_the_redacted_audio_and_still_verify(clip: Path, scene: Scene,
+                                                              tmp_path: Path) -> None:
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    cfg = parse_config({"streams": [{"id": "cam", "source": {"type": "file", "path": str(clip)},
+                                     "outputs": [{"type": "record", "dir": str(rec), "segment_s": 2}]}],
+                        "detection": {"preset": "fast", "plates": False, "heads": False,
+                                      "providers": ["cpu"]}})
+    p = Pipeline(cfg, detector_factory_for(cfg))
+    p.start()
+    try:
+        wait_for(lambda: p.ended, timeout=60, what="the file source to end")
+    finally:
+        p.stop()
+    report = custody.verify_stream(rec / "cam")
+    assert report.ok, report.problems
+    assert len(report.links) >= 3
+    heard = []
+    for link in report.links:
+        got = read_av(link.segment)
+        assert got.audio_codec == "aac"
+        heard.append(len(got.audio) / got.rate)
+    assert sum(heard) > 0.8 * scene.duration, heard
+    assert counter(p.metrics, "audio_seconds", stream="cam", result="speech") > 1.0
