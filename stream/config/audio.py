@@ -29,3 +29,8 @@ class AudioConfig(ConfigModel):
     codec: Literal["aac", "opus"] = Field(
         "aac", description="audio codec of RTSP outputs (recordings are AAC, WebRTC viewers Opus)")
     bitrate_kbps: int = Field(64, ge=8, le=512, description="audio bitrate of every encoded output")
+    lip_sync_webrtc: bool = Field(
+        True, description="hold the WebRTC (WHEP) picture back by the audio's look-ahead so viewers hear "
+                          "and see the same moment (WebRTC players sync by arrival); false: the picture "
+                          "as early as possible, the sound about lookahead_ms behind it. RTSP, files and "
+                          "recordings carry timestamps and are in sync either way")

@@ -1,9 +1,11 @@
 """WHIP and WHEP over HTTP, joined to the pipeline.
 
 WHIP (RFC 9725): a publisher POSTs an SDP offer to ``/whip/{stream_id}`` of a stream declared
-with ``source: {type: whip}``; its frames enter that stream like any camera's. WHEP: a viewer
-POSTs to ``/whep/{stream_id}`` and receives the stream's *redacted* frames, taken from the same
-hook that feeds the outputs, after the redaction stage; there is no route to a source frame.
+with ``source: {type: whip}``; its frames (and its audio, unless ``audio.policy: drop``) enter that
+stream like any camera's. WHEP: a viewer POSTs to ``/whep/{stream_id}`` and receives the stream's
+*redacted* frames, taken from the same hook that feeds the outputs, after the redaction stage, and,
+if its offer asks for audio, the *redacted* audio from the audio lane's sinks; there is no route to
+a source frame or to unredacted sound.
 Both answer ``201`` with the SDP answer and a ``Location`` to DELETE; a session can be deleted
 only under the stream it belongs to. Trickle ICE (PATCH) is not supported and answers ``405``,
 as the specs allow.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 
@@ -33,7 +36,7 @@ from stream.live.httpbody import BodyTooLarge, read_limited
 from stream.live.pipeline import Pipeline, StreamRunner
 from stream.live.webrtc.ice import IceConfig, host_addresses_for
 from stream.live.webrtc.session import MAX_SDP_BYTES, SDP_CONTENT_TYPE, OfferError, require_sdp_content_type
-from stream.live.webrtc.whep import FrameFeed, TooManyViewers, WhepPlayback
+from stream.live.webrtc.whep import AudioFeed, FrameFeed, TooManyViewers, WhepPlayback
 from stream.live.webrtc.whip import WhipIngest
 
 log = logging.getLogger(__name__)
@@ -81,7 +84,8 @@ def ice_for(webrtc: WebRtcConfig, http_host: str | None, ice: IceConfig | None =
 
 
 class RtcGateway:
-    """One per process: a frame feed per stream, the WHIP publishers and the WHEP viewers.
+    """One per process: a frame feed (and an audio feed) per stream, the WHIP publishers, the WHEP
+    viewers.
 
     ``webrtc`` (default: the config's defaults) sets the viewer limits, host candidates and UDP
     ports; ``http_host`` is the HTTP listen address, used for the host candidates when
@@ -100,6 +104,9 @@ class RtcGateway:
         self.refused = viewers_refused(pipeline.metrics.registry)
         self.feeds: dict[str, FrameFeed] = {}
         self._runner_feeds: dict[StreamRunner, FrameFeed] = {}
+        self.audio_feeds: dict[str, AudioFeed] = {}
+        """per stream that has an audio lane (not with ``audio.policy: drop``)"""
+        self._runner_audio: dict[StreamRunner, AudioFeed] = {}
         self.loop = asyncio.get_running_loop()
         pipeline.on_stream_added.append(self._attach)
         pipeline.on_stream_removed.append(self._detach)
@@ -111,13 +118,35 @@ class RtcGateway:
         self.feeds[runner.id] = feed
         self._runner_feeds[runner] = feed
 
+        lane = runner.audio if runner.config.audio.lip_sync_webrtc else None
+        loop = self.loop
+
         def push(frame: Frame, image: Picture, _dets: object) -> None:
-            feed.push(image, frame.captured_at)  # the painted (or blanked) frame, nothing earlier
+            # the painted (or blanked) frame, nothing earlier. Viewers time audio and video by when
+            # each was sent, so where the stream's audio is held back for its speech look-ahead the
+            # picture waits as long: both leave at the same moment's time
+            delay = lane.delay_s if lane is not None and lane.channels else 0.0
+            due = frame.captured_at + delay
+            if delay <= 0 or due <= time.monotonic():
+                feed.push(image, frame.captured_at)
+            else:
+                loop.call_soon_threadsafe(loop.call_at, due, feed.push, image, frame.captured_at)
 
         runner.on_redacted.append(push)
+        if runner.audio is not None:
+            audio = AudioFeed(runner.id, self.loop)
+            self.audio_feeds[runner.id] = self._runner_audio[runner] = audio
+            runner.audio.sinks.append(audio.push)  # redacted blocks, released with their video
 
     def _detach(self, runner: StreamRunner) -> None:
         stream_id = runner.id
+        audio = self._runner_audio.pop(runner, None)
+        if audio is not None:  # this runner's own, whoever holds the id now
+            if self.audio_feeds.get(stream_id) is audio:
+                del self.audio_feeds[stream_id]
+            if runner.audio is not None and audio.push in runner.audio.sinks:
+                runner.audio.sinks.remove(audio.push)
+            audio.close()
         feed = self.feeds.get(stream_id)
         if feed is None or feed is not self._runner_feeds.pop(runner, None):
             return  # the id is already another runner's: leave its feed and viewers alone
@@ -193,7 +222,8 @@ class RtcGateway:
         feed = self.feeds.get(sid)
         if feed is None or sid not in self.pipeline.streams:
             return _text(404, f"no stream {sid!r}; GET /api/streams lists them")
-        return await self._negotiate(request, "whep", lambda sdp: self.whep.offer(sid, sdp, feed))
+        audio = self.audio_feeds.get(sid)
+        return await self._negotiate(request, "whep", lambda sdp: self.whep.offer(sid, sdp, feed, audio))
 
     async def whip_delete(self, request: web.Request) -> web.Response:
         if not await self.whip.delete(request.match_info["session"], request.match_info["stream_id"]):

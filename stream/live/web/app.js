@@ -52,8 +52,15 @@ async function play(id, tile) {
   const pc = new RTCPeerConnection({ iceServers: [] });
   tile.pc = pc;
   pc.addTransceiver("video", { direction: "recvonly" });
+  // the redacted audio too (speech muted unless the stream's audio policy says otherwise); the
+  // server answers it inactive for a stream without audio, and the video plays either way
+  pc.addTransceiver("audio", { direction: "recvonly" });
   const video = tile.el.querySelector("video");
-  pc.ontrack = (e) => { video.srcObject = e.streams[0] || new MediaStream([e.track]); };
+  const media = new MediaStream();  // one element plays both tracks, whatever streams they came in
+  pc.ontrack = (e) => {
+    media.addTrack(e.track);
+    if (video.srcObject !== media) video.srcObject = media;
+  };
   pc.onconnectionstatechange = () => {
     if (["failed", "closed"].includes(pc.connectionState) && tiles.get(id) === tile) {
       stop(tile);
@@ -93,8 +100,28 @@ function makeTile(s) {
   const tile = { el, pc: null, resource: null, last: null, editor: null };
   tiles.set(s.id, tile);
   el.querySelector(".zones-btn").addEventListener("click", () => openZones(s.id, tile));
+  const title = el.querySelector(".title");
+  title.insertBefore(soundButton(el.querySelector("video")), title.querySelector(".zones-btn"));
   play(s.id, tile).catch((e) => tileError(tile, e));
   return tile;
+}
+
+// Videos start muted (browsers only autoplay muted media); the operator turns a tile's sound on.
+function soundButton(video) {
+  const b = Object.assign(document.createElement("button"), { type: "button", className: "sound-btn" });
+  Object.assign(b.style, { fontSize: ".75rem", padding: ".1rem .45rem" });
+  const show = () => {
+    b.textContent = video.muted ? "Sound off" : "Sound on";
+    b.setAttribute("aria-pressed", String(!video.muted));
+    b.title = video.muted ? "play this stream's redacted audio" : "mute this stream";
+  };
+  b.addEventListener("click", () => {
+    video.muted = !video.muted;
+    if (!video.muted) video.play().catch(() => {});
+    show();
+  });
+  show();
+  return b;
 }
 
 function fmt(n, digits = 0) { return Number.isFinite(n) ? n.toFixed(digits) : "–"; }
