@@ -270,7 +270,7 @@ def _redact(args: argparse.Namespace) -> int:
         raise UserError(f"--keep-audio and --audio {args.audio} contradict each other; give one of them",
                         exit_code=2)
     audio = AudioPolicy(args.audio or ("keep" if args.keep_audio else "mute_speech"))
-    opts = JobOptions(batch=args.batch, lookback=args.lookback, audio=audio,
+    opts = JobOptions(batch=args.batch, lookback=args.lookback, audio=audio, model_dir=args.model_dir,
                       progress=not args.no_progress and sys.stderr.isatty(), max_pixels=max_pixels)
     t0 = time.perf_counter()
     report = run_job(args.input, args.output, args.masks_json, detector, Tracker(tcfg), Redactor(rcfg), opts,

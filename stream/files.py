@@ -26,6 +26,7 @@ import numpy as np
 from stream.audio.codec import RATE as AUDIO_RATE
 from stream.audio.codec import AudioIn, AudioOut
 from stream.audio.redactor import AudioPolicy, AudioRedactConfig, AudioRedactor, SpeechSegment
+from stream.audio.vad import SpeechModel, shared_model
 from stream.core.detections import Detect, FrameRef
 from stream.core.durable import fsync_dir
 from stream.core.errors import UserError
@@ -51,6 +52,8 @@ class JobOptions:
     lookback: int = 4
     audio: AudioPolicy = AudioPolicy.MUTE_SPEECH
     """what happens to an audio track: muted speech (default), disguised voices, dropped or kept"""
+    model_dir: Path | None = None
+    """where the speech detector's weights are (None: the installed models)"""
     crf: int = 18
     preset: str = "veryfast"
     progress: bool = True
@@ -489,8 +492,8 @@ class _AudioTrack:
     """
 
     def __init__(self, stream: av.audio.stream.AudioStream, start: float, policy: AudioPolicy,
-                 report: MaskReport) -> None:
-        self.stream, self.start, self.policy = stream, start, policy
+                 report: MaskReport, model: SpeechModel | None) -> None:
+        self.stream, self.start, self.policy, self.model = stream, start, policy, model
         self.input = AudioIn()
         self.redactor: AudioRedactor | None = None
         self.report = report
@@ -514,6 +517,7 @@ class _AudioTrack:
                     self.redactor = AudioRedactor(AUDIO_RATE, self.input.channels,
                                                   AudioRedactConfig(policy=self.policy,
                                                                     key=secrets.randbits(32)),
+                                                  model=self.model,
                                                   on_segment=self._segment, stream_id="file")
                 for r in self.redactor.push(samples, t):
                     self._write(r.samples, r.t, encoder)
@@ -584,7 +588,14 @@ def redact_video(src: Path, dst: Path, detect: Detect, stage: MaskingStage, opts
         log.warning("--audio keep: %s has no audio stream", src)
     report = MaskReport(width=width, height=height)
     start = float(vstream.start_time * vstream.time_base) if vstream.start_time is not None else 0.0
-    track = _AudioTrack(audio, start, opts.audio, report) if audio is not None else None
+    # a missing or corrupt speech detector is named before anything is written, like a detector's
+    try:
+        model = shared_model(opts.model_dir) if audio is not None and opts.audio in (
+            AudioPolicy.MUTE_SPEECH, AudioPolicy.DISGUISE) else None
+    except BaseException:
+        container.close()
+        raise
+    track = _AudioTrack(audio, start, opts.audio, report, model) if audio is not None else None
     frames: queue.Queue = queue.Queue(maxsize=16)
     stop = threading.Event()
     audio_q: queue.Queue | None = queue.Queue() if audio is not None else None

@@ -38,10 +38,17 @@ def scene() -> Scene:
     return make_scene(SECONDS, seed=5)
 
 
+MOUNTS = {"/cam": ("scene.mp4", "aac"), "/pcmu": ("scene.mov", "pcm_mulaw"),
+          "/opus": ("scene.mkv", "libopus")}
+"""a camera per audio codec cameras send: AAC, G.711 mu-law (8 kHz), Opus"""
+
+
 @pytest.fixture(scope="module")
 def camera(scene: Scene, tmp_path_factory: pytest.TempPathFactory) -> RtspServer:
-    clip = write_av_clip(tmp_path_factory.mktemp("audio-live") / "scene.mp4", scene, size=(320, 180))
-    with RtspServer(media={"/cam": clip}) as server:
+    work = tmp_path_factory.mktemp("audio-live")
+    media = {mount: write_av_clip(work / name, scene, size=(320, 180), audio_codec=codec)
+             for mount, (name, codec) in MOUNTS.items()}
+    with RtspServer(media=media) as server:
         yield server
 
 
@@ -84,9 +91,10 @@ class Speech(Observer):
         self.segments.append((started, ended, probability, policy))
 
 
-def run_stream(camera: RtspServer, out_url: str, audio: dict, observer: Observer | None = None) -> Pipeline:
+def run_stream(camera: RtspServer, out_url: str, audio: dict, observer: Observer | None = None,
+               mount: str = "/cam") -> Pipeline:
     cfg = parse_config({
-        "streams": [{"id": "cam", "source": {"type": "rtsp", "url": camera.url("/cam")},
+        "streams": [{"id": "cam", "source": {"type": "rtsp", "url": camera.url(mount)},
                      "outputs": [{"type": "rtsp", "url": out_url}], "audio": audio}],
         "detection": {"preset": "fast", "plates": False, "heads": False, "providers": ["cpu"]},
     })
@@ -113,16 +121,18 @@ def scene_to_audio(capture: Capture, scene: Scene) -> Callable[[float], float]:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize(("mount", "out_codec"), [("/cam", "aac"), ("/pcmu", "aac"), ("/opus", "opus")],
+                         ids=["aac-in-aac-out", "g711-in-aac-out", "opus-in-opus-out"])
 def test_rtsp_camera_audio_comes_out_with_speech_muted_siren_kept_and_in_sync(
-        camera: RtspServer, scene: Scene, tmp_path: Path) -> None:
+        camera: RtspServer, scene: Scene, mount: str, out_codec: str) -> None:
     listener = Listener(SECONDS - 1.0).start()
     reported = Speech()
-    p = run_stream(camera, listener.url, {"policy": "mute_speech"}, reported)
+    p = run_stream(camera, listener.url, {"policy": "mute_speech", "codec": out_codec}, reported, mount)
     try:
         capture = listener.join(60)
     finally:
         p.stop()
-    assert capture.audio_codec == "aac" and len(capture.audio) > capture.rate * 4
+    assert capture.audio_codec == out_codec and len(capture.audio) > capture.rate * 4
     # lip-sync: every flash that went out came with its beep
     offsets = capture.offsets()
     assert offsets, "no flash/beep pair in the output"

@@ -44,18 +44,18 @@ class SpeechModel:
         return out[:, 0], new_state
 
 
-_shared: SpeechModel | None = None
+_shared: dict[Path | None, SpeechModel] = {}
 _shared_lock = threading.Lock()
 
 
 def shared_model(model_dir: Path | None = None) -> SpeechModel:
-    """The process's one speech model, loaded on first use (a verified file, or a ModelError
-    that names the fix)."""
-    global _shared
+    """The process's one speech model (per model folder), loaded on first use: a verified file, or
+    a ModelError that names the fix."""
+    key = model_dir.resolve() if model_dir is not None else None
     with _shared_lock:
-        if _shared is None:
-            _shared = SpeechModel(model_dir)
-        return _shared
+        if key not in _shared:
+            _shared[key] = SpeechModel(model_dir)
+        return _shared[key]
 
 
 class Resampler16k:

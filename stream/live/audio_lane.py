@@ -20,6 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import av
@@ -34,7 +35,7 @@ from stream.audio.redactor import (
     Released,
     SpeechSegment,
 )
-from stream.audio.vad import SpeechConfig
+from stream.audio.vad import SpeechConfig, shared_model
 from stream.config.audio import AudioConfig
 from stream.core.metrics import Metrics
 
@@ -79,12 +80,16 @@ class AudioLane:
     def __init__(self, stream_id: str, config: AudioConfig, metrics: Metrics, max_latency_s: float,
                  on_speech: Callable[[SpeechSegment], None] | None = None,
                  on_muted: Callable[[str, float], None] | None = None,
-                 video_clock: ArrivalClock | None = None) -> None:
+                 video_clock: ArrivalClock | None = None, model_dir: Path | None = None) -> None:
         """``video_clock``: the clock of the stream's video frames, for audio whose media times are on
         the video's timeline (see :meth:`on_audio`)."""
         self.stream_id = stream_id
         self.config = config
         self.policy = AudioPolicy(config.policy)
+        # loaded now: a missing speech detector stops the stream from starting, with the fix named,
+        # instead of failing on every block once audio flows
+        self._model = shared_model(model_dir) if self.policy in (AudioPolicy.MUTE_SPEECH,
+                                                                 AudioPolicy.DISGUISE) else None
         self.metrics = metrics
         self.max_latency_s = max_latency_s
         self.on_speech = on_speech
@@ -201,7 +206,8 @@ class AudioLane:
                                                     stop=min(self.config.speech_threshold,
                                                              max(0.05, self.config.speech_threshold - 0.15))),
                                 key=self.key)
-        red = AudioRedactor(RATE, channels, cfg, on_segment=self._segment, stream_id=self.stream_id)
+        red = AudioRedactor(RATE, channels, cfg, model=self._model, on_segment=self._segment,
+                            stream_id=self.stream_id)
         self._faults_seen = 0
         self.channels = channels
         self.delay_s = red.delay_s

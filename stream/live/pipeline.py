@@ -100,7 +100,7 @@ class StreamRunner:
         if config.audio.policy != "drop":
             self.audio = AudioLane(self.id, config.audio, metrics, self.max_latency_s,
                                    on_speech=self._speech, on_muted=self._audio_muted,
-                                   video_clock=self.media_clock)
+                                   video_clock=self.media_clock, model_dir=pipeline.detection.model_dir)
         self.outputs = outputs if outputs is not None else self._make_outputs()
         if self.audio is not None:
             for out in self.outputs:
