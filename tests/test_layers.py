@@ -18,6 +18,7 @@ PACKAGE = ROOT / "stream"
 LAYERS: list[tuple[str, ...]] = [
     ("stream.core",),
     ("stream.detect",),
+    ("stream.audio",),
     ("stream.config",),
     ("stream.events",),
     ("stream.live",),

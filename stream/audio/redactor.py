@@ -24,6 +24,10 @@ from stream.audio.vad import SpeechConfig, SpeechModel, SpeechTracker
 
 log = logging.getLogger(__name__)
 
+FOLLOW_S = 0.04
+"""how far the caller's time for a block may drift from the samples' own count before the released
+audio's times follow it: lip-sync error stays under this, a jittery clock does not shift every block"""
+
 
 class AudioPolicy(StrEnum):
     DROP = "drop"
@@ -142,9 +146,10 @@ class AudioRedactor:
         if self.policy is AudioPolicy.DROP:
             return []
         x = np.asarray(samples, dtype=np.float32).reshape(len(samples), self.channels)
-        if self._t0 is None or (t is not None and abs(t - self._time(self._fed)) > 0.25):
-            # the first block, or the caller's clock jumped (a reconnect, a stall): the timeline follows
-            # the caller; the samples held meanwhile go out just before the new block
+        if self._t0 is None or (t is not None and abs(t - self._time(self._fed)) > FOLLOW_S):
+            # the first block, or the caller's clock moved away from the samples' count (a reconnect, a
+            # stall, or the video's arrival offset settling): the timeline follows the caller; the
+            # samples held meanwhile go out just before the new block
             self._t0 = (t if t is not None else 0.0) - self._fed / self.rate
         out: list[Released] = []
         self._ingest(x, late)
