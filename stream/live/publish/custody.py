@@ -413,10 +413,13 @@ def frame_time(link: Link, i: int) -> float:
 def _remux(links: list[Link], start: float, end: float, out: Path) -> list[tuple[int, int]]:
     """Copy the packets of ``links`` that fall in the range into ``out``; per link the first and last
     frame index used (last < first: none). Each segment is placed at its wall-clock start, so a gap
-    in the recording stays a gap; timestamps only ever increase."""
+    in the recording stays a gap; timestamps only ever increase. The segments' (redacted) audio comes
+    along for the same stretch of time, moved by the same amount."""
     used: list[tuple[int, int]] = []
     with av.open(str(out), "w", format="mp4", options={"movflags": "+faststart"}) as dst:
         ost = None
+        aost = None
+        alast = -1
         size: tuple[int, int] | None = None
         out_first: int | None = None
         last = -1
@@ -426,6 +429,8 @@ def _remux(links: list[Link], start: float, end: float, out: Path) -> list[tuple
                 here = (ist.codec_context.width, ist.codec_context.height)
                 if ost is None:
                     ost, size = dst.add_stream_from_template(ist), here
+                    if src.streams.audio:  # every stream is declared before the first packet
+                        aost = dst.add_stream_from_template(src.streams.audio[0])
                 elif here != size:
                     raise ValueError(f"the stream changed size at {link.segment.name} ({size[0]}x{size[1]} "
                                      f"-> {here[0]}x{here[1]}); export the time before and after it "
@@ -449,13 +454,40 @@ def _remux(links: list[Link], start: float, end: float, out: Path) -> list[tuple
                     out_first = first
                 if first - out_first <= last:  # the wall clock went back: keep the order anyway
                     shift += last + 1 - (first - out_first)
+                # the stretch of the segment's own time taken (read before the packets are moved)
+                span = ((packets[lo].pts or 0) * tb,
+                        (packets[hi + 1].pts or 0) * tb if hi + 1 < len(packets) else Fraction(10**9))
                 for p in packets[lo:hi + 1]:
                     pts = (p.pts or 0) + shift - out_first
                     dts = (p.dts if p.dts is not None else p.pts or 0) + shift - out_first
                     p.pts, p.dts, p.stream = pts, dts, ost
                     dst.mux(p)
                     last = max(last, pts)
+                if aost is not None:
+                    alast = _remux_audio(link.segment, dst, aost, alast, *span, (shift - out_first) * tb)
     return used
+
+
+def _remux_audio(segment: Path, dst: av.container.OutputContainer, ost: Any, last: int, lo: Fraction,
+                 hi: Fraction, shift: Fraction) -> int:
+    """Copy the audio packets of ``segment`` that start in [lo, hi) seconds, moved by ``shift``
+    seconds (the video's move), never going back in time; returns the last pts written."""
+    with av.open(str(segment)) as src:
+        if not src.streams.audio:
+            return last
+        ist = src.streams.audio[0]
+        atb: Fraction = ist.time_base or Fraction(1, 48_000)
+        for p in src.demux(ist):
+            if not p.size or p.pts is None or not lo <= p.pts * atb < hi:
+                continue
+            pts = round((p.pts * atb + shift) / atb)  # in the packet's own time base; mux rescales
+            if pts <= last:
+                continue
+            p.pts = p.dts = pts
+            p.stream = ost
+            dst.mux(p)
+            last = pts
+    return last
 
 
 # -- verifying an export -------------------------------------------------------------------------

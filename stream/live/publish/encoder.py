@@ -87,6 +87,10 @@ class EncoderOutput:
         self._audio_out: AudioOut | None = None
         self.audio_written = 0
         """seconds of audio muxed (all containers of this output)"""
+        self.audio_lead_s = 0.0
+        """a container with audio starts its clock this long before its first picture, for the sound
+        of that moment still on its way (held for the speech look-ahead): a recorder that starts a
+        new segment keeps it instead of losing it"""
 
     # -- called by the redaction stage -----------------------------------------------------------
     def submit(self, image: Picture, captured_at: float, painted: Painted | None = None) -> None:
@@ -156,7 +160,7 @@ class EncoderOutput:
             self._open(size)
         assert self._encoder is not None and self._container is not None
         if self._t0 is None:
-            self._t0 = captured_at
+            self._t0 = captured_at - (self.audio_lead_s if self._audio_out is not None else 0.0)
         pts = max(self._last_pts + 1, round((captured_at - self._t0) / TIME_BASE))
         self._last_pts = pts
         for packet in self._encoder.encode(image, pts):

@@ -148,6 +148,7 @@ class RecordOutput(EncoderOutput):
         self.clock = clock
         self.stream = stream
         self.models = custody.models_digest(None if models is None else tuple(models))
+        self.audio_lead_s = 1.0  # each segment keeps the sound of its first second, not the last one's
         self._seg: _Segment | None = None
         self._next: Painted | None = None
         self._stored: deque[_Stored] = deque()
