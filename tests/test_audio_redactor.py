@@ -275,3 +275,24 @@ def test_a_live_stream_whose_speech_detector_fails_publishes_silence(
     assert counter(p.metrics, "audio_seconds", stream="cam", result="kept") == 0
     assert muted.calls and {r for r, _ in muted.calls} == {"fault"}
     assert counter(p.metrics, "frames_published", stream="cam") > 0, "video goes on"
+
+
+def test_an_output_keeps_a_gap_as_a_gap_and_cuts_audio_reaching_back_into_written_time(
+        tmp_path: Path) -> None:
+    import av
+
+    from stream.audio.codec import AudioOut
+
+    container = av.open(str(tmp_path / "a.mp4"), "w")
+    out = AudioOut(container, "aac", 1)
+    block = np.full((4800, 1), 0.1, dtype=np.float32)  # 100 ms
+    packets = out.encode(block, 0) + out.encode(block, 4800)
+    packets += out.encode(block, RATE)  # 0.8 s later than the last block ended: a gap
+    packets += out.encode(block, RATE + 2400)  # half of it lies in time already written: cut
+    packets += out.flush()
+    starts = sorted(p.pts for p in packets if p.pts is not None and p.pts >= 0)
+    assert any(a < 9600 + 1024 and b >= RATE - 1024 for a, b in itertools.pairwise(starts)), "gap lost"
+    after = [s for s in starts if s >= RATE - 1024]
+    # 100 ms + the 50 ms not already written: about 7 frames of 1024, not 10
+    assert 6 <= len(after) <= 8, after
+    container.close()
