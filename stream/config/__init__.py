@@ -322,6 +322,19 @@ class DetectionConfig(ConfigModel):
     device_preprocess: bool = Field(
         True, description="GPU only: upload each frame once and letterbox/normalise on the GPU "
                           "(needs torch); else on the host")
+    static_graphs: bool = Field(
+        True, description="torch backend: one module per input shape (bucket x canvas), converted from "
+                          "the graph frozen to that shape, so no shape is read back from the GPU "
+                          "(frozen graphs are cached in engine_cache_dir/static, by default "
+                          "~/.cache/stream-redact/static)")
+    device_decode: bool = Field(
+        True, description="torch backend: score threshold, top-K and NMS on the device, only the kept "
+                          "boxes come back; a frame the device cannot decode exactly (more than 128 "
+                          "candidates, NMS not certified) is decoded on the host")
+    cuda_graphs: bool = Field(
+        True, description="torch backend on a GPU, with static_graphs: each shape's forward and "
+                          "decoding captured once as a CUDA graph and replayed per batch (capture "
+                          "failures are logged and that shape runs eagerly)")
     warmup: bool = Field(True, description="GPU only: run every model per bucket at start, so the "
                                            "first frames do not wait for engine builds")
     model_dir: Path | None = Field(
@@ -353,6 +366,7 @@ class DetectionConfig(ConfigModel):
             threads=self.threads,
             model_dir=self.model_dir, backend=self.backend, device_id=self.device_id, fp16=self.fp16,
             int8=self.int8, cache_dir=self.engine_cache_dir, device_preprocess=self.device_preprocess,
+            static_graphs=self.static_graphs, device_decode=self.device_decode, cuda_graphs=self.cuda_graphs,
             **runtime)
 
 

@@ -161,9 +161,16 @@ class TorchBackend(Backend):
     On the GPU, fp16 runs the module in half precision with channels-last tensors (what cuDNN's
     tensor-core convolutions want); a graph that cannot run in half precision falls back to
     autocast (convolutions in fp16, the rest in fp32). Outputs come back as float32.
+
+    With ``static`` each input shape (bucket x canvas) gets a module of its own, converted from
+    the graph frozen to that shape (:mod:`stream.detect.static_graph`): no shape is read on the
+    host. :meth:`run_decoded` also decodes on the device and, with ``graphs`` on a GPU, replays
+    forward and decoding as one CUDA graph per shape (:mod:`stream.detect.graph_replay`).
     """
 
-    def __init__(self, model: onnx.ModelProto, device: str = "cuda:0", fp16: bool = True) -> None:
+    def __init__(self, model: onnx.ModelProto, device: str = "cuda:0", fp16: bool = True,
+                 static: bool = False, graphs: bool = False, cache_dir: Path | None = None,
+                 key: str | None = None) -> None:
         try:
             import torch
             from onnx2torch import convert
@@ -180,47 +187,100 @@ class TorchBackend(Backend):
         self.name = "torch-cuda" if device.startswith("cuda") else "torch-cpu"
         self.fp16 = fp16 and self.on_gpu
         self.mode = "fp32"
-        module = convert(for_onnx2torch(model)).eval().to(device)
+        self.static, self.graphs = static, graphs
+        self._model, self._cache_dir, self._key = model, cache_dir or DEFAULT_CACHE.parent, key
+        self._static: dict[tuple[int, ...], tuple[Any, Any]] = {}
+        """per input shape: the (float, half) modules converted from the graph frozen to it"""
+        self._replays: dict[tuple[Any, ...], Any] = {}
         if self.on_gpu:
             torch.backends.cudnn.benchmark = True  # fixed bucket shapes: pick the fastest kernels once
-            module = module.to(memory_format=torch.channels_last)
-        self._float = module
+        self._float, self._half = self._place(convert(for_onnx2torch(model)))
         if self.fp16:
-            self._half = copy.deepcopy(module).half()
             self.mode = "half"
+
+    def _place(self, module: Any) -> tuple[Any, Any]:
+        module = module.eval().to(self.device)
+        if self.on_gpu:
+            module = module.to(memory_format=self.torch.channels_last)
+        return module, (copy.deepcopy(module).half() if self.fp16 else None)
+
+    def modules_for(self, shape: tuple[int, ...]) -> tuple[Any, Any]:
+        """The (float, half) modules that run inputs of ``shape``: static ones per shape, or the one
+        dynamic module."""
+        if not self.static:
+            return self._float, self._half
+        if shape not in self._static:
+            from stream.detect.static_graph import frozen_cached, to_torch
+
+            frozen = frozen_cached(self._model, tuple(shape), self._cache_dir, self._key)  # type: ignore[arg-type]
+            self._static[shape] = self._place(to_torch(for_onnx2torch(frozen)))
+        return self._static[shape]
 
     def _forward(self, t: Any) -> Any:
         torch = self.torch
-        if self.mode == "half":
+        float_module, half_module = self.modules_for(tuple(t.shape))
+        if self.mode == "half" and half_module is not None:
             try:
-                return self._half(t.half())
+                return half_module(t.half())
             except RuntimeError as e:  # an op of this graph has no half kernel or mixes dtypes
                 log.warning("%s: half precision failed (%s); using autocast", self.name, e)
-                self.mode, self._half = "autocast", None
+                self.mode = "autocast"
         if self.mode == "autocast":
             with torch.autocast(device_type="cuda", dtype=torch.float16):
-                return self._float(t)
-        return self._float(t)
+                return float_module(t)
+        return float_module(t)
+
+    def _input(self, x: Any) -> Any:
+        torch = self.torch
+        if isinstance(x, np.ndarray):
+            t = torch.from_numpy(np.ascontiguousarray(x))
+            if self.on_gpu:
+                TRANSFERS.add(h2d=t.numel() * t.element_size())
+                t = t.pin_memory().to(self.device, non_blocking=True)
+        else:
+            t = x.to(self.device)
+        t = t.float()
+        if self.on_gpu:
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t
+
+    def run_device(self, x: Any) -> list[Any]:
+        """The graph's outputs as float32 tensors on the device, in ``output_names`` order."""
+        outs = self._forward(self._input(x))
+        return [o.float() for o in (list(outs) if isinstance(outs, (tuple, list)) else [outs])]
 
     def run(self, x: Any) -> list[np.ndarray]:
-        torch = self.torch
-        with torch.inference_mode():
-            if isinstance(x, np.ndarray):
-                t = torch.from_numpy(np.ascontiguousarray(x))
-                if self.on_gpu:
-                    TRANSFERS.add(h2d=t.numel() * t.element_size())
-                    t = t.pin_memory().to(self.device, non_blocking=True)
-            else:
-                t = x.to(self.device)
-            t = t.float()
-            if self.on_gpu:
-                t = t.contiguous(memory_format=torch.channels_last)
-            outs = self._forward(t)
-            outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
-            host = [o.float().cpu().numpy() for o in outs]
+        with self.torch.inference_mode():
+            host = [o.cpu().numpy() for o in self.run_device(x)]
         if self.on_gpu:
             TRANSFERS.add(d2h=sum(o.nbytes for o in host))
         return host
+
+    def run_decoded(self, x: Any, decode: Any, key: Any = None) -> tuple[np.ndarray, list[Any]]:
+        """``decode(outputs)`` run on the device after the forward; returns its (small) result on
+        the host and the raw outputs, still on the device, for frames the host must decode.
+
+        With ``graphs`` on a GPU, forward and ``decode`` are one CUDA graph per input shape and
+        ``key`` (what else ``decode`` depends on, e.g. the canvas)."""
+        from stream.detect.graph_replay import Replay
+
+        with self.torch.inference_mode():
+            t = self._input(x)
+            slot = (tuple(t.shape), key)
+            if slot not in self._replays:
+                def step(inp: Any) -> tuple[Any, list[Any]]:
+                    outs = self.run_device(inp)
+                    return decode(outs), outs
+                self._replays[slot] = Replay(step, self.device, capture=self.graphs and self.static)
+            packed, raw = self._replays[slot](t)
+            host = packed.cpu().numpy()
+        if self.on_gpu:
+            TRANSFERS.add(d2h=host.nbytes)
+        return host, raw
+
+    def replays(self) -> list[Any]:
+        """Every shape's :class:`~stream.detect.graph_replay.Replay` (captured or eager)."""
+        return list(self._replays.values())
 
 
 TORCH_OPSET = 17
@@ -305,12 +365,16 @@ def runs_on_gpu(backend: BackendName, providers: Sequence[str]) -> bool:
 def make_backend(model: onnx.ModelProto, backend: BackendName = "auto",
                  providers: Sequence[str] = DEFAULT_PROVIDERS, threads: int = 0, device_id: int = 0,
                  fp16: bool = True, cache_dir: Path | None = None,
-                 profile: Profile | None = None) -> Backend:
-    """The configured backend for ``model``; ``auto`` picks as :func:`choose_backend` says."""
+                 profile: Profile | None = None, static: bool = False, graphs: bool = False,
+                 key: str | None = None) -> Backend:
+    """The configured backend for ``model``; ``auto`` picks as :func:`choose_backend` says.
+    ``static``, ``graphs`` and ``key`` (the weights' digest, naming cached frozen graphs) apply
+    to the torch backend only."""
     which = choose_backend(backend, providers)
     if which == "torch":
         gpu = any(p in ("cuda", "tensorrt") for p in providers)
-        return TorchBackend(model, f"cuda:{device_id}" if gpu else "cpu", fp16=fp16)
+        return TorchBackend(model, f"cuda:{device_id}" if gpu else "cpu", fp16=fp16, static=static,
+                            graphs=graphs, cache_dir=cache_dir, key=key)
     if which != "onnxruntime":
         raise BackendError(f"unknown inference backend {backend!r}; use auto, onnxruntime or torch")
     return OrtBackend(model, providers, threads, device_id, fp16, cache_dir, profile)

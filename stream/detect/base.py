@@ -35,6 +35,18 @@ class Chunk:
     """source frame shapes, to clip the boxes mapped back"""
 
 
+@dataclass(frozen=True)
+class Group:
+    """One class of boxes a model reports, for decoding on the device: the output rows
+    ``start:stop`` whose maximum is its score (the person model reports persons, vehicles and
+    screens), its label and its score threshold."""
+
+    start: int
+    stop: int
+    label: str
+    threshold: float
+
+
 class OnnxDetector(ABC):
     """One model on one inference backend; ``detect`` takes BGR uint8 frames of any sizes.
 
@@ -72,6 +84,9 @@ class OnnxDetector(ABC):
         cache_dir: Path | None = None,
         buckets: Sequence[int] | None = None,
         int8: bool = False,
+        static_graphs: bool = True,
+        device_decode: bool = True,
+        cuda_graphs: bool = True,
     ) -> None:
         self.input_size = input_size
         self.threshold = threshold
@@ -87,8 +102,13 @@ class OnnxDetector(ABC):
         self.spec = spec(self.weights)
         self._path = model_path(self.weights, model_dir)
         self.buckets = check_buckets(buckets) if buckets else DEFAULT_BUCKETS
+        self.device_decode = device_decode
         self._make = lambda model, profile=None: make_backend(
-            model, backend, providers, threads, device_id, fp16, cache_dir, profile)
+            model, backend, providers, threads, device_id, fp16, cache_dir, profile, static=static_graphs,
+            graphs=cuda_graphs, key=f"{self.weights}-{self.spec.sha256[:16]}")
+        self.decoded_on_device = 0
+        """frames decoded on the device, and those the host decoded instead (overflow, uncertified)"""
+        self.decoded_on_host = 0
         self._backends: dict[tuple[int, int], Backend] = {}
         self.backend: Backend | None = None
         if self.per_shape:  # backends are made per canvas size on first use
@@ -213,10 +233,59 @@ class OnnxDetector(ABC):
         claim_on_this_stream(chunk.x)
         # decode may keep per-batch state (YuNet's grid size): same lock as the run
         with self._lock:
+            if self.device_decode and self.groups() and hasattr(backend, "run_decoded"):
+                return self._complete_on_device(chunk, backend)
             outputs = backend.run(chunk.x)
             self.begin(chunk.x.shape[0], chunk.canvas, backend)
             return [self._finish(outputs, i, place, shape)
                     for i, (place, shape) in enumerate(zip(chunk.places, chunk.shapes, strict=True))]
+
+    # -- decoding on the device (torch backend) ------------------------------------------------------
+
+    def groups(self) -> list[Group]:
+        """The classes this model reports, for decoding on the device; empty: host decoding only."""
+        return []
+
+    def device_candidates(self, outputs: list[Any], n: int, canvas: tuple[int, int],
+                          names: list[str]) -> tuple[Any, Any, Any]:
+        """Per frame and candidate: score, canvas box and group index, as device tensors."""
+        raise NotImplementedError
+
+    def _complete_on_device(self, chunk: Chunk, backend: Any) -> list[Detections]:
+        import torch
+
+        from stream.detect.device_decode import DEFAULT_K, select, unpack
+
+        groups = self.groups()
+        n = chunk.x.shape[0]
+        names = backend.output_names
+
+        def decode(outputs: list[Any]) -> Any:
+            device = outputs[0].device
+            if getattr(self, "_thresholds", None) is None or self._thresholds.device != device:
+                self._thresholds = torch.tensor([g.threshold for g in groups], device=device)
+            scores, boxes, classes = self.device_candidates(outputs, n, chunk.canvas, names)
+            return select(scores, boxes, classes, self._thresholds, self.nms_iou, DEFAULT_K)
+
+        packed, raw = backend.run_decoded(chunk.x, decode, key=chunk.canvas)
+        frames = unpack(packed)
+        host: list[np.ndarray] | None = None
+        out: list[Detections] = []
+        for i, (place, shape) in enumerate(zip(chunk.places, chunk.shapes, strict=True)):
+            found = frames[i]
+            if found is None:  # too many candidates, or NMS not certified: the host decodes this frame
+                if host is None:
+                    host = [r.cpu().numpy() for r in raw]
+                    self.begin(n, chunk.canvas, backend)
+                self.decoded_on_host += 1
+                out.append(self._finish(host, i, place, shape))
+                continue
+            self.decoded_on_device += 1
+            boxes, scores, classes = found
+            parts = [self._place(boxes[classes == g], scores[classes == g], place, shape, grp.label)
+                     for g, grp in enumerate(groups)]
+            out.append(Detections.concat(parts) if len(parts) > 1 else parts[0])
+        return out
 
     def _finish(self, outputs: list[np.ndarray], i: int, place: Placement, shape: tuple) -> Detections:
         boxes, scores = self.decode(outputs, i)
@@ -229,8 +298,16 @@ class OnnxDetector(ABC):
         boxes, scores = boxes[keep], scores[keep]
         if len(boxes):
             k = nms(boxes, scores, self.nms_iou)
-            boxes = clip_boxes(place.to_source(boxes[k]), shape[1], shape[0])
-            scores = scores[k]
+            boxes, scores = boxes[k], scores[k]
+        return self._place(boxes, scores, place, shape, label)
+
+    @staticmethod
+    def _place(boxes: np.ndarray, scores: np.ndarray, place: Placement, shape: tuple,
+               label: str) -> Detections:
+        """Canvas boxes (after threshold and NMS) mapped back to the source frame, clipped, and
+        those under a pixel wide or tall dropped."""
+        if len(boxes):
+            boxes = clip_boxes(place.to_source(boxes), shape[1], shape[0])
             ok = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
             boxes, scores = boxes[ok], scores[ok]
         return Detections(boxes=boxes.astype(np.float32), scores=scores.astype(np.float32),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stream.detect.base import OnnxDetector
+from stream.detect.base import Group, OnnxDetector
 
 STRIDE = 4
 
@@ -28,3 +28,11 @@ class CenterFace(OnnxDetector):
         cx = (xs + offset[1, ys, xs] + 0.5) * STRIDE
         boxes = np.stack([cx - sw / 2, cy - sh / 2, cx + sw / 2, cy + sh / 2], 1)
         return boxes, heat[ys, xs]
+
+    def groups(self) -> list[Group]:
+        return [Group(0, 1, self.label, self.threshold)]
+
+    def device_candidates(self, outputs: list, n: int, canvas: tuple[int, int], names: list[str]) -> tuple:
+        from stream.detect.device_decode import centerface_candidates
+
+        return centerface_candidates(outputs[0], outputs[1], outputs[2], STRIDE)

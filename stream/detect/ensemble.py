@@ -101,6 +101,12 @@ class DetectorConfig:
     int8: bool = True
     """CPU only: run a model's int8 variant where the manifest has one (plate, person) for its
     input size (up to 640); GPUs and the torch backend always run the fp32 graphs"""
+    static_graphs: bool = True
+    """torch backend: one module per input shape, from the graph frozen to it (no host syncs)"""
+    device_decode: bool = True
+    """torch backend: threshold, top-K and NMS on the device; only the kept boxes come back"""
+    cuda_graphs: bool = True
+    """torch backend on a GPU: forward and device decoding replayed as one CUDA graph per shape"""
 
 
 def plates_from_vehicles(vehicles: Detections, plates: Detections, max_height: float) -> Detections:
@@ -218,7 +224,9 @@ class FrameDetector:
         self.config = cfg = config or DetectorConfig()
         common = {"model_dir": cfg.model_dir, "providers": cfg.providers, "threads": cfg.threads,
                   "backend": cfg.backend, "device_id": cfg.device_id, "fp16": cfg.fp16,
-                  "cache_dir": cfg.cache_dir, "buckets": cfg.buckets, "int8": cfg.int8}
+                  "cache_dir": cfg.cache_dir, "buckets": cfg.buckets, "int8": cfg.int8,
+                  "static_graphs": cfg.static_graphs, "device_decode": cfg.device_decode,
+                  "cuda_graphs": cfg.cuda_graphs}
 
         def build(cls: type[OnnxDetector], m: ModelConfig | None, **extra: object) -> OnnxDetector | None:
             if m is None or not m.enabled:

@@ -7,7 +7,7 @@ import onnx
 from onnx import numpy_helper
 
 from stream.core.detections import Detections
-from stream.detect.base import OnnxDetector
+from stream.detect.base import Group, OnnxDetector
 from stream.detect.letterbox import Placement
 
 
@@ -30,6 +30,15 @@ class YoloV8(OnnxDetector):
         score = out[4 + self.class_index]
         sel = np.flatnonzero(score >= self.threshold)
         return corners(out, sel), score[sel]
+
+    def groups(self) -> list[Group]:
+        row = 4 + self.class_index
+        return [Group(row, row + 1, self.label, self.threshold)]
+
+    def device_candidates(self, outputs: list, n: int, canvas: tuple[int, int], names: list[str]) -> tuple:
+        from stream.detect.device_decode import yolo_candidates
+
+        return yolo_candidates(outputs[0], self.groups())
 
 
 class PlateYolo(YoloV8):
@@ -67,14 +76,26 @@ class PersonYolo(YoloV8):
     def reshape_model(self, model: onnx.ModelProto, height: int, width: int) -> onnx.ModelProto:
         return keep_rows(rebuild_for_shape(model, height, width), self.rows)
 
+    def groups(self) -> list[Group]:
+        """Rows of the kept output (see ``rows``): box, person, then vehicles and screens if asked."""
+        out = [Group(4, 5, "person", self.threshold)]
+        row = 5
+        for wanted, classes, label, threshold in self._asked():
+            if wanted:
+                out.append(Group(row, row + len(classes), label, threshold))
+                row += len(classes)
+        return out
+
+    def _asked(self) -> tuple[tuple[bool, tuple[int, ...], str, float], ...]:
+        return ((self.vehicles, VEHICLE_CLASSES, "vehicle", VEHICLE_THRESHOLD),
+                (self.screens, SCREEN_CLASSES, "screen", SCREEN_THRESHOLD))
+
     def _finish(self, outputs: list[np.ndarray], i: int, place: Placement, shape: tuple) -> Detections:
         people = super()._finish(outputs, i, place, shape)
         parts = [people]
         out = outputs[0][i]
         row = 5
-        asked = ((self.vehicles, VEHICLE_CLASSES, "vehicle", VEHICLE_THRESHOLD),
-                 (self.screens, SCREEN_CLASSES, "screen", SCREEN_THRESHOLD))
-        for wanted, classes, label, threshold in asked:
+        for wanted, classes, label, threshold in self._asked():
             if not wanted:
                 continue
             scores = out[row:row + len(classes)].max(axis=0)

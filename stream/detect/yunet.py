@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from stream.detect.backend import Backend
-from stream.detect.base import OnnxDetector
+from stream.detect.base import Group, OnnxDetector
 
 STRIDES = (8, 16, 32)
 
@@ -44,3 +44,11 @@ class YuNet(OnnxDetector):
         if not boxes:
             return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
         return np.concatenate(boxes), np.concatenate(scores)
+
+    def groups(self) -> list[Group]:
+        return [Group(0, 1, self.label, self.threshold)]
+
+    def device_candidates(self, outputs: list, n: int, canvas: tuple[int, int], names: list[str]) -> tuple:
+        from stream.detect.device_decode import yunet_candidates
+
+        return yunet_candidates(dict(zip(names, outputs, strict=True)), n, canvas, STRIDES)
