@@ -257,14 +257,14 @@ class OnnxDetector(ABC):
         from stream.detect.device_decode import DEFAULT_K, select, unpack
 
         groups = self.groups()
-        n = chunk.x.shape[0]
+        n, canvas = chunk.x.shape[0], chunk.canvas
         names = backend.output_names
 
         def decode(outputs: list[Any]) -> Any:
             device = outputs[0].device
             if getattr(self, "_thresholds", None) is None or self._thresholds.device != device:
                 self._thresholds = torch.tensor([g.threshold for g in groups], device=device)
-            scores, boxes, classes = self.device_candidates(outputs, n, chunk.canvas, names)
+            scores, boxes, classes = self.device_candidates(outputs, n, canvas, names)
             return select(scores, boxes, classes, self._thresholds, self.nms_iou, DEFAULT_K)
 
         packed, raw = backend.run_decoded(chunk.x, decode, key=chunk.canvas)

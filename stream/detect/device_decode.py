@@ -117,7 +117,9 @@ def yolo_candidates(out: torch.Tensor, groups: Sequence[Group]) -> tuple[torch.T
     box = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 2)  # (B, A, 4)
     scores = [out[:, g.start:g.stop].amax(1) for g in groups]
     b, a = box.shape[:2]
-    classes = torch.arange(len(groups), device=out.device).repeat_interleave(a)[None].expand(b, -1)
+    # expand, not repeat_interleave: that one may read its output size back from the device
+    g = len(groups)
+    classes = torch.arange(g, device=out.device)[:, None].expand(g, a).reshape(1, g * a).expand(b, -1)
     return torch.cat(scores, 1), box.repeat(1, len(groups), 1), classes
 
 

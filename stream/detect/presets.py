@@ -59,7 +59,8 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
     ``classes`` adds ``screen`` and/or ``person`` (whole bodies) boxes to what is reported; they come
     from the person model, which then runs even without ``heads`` (head masks stay off).
     ``runtime`` sets where models run (backend, device_id, fp16, cache_dir, buckets,
-    device_preprocess, static_graphs, device_decode, cuda_graphs): fields of :class:`DetectorConfig` that do not change what is detected.
+    device_preprocess, static_graphs, device_decode, cuda_graphs): fields of
+    :class:`DetectorConfig` that do not change what is detected.
     """
     p = PRESETS[preset]
     crops = plate_crops and plates and heads  # the vehicles come from the person model
