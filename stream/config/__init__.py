@@ -245,7 +245,7 @@ class BatcherConfig(ConfigModel):
         description="batches handed to the detector at once: with 2 the next batch is uploaded and "
                     "letterboxed while the current one runs (default: 2 on a GPU, 1 on CPU)")
     buckets: list[int] = Field(
-        default_factory=lambda: [1, 2, 4, 8, 16, 32], min_length=1,
+        default_factory=lambda: [1, 2, 4, 8, 16, 32, 64], min_length=1,
         description="GPU batch sizes (engines are built once per bucket); a batch is split into "
                     "these and nearly full remainders are padded. Must include 1")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 PAD_FILL = 0.75
 """pad a remainder up to the next bucket when it fills at least this share of it"""
 
