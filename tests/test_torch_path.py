@@ -325,3 +325,35 @@ def test_a_fault_inside_the_replay_fails_the_batch_closed_and_the_stage_is_rebui
         assert len(built) >= 2, "the stage was rebuilt after the fault"
     finally:
         batcher.stop()
+
+
+# -- uploads and letterboxes shared by the models --------------------------------------------------
+def test_a_batch_goes_up_packed_through_a_reused_staging_buffer() -> None:
+    from stream.detect.device import DeviceFrames, StagingRing
+
+    ring = StagingRing("cpu", slots=2)
+    rng = np.random.RandomState(3)
+    batches = [[rng.randint(0, 255, (h, w, 3), np.uint8) for h, w in sizes]
+               for sizes in ([(36, 64), (48, 64)], [(72, 128)] * 3, [(20, 30)], [(90, 160)] * 4)]
+    sent = [DeviceFrames(b, "cpu", ring) for b in batches]
+    for frames, got in zip(batches, sent, strict=True):
+        assert [tuple(t.shape) for t in got.tensors] == [f.shape for f in frames]
+        for f, t in zip(frames, got.tensors, strict=True):
+            np.testing.assert_array_equal(t.numpy(), f)
+    assert ring.uploads == 4
+    assert ring.grown == 3, "two buffers made, the third batch fits the first again, the fourth grows one"
+
+
+def test_models_with_the_same_canvas_share_one_resize_and_get_what_they_would_alone() -> None:
+    from stream.detect.device import DeviceFrames
+
+    frames = scene()
+    shared = DeviceFrames(frames, "cpu")
+    yolo, _ = shared.letterbox(640, pad=114, rgb=True, unit=True)
+    assert len(shared._resized) == len(frames)
+    face, _ = shared.subset([0, 2]).letterbox(640, pad=0)
+    assert len(shared._resized) == len(frames), "the subset reused the resized frames"
+    alone, _ = DeviceFrames([frames[0], frames[2]], "cpu").letterbox(640, pad=0)
+    assert np.array_equal(face.numpy(), alone.numpy())
+    alone_yolo, _ = DeviceFrames(frames, "cpu").letterbox(640, pad=114, rgb=True, unit=True)
+    assert np.array_equal(yolo.numpy(), alone_yolo.numpy())

@@ -9,6 +9,7 @@ from that copy, for all frames of a batch together. The geometry is the host pat
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -17,23 +18,94 @@ from stream.detect.backend import TRANSFERS
 from stream.detect.letterbox import Placement, layout
 
 
-class DeviceFrames:
-    """Frames of one batch on the device (HWC uint8 BGR), uploaded once and shared by every model."""
+class StagingRing:
+    """Pinned host buffers, reused in turn, through which a batch's frames go up in one copy.
 
-    def __init__(self, images: list[Any], device: str) -> None:
+    Copying each frame from pageable memory is one small transfer per frame, each staged by the
+    driver through a bounce buffer; here the frames are packed into one page-locked buffer and sent
+    as one transfer. Each buffer is reused only once the copy out of it has finished (a CUDA event),
+    so with ``slots`` buffers that many batches can be on their way at once. On the CPU there is
+    nothing to pin; the packing is the same, which is how it is tested.
+    """
+
+    def __init__(self, device: str, slots: int = 3) -> None:
+        import torch
+
+        self.torch = torch
+        self.device = device
+        self.pin = device.startswith("cuda")
+        self._buffers: list[Any] = [None] * slots
+        self._events: list[Any] = [None] * slots
+        self._next = 0
+        self._lock = threading.Lock()
+        self.uploads = 0
+        self.grown = 0
+        """buffers (re)allocated because a batch was larger than the slot's buffer"""
+
+    def upload(self, images: list[np.ndarray]) -> list[Any]:
+        """The frames as HWC uint8 tensors on the device: views into one uploaded copy."""
+        torch = self.torch
+        total = sum(im.nbytes for im in images)
+        with self._lock:
+            slot = self._next
+            self._next = (self._next + 1) % len(self._buffers)
+            if self._events[slot] is not None:
+                self._events[slot].synchronize()  # the copy out of this buffer has finished
+            buf = self._buffers[slot]
+            if buf is None or buf.numel() < total:
+                buf = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=self.pin)
+                self._buffers[slot] = buf
+                self.grown += 1
+            host = buf.numpy()
+            at = 0
+            for im in images:
+                host[at:at + im.nbytes].reshape(im.shape)[...] = im
+                at += im.nbytes
+            dev = buf[:total].to(self.device, non_blocking=self.pin, copy=True)
+            if self.pin:
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(self.device))
+                self._events[slot] = event
+            self.uploads += 1
+        TRANSFERS.add(h2d=total if self.pin else 0)
+        out, at = [], 0
+        for im in images:
+            out.append(dev[at:at + im.nbytes].view(*im.shape))
+            at += im.nbytes
+        return out
+
+
+class DeviceFrames:
+    """Frames of one batch on the device (HWC uint8 BGR), uploaded once and shared by every model.
+
+    Every model cuts its letterboxed canvas from this copy; frames resized to the same size for
+    two models (same canvas geometry) are resized once and the result shared.
+    """
+
+    def __init__(self, images: list[Any], device: str, ring: StagingRing | None = None) -> None:
         import torch
 
         self.torch = torch
         self.device = device
         self.shapes = [tuple(im.shape[:2]) for im in images]
-        self.tensors = []
-        for im in images:
+        self.tensors: list[Any] = [None] * len(images)
+        self._resized: dict[tuple[int, int, int], Any] = {}
+        """(frame index, height, width) -> the frame resized, CHW float 0-255 BGR (shared by subsets)"""
+        self._index = list(range(len(images)))
+        """each frame's index in the batch this set was cut from (the resize cache's key)"""
+        host = [(i, im) for i, im in enumerate(images) if isinstance(im, np.ndarray)]
+        if ring is not None and host:
+            sent = ring.upload([np.ascontiguousarray(im) for _, im in host])
+            for (i, _), t in zip(host, sent, strict=True):
+                self.tensors[i] = t
+        for i, im in enumerate(images):
+            if self.tensors[i] is not None:
+                continue
             if isinstance(im, np.ndarray):
-                t = torch.from_numpy(np.ascontiguousarray(im)).to(device, non_blocking=True)
+                self.tensors[i] = torch.from_numpy(np.ascontiguousarray(im)).to(device, non_blocking=True)
                 TRANSFERS.add(h2d=im.nbytes)
             else:  # already on the device (NVDEC)
-                t = im.to(device)
-            self.tensors.append(t)
+                self.tensors[i] = im.to(device)
 
     def subset(self, idx: list[int]) -> DeviceFrames:
         """The frames at ``idx`` (no copy): for models that run on every n-th frame only."""
@@ -41,6 +113,8 @@ class DeviceFrames:
         out.torch, out.device = self.torch, self.device
         out.shapes = [self.shapes[i] for i in idx]
         out.tensors = [self.tensors[i] for i in idx]
+        out._resized = self._resized
+        out._index = [self._index[i] for i in idx]
         return out
 
     def __len__(self) -> int:
@@ -67,12 +141,17 @@ class DeviceFrames:
         for i, (shape, (_, w, h)) in enumerate(zip(self.shapes, sizes, strict=True)):
             groups.setdefault((shape, w, h), []).append(i)
         for (_, w, h), idx in groups.items():
-            x = torch.stack([self.tensors[i] for i in idx]).permute(0, 3, 1, 2).float()
-            if x.shape[2:] != (h, w):
-                down = h < x.shape[2]
-                # antialiased bilinear downscaling is close to OpenCV's INTER_AREA of the host path
-                x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=down)
-                x = x.round_().clamp_(0, 255)
+            todo = [i for i in idx if (self._index[i], h, w) not in self._resized]
+            if todo:  # resized once per geometry, whichever model asks first
+                x = torch.stack([self.tensors[i] for i in todo]).permute(0, 3, 1, 2).float()
+                if x.shape[2:] != (h, w):
+                    down = h < x.shape[2]
+                    # antialiased bilinear downscaling is close to OpenCV's INTER_AREA of the host path
+                    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=down)
+                    x = x.round_().clamp_(0, 255)
+                for j, i in enumerate(todo):
+                    self._resized[(self._index[i], h, w)] = x[j]
+            x = torch.stack([self._resized[(self._index[i], h, w)] for i in idx])
             if rgb:
                 x = x.flip(1)
             canvas[idx, :, :h, :w] = (x * scale).to(dtype)

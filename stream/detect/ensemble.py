@@ -30,7 +30,7 @@ from stream.detect.base import Chunk, OnnxDetector
 from stream.detect.buckets import DEFAULT_BUCKETS
 from stream.detect.centerface import CenterFace
 from stream.detect.crops import CropConfig, cut, plan_crops, to_frame
-from stream.detect.device import DeviceFrames, SideStream, torch_device_ok
+from stream.detect.device import DeviceFrames, SideStream, StagingRing, torch_device_ok
 from stream.detect.runtime import DEFAULT_PROVIDERS
 from stream.detect.yolo import PersonYolo, PlateYolo
 from stream.detect.yunet import YuNet
@@ -258,6 +258,8 @@ class FrameDetector:
         # frames go up once per batch and every model cuts its canvas from that copy
         self.upload = bool(gpu) and cfg.device_preprocess and torch_device_ok(self.device)
         self._side: SideStream | None = None
+        self._ring: StagingRing | None = None
+        """pinned buffers the batches' frames go up through (one copy per batch)"""
         self._last_run: dict[tuple[int, str], int] = {}
         """per (model slot, stream): the frame number a model last ran on (its cadence)"""
         if gpu and cfg.device_preprocess and not self.upload:
@@ -354,7 +356,9 @@ class FrameDetector:
         if self._side is None and self.upload:
             self._side = SideStream(self.device)
         with self._side or contextlib.nullcontext():
-            frames = DeviceFrames(bgr, self.device) if self.upload and bgr else None
+            if self.upload and self._ring is None:
+                self._ring = StagingRing(self.device)
+            frames = DeviceFrames(bgr, self.device, self._ring) if self.upload and bgr else None
             for (model, _), due in zip(plan, dues, strict=True):
                 picked = [i for i in range(n) if due[i]]
                 chunks: list[Chunk] = []
