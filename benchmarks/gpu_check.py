@@ -16,7 +16,16 @@ Sections:
 4. ``detector``: the whole detector (faces + plates + heads, every model on every frame) per
    bucket: frames/s, and the 1080p30 streams that rate could serve.
 5. ``decode``: H.264 1080p decode on the CPU (OpenCV's FFmpeg), frames/s per process.
-6. ``pipeline``: K synthetic 1080p30 streams in P worker processes sharing the GPU, for each P of
+6. ``paths``: the torch backend's three paths per model and bucket (1, 8, 16, 32, 64): ``eager``
+   (today's: dynamic graph, host decoding), ``static`` (one graph per input shape frozen before
+   conversion, decoding on the device) and ``graphed`` (static, replayed as one CUDA graph per
+   shape). Per path: ms per ``model.run`` and frames/s; host synchronisations in one run (CUDA sync
+   debug warnings; on the CPU the host reads of one forward, ``count_host_reads``); frames decoded
+   on the device and on the host; CUDA graphs captured, replayed or failed; and one run's boxes
+   against ONNX Runtime CPU (match rate, as in ``correctness``), so a fast wrong path shows. Only
+   with the torch backend (skipped, with the reason, under ONNX Runtime or without onnx2torch);
+   ``--paths-budget`` (180 s) bounds it.
+7. ``pipeline``: K synthetic 1080p30 streams in P worker processes sharing the GPU, for each P of
    ``--procs`` in turn. ``--stage shared`` (default): one detection stage process, the product's
    ``stage_main`` as ``run --workers N`` starts it, batches for every worker; the workers reach it
    through ``RemoteStage``, frames crossing in shared memory. ``--stage per-process``: each worker
@@ -29,15 +38,16 @@ Sections:
    250 ms, delivered < 97%, or any blanked/dropped frame. The JSON is rewritten after every step.
 
 Run: ``python benchmarks/gpu_check.py [--quick] [--out DIR]`` (on a GPU machine: torch + onnx2torch,
-or onnxruntime-gpu). Writes ``gpu_check.json`` and prints a table. ``--cpu-smoke`` runs only the
-pipeline section on the CPU (2 streams, 2 processes, shared stage) in about 15 s; the tests run it.
+or onnxruntime-gpu). Writes ``gpu_check.json`` after every section and prints a table.
+``--cpu-smoke`` runs the paths section (torch on the CPU, buckets 1 and 2) and the pipeline
+section (ONNX Runtime CPU, 2 streams, 2 processes, shared stage) in about 40 s; the tests run it.
 
 The next GPU session (H100/H200, 16 cores), shared stage then per-process for comparison::
 
-    python benchmarks/gpu_check.py --out benchmarks/results/gpu-shared --skip correctness,models \
+    python benchmarks/gpu_check.py --out benchmarks/results/gpu-shared --skip correctness,models,paths \
         --stage shared --procs 1,4,8,14 --seconds 4 --budget 240
     python benchmarks/gpu_check.py --out benchmarks/results/gpu-per-process \
-        --skip correctness,models,preprocess,detector,decode --stage per-process --procs 4 \
+        --skip correctness,models,preprocess,detector,decode,paths --stage per-process --procs 4 \
         --seconds 4 --budget 100
 
 About 6.5 minutes in all, sized from the last H200 run (torch path): correctness and models (80 s)
@@ -46,6 +56,13 @@ pipeline's ``--budget`` covers the stage's start (one detector loaded and warmed
 gives each process count an equal share of what is left (45 s or more; a step takes about 8 s at
 ``--seconds 4``, and none starts past its share), so the first run takes about 4.5 minutes. Four
 per-process workers took 66 s to start, leaving 3 to 4 steps in 100 s: about 2 minutes.
+
+The torch backend's paths alone (``--backend torch`` so that they run where onnxruntime-gpu is
+installed too). Never run on a GPU yet: about 2 minutes is an estimate (per model, shape and path
+a graph frozen and converted, a CUDA graph captured), and ``--paths-budget`` caps it::
+
+    python benchmarks/gpu_check.py --out benchmarks/results/gpu-paths --backend torch --providers cuda \
+        --skip correctness,models,preprocess,detector,decode,pipeline --paths-budget 180
 """
 
 from __future__ import annotations
@@ -64,6 +81,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -82,6 +100,17 @@ from stream.detect import backend as backend_mod  # noqa: E402
 BUCKETS = (1, 2, 4, 8, 16, 32)
 RAMP = [2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
 """stream counts of the pipeline ramp; each process count climbs it until a step fails"""
+PATH_BUCKETS = (1, 8, 16, 32, 64)
+"""batch sizes of the paths section: where launch overhead (b1) and throughput (b64) show"""
+PATHS: dict[str, dict[str, bool]] = {
+    "eager": {"static_graphs": False, "device_decode": False, "cuda_graphs": False},
+    "static": {"static_graphs": True, "device_decode": True, "cuda_graphs": False},
+    "graphed": {"static_graphs": True, "device_decode": True, "cuda_graphs": True},
+}
+"""the torch backend's paths: today's eager one, static graphs decoded on the device, and those
+replayed as one CUDA graph per shape"""
+SYNC_WARNING = "synchronizing CUDA operation"
+"""what torch's sync debug mode ("warn") says at each host synchronisation"""
 
 
 def say(msg: str) -> None:
@@ -368,7 +397,133 @@ def decode_timing(clip: Path) -> dict[str, Any]:
     return res
 
 
-# -- 6. pipeline -----------------------------------------------------------------------------------
+# -- 6. torch paths: eager, static graphs + device decoding, CUDA graphs -------------------------
+def path_timings(backend: str, providers: list[str], buckets: tuple[int, ...], reps: int, warm: int = 2,
+                 check_frames: int = 8, budget_s: float = 180.0, save: Any = None) -> dict[str, Any]:
+    """Each model and bucket on the torch backend's three paths (:data:`PATHS`): time per run,
+    host synchronisations, where decoding happened, whether CUDA graphs were captured, and the
+    detections against ONNX Runtime CPU, so a fast path that is wrong shows next to its speed.
+
+    ``save(result)`` after every model; past ``budget_s`` the remaining steps are recorded as
+    skipped, so a slow GPU cannot eat the pipeline section's time."""
+    if backend != "torch":
+        return {"skipped": f"the run's backend is {backend} {providers}: static graphs, device decoding "
+                           "and CUDA graphs are paths of the torch backend (--backend torch measures them)"}
+    try:
+        import onnx2torch  # noqa: F401
+        import torch
+    except ImportError as e:
+        return {"skipped": f"the torch backend needs torch and onnx2torch ({e})"}
+    cuda = any(p in ("cuda", "tensorrt") for p in providers) and torch.cuda.is_available()
+    t_start = time.monotonic()
+    pool, _ = frames_for(max(buckets))
+    out: dict[str, Any] = {
+        "backend": backend, "providers": providers, "device": "cuda:0" if cuda else "cpu", "fp16": cuda,
+        "buckets": list(buckets), "reps": reps, "paths": PATHS,
+        "syncs_by": "CUDA sync debug warnings in one model.run" if cuda else
+                    "host reads (count_host_reads) in one backend forward on the CPU",
+        "check": f"one run's detections on its first {min(check_frames, len(pool))} frames against ONNX "
+                 "Runtime CPU (IoU >= 0.7, reference scores >= threshold + 0.1)",
+        "budget_s": budget_s, "models": {}}
+    for name, (cls, kw) in model_classes().items():
+        if time.monotonic() - t_start > budget_s:
+            out["models"][name] = {"skipped": "time budget", "rows": []}
+            continue
+        ref = cls(providers=["cpu"], backend="onnxruntime", **kw).run(pool[:check_frames])
+        rows: dict[int, dict[str, Any]] = {b: {"bucket": b} for b in buckets}
+        out["models"][name] = {"rows": list(rows.values())}
+        for path, flags in PATHS.items():
+            if time.monotonic() - t_start > budget_s:
+                for row in rows.values():
+                    row[path] = {"skipped": "time budget"}
+                continue
+            try:
+                model = cls(providers=providers, backend="torch", buckets=buckets, **flags, **kw)
+            except Exception as e:  # one path that cannot be built must not lose the others
+                for row in rows.values():
+                    row[path] = {"error": f"{type(e).__name__}: {e}"}
+                continue
+            for b in buckets:
+                if time.monotonic() - t_start > budget_s:
+                    rows[b][path] = {"skipped": "time budget"}
+                    continue
+                try:
+                    rows[b][path] = time_path(model, pool[:b], ref, kw["threshold"] + 0.1, reps, warm,
+                                              flags["device_decode"], flags["cuda_graphs"])
+                except Exception as e:
+                    rows[b][path] = {"error": f"{type(e).__name__}: {e}"}
+            del model
+            if cuda:
+                torch.cuda.empty_cache()
+        say(f"paths {name}: " + "; ".join(
+            f"b{r['bucket']} " + " / ".join(f"{p} {r[p].get('fps', '-')} fps {r[p].get('syncs', '-')} syncs"
+                                             for p in PATHS) for r in rows.values()))
+        if save is not None:
+            save(out)
+    out["seconds"] = round(time.monotonic() - t_start, 1)
+    return out
+
+
+def time_path(model: Any, frames: list[np.ndarray], ref: list, min_score: float, reps: int, warm: int,
+              device_decode: bool, graphs: bool) -> dict[str, Any]:
+    """One path at one bucket: median ms of ``model.run``, then one checked run (syncs, decoding,
+    detections against ``ref``) and one counted forward. The sync count is the point: each is a
+    stall on a GPU, and a CUDA graph can hold none."""
+    import torch
+
+    from stream.detect.device import DeviceFrames, torch_device_ok
+    from stream.detect.static_graph import count_host_reads, host_tensors
+
+    on_dev = model.on_gpu and torch_device_ok(model.device)
+
+    def upload() -> Any:
+        return DeviceFrames(frames, model.device) if on_dev else None
+
+    def go() -> list:
+        return model.run(frames, upload())
+
+    chunks = model.prepare(frames, upload())
+    backends = list({id(bk): bk for bk in (model.backend_for(*c.canvas) for c in chunks)}.values())
+    known = [len(bk.replays()) for bk in backends]  # the replays this bucket adds are its own
+    row: dict[str, Any] = {"frames": len(frames), "canvas": list(chunks[0].canvas)}
+    row["run_ms"] = round(timed(go, reps, warm), 3)
+    row["fps"] = round(len(frames) * 1000 / row["run_ms"], 1)
+
+    allowed = [t for bk in backends for m in bk.modules_for(tuple(chunks[0].x.shape)) if m is not None
+               for t in host_tensors(m)]
+    on_device, on_host = model.decoded_on_device, model.decoded_on_host
+    cuda = model.device.startswith("cuda")
+    with warnings.catch_warnings(record=True) as caught, count_host_reads(allowed) as run_reads:
+        warnings.simplefilter("always")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            got = go()
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode(0)
+    sync()
+    row["host_reads_run"] = len(run_reads)
+    bk = model.backend_for(*chunks[0].canvas)
+    with torch.inference_mode(), count_host_reads(allowed) as fwd_reads:
+        bk.run_device(chunks[0].x)
+    sync()
+    row["host_reads_forward"] = len(fwd_reads)
+    row["syncs"] = sum(SYNC_WARNING in str(w.message) for w in caught) if cuda else len(fwd_reads)
+    if device_decode:
+        row["decoded_on_device"] = model.decoded_on_device - on_device
+        row["decoded_on_host"] = model.decoded_on_host - on_host
+    if graphs:
+        new = [r for bk, n in zip(backends, known, strict=True) for r in bk.replays()[n:]]
+        row["graphs"] = {"shapes": len(new), "captured": sum(r.captured for r in new),
+                         "replays": sum(r.replays for r in new),
+                         "failed": sorted({r.failed for r in new if r.failed})}
+    k = min(len(frames), len(ref))
+    row["vs_ort_cpu"] = compare(ref[:k], got[:k], min_score)
+    return row
+
+
+# -- 7. pipeline -----------------------------------------------------------------------------------
 def covered(gt: tuple[int, int, int, int], regions: list[Any]) -> bool:
     """True when painted regions cover at least 80% of a ground-truth box (ellipses counted by the
     box inscribed in them)."""
@@ -931,10 +1086,12 @@ def pipeline(backend: str, providers: list[str], buckets: tuple[int, ...], ks: l
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="few reps, small K: a dry run of every section")
+    ap.add_argument("--quick", action="store_true",
+                    help="few reps, buckets 1-8 (paths: 1 and 8), small K: a dry run of every section")
     ap.add_argument("--cpu-smoke", action="store_true",
-                    help="the pipeline section only, on the CPU (ONNX Runtime), 2 streams in 2 processes for "
-                         "1.5 s: proves the GPU run's code paths in well under a minute")
+                    help="on the CPU only: the paths section (torch on the CPU, buckets 1 and 2, one rep) "
+                         "and the pipeline section (ONNX Runtime, 2 streams in 2 processes for 1.5 s): "
+                         "proves the GPU run's code paths in well under a minute")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")))
     ap.add_argument("--clip", type=Path, default=ROOT / ".gpu" / "clip_1080p30.mp4")
     ap.add_argument("--ks", default="", help="comma-separated stream counts for the pipeline ramp")
@@ -956,7 +1113,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deadline-ms", type=float, default=1000.0,
                     help="capture-to-detections deadline (fail_closed.max_latency_ms); later frames are "
                          "blanked")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated sections to skip: correctness, models, preprocess, detector, "
+                         "decode, paths, pipeline")
+    ap.add_argument("--paths-budget", type=float, default=180.0,
+                    help="seconds the paths section may take; later steps are recorded as skipped")
     ap.add_argument("--backend", choices=["auto", "onnxruntime", "torch"], default="auto",
                     help="force a backend (with --providers), e.g. torch on the CPU for a dry run")
     ap.add_argument("--providers", default="", help="comma-separated, e.g. cpu or tensorrt,cuda,cpu")
@@ -966,7 +1127,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.backend != "auto":
         backend, providers = args.backend, (args.providers or "cpu").split(",")
     buckets = (1, 2, 4, 8) if args.quick else BUCKETS
+    path_buckets = (1, 8) if args.quick else PATH_BUCKETS
     reps = 2 if args.quick else 10
+    path_reps, path_warm = reps, 2
+    # the paths section measures the torch backend's paths: on the run's backend, or torch on the CPU
+    paths_backend, paths_providers = backend, providers
     seconds, warm_s = (2.0, 1.0) if args.quick else (args.seconds, 2.0)
     procs_arg, ks_default = args.procs or "1", [1, 2] if args.quick else RAMP
     fps, deadline_ms = args.fps, args.deadline_ms
@@ -976,16 +1141,26 @@ def main(argv: list[str] | None = None) -> int:
         backend, providers = ("onnxruntime", ["cpu"]) if args.backend == "auto" else (backend, providers)
         skip |= {"correctness", "models", "preprocess", "detector", "decode"}
         buckets, seconds, warm_s, ks_default = (1, 2), 1.5, 0.5, [2]
+        # paths: torch on the CPU (or as --backend torch --providers say), one unwarmed rep per step
+        path_buckets, path_reps, path_warm = (1, 2), 1, 0
+        paths_backend, paths_providers = "torch", providers if backend == "torch" else ["cpu"]
         procs_arg, fps, deadline_ms = args.procs or "2", 5.0, 5000.0
     result: dict[str, Any] = {"environment": environment(), "backend": backend, "providers": providers}
     say(f"path: backend={backend} providers={providers} env={result['environment']}")
     t0 = time.monotonic()
+
+    def save_paths(partial: dict[str, Any]) -> None:
+        result["paths"] = partial
+        write(args.out, result)
+
     sections = [
         ("correctness", lambda: correctness(backend, providers, 4 if args.quick else 12)),
         ("models", lambda: model_timings(backend, providers, buckets, reps)),
         ("preprocess", lambda: preprocess_compare(backend, providers, reps)),
         ("detector", lambda: detector_timings(backend, providers, buckets, reps)),
         ("decode", lambda: decode_timing(args.clip)),
+        ("paths", lambda: path_timings(paths_backend, paths_providers, path_buckets, path_reps, path_warm,
+                                       budget_s=args.paths_budget, save=save_paths)),
     ]
     for name, fn in sections:
         if name in skip:
@@ -1036,6 +1211,7 @@ def table(r: dict[str, Any]) -> None:
         print("| detector bucket | ms/batch | frames/s | 1080p30 streams |\n|---|---|---|---|")
         for b in r["detector"]["buckets"]:
             print(f"| {b['bucket']} | {b['ms']} | {b['fps']} | {b['streams_1080p30']} |")
+    paths_table(r.get("paths"))
     p = r.get("pipeline", {})
     if p.get("steps"):
         print("\n| stage | procs | K | delivered | fps | blanked | dropped | p50 | p99 | leaks | mean batch "
@@ -1048,6 +1224,49 @@ def table(r: dict[str, Any]) -> None:
                   f"| {s.get('mean_batch')} | {s.get('worker_cpu_cores')} / {s.get('stage_cpu_cores', '-')} "
                   f"| {s.get('gpu_util_mean', '-')} | {s['held']} |")
         print(f"largest K held per process count: {p['largest_k_held']}")
+
+
+def paths_table(paths: dict[str, Any] | None) -> None:
+    """The paths section in one line per model and bucket: the speed of each path next to its syncs,
+    and a note only where something is off (a wrong box, a host fallback, a graph not captured)."""
+    if not isinstance(paths, dict) or not paths:
+        return
+    if "models" not in paths:
+        print(f"\npaths: {paths.get('skipped') or paths.get('error')}")
+        return
+    names = list(PATHS)
+    print(f"\npaths on {paths['device']} (syncs: {paths['syncs_by']})")
+    print(f"| model | bucket | fps {' / '.join(names)} | syncs {' / '.join(names)} | notes |")
+    print("|---|---|---|---|---|")
+    for model, m in paths["models"].items():
+        if m.get("skipped"):
+            print(f"| {model} | - | - | - | {m['skipped']} |")
+        for row in m["rows"]:
+            cells = [row.get(name) or {} for name in names]
+            fps = " / ".join(str(c.get("fps", "-")) for c in cells)
+            syncs = " / ".join(str(c.get("syncs", "-")) for c in cells)
+            print(f"| {model} | {row['bucket']} | {fps} | {syncs} | {path_notes(row, paths['device'])} |")
+
+
+def path_notes(row: dict[str, Any], device: str) -> str:
+    """What is off in one model and bucket of the paths section, path by path; ``ok`` when nothing."""
+    notes = []
+    for name in PATHS:
+        c = row.get(name) or {}
+        why = c.get("error") or c.get("skipped")
+        if why:
+            notes.append(f"{name}: {str(why)[:60]}")
+            continue
+        rate = (c.get("vs_ort_cpu") or {}).get("match_rate")
+        if rate is not None and rate < 1.0:
+            notes.append(f"{name} match {rate}")
+        if c.get("decoded_on_host"):
+            notes.append(f"{name} host-decoded {c['decoded_on_host']}")
+        g = c.get("graphs")
+        if g and device.startswith("cuda") and g["captured"] < g["shapes"]:
+            notes.append(f"{name} graphs {g['captured']}/{g['shapes']} captured"
+                         + (f" ({g['failed'][0][:60]})" if g["failed"] else ""))
+    return "; ".join(notes) or "ok"
 
 
 if __name__ == "__main__":

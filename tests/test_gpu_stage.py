@@ -362,16 +362,18 @@ def test_transfer_totals_only_grow() -> None:
 # -- the GPU check, on the CPU -------------------------------------------------------------------------
 def test_gpu_check_cpu_smoke_runs_the_shared_stage_pipeline(tmp_path: Path) -> None:
     """A GPU machine is rare and short: a typo in the GPU check's shared-stage path (the stage
-    process, worker processes, frames in shared memory) must fail here, not there."""
+    process, worker processes, frames in shared memory) or in its torch paths section must fail
+    here, not there."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu-smoke",
                              "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        out, _ = proc.communicate(timeout=150)
+        out, _ = proc.communicate(timeout=240)
     finally:
         proc.kill()
     assert proc.returncode == 0, out[-3000:]
-    pipeline = json.loads((tmp_path / "gpu_check.json").read_text())["pipeline"]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    pipeline = result["pipeline"]
     assert "error" not in pipeline, out[-3000:]
     steps = [s for s in pipeline["steps"] if s["stage"] == "shared"]
     assert steps, out[-3000:]
@@ -384,3 +386,38 @@ def test_gpu_check_cpu_smoke_runs_the_shared_stage_pipeline(tmp_path: Path) -> N
     # the synthetic plates are missed by the plate model itself on ONNX Runtime CPU (about half)
     assert step["ground_truth"]["face"] > 0 and step["leaks"]["face"] == 0
     assert not list(shm_root().glob(f"gpu-check-{proc.pid}-*")), "frame slots removed at the end"
+
+    # the torch backend's paths, on the CPU here: every model and bucket on each path
+    paths = result["paths"]
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("onnx2torch") is None:
+        assert "onnx2torch" in paths.get("skipped", ""), paths  # the reason is recorded, the run goes on
+        return
+    assert "error" not in paths and paths["device"] == "cpu" and paths["buckets"] == [1, 2], paths
+    assert set(paths["paths"]) == {"eager", "static", "graphed"}
+    assert set(paths["models"]) == {"yunet", "centerface", "plate", "person"}
+    matched = dict.fromkeys(paths["paths"], 0)
+    eager_reads = 0
+    for name, m in paths["models"].items():
+        for row in m["rows"]:
+            for path in paths["paths"]:
+                cell = row[path]
+                assert "error" not in cell and "skipped" not in cell, (name, row["bucket"], path, cell)
+                assert cell["frames"] == row["bucket"] and cell["fps"] > 0
+                # torch fp32 on the CPU finds ONNX Runtime's boxes; the plate model finds none on
+                # the first two smoke frames (match rate None), the others match every one
+                check = cell["vs_ort_cpu"]
+                assert check["match_rate"] in (1.0, None), (name, row["bucket"], path, check)
+                matched[path] += check["matched"]
+            eager_reads += row["eager"]["host_reads_forward"]
+            for path in ("static", "graphed"):
+                cell = row[path]
+                # no host read in the forward (none would be a GPU sync or break a capture); the run's
+                # only one is the download of the packed detections
+                assert cell["host_reads_forward"] == 0 and cell["syncs"] == 0, (name, path, cell)
+                assert cell["host_reads_run"] == 1, (name, path, cell)
+                assert cell["decoded_on_device"] == cell["frames"] and cell["decoded_on_host"] == 0
+            graphs = row["graphed"]["graphs"]  # one shape per bucket, run eagerly: no CUDA here
+            assert graphs["shapes"] == 1 and graphs["captured"] == 0 and not graphs["failed"], graphs
+    assert all(matched.values()), matched  # boxes were compared on every path
+    assert eager_reads > 0, "the counter sees the eager graphs' shape reads: the zeros above mean something"
+    assert "| model | bucket | fps eager / static / graphed | syncs eager / static / graphed |" in out
