@@ -194,7 +194,11 @@ class TorchBackend(Backend):
         self._replays: dict[tuple[Any, ...], Any] = {}
         if self.on_gpu:
             torch.backends.cudnn.benchmark = True  # fixed bucket shapes: pick the fastest kernels once
-        self._float, self._half = self._place(convert(for_onnx2torch(model)))
+        self._convert = convert
+        self._dynamic: tuple[Any, Any] | None = None
+        """the one module for every shape (not static), converted when first needed"""
+        if not static:
+            self._dynamic = self._place(convert(for_onnx2torch(model)))
         if self.fp16:
             self.mode = "half"
 
@@ -208,7 +212,9 @@ class TorchBackend(Backend):
         """The (float, half) modules that run inputs of ``shape``: static ones per shape, or the one
         dynamic module."""
         if not self.static:
-            return self._float, self._half
+            if self._dynamic is None:
+                self._dynamic = self._place(self._convert(for_onnx2torch(self._model)))
+            return self._dynamic
         if shape not in self._static:
             from stream.detect.static_graph import frozen_cached, to_torch
 
