@@ -136,6 +136,41 @@ def test_broken_events_are_rejected_naming_the_field(path: str, value: Any, expe
         schema.validate(event)
 
 
+
+def test_stream_moved_carries_the_move_and_validates() -> None:
+    em, sink = emitter()
+    em.stream_moved("cam1", "cam-host-7-1234", "cam-host-8-5678", 10.41249, 3)
+    em.stream_moved("cam2", "cam-host-7-1234", "cam-host-8-5678", None, 0)  # gap unknown
+    em.stream_moved("cam3", "cam-host-7-1234", "cam-host-8-5678", -0.2, 1)  # clocks disagree: not invalid
+    assert sink.types() == ["stream.moved"] * 3
+    moved = sink.events[0]
+    assert moved["subject"] == "cam1"  # keyed by stream id, like stream.up/down
+    assert moved["data"] == {"stream_id": "cam1", "from_worker": "cam-host-7-1234",
+                             "to_worker": "cam-host-8-5678", "gap_s": 10.412, "partition": 3}
+    assert sink.events[1]["data"]["gap_s"] is None
+    assert sink.events[2]["data"]["gap_s"] == 0
+    assert schema.category(moved["type"]) == "stream"  # the stream topic, with stream.up/down
+    for e in sink.events:
+        schema.validate(e)
+
+
+@pytest.mark.parametrize(("path", "value", "expected"), [
+    ("data.gap_s", -0.5, "less than the minimum"),
+    ("data.gap_s", "10", "is not of type"),
+    ("data.gap_s", KeyError, "'gap_s' is a required property"),
+    ("data.partition", -1, "less than the minimum"),
+    ("data.partition", 1.5, "is not of type"),
+    ("data.from_worker", KeyError, "'from_worker' is a required property"),
+    ("data.to_worker", "", "should be non-empty"),
+    ("data.stream_id", KeyError, "'stream_id' is a required property"),
+    ("data.reason", "crash", "Additional properties are not allowed"),
+    ("subject", KeyError, "'subject' is a required property"),
+])
+def test_broken_stream_moved_events_are_rejected(path: str, value: Any, expected: str) -> None:
+    event = _set(copy.deepcopy(schema.examples()["stream.moved.json"]), path, value)
+    with pytest.raises(jsonschema.ValidationError, match=expected):
+        schema.validate(event)
+
 def test_track_lifecycle_started_updated_ended_with_duration_and_best() -> None:
     em, sink = emitter(track_update_interval_s=0.0001)
     cam = Camera(em, max_coast=1)

@@ -209,7 +209,7 @@ class TopicsConfig(ConfigModel):
     """Per-category topics; each falls back to ``kafka.topic``."""
 
     track: str | None = Field(None, description="track started/updated/ended")
-    stream: str | None = Field(None, description="stream up/down")
+    stream: str | None = Field(None, description="stream up/down, stream moved (cluster)")
     incident: str | None = Field(None, description="fail-closed incidents")
     frame: str | None = Field(None, description="per-frame detections (when events.per_frame)")
     audio: str | None = Field(None, description="speech found in the audio, audio muted on a fault")

@@ -28,6 +28,12 @@ class Observer:
         """A stream went ``up``, ``down`` (``error`` says why, credentials masked), ``ended`` or
         ``stopped``."""
 
+    def stream_moved(self, stream_id: str, from_worker: str, to_worker: str, gap_s: float | None,
+                     partition: int) -> None:
+        """Cluster mode: this worker (``to_worker``) started a stream that ``from_worker`` ran before,
+        ``gap_s`` seconds after it was last known to run there (None: unknown); called once per move,
+        so that consumers see where a stream went and how long it was dark."""
+
     def recording(self, stream_id: str, action: str, fields: dict[str, Any]) -> None:
         """A ``record`` output finished (``audit.recording.segment``) or deleted
         (``audit.recording.deleted``) a segment; called on that output's thread."""

@@ -1,5 +1,5 @@
-"""Turns what the pipeline observes into events: tracks started/updated/ended, streams up/down,
-fail-closed incidents, and (optionally) every frame's boxes.
+"""Turns what the pipeline observes into events: tracks started/updated/ended, streams up/down (and
+moved between cluster workers), fail-closed incidents, and (optionally) every frame's boxes.
 
 The pipeline calls an observer on its redaction threads, so nothing here may block: events are
 built from plain numbers and handed to the sink's bounded in-memory queue, which never waits.
@@ -160,6 +160,15 @@ class EventEmitter(Observer):
                             "error": error if state == "down" else None}
                     self._emit(schema.STREAM_DOWN, now, data, stream_id)
             s.state = state
+
+    def stream_moved(self, stream_id: str, from_worker: str, to_worker: str, gap_s: float | None,
+                     partition: int) -> None:
+        """A negative gap (the two members' clocks disagree) is sent as 0 and NaN as null (unknown), so the
+        event never breaks the schema."""
+        gap = None if gap_s is None or gap_s != gap_s else round(max(0.0, gap_s), 3)
+        data = {"stream_id": stream_id, "from_worker": from_worker, "to_worker": to_worker, "gap_s": gap,
+                "partition": partition}
+        self._emit(schema.STREAM_MOVED, time.time(), data, stream_id)
 
     def speech(self, stream_id: str, started: float, ended: float, probability: float, policy: str) -> None:
         data = {"stream_id": stream_id, "started_at": schema.rfc3339(started),

@@ -30,6 +30,7 @@ TRACK_UPDATED = PREFIX + "track.updated"
 TRACK_ENDED = PREFIX + "track.ended"
 STREAM_UP = PREFIX + "stream.up"
 STREAM_DOWN = PREFIX + "stream.down"
+STREAM_MOVED = PREFIX + "stream.moved"
 INCIDENT_STARTED = PREFIX + "incident.started"
 INCIDENT_ENDED = PREFIX + "incident.ended"
 FRAME_DETECTIONS = PREFIX + "frame.detections"
@@ -49,8 +50,8 @@ AUDIT_ACTIONS = (
 AUDIT_SUBJECT = "audit"
 """the subject (Kafka key) of audit events: one process's chain stays in one partition, in order"""
 
-TYPES = (TRACK_STARTED, TRACK_UPDATED, TRACK_ENDED, STREAM_UP, STREAM_DOWN, INCIDENT_STARTED,
-         INCIDENT_ENDED, FRAME_DETECTIONS, AUDIO_SPEECH, AUDIO_MUTED, EVENTS_DROPPED,
+TYPES = (TRACK_STARTED, TRACK_UPDATED, TRACK_ENDED, STREAM_UP, STREAM_DOWN, STREAM_MOVED,
+         INCIDENT_STARTED, INCIDENT_ENDED, FRAME_DETECTIONS, AUDIO_SPEECH, AUDIO_MUTED, EVENTS_DROPPED,
          *(PREFIX + a for a in AUDIT_ACTIONS))
 """every event type of schema v1"""
 
