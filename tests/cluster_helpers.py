@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -25,7 +27,9 @@ class Member:
     def __init__(self, folder: Path, name: str, doc: dict[str, Any]) -> None:
         self.name, self.port = name, free_port()
         self.config = folder / f"{name}.yaml"
-        self.config.write_text(yaml.safe_dump({**doc, "http": {"port": self.port}}))
+        self.events = folder / f"{name}.events.jsonl"
+        events = {**doc.get("events", {}), "sink": "jsonl", "jsonl": {"path": str(self.events)}}
+        self.config.write_text(yaml.safe_dump({**doc, "http": {"port": self.port}, "events": events}))
         self.log = folder / f"{name}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -67,6 +71,49 @@ class Member:
                 return r.status, json.loads(r.read() or b"null")
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"null")
+
+    @property
+    def member_id(self) -> str:
+        """The name the member goes by in the members topic and in stream.moved events."""
+        assert self.proc is not None
+        return f"{socket.gethostname()}-{self.proc.pid}"
+
+    def emitted(self, event_type: str) -> list[dict[str, Any]]:
+        """The events of ``event_type`` this member wrote so far."""
+        if not self.events.exists():
+            return []
+        out = []
+        for line in self.events.read_text().splitlines():
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue  # a line being written
+            if doc.get("type") == event_type:
+                out.append(doc)
+        return out
+
+    def raw(self, method: str, path: str, token: str | None = TOKEN) -> tuple[int, dict[str, str], Any]:
+        """One request, redirects not followed: (status, headers, JSON body)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
+        try:
+            conn.request(method, path, headers={"Authorization": f"Bearer {token}"} if token else {})
+            r = conn.getresponse()
+            body = r.read()
+            return r.status, dict(r.getheaders()), json.loads(body or b"null")
+        finally:
+            conn.close()
+
+    def metric(self, name: str) -> float | None:
+        """A metric's value from this member's /metrics (None: absent or no answer)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except (OSError, urllib.error.URLError):
+            return None
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return None
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:

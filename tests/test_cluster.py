@@ -7,6 +7,7 @@ Each member is a real `stream-redact run` process; what runs where is read from 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -22,7 +23,7 @@ from live_helpers import wait_for
 
 from stream.config import parse_config
 from stream.core.errors import UserError
-from stream.live.cluster import StreamBook, partition_of
+from stream.live.cluster import MemberBook, StreamBook, partition_of
 
 STREAMS = [f"cam-{i}" for i in range(6)]
 
@@ -58,6 +59,49 @@ def test_the_book_overlays_the_topic_on_the_config() -> None:
     assert sorted(book.current()) == ["b", "c"]
 
 
+def announce(book: MemberBook, name: str, at: float, partitions: list[int], streams: list[str],
+             stopped: dict[str, float] | None = None) -> None:
+    doc = {"address": f"http://{name}:8080", "at": at, "partitions": partitions, "streams": streams,
+           "stopped": stopped or {}}
+    book.apply(name.encode(), json.dumps(doc).encode())
+
+
+def test_the_member_book_knows_who_holds_a_partition_and_who_ran_a_stream_last() -> None:
+    book = MemberBook()
+    announce(book, "a", 100.0, [1, 2], ["cam-1"])
+    announce(book, "b", 103.0, [3], ["cam-3"])
+    book.apply(b"c", b"{broken")  # skipped, logged
+    assert sorted(book.live(10, now=105.0)) == ["a", "b"]
+    assert sorted(book.live(3, now=105.0)) == ["b"], "a is not heard from within the window"
+    owner = book.owner(2, 10, now=105.0)
+    assert owner is not None and owner["member"] == "a" and owner["address"] == "http://a:8080"
+    assert book.owner(3, 10, now=105.0)["member"] == "b" and book.owner(9, 10, now=105.0) is None
+    assert book.owner(2, 3, now=105.0) is None, "a member not heard from holds nothing"
+    # a clean hand-over: a stops cam-1 at 104 and b starts it
+    announce(book, "a", 104.5, [2], [], stopped={"cam-1": 104.0})
+    announce(book, "b", 105.0, [1, 3], ["cam-1", "cam-3"])
+    assert book.last_ran("cam-1") == ("b", 105.0)
+    announce(book, "a", 104.8, [2], [], stopped={"cam-1": 104.0})  # an older word changes nothing
+    assert book.last_ran("cam-1") == ("b", 105.0)
+    book.apply(b"b", None)  # b left: it holds nothing any more, its last word on cam-1 stays
+    assert book.owner(1, 10, now=106.0) is None and book.last_ran("cam-1") == ("b", 105.0)
+    assert book.stale(50, now=200.0) == ["a"]
+    # a member that died before saying it ran a stream still said it held the partition
+    assert book.last_held(1) == ("b", 105.0) and book.last_held(2) == ("a", 104.8)
+
+
+@pytest.mark.parametrize(("cluster", "message"), [
+    ({"advertise_url": "10.0.0.5:8080"}, "http(s) URL with a host"),
+    ({"advertise_url": "http://admin:pw@10.0.0.5:8080"}, "without user info"),
+    ({"advertise_url": "http://10.0.0.5:8080/api"}, "without a path"),
+    ({"members_topic": "stream-redact.streams"}, "three different topics"),
+])
+def test_bad_cluster_settings_are_refused_with_the_fix(cluster: dict, message: str) -> None:
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_config({"cluster": {"mode": "kafka", **cluster},
+                      "events": {"kafka": {"bootstrap_servers": "127.0.0.1:9"}}})
+
+
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Broker]:
     with Broker(log=tmp_path / "tansu.log") as b:
@@ -81,10 +125,61 @@ def test_members_run_every_stream_exactly_once_and_take_over_a_killed_ones(membe
     by_member = {m.name: m.streams() for m in members}
     victim = max(members, key=lambda m: len(by_member[m.name] or ()))
     assert by_member[victim.name], "the busiest member runs at least one stream"
-    victim.kill()  # SIGKILL: no goodbye to the group; its session times out
+    victim_id = victim.member_id
     rest = [m for m in members if m is not victim]
+
+    def victim_known() -> bool:  # the others have read what the victim said it runs
+        listing = rest[0].call("GET", "/api/streams")[1]["cluster"]["members"]
+        return any(w["worker"] == victim_id and set(w["streams"]) == by_member[victim.name] for w in listing)
+
+    wait_for(victim_known, timeout=10, what="the victim's announcement read by the others")
+    victim.kill()  # SIGKILL: no goodbye to the group; its session times out
     wait_for(lambda: each_once(rest, STREAMS), timeout=40,
              what=f"{sorted(by_member[victim.name] or ())} taken over by the other members")
+
+    def moved() -> dict[str, dict]:  # away from the killed member (not the start's own moves, if any)
+        return {e["data"]["stream_id"]: e for m in rest for e in m.emitted("stream-redact.stream.moved")
+                if e["data"]["from_worker"] == victim_id}
+
+    wait_for(lambda: set(moved()) >= set(by_member[victim.name] or ()), timeout=20,
+             what="a stream.moved event for each of the killed member's streams")
+    for sid in by_member[victim.name] or ():
+        data = moved()[sid]["data"]
+        assert data["to_worker"] in {m.member_id for m in rest}
+        assert data["partition"] == partition_of(sid, 16)
+        # from its last announcement (every 2 s) to the start here: the 6 s session and the rebalance
+        assert 2.0 < data["gap_s"] < 40.0, data
+    assert set(moved()) == set(by_member[victim.name] or ()), "streams that did not move: no event"
+
+
+def test_any_member_redirects_a_request_to_the_streams_owner_and_counts_the_members(
+        members: list[Member]) -> None:
+    wait_for(lambda: each_once(members, STREAMS), timeout=60, what="every stream on exactly one member")
+    wait_for(lambda: all(m.metric("stream_redact_cluster_members") == 3 for m in members), timeout=20,
+             what="every member counting 3 members")
+    owner = next(m for m in members if "cam-1" in (m.streams() or ()))
+    other = next(m for m in members if m is not owner)
+    # the members say what they hold every 2 s and on every change: until the owner's word is read,
+    # the answer is 503 (moving), never a wrong address
+    wait_for(lambda: other.raw("GET", "/api/streams/cam-1")[0] == 307, timeout=10,
+             what="the owner's announcement read by the other member")
+    status, headers, doc = other.raw("GET", "/api/streams/cam-1")
+    assert headers["Location"] == f"http://127.0.0.1:{owner.port}/api/streams/cam-1"
+    assert doc["worker"] == owner.member_id
+    status, _, doc = other.raw("GET", "/api/streams/cam-1/zones")
+    assert status == 307 and doc["location"].endswith(f":{owner.port}/api/streams/cam-1/zones")
+    assert owner.call("GET", "/api/streams/cam-1")[1]["id"] == "cam-1"
+    # who may not call the API learns nothing about where workers are
+    status, headers, doc = other.raw("GET", "/api/streams/cam-1", token=None)
+    assert status == 401 and "Location" not in headers and str(owner.port) not in json.dumps(doc)
+    assert other.raw("GET", "/api/streams/no-such-cam")[0] == 404
+    def listing() -> dict:
+        return other.call("GET", "/api/streams")[1]["cluster"]
+
+    wait_for(lambda: sorted(s for w in listing()["members"] for s in w["streams"]) == sorted(STREAMS),
+             timeout=10, what="every member's streams in the cluster listing")
+    assert listing()["worker"] == other.member_id
+    assert {w["worker"] for w in listing()["members"]} == {m.member_id for m in members}
 
 
 def test_a_stream_added_on_one_member_runs_on_its_owner_and_a_removed_one_stops_everywhere(
@@ -97,9 +192,8 @@ def test_a_stream_added_on_one_member_runs_on_its_owner_and_a_removed_one_stops_
     wait_for(lambda: each_once(members, [*STREAMS, "door"]), timeout=30,
              what="the added stream on one member")
 
-    def knows_door() -> bool:  # running there, or known to run on another member
-        status, doc = members[1].call("GET", "/api/streams/door")
-        return status == 200 or "another worker" in (doc or {}).get("error", "")
+    def knows_door() -> bool:  # running there, or redirected to the member it runs on
+        return members[1].raw("GET", "/api/streams/door")[0] in (200, 307)
 
     wait_for(knows_door, timeout=20, what="member 1 reading the definition from the streams topic")
     assert members[1].call("POST", "/api/streams", {"id": "door", "source": {"type": "whip"}})[0] == 409

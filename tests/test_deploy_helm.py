@@ -420,6 +420,7 @@ def test_kafka_mode_config_joins_the_group(name: str, tmp_path: Path,
     text = one(docs, "ConfigMap", "sr-stream-redact")["data"]["config.yaml"]
     for var in ("CAM_USER", "CAM_PASS", "KAFKA_SASL_PASSWORD"):
         monkeypatch.setenv(var, f"{var.lower()}-value")
+    monkeypatch.setenv("POD_IP", "10.42.0.7")  # the downward API's status.podIP
     (tmp_path / "kafka-tls").mkdir()
     (tmp_path / "kafka-tls" / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
     (tmp_path / "state").mkdir()
@@ -436,6 +437,11 @@ def test_kafka_mode_config_joins_the_group(name: str, tmp_path: Path,
     assert (cfg.cluster.group_id, cfg.cluster.partitions, cfg.cluster.session_timeout_s) == expected[:3]
     assert cfg.cluster.assignments_topic == "stream-redact.assignments"
     assert cfg.cluster.streams_topic == "stream-redact.streams"
+    assert cfg.cluster.members_topic == "stream-redact.members"
+    # other pods redirect API requests for this pod's streams to the pod's own address
+    assert cfg.cluster.advertise_url == "http://10.42.0.7:9108"
+    env = kafka_workers(docs)["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in env
     assert cfg.events.kafka is not None and cfg.events.kafka.bootstrap_servers == expected[3]
     assert len(cfg.streams) == expected[4]  # every worker has every stream; the group picks which it runs
     # the pods roll when the cluster settings change

@@ -10,10 +10,11 @@ brokers are the ones of ``events.kafka`` (one Kafka connection to configure and 
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from stream.config.base import ConfigModel
+from stream.config.base import ConfigModel, expand_env
 from stream.config.events import _topic
 
 
@@ -29,6 +30,13 @@ class ClusterConfig(ConfigModel):
     streams_topic: str = Field("stream-redact.streams", description=(
         "compacted topic of streams added or removed through the API (keyed by stream id, a tombstone on "
         "removal): every worker reads it, so a stream added on one survives restarts and runs on its owner"))
+    members_topic: str = Field("stream-redact.members", description=(
+        "compacted topic where each worker says where its API answers and what it runs (every few "
+        "seconds): how a worker finds a stream's owner (API requests redirected with 307) and who ran a "
+        "stream before it moved (stream.moved events)"))
+    advertise_url: str | None = Field(None, description=(
+        "the base URL other workers and API callers reach this worker's API at, e.g. "
+        "http://${POD_IP}:8080 (default: http://<this host's address>:<http.port>)"))
     partitions: int = Field(64, ge=1, le=1024, description=(
         "partitions of the assignments topic: the most workers that can share the streams; fixed once the "
         "topic exists"))
@@ -36,7 +44,32 @@ class ClusterConfig(ConfigModel):
         10.0, ge=6, le=300, description="a worker silent this long leaves the group and its streams move; "
         "a worker that cannot reach the group for this long stops its streams")
 
-    @field_validator("assignments_topic", "streams_topic")
+    @field_validator("assignments_topic", "streams_topic", "members_topic")
     @classmethod
     def _topics(cls, v: str) -> str:
         return _topic(v)
+
+    @model_validator(mode="after")
+    def _distinct_topics(self) -> ClusterConfig:
+        names = [self.assignments_topic, self.streams_topic, self.members_topic]
+        if len(set(names)) != len(names):
+            raise ValueError(f"assignments_topic, streams_topic and members_topic must be three different "
+                             f"topics, got {names}")
+        return self
+
+    @field_validator("advertise_url")
+    @classmethod
+    def _advertise(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return None
+        v = expand_env(v, info)
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"advertise_url must be an http(s) URL with a host, e.g. http://10.0.0.5:8080, "
+                             f"got {v!r}")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ValueError("advertise_url is handed to API callers in redirects: give it without user "
+                             "info, query or fragment")
+        if parts.path not in ("", "/"):
+            raise ValueError(f"advertise_url is the API's base URL, without a path (got path {parts.path!r})")
+        return v.rstrip("/")

@@ -113,6 +113,9 @@ class Metrics:
                                      "here", registry=r)
         self.cluster_rebalances = Counter(p + "cluster_rebalances", "Assignments received from the consumer "
                                           "group", registry=r)
+        self.cluster_members = Gauge(p + "cluster_members", "Workers of the cluster heard from within 1.5 "
+                                     "session timeouts (this one included), from the members topic",
+                                     registry=r)
         # recordings (stream/live/publish/record.py): reasons are fixed names (retention, disk_full, io)
         self.recording_segments = Counter(p + "recording_segments", "Recording segments finished with a "
                                           "manifest", ["stream"], registry=r)

@@ -179,17 +179,51 @@ class _Bad(Exception):
 
 async def list_streams(request: web.Request) -> web.Response:
     p = request.app[PIPE]
-    return web.json_response({"streams": [r.status() for r in list(p.streams.values())]})
+    doc: dict[str, Any] = {"streams": [r.status() for r in list(p.streams.values())]}
+    if p.cluster is not None:  # where the rest of the cluster's streams run, as each worker says
+        members = p.cluster.members.live(p.cluster.live_window_s)
+        doc["cluster"] = {"worker": p.cluster.member_id, "members": [
+            {"worker": n, "address": m["address"], "streams": m["streams"],
+             "partitions": len(m["partitions"])} for n, m in sorted(members.items())]}
+    return web.json_response(doc)
+
+
+def cluster_redirect() -> Any:
+    """Middleware (cluster mode): a request naming a stream that runs on another worker is
+    redirected there with 307 (method and body kept), after this worker checked who is calling;
+    while the stream has no owner (it is moving) the answer is 503 with Retry-After. Removing a
+    stream (``DELETE /api/streams/{id}``) is the cluster's business and answered here."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        p = request.app[PIPE]
+        member = p.cluster
+        sid = request.match_info.get("stream_id")
+        if member is None or not sid or sid in p.streams or sid not in member.book.current():
+            return await handler(request)
+        if request.method == "DELETE" and request.path.rstrip("/") == f"/api/streams/{sid}":
+            return await handler(request)
+        owner = member.locate(sid)
+        partition = member.owner_partition(sid)
+        if owner is None or owner["member"] == member.member_id:
+            resp = error(503, f"stream {sid!r} is moving between workers of the cluster (assignments "
+                              f"partition {partition} has no running owner yet); retry in a few seconds",
+                         partition=partition)
+            resp.headers["Retry-After"] = "2"
+            return resp
+        location = owner["address"] + request.path_qs
+        return web.json_response(
+            {"error": f"stream {sid!r} runs on worker {owner['member']}; repeat the request there",
+             "worker": owner["member"], "location": location, "partition": partition},
+            status=307, headers={"Location": location})
+
+    return middleware
 
 
 async def get_stream(request: web.Request) -> web.Response:
     sid = request.match_info["stream_id"]
     p = request.app[PIPE]
-    runner = p.streams.get(sid)
-    if runner is None and p.cluster is not None and sid in p.cluster.book.current():
-        return error(404, f"stream {sid!r} runs on another worker of the cluster (assignments partition "
-                          f"{p.cluster.owner_partition(sid)}); ask that worker", partition=
-                     p.cluster.owner_partition(sid))
+    runner = p.streams.get(sid)  # in cluster mode one that runs elsewhere was redirected (cluster_redirect)
     if runner is None:
         return error(404, f"no stream {sid!r}; GET /api/streams lists them")
     return web.json_response(runner.status())
@@ -516,6 +550,7 @@ def add_routes(app: web.Application, pipeline: Pipeline, authn: Authenticator, a
     app[ALLOW_FILES] = allow_file_sources
     app[ADDING] = asyncio.Lock()
     app.middlewares.append(protect(*PROTECTED))
+    app.middlewares.append(cluster_redirect())  # inside protect: only callers it let in learn addresses
     app.router.add_get("/api/streams", list_streams)
     app.router.add_post("/api/streams", add_stream)
     app.router.add_get("/api/streams/{stream_id}", get_stream)

@@ -13,6 +13,11 @@ What runs where is decided over the cluster's stream definitions: the config fil
 streams added and removed through the API, kept in a compacted topic keyed by stream id (a
 tombstone on removal) that every worker reads from the start. A stream added on any worker so
 starts on its owner and outlives every restart.
+
+Each worker also says, every few seconds and on every change, where its API answers and which
+partitions and streams it has, on a compacted members topic that every worker reads: that is how
+a worker finds a stream's owner (API requests are redirected there), how many members are alive,
+and who ran a stream before it moved here (a ``stream.moved`` event with the gap).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +45,12 @@ STALL_SESSIONS = 3
 """a member that joined and got no assignment within this many session timeouts joins again"""
 CATCH_UP_S = 30.0
 """how long a starting worker waits to have read the streams topic to its end before joining"""
+ANNOUNCE_SHARE = 1 / 3
+"""a worker announces itself every this share of the session timeout"""
+LIVE_SESSIONS = 1.5
+"""a member not heard from for this many session timeouts is taken as gone"""
+FORGET_S = 3600.0
+"""a member record this old (a worker killed long ago) is removed from the members topic"""
 
 
 def partition_of(stream_id: str, partitions: int) -> int:
@@ -86,6 +99,85 @@ class StreamBook:
             return merged
 
 
+class MemberBook:
+    """The cluster's members as they announce themselves: address, partitions, streams, when.
+
+    Also remembers, per stream, the member that last said it ran it and when (a record listing
+    the stream, or a record saying when it stopped it): who a moved stream came from."""
+
+    def __init__(self) -> None:
+        self._members: dict[str, dict[str, Any]] = {}
+        self._last_ran: dict[str, tuple[str, float]] = {}
+        self._last_held: dict[int, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def apply(self, key: bytes | None, value: bytes | None) -> None:
+        """One record of the members topic: a member's announcement, or a tombstone (it left)."""
+        if not key:
+            return
+        name = key.decode("utf-8", "replace")
+        if value is None:
+            with self._lock:
+                self._members.pop(name, None)
+            return
+        try:
+            doc = json.loads(value)
+            at = float(doc["at"])
+            record = {"member": name, "address": str(doc["address"]), "at": at,
+                      "partitions": [int(p) for p in doc.get("partitions", ())],
+                      "streams": [str(s) for s in doc.get("streams", ())]}
+            stopped = {str(k): float(v) for k, v in (doc.get("stopped") or {}).items()}
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("members topic: the record of %r is not valid (%s); skipped", name, e)
+            return
+        with self._lock:
+            self._members[name] = record
+            for sid, when in [*((s, at) for s in record["streams"]), *stopped.items()]:
+                seen = self._last_ran.get(sid)
+                if seen is None or seen[1] <= when:
+                    self._last_ran[sid] = (name, when)
+            for p in record["partitions"]:
+                held = self._last_held.get(p)
+                if held is None or held[1] <= at:
+                    self._last_held[p] = (name, at)
+
+    def live(self, window_s: float, now: float | None = None) -> dict[str, dict[str, Any]]:
+        """Members heard from within ``window_s`` (wall clock, as announced)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            return {n: dict(r) for n, r in self._members.items() if now - r["at"] <= window_s}
+
+    def stale(self, older_s: float, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        with self._lock:
+            return [n for n, r in self._members.items() if now - r["at"] > older_s]
+
+    def owner(self, partition: int, window_s: float, now: float | None = None) -> dict[str, Any] | None:
+        """The live member holding ``partition`` (the latest to say so), or None."""
+        holders = [r for r in self.live(window_s, now).values() if partition in r["partitions"]]
+        return max(holders, key=lambda r: r["at"]) if holders else None
+
+    def last_ran(self, stream_id: str) -> tuple[str, float] | None:
+        """(member, wall time) of the last word that ``stream_id`` ran on that member."""
+        with self._lock:
+            return self._last_ran.get(stream_id)
+
+    def last_held(self, partition: int) -> tuple[str, float] | None:
+        """(member, wall time) of the last word that a member held ``partition``: who ran a stream
+        that member started but died before it said so."""
+        with self._lock:
+            return self._last_held.get(partition)
+
+
+def default_address(port: int) -> str:
+    """This host's address as other hosts would reach it (the pod IP in Kubernetes)."""
+    try:
+        host = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        host = "127.0.0.1"
+    return f"http://{host}:{port}"
+
+
 class ClusterMember:
     """This worker's membership: reads the streams topic, joins the group, runs its share.
 
@@ -94,7 +186,8 @@ class ClusterMember:
 
     def __init__(self, config: PipelineConfig, start: Callable[[StreamConfig], None],
                  stop: Callable[[str], None], running: Callable[[], set[str]],
-                 metrics: Metrics | None = None, name: str = "worker") -> None:
+                 metrics: Metrics | None = None, name: str = "worker", address: str | None = None,
+                 on_moved: Callable[[str, str, str, float | None, int], None] | None = None) -> None:
         assert config.events.kafka is not None, "cluster mode needs events.kafka (checked with the config)"
         self.config, self.cluster, self.kafka = config, config.cluster, config.events.kafka
         self._start, self._stop_stream, self._running = start, stop, running
@@ -114,6 +207,15 @@ class ClusterMember:
         self._assigned = False
         self._started: dict[str, StreamConfig] = {}
         """the definition each stream here was started from (its zones may have changed since)"""
+        self.member_id = f"{socket.gethostname()}-{os.getpid()}"
+        """this worker's name in the members topic and in stream.moved events"""
+        self.address = self.cluster.advertise_url or address or default_address(config.http.port)
+        self.members = MemberBook()
+        self._on_moved = on_moved
+        self._announced_at = 0.0
+        self._announced_streams: set[str] = set()
+        self._stopped_at: dict[str, float] = {}
+        """streams stopped here since the last announcement, and when: the next one says so"""
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -132,25 +234,80 @@ class ClusterMember:
             t.join(timeout)
         with self._lock:
             self._set_owned(set())
+        self._announce(leaving=True)
         if self._producer is not None:
             self._producer.close(timeout=2)
 
     # -- the API's side ---------------------------------------------------------------------------
     def publish(self, stream_id: str, cfg: StreamConfig | None, timeout: float = 10.0) -> None:
         """Write a stream's definition (None: remove it) for the whole cluster; raises on failure."""
-        from kafka import KafkaProducer
-
-        with self._lock:
-            if self._producer is None:
-                self._producer = KafkaProducer(acks="all", **client_settings(self.kafka))
-            producer = self._producer
+        producer = self._producer_now()
         value = None if cfg is None else json.dumps(cfg.model_dump(mode="json")).encode()
         producer.send(self.cluster.streams_topic, key=stream_id.encode(), value=value).get(timeout=timeout)
         self.book.apply(stream_id.encode(), value)  # this worker knows at once; the others when they read it
         self._reconcile()
 
+    def _producer_now(self) -> Any:
+        from kafka import KafkaProducer
+
+        with self._lock:
+            if self._producer is None:
+                self._producer = KafkaProducer(acks="all", **client_settings(self.kafka))
+            return self._producer
+
     def owner_partition(self, stream_id: str) -> int:
         return partition_of(stream_id, self.cluster.partitions)
+
+    @property
+    def live_window_s(self) -> float:
+        return LIVE_SESSIONS * self.cluster.session_timeout_s
+
+    def locate(self, stream_id: str) -> dict[str, Any] | None:
+        """The live member that holds ``stream_id``'s partition, as it announced itself (its
+        ``member`` name and ``address``), or None while no member holds it (it is moving)."""
+        return self.members.owner(self.owner_partition(stream_id), self.live_window_s)
+
+    # -- the members topic ------------------------------------------------------------------------
+    def _announce(self, leaving: bool = False) -> None:
+        """Tell the cluster where this worker's API is and what it holds; ``leaving``: it holds
+        nothing any more and its record is removed (after one last word on what it stopped)."""
+        with self._lock:
+            stopped, self._stopped_at = self._stopped_at, {}
+            doc = {"address": self.address, "at": time.time(), "partitions": sorted(self.owned),
+                   "streams": sorted(self._running()), "stopped": stopped}
+            self._announced_at = time.monotonic()
+        key = self.member_id.encode()
+        try:
+            producer = self._producer_now()
+            producer.send(self.cluster.members_topic, key=key, value=json.dumps(doc).encode())
+            if leaving:
+                producer.send(self.cluster.members_topic, key=key, value=None)
+                producer.flush(timeout=5)
+        except Exception as e:  # the next announcement tries again; nothing here depends on it
+            log.warning("members topic: could not announce this worker (%s: %s)", type(e).__name__, e)
+            with self._lock:
+                self._stopped_at = {**stopped, **self._stopped_at}
+            return
+        self.members.apply(key, json.dumps(doc).encode())
+        if leaving:
+            self.members.apply(key, None)
+
+    def _keep_announcing(self) -> None:
+        """Every few seconds: announce, count the live members, forget long-dead ones."""
+        if time.monotonic() - self._announced_at < ANNOUNCE_SHARE * self.cluster.session_timeout_s:
+            return
+        self._announce()
+        if self.metrics is not None:
+            self.metrics.cluster_members.set(len(self.members.live(self.live_window_s)))
+        gone = [n for n in self.members.stale(FORGET_S) if n != self.member_id]
+        if gone:
+            try:
+                producer = self._producer_now()
+                for n in gone:
+                    producer.send(self.cluster.members_topic, key=n.encode(), value=None)
+                    self.members.apply(n.encode(), None)
+            except Exception as e:
+                log.warning("members topic: could not remove old records (%s)", e)
 
     def status(self) -> dict[str, Any]:
         with self._lock:
@@ -169,9 +326,9 @@ class ClusterMember:
             new = []
             if self.cluster.assignments_topic not in have:
                 new.append(NewTopic(self.cluster.assignments_topic, self.cluster.partitions, 1))
-            if self.cluster.streams_topic not in have:
-                new.append(NewTopic(self.cluster.streams_topic, 1, 1,
-                                    topic_configs={"cleanup.policy": "compact"}))
+            for topic in (self.cluster.streams_topic, self.cluster.members_topic):
+                if topic not in have:
+                    new.append(NewTopic(topic, 1, 1, topic_configs={"cleanup.policy": "compact"}))
             if new:
                 try:
                     admin.create_topics(new)
@@ -190,18 +347,19 @@ class ClusterMember:
             try:
                 if consumer is None:
                     consumer = KafkaConsumer(enable_auto_commit=False, **client_settings(self.kafka))
-                    topic = self.cluster.streams_topic
-                    numbers = sorted(consumer.partitions_for_topic(topic) or [0])
-                    parts = [TopicPartition(topic, p) for p in numbers]
+                    parts = [TopicPartition(topic, p)
+                             for topic in (self.cluster.streams_topic, self.cluster.members_topic)
+                             for p in sorted(consumer.partitions_for_topic(topic) or [0])]
                     consumer.assign(parts)
                     consumer.seek_to_beginning(*parts)
                     ends = consumer.end_offsets(parts)
-                for records in consumer.poll(timeout_ms=int(POLL_S * 1000)).values():
+                for tp, records in consumer.poll(timeout_ms=int(POLL_S * 1000)).items():
+                    book = self.members if tp.topic == self.cluster.members_topic else self.book
                     for r in records:
-                        self.book.apply(r.key, r.value)
+                        book.apply(r.key, r.value)
                 if not self._caught_up.is_set() and all(consumer.position(p) >= ends[p] for p in ends):
-                    log.info("streams topic read: %d stream(s) defined in the cluster",
-                             len(self.book.current()))
+                    log.info("streams topic read: %d stream(s) defined in the cluster, %d member(s) alive",
+                             len(self.book.current()), len(self.members.live(self.live_window_s)))
                     self._caught_up.set()
             except Exception as e:  # the broker went away: read again from where we were, later
                 log.warning("streams topic: %s: %s; retrying", type(e).__name__, e)
@@ -262,6 +420,7 @@ class ClusterMember:
                 consumer.poll(timeout_ms=int(POLL_S * 1000))  # no records: this drives the group protocol
                 self._check_session(consumer)
                 self._reconcile()
+                self._keep_announcing()
                 waited = time.monotonic() - joined_at
                 if not self._assigned and waited > STALL_SESSIONS * self.cluster.session_timeout_s:
                     # a group whose leader vanished mid-rebalance can wait for it for good on some
@@ -306,16 +465,38 @@ class ClusterMember:
                     self.session_lost = True
                     self._set_owned(set())
 
+    def _moved_here(self, sid: str) -> None:
+        """A stream started here that another member ran before: say so (``stream.moved``)."""
+        partition = self.owner_partition(sid)
+        words = [w for w in (self.members.last_ran(sid), self.members.last_held(partition))
+                 if w is not None and w[0] != self.member_id]
+        if not words:
+            return
+        before = max(words, key=lambda w: w[1])
+        gap = max(0.0, time.time() - before[1])
+        log.info("stream %s moved here from %s (%.1f s since it was last known to run there)",
+                 sid, before[0], gap)
+        if self._on_moved is not None:
+            try:
+                self._on_moved(sid, before[0], self.member_id, gap, partition)
+            except Exception:
+                log.exception("stream %s: the stream.moved observer failed", sid)
+
     # -- what runs here -------------------------------------------------------------------------------
     def _mine(self) -> dict[str, StreamConfig]:
         n = self.cluster.partitions
         return {sid: cfg for sid, cfg in self.book.current().items() if partition_of(sid, n) in self.owned}
 
     def _set_owned(self, owned: set[int]) -> None:
+        changed = owned != self.owned
         self.owned = owned
         self._reconcile(force=True)
         if self.metrics is not None:
             self.metrics.cluster_partitions.set(len(owned))
+        if changed and not self._stop.is_set():
+            # at once, not on the next loop: a member that dies right after taking partitions is
+            # then still known to have held them (who its streams moved from)
+            self._announce()
 
     def _reconcile(self, force: bool = False) -> None:
         """Start what is ours and not running, stop what runs and is not ours (or changed)."""
@@ -331,6 +512,7 @@ class ClusterMember:
                     except Exception:
                         log.exception("stream %s: could not be stopped", sid)
                     self._started.pop(sid, None)
+                    self._stopped_at[sid] = time.time()
             running = self._running()
             for sid, cfg in wanted.items():
                 if sid not in running:
@@ -340,5 +522,10 @@ class ClusterMember:
                         log.error("stream %s: could not be started here (%s)", sid, e)
                     else:
                         self._started[sid] = cfg
+                        self._moved_here(sid)
+            now_running = self._running()
             if self.metrics is not None:
-                self.metrics.cluster_streams.set(len(self._running()))
+                self.metrics.cluster_streams.set(len(now_running))
+            if now_running != self._announced_streams and not self._stop.is_set():
+                self._announced_streams = now_running
+                self._announced_at = 0.0  # what runs here changed: the next loop announces it

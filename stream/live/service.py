@@ -22,13 +22,17 @@ from stream.events.delivery import DeliveryStatus, start_own_delivery
 from stream.events.sinks import sink_health, start_events
 from stream.live.auth import load_auth
 from stream.live.batcher import Detect, DetectorFactory, Stage
-from stream.live.cluster import ClusterMember
+from stream.live.cluster import ClusterMember, default_address
 from stream.live.http import start_http
 from stream.live.pipeline import Pipeline
 from stream.live.rtc import RtcGateway
 from stream.live.shard import Shard
 
 log = logging.getLogger(__name__)
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def detector_factory_for(config: PipelineConfig) -> DetectorFactory:
@@ -127,9 +131,21 @@ async def serve(config: PipelineConfig, detector_factory: DetectorFactory | None
         raise UserError(str(e)) from None
     member = None
     if clustered:
+        def moved(sid: str, source: str, to: str, gap: float | None, partition: int) -> None:
+            for obs in list(pipeline.observers):
+                try:
+                    getattr(obs, "stream_moved", lambda *a: None)(sid, source, to, gap, partition)
+                except Exception:
+                    log.exception("stream %s: observer %s.stream_moved failed", sid, type(obs).__name__)
+
+        wildcard = config.http.host in ("", "0.0.0.0", "::")
+
         member = ClusterMember(config, lambda cfg: pipeline.add_stream(cfg),
                                lambda sid: pipeline.remove_stream(sid, stop_timeout),
-                               lambda: set(pipeline.streams), pipeline.metrics, process)
+                               lambda: set(pipeline.streams), pipeline.metrics, process,
+                               address=default_address(port) if wildcard else
+                               f"http://{_bracketed(config.http.host)}:{port}",
+                               on_moved=moved)
         pipeline.cluster = member
         try:
             await loop.run_in_executor(None, member.start)

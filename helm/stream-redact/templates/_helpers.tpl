@@ -84,7 +84,7 @@ app.kubernetes.io/part-of: stream-redact
 {{- $_ := set $cfg "events" $events -}}
 {{- if eq .Values.cluster.mode "kafka" -}}
 {{- $c := .Values.cluster -}}
-{{- $_ := set $cfg "cluster" (dict "mode" "kafka" "group_id" $c.groupId "assignments_topic" $c.assignmentsTopic "streams_topic" $c.streamsTopic "partitions" (int $c.partitions) "session_timeout_s" $c.sessionTimeoutS) -}}
+{{- $_ := set $cfg "cluster" (dict "mode" "kafka" "group_id" $c.groupId "assignments_topic" $c.assignmentsTopic "streams_topic" $c.streamsTopic "members_topic" $c.membersTopic "advertise_url" (printf "http://${POD_IP}:%d" (int .Values.service.port)) "partitions" (int $c.partitions) "session_timeout_s" $c.sessionTimeoutS) -}}
 {{- end -}}
 {{- toYaml $cfg -}}
 {{- end -}}

@@ -37,6 +37,11 @@
           # one stream worker per pod: the pod is the unit the consumer group hands streams to
           args: ["run", "--config", "/etc/stream-redact/config.yaml", "--workers", "1"]
           env:
+            # the address other pods redirect API requests for this pod's streams to (cluster.advertise_url)
+            - name: POD_IP
+              valueFrom:
+                fieldRef:
+                  fieldPath: status.podIP
           {{- else }}
           args: ["run", "--config", "/etc/stream-redact/config.yaml"]
           env:
