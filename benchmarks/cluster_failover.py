@@ -18,6 +18,7 @@ counter for it rose, and runs twice when two members' counters rose. Three phase
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         result["kill"] = {"streams_moved": len(lost), "gap_s": gaps,
                           "gap_p50_s": statistics.median(gaps.values()), "gap_max_s": max(gaps.values()),
                           "ran_twice_s": twice,
-                          "lost": [s for s in ids if not any(s in (m.streams() or ()) for m in rest)]}
+                          "lost": [s for s in ids if not any(s in (m.streams() or ()) for m in rest)],
+                          "moved_events": moved_events(rest, lost, victim)}
 
         # 2. scale up: one more member (the killed one's place taken by a new process)
         grown = rest
@@ -179,9 +181,26 @@ def scale_up(sampler: Sampler, work: Path, doc: dict[str, Any], members: list[Me
     wait_until(lambda: all(sampler.first_live_after(s, t_add, before.get(s)) is not None for s in moved),
                30, "the moved streams publishing on the new member")
     add_gaps = {s: round(sampler.dark_s([s], t_add, time.monotonic())[s], 2) for s in moved}
-    return {"members_after": len(grown), "streams_moved": len(moved),
+    return {"moved_events": moved_events([newcomer], moved, None),
+            "members_after": len(grown), "streams_moved": len(moved),
             "share_moved": round(len(moved) / len(ids), 3), "dark_s": add_gaps,
             "ran_twice_s": sampler.twice_s(t_add, time.monotonic())}
+
+
+def moved_events(on: list[Member], streams: list[str], source: Member | None) -> dict[str, Any]:
+    """The stream.moved events the new owners wrote for ``streams`` (waited for a few seconds):
+    the gap each reports, against the gap measured from the published frames."""
+    def found() -> dict[str, dict[str, Any]]:
+        return {e["data"]["stream_id"]: e["data"] for m in on for e in m.emitted("stream-redact.stream.moved")
+                if e["data"]["stream_id"] in streams}
+
+    with contextlib.suppress(Unsettled):
+        wait_until(lambda: set(found()) >= set(streams), 10, "a stream.moved event per moved stream")
+    events = found()
+    expected = None if source is None else source.member_id
+    return {"events": len(events), "of": len(streams),
+            "from_expected": expected is None or all(d["from_worker"] == expected for d in events.values()),
+            "reported_gap_s": {s: d["gap_s"] for s, d in sorted(events.items())}}
 
 
 def rolling_restart(sampler: Sampler, grown: list[Member], ids: list[str]) -> dict[str, Any]:
@@ -208,6 +227,13 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|")
     print(f"| SIGKILL one member | {k['streams_moved']} | {k['gap_p50_s']:.1f} / {k['gap_max_s']:.1f} | "
           f"{sum(k['ran_twice_s'].values()):.2f} | {len(k['lost'])} |")
+    for name, phase in (("SIGKILL", k), ("add a member", u)):
+        ev = phase.get("moved_events")
+        if ev:
+            gaps = [g for g in ev["reported_gap_s"].values() if g is not None] or [float("nan")]
+            print(f"  {name}: stream.moved events {ev['events']} of {ev['of']}, from the right worker: "
+                  f"{ev['from_expected']}, reported gap p50 / max {statistics.median(gaps):.1f} / "
+                  f"{max(gaps):.1f} s")
     if "error" in u:
         print(f"| add a member | did not settle: {u['error']} | | | |")
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kafka_broker import Broker, free_port
+from kafka_broker import Broker
 
 TOKEN = "cluster-test-token-0123456789"
 
@@ -25,15 +26,31 @@ class Member:
     """One `stream-redact run` process of the cluster, with its own HTTP port."""
 
     def __init__(self, folder: Path, name: str, doc: dict[str, Any]) -> None:
-        self.name, self.port = name, free_port()
+        self.name = name
         self.config = folder / f"{name}.yaml"
         self.events = folder / f"{name}.events.jsonl"
         events = {**doc.get("events", {}), "sink": "jsonl", "jsonl": {"path": str(self.events)}}
-        self.config.write_text(yaml.safe_dump({**doc, "http": {"port": self.port}, "events": events}))
+        # port 0: the member binds a free port itself and says which (a port picked here could be
+        # taken by some outgoing connection before the member binds it)
+        self.config.write_text(yaml.safe_dump({**doc, "http": {"port": 0}, "events": events}))
+        self._port: int | None = None
+        self._log_from = 0
         self.log = folder / f"{name}.log"
         self.proc: subprocess.Popen | None = None
 
+    @property
+    def port(self) -> int:
+        """The HTTP port this run of the member listens on (9, where nothing answers, until it says)."""
+        if self._port is None and self.log.exists():
+            text = self.log.read_bytes()[self._log_from:].decode("utf-8", "replace")
+            found = re.search(r"metrics at http://[^\s/]+:(\d+)/metrics", text)
+            if found:
+                self._port = int(found.group(1))
+        return self._port or 9
+
     def start(self) -> Member:
+        self._port = None
+        self._log_from = self.log.stat().st_size if self.log.exists() else 0
         env = {**os.environ, "CLUSTER_TEST_TOKENS": TOKEN}
         with self.log.open("ab") as out:
             cmd = [sys.executable, "-m", "stream.cli", *(["-v"] if os.environ.get("CLUSTER_DEBUG") else []),
