@@ -252,7 +252,9 @@ class ClusterMember:
 
         with self._lock:
             if self._producer is None:
-                self._producer = KafkaProducer(acks="all", **client_settings(self.kafka))
+                # a send waits for topic metadata at most this long: announcements are made from
+                # the group's callbacks, which must not stall the group protocol behind a lost broker
+                self._producer = KafkaProducer(acks="all", max_block_ms=5000, **client_settings(self.kafka))
             return self._producer
 
     def owner_partition(self, stream_id: str) -> int:
