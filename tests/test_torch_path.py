@@ -357,3 +357,36 @@ def test_models_with_the_same_canvas_share_one_resize_and_get_what_they_would_al
     assert np.array_equal(face.numpy(), alone.numpy())
     alone_yolo, _ = DeviceFrames(frames, "cpu").letterbox(640, pad=114, rgb=True, unit=True)
     assert np.array_equal(yolo.numpy(), alone_yolo.numpy())
+
+
+def test_a_new_shape_runs_at_once_on_the_dynamic_graph_while_its_static_one_is_built(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stream.detect import backend as backend_mod
+
+    frames = scene()[:2]
+    model = YuNet(threshold=0.5, input_size=640, providers=["cpu"], backend="torch", cache_dir=tmp_path)
+    first = model.run(frames)  # nothing built yet: the dynamic graph answers, the build starts
+    bk = model.backend
+    assert bk.wait_static(120)
+    shape = next(iter(bk._static))
+    assert bk.static_ready(shape)
+    again = model.run(frames)
+    for a, b in zip(first, again, strict=True):
+        same(a, b)
+    replays = bk.replays()
+    assert len(replays) == 1 and replays[0].static, "the shape's replay now runs its static module"
+    # past the cap, further shapes stay on the dynamic graph: no endless conversions
+    monkeypatch.setattr(backend_mod, "MAX_STATIC_SHAPES", 1)
+    other = model.run([frames[0]])  # batch 1: another input shape
+    assert bk.wait_static(120) and len(bk._static) == 1
+    assert len(other) == 1 and len(other[0]) == len(first[0])
+
+
+def test_warmup_builds_every_static_graph_before_the_first_frame(tmp_path: Path) -> None:
+    det = FrameDetector(DetectorConfig(faces={"yunet": ModelConfig(threshold=0.5, input_size=320)},
+                                       plate=None, person_heads=None, providers=("cpu",), backend="torch",
+                                       cache_dir=tmp_path, buckets=(1, 2)))
+    det.warmup(shape=(180, 320), max_batch=2)
+    (bk,) = det.backends()
+    assert sorted(s[0] for s in bk._static) == [1, 2] and all(bk.static_ready(s) for s in bk._static)
+    assert all(r.static for r in bk.replays()), "the second warm-up pass ran every shape on its static graph"

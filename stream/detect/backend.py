@@ -192,13 +192,15 @@ class TorchBackend(Backend):
         self._static: dict[tuple[int, ...], tuple[Any, Any]] = {}
         """per input shape: the (float, half) modules converted from the graph frozen to it"""
         self._replays: dict[tuple[Any, ...], Any] = {}
+        self._capped = False
         if self.on_gpu:
             torch.backends.cudnn.benchmark = True  # fixed bucket shapes: pick the fastest kernels once
-        self._convert = convert
-        self._dynamic: tuple[Any, Any] | None = None
-        """the one module for every shape (not static), converted when first needed"""
-        if not static:
-            self._dynamic = self._place(convert(for_onnx2torch(model)))
+        # the one module for every shape: what runs when not static, and a static shape's batches
+        # while its own module is still being built
+        self._dynamic = self._place(convert(for_onnx2torch(model)))
+        self._building: set[tuple[int, ...]] = set()
+        self._build_lock = threading.Condition()
+        self._builder: Any = None
         if self.fp16:
             self.mode = "half"
 
@@ -208,19 +210,68 @@ class TorchBackend(Backend):
             module = module.to(memory_format=self.torch.channels_last)
         return module, (copy.deepcopy(module).half() if self.fp16 else None)
 
-    def modules_for(self, shape: tuple[int, ...]) -> tuple[Any, Any]:
-        """The (float, half) modules that run inputs of ``shape``: static ones per shape, or the one
-        dynamic module."""
+    def is_static(self, shape: tuple[int, ...]) -> bool:
+        """Whether inputs of ``shape`` get a module of their own (at most :data:`MAX_STATIC_SHAPES`)."""
         if not self.static:
-            if self._dynamic is None:
-                self._dynamic = self._place(self._convert(for_onnx2torch(self._model)))
-            return self._dynamic
-        if shape not in self._static:
-            from stream.detect.static_graph import frozen_cached, to_torch
+            return False
+        with self._build_lock:
+            if shape in self._static or shape in self._building:
+                return True
+            if len(self._static) + len(self._building) < MAX_STATIC_SHAPES:
+                return True
+        if not self._capped:
+            self._capped = True
+            log.warning("%s: more than %d input shapes; further shapes run on the dynamic graph "
+                        "(host syncs, no CUDA graph)", self.name, MAX_STATIC_SHAPES)
+        return False
 
-            frozen = frozen_cached(self._model, tuple(shape), self._cache_dir, self._key)  # type: ignore[arg-type]
-            self._static[shape] = self._place(to_torch(for_onnx2torch(frozen)))
-        return self._static[shape]
+    def modules_for(self, shape: tuple[int, ...]) -> tuple[Any, Any]:
+        """The (float, half) modules that run inputs of ``shape`` now: its static ones once built,
+        else the dynamic module. A static module is built on a thread of its own (converting a
+        graph takes a second or more, which a batch must not wait for: a detector that stalls that
+        long is taken as hung); the batches of a new shape run on the dynamic module meanwhile."""
+        ready = self._static.get(shape)
+        if ready is not None:
+            return ready
+        if self.is_static(shape):
+            self._build_later(shape)
+        return self._dynamic
+
+    def _build_later(self, shape: tuple[int, ...]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with self._build_lock:
+            if shape in self._static or shape in self._building:
+                return
+            self._building.add(shape)
+            if self._builder is None:
+                self._builder = ThreadPoolExecutor(1, thread_name_prefix="static-graphs")
+        self._builder.submit(self._build, shape)
+
+    def _build(self, shape: tuple[int, ...]) -> None:
+        from stream.detect.static_graph import frozen_cached, to_torch
+
+        try:
+            frozen = frozen_cached(self._model, shape, self._cache_dir, self._key)  # type: ignore[arg-type]
+            modules = self._place(to_torch(for_onnx2torch(frozen)))
+        except Exception as e:  # the dynamic module keeps serving this shape
+            log.warning("%s: no static graph for input %s (%s: %s); it runs on the dynamic graph",
+                        self.name, shape, type(e).__name__, e)
+            modules = self._dynamic
+        with self._build_lock:
+            self._static[shape] = modules
+            self._building.discard(shape)
+            self._build_lock.notify_all()
+
+    def wait_static(self, timeout: float = 300.0) -> bool:
+        """Wait until every static module asked for is built (warm-up); False on timeout."""
+        with self._build_lock:
+            return self._build_lock.wait_for(lambda: not self._building, timeout)
+
+    def static_ready(self, shape: tuple[int, ...]) -> bool:
+        """Whether ``shape`` runs on a static module of its own now."""
+        ready = self._static.get(shape)
+        return ready is not None and ready is not self._dynamic
 
     def _forward(self, t: Any) -> Any:
         torch = self.torch
@@ -272,13 +323,20 @@ class TorchBackend(Backend):
 
         with self.torch.inference_mode():
             t = self._input(x)
-            slot = (tuple(t.shape), key)
-            if slot not in self._replays:
+            shape = tuple(t.shape)
+            slot = (shape, key)
+            replay = self._replays.get(slot)
+            # a shape whose static module was still being built ran eagerly on the dynamic one: once
+            # it is ready, the shape gets a replay that can be captured
+            if replay is None or (not replay.static and self.static_ready(shape)):
                 def step(inp: Any) -> tuple[Any, list[Any]]:
                     outs = self.run_device(inp)
                     return decode(outs), outs
-                self._replays[slot] = Replay(step, self.device, capture=self.graphs and self.static)
-            packed, raw = self._replays[slot](t)
+                static = self.static_ready(shape)
+                replay = Replay(step, self.device, capture=self.graphs and static)
+                replay.static = static
+                self._replays[slot] = replay
+            packed, raw = replay(t)
             host = packed.cpu().numpy()
         if self.on_gpu:
             TRANSFERS.add(d2h=host.nbytes)
@@ -288,6 +346,11 @@ class TorchBackend(Backend):
         """Every shape's :class:`~stream.detect.graph_replay.Replay` (captured or eager)."""
         return list(self._replays.values())
 
+
+MAX_STATIC_SHAPES = 32
+"""static modules (and CUDA graphs) per backend: the buckets times the canvases of the streams'
+frame sizes fit; the crop pass's varied canvases could otherwise make a new module (a second of
+conversion, a stall) for every new batch shape"""
 
 TORCH_OPSET = 17
 """newest opset onnx2torch converts"""

@@ -19,6 +19,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -278,12 +279,32 @@ class FrameDetector:
         """
         frame = np.zeros((*shape, 3), np.uint8)
         sizes = sorted({b for m in self.models for b in m.buckets if b <= max_batch} | {1})
-        for n in sizes:
-            self.detect([frame] * n)
-        for m in self.crop_models:  # black frames have no vehicles: the crop pass gets its own run
-            crop = np.zeros((m.input_size // 2, m.input_size, 3), np.uint8)
+
+        def run_all() -> None:
             for n in sizes:
-                m.run([crop] * n)
+                self.detect([frame] * n)
+            for m in self.crop_models:  # black frames have no vehicles: the crop pass gets its own run
+                crop = np.zeros((m.input_size // 2, m.input_size, 3), np.uint8)
+                for n in sizes:
+                    m.run([crop] * n)
+
+        run_all()
+        # the torch path builds a static graph per shape on a thread of its own: wait for them, then
+        # run once more so that each shape's CUDA graph is captured before the first real frame
+        pending = [bk for bk in self.backends() if hasattr(bk, "wait_static")]
+        if pending:
+            for bk in pending:
+                if not bk.wait_static():
+                    log.warning("static graphs still being built after warm-up; their shapes run on the "
+                                "dynamic graph until they are ready")
+            run_all()
+
+    def backends(self) -> list[Any]:
+        """Every inference backend of every model (per-shape models have one per canvas)."""
+        out = []
+        for m in self.models:
+            out.extend([m.backend] if m.backend is not None else list(m._backends.values()))
+        return out
 
     @property
     def models(self) -> list[OnnxDetector]:

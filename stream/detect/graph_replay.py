@@ -37,6 +37,8 @@ class Replay:
         self.replays = 0
         self.failed: str | None = None
         """why capture was given up (this shape then runs eagerly)"""
+        self.static = False
+        """whether ``fn`` runs a static module (set by the backend; only those are captured)"""
 
     @property
     def captured(self) -> bool:
