@@ -23,7 +23,7 @@ from live_helpers import wait_for
 
 from stream.config import parse_config
 from stream.core.errors import UserError
-from stream.live.cluster import MemberBook, StreamBook, partition_of
+from stream.live.cluster import ClusterMember, MemberBook, StreamBook, partition_of
 
 STREAMS = [f"cam-{i}" for i in range(6)]
 
@@ -88,6 +88,21 @@ def test_the_member_book_knows_who_holds_a_partition_and_who_ran_a_stream_last()
     assert book.stale(50, now=200.0) == ["a"]
     # a member that died before saying it ran a stream still said it held the partition
     assert book.last_held(1) == ("b", 105.0) and book.last_held(2) == ("a", 104.8)
+
+
+def test_a_stream_started_where_its_partition_already_was_did_not_move() -> None:
+    cfg = parse_config({"cluster": {"mode": "kafka", "partitions": 16},
+                        "events": {"kafka": {"bootstrap_servers": "127.0.0.1:9"}}})
+    moved: list[tuple] = []
+    me = ClusterMember(cfg, lambda c: None, lambda s: None, set, on_moved=lambda *a: moved.append(a))
+    p = partition_of("door", 16)
+    announce(me.members, "old-worker", 100.0, [p], [])  # held the partition long ago
+    announce(me.members, me.member_id, 200.0, [p], [])  # this worker holds it since
+    me._moved_here("door")  # a new stream in that partition
+    assert moved == []
+    announce(me.members, "old-worker", 300.0, [p], ["door"])  # it ran there later: then it moved here
+    me._moved_here("door")
+    assert len(moved) == 1 and moved[0][:3] == ("door", "old-worker", me.member_id) and moved[0][4] == p
 
 
 @pytest.mark.parametrize(("cluster", "message"), [

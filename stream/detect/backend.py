@@ -200,7 +200,8 @@ class TorchBackend(Backend):
         self._dynamic = self._place(convert(for_onnx2torch(model)))
         self._building: set[tuple[int, ...]] = set()
         self._build_lock = threading.Condition()
-        self._builder: Any = None
+        self._queued: list[tuple[int, ...]] = []
+        self._builder: threading.Thread | None = None
         if self.fp16:
             self.mode = "half"
 
@@ -238,15 +239,23 @@ class TorchBackend(Backend):
         return self._dynamic
 
     def _build_later(self, shape: tuple[int, ...]) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         with self._build_lock:
             if shape in self._static or shape in self._building:
                 return
             self._building.add(shape)
-            if self._builder is None:
-                self._builder = ThreadPoolExecutor(1, thread_name_prefix="static-graphs")
-        self._builder.submit(self._build, shape)
+            self._queued.append(shape)
+            if self._builder is None:  # one builder at a time; it ends when nothing is queued
+                self._builder = threading.Thread(target=self._drain, name="static-graphs", daemon=True)
+                self._builder.start()
+
+    def _drain(self) -> None:
+        while True:
+            with self._build_lock:
+                if not self._queued:
+                    self._builder = None
+                    return
+                shape = self._queued.pop(0)
+            self._build(shape)
 
     def _build(self, shape: tuple[int, ...]) -> None:
         from stream.detect.static_graph import frozen_cached, to_torch

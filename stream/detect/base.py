@@ -109,6 +109,8 @@ class OnnxDetector(ABC):
         self.decoded_on_device = 0
         """frames decoded on the device, and those the host decoded instead (overflow, uncertified)"""
         self.decoded_on_host = 0
+        self._thresholds: Any = None
+        """the groups' score thresholds as a device tensor (made once: a CUDA graph cannot upload)"""
         self._backends: dict[tuple[int, int], Backend] = {}
         self.backend: Backend | None = None
         if self.per_shape:  # backends are made per canvas size on first use
@@ -150,6 +152,10 @@ class OnnxDetector(ABC):
     def on_gpu(self) -> bool:
         """Where this model runs (per-shape models: where their backends will run)."""
         return self.backend.on_gpu if self.backend is not None else self._gpu
+
+    def backends(self) -> list[Backend]:
+        """Every backend built so far (per-shape models have one per canvas)."""
+        return [self.backend] if self.backend is not None else list(self._backends.values())
 
     @property
     def device(self) -> str:
@@ -262,7 +268,7 @@ class OnnxDetector(ABC):
 
         def decode(outputs: list[Any]) -> Any:
             device = outputs[0].device
-            if getattr(self, "_thresholds", None) is None or self._thresholds.device != device:
+            if self._thresholds is None or self._thresholds.device != device:
                 self._thresholds = torch.tensor([g.threshold for g in groups], device=device)
             scores, boxes, classes = self.device_candidates(outputs, n, canvas, names)
             return select(scores, boxes, classes, self._thresholds, self.nms_iou, DEFAULT_K)

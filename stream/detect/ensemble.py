@@ -301,10 +301,7 @@ class FrameDetector:
 
     def backends(self) -> list[Any]:
         """Every inference backend of every model (per-shape models have one per canvas)."""
-        out = []
-        for m in self.models:
-            out.extend([m.backend] if m.backend is not None else list(m._backends.values()))
-        return out
+        return [bk for m in self.models for bk in m.backends()]
 
     @property
     def models(self) -> list[OnnxDetector]:

@@ -470,11 +470,14 @@ class ClusterMember:
     def _moved_here(self, sid: str) -> None:
         """A stream started here that another member ran before: say so (``stream.moved``)."""
         partition = self.owner_partition(sid)
-        words = [w for w in (self.members.last_ran(sid), self.members.last_held(partition))
-                 if w is not None and w[0] != self.member_id]
+        # the latest word on the stream or its partition, this worker's own included: a stream
+        # added to a partition this worker already held did not move, whoever held it before
+        words = [w for w in (self.members.last_ran(sid), self.members.last_held(partition)) if w is not None]
         if not words:
             return
         before = max(words, key=lambda w: w[1])
+        if before[0] == self.member_id:
+            return
         gap = max(0.0, time.time() - before[1])
         log.info("stream %s moved here from %s (%.1f s since it was last known to run there)",
                  sid, before[0], gap)
