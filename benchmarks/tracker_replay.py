@@ -24,6 +24,7 @@ import numpy as np
 
 from stream.config import DetectionConfig
 from stream.core import track
+from stream.core.vehicle_plates import LABEL as VEHICLE_PLATE
 from stream.detect.ensemble import FrameDetector
 from stream.loadtest.scene import Scene, load_material
 from stream.samples import sample_path
@@ -49,7 +50,8 @@ def detect_encoded(seqs: list[int], kbps: int, work: Path) -> dict[int, tuple[An
     frames = {}
     with av.open(str(path)) as inp:
         for seq, fr in zip(seqs, inp.decode(video=0), strict=False):
-            found = det.detect([fr.to_ndarray(format="bgr24")])[0].with_label("plate")
+            found = det.detect([fr.to_ndarray(format="bgr24")])[0]
+            found = found.select(np.isin(np.asarray(found.labels, dtype=object), ["plate", VEHICLE_PLATE]))
             truth = [(b.x1, b.y1, b.x2, b.y2) for b in scene.truth(seq) if b.label == "plate"]
             frames[seq] = (found, truth)
     return frames
@@ -77,7 +79,8 @@ def replay(frames: dict, seqs: list[int], trials: int, linear: bool) -> dict[str
                 found, truth = frames[seq]
                 out = tracker.update(found, elapsed=1 if last is None else seq - last)
                 last = seq
-                shown = [b for b, lb in zip(out.boxes, out.labels, strict=True) if lb == "plate"]
+                shown = [b for b, lb in zip(out.boxes, out.labels, strict=True)
+                         if lb in ("plate", VEHICLE_PLATE)]
                 for t in truth:
                     c = max((coverage(b, t) for b in shown), default=0.0)
                     checks, worst = checks + 1, min(worst, c)

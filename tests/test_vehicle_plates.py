@@ -11,7 +11,9 @@ import pytest
 from helpers import BUS, BUS_VEHICLE, ROOT, contains, iou, read_bgr
 
 from stream.core.detections import Detections
-from stream.detect.ensemble import FrameDetector, plates_from_vehicles
+from stream.core.track import Tracker, TrackerConfig
+from stream.core.vehicle_plates import LABEL, covered, plates_from_vehicles, vehicles_of, zones_of
+from stream.detect.ensemble import FrameDetector
 from stream.detect.presets import detector_config
 from stream.detect.yolo import PersonYolo
 
@@ -23,7 +25,7 @@ def dets(boxes: list[list[float]], label: str) -> Detections:
 
 def test_a_small_vehicle_without_a_plate_gets_a_mask_on_its_middle() -> None:
     zones = plates_from_vehicles(dets([[100, 100, 200, 160]], "vehicle"), Detections(), 200)
-    assert zones.labels == ("plate",)
+    assert zones.labels == (LABEL,)
     x1, y1, x2, y2 = zones.boxes[0]
     assert (x1, x2) == pytest.approx((115, 185)) and (y1, y2) == pytest.approx((115, 148))
 
@@ -59,14 +61,14 @@ def test_a_small_bus_without_a_found_plate_gets_a_plate_mask(bus: np.ndarray) ->
     blind = FrameDetector(detector_config("accurate", providers=("cpu",), plate_threshold=0.99,
                                           plate_crops=False))
     small = blind.detect([bus])[0]
-    assert set(small.labels) <= {"face", "plate"}  # vehicles place masks, they are not masks
-    plates = small.with_label("plate").boxes
+    assert set(small.labels) <= {"face", LABEL}  # vehicles place masks, they are not masks
+    plates = small.with_label(LABEL).boxes
     assert len(plates) == 1 and iou(plates[0], zone_of(BUS_VEHICLE)) > 0.8, plates
     large = cv2.resize(bus, None, fx=3, fy=3, interpolation=cv2.INTER_LINEAR)  # the bus is 516 px tall
-    assert len(blind.detect([large])[0].with_label("plate")) == 0
+    assert len(blind.detect([large])[0].with_label(LABEL)) == 0
     off = FrameDetector(detector_config("accurate", providers=("cpu",), plate_threshold=0.99,
                                         vehicle_plates=0))
-    assert len(off.detect([bus])[0].with_label("plate")) == 0
+    assert len(off.detect([bus])[0].with_label(LABEL)) == 0
 
 
 def test_a_searched_vehicle_gets_a_mask_only_below_the_limit(bus: np.ndarray) -> None:
@@ -75,11 +77,11 @@ def test_a_searched_vehicle_gets_a_mask_only_below_the_limit(bus: np.ndarray) ->
     blind = FrameDetector(detector_config("accurate", providers=("cpu",), plate_threshold=0.99,
                                           vehicle_plates=120))
     assert blind.config.plate_crops is not None and blind.config.plate_crops.threshold == 0.99
-    assert len(blind.detect([bus])[0].with_label("plate")) == 0
+    assert len(blind.detect([bus])[0].with_label(LABEL)) == 0
     assert blind.crops_run == 1
     canvas = np.full((360, 640, 3), 128, np.uint8)
     canvas[100:100 + 180, 200:200 + 135] = cv2.resize(bus, (135, 180), interpolation=cv2.INTER_AREA)
-    found = blind.detect([canvas])[0].with_label("plate")
+    found = blind.detect([canvas])[0].with_label(LABEL)
     assert blind.crops_run >= 2, "the small bus was searched too"
     assert len(found) == 1 and found.boxes[0, 3] - found.boxes[0, 1] < 60  # the middle of an 86 px bus
 
@@ -88,7 +90,45 @@ def test_a_vehicle_whose_plate_was_found_gets_no_second_mask(bus: np.ndarray) ->
     found = FrameDetector(detector_config("accurate", providers=("cpu",))).detect([bus])[0]
     plates = found.with_label("plate").boxes
     assert len(plates) == 1 and contains(BUS_VEHICLE, plates[0])  # the plate on the bus's front
+    assert len(found.with_label(LABEL)) == 0
     assert iou(plates[0], zone_of(BUS_VEHICLE)) < 0.1
+
+
+def test_zone_geometry_inverts_exactly() -> None:
+    cars = np.array([[100, 100, 200, 160], [0.5, 3, 41.5, 30]], np.float32)
+    assert np.allclose(vehicles_of(zones_of(cars)), cars, atol=1e-3)
+    assert covered(zones_of(cars), np.array([[140, 150, 160, 158]], np.float32)).tolist() == [True, False]
+
+
+BOTH = frozenset({"face", "plate", LABEL})
+CAR, OTHER = [100, 100, 200, 160], [300, 100, 400, 160]
+
+
+def track(tracker: Tracker, *parts: Detections, observed: frozenset[str] = BOTH) -> Detections:
+    d = Detections.concat(list(parts))
+    return tracker.update(Detections(d.boxes, d.scores, d.labels, observed=observed))
+
+
+def test_a_stand_in_ends_when_its_vehicles_plate_is_detected() -> None:
+    """The middle mask stands in for a plate not found yet: when a plate is detected on the vehicle
+    the stand-in ends at once, instead of coasting and growing beside the plate for 12 frames; while
+    that plate's track only coasts, a new stand-in is its backup."""
+    t = Tracker(TrackerConfig(max_coast=12))
+    zones = plates_from_vehicles(dets([CAR, OTHER], "vehicle"), Detections(), 200)
+    out = track(t, zones)
+    assert out.labels == (LABEL, LABEL)
+    out = track(t, dets([[140, 145, 160, 151]], "plate"))  # the car's plate, found on the next frame
+    assert out.labels == (LABEL, "plate") and out.boxes[0, 0] > 300, "only the other car keeps its mask"
+    assert [i.label for i in t.changes.ended] == [LABEL]
+    # the plate is missed while the vehicle model still sees both cars: the car's stand-in is back
+    out = track(t, zones)
+    assert sorted(out.labels) == sorted([LABEL, LABEL, "plate"])
+    assert [i.label for i in t.changes.started] == [LABEL]
+    car = out.boxes[[i for i, lb in enumerate(out.labels) if lb == LABEL]]
+    assert (car[:, 0] < 200).sum() == 1, "one stand-in on the car, one on the other car"
+    # detected again: the stand-in ends again, the other car's stays
+    out = track(t, dets([[141, 145, 161, 151]], "plate"))
+    assert sorted(out.labels) == sorted([LABEL, "plate"])
 
 
 def test_the_option_is_range_checked() -> None:

@@ -28,6 +28,8 @@ from stream.core.errors import UserError
 from stream.core.redact import RedactConfig, Style
 from stream.core.track import TrackerConfig
 from stream.core.urls import mask_url
+from stream.core.vehicle_plates import LABEL as VEHICLE_PLATE
+from stream.core.vehicle_plates import SCALE as VEHICLE_PLATE_SCALE
 
 if TYPE_CHECKING:
     from stream.detect.ensemble import DetectorConfig
@@ -380,6 +382,7 @@ class RedactionConfig(ConfigModel):
     def redact_config(self) -> RedactConfig:
         # whole persons and screens: a little margin for limbs and bezels, which their boxes cut close
         return RedactConfig(style=self.style, mask_scale={"face": self.face_scale, "plate": self.plate_scale,
+                                                          VEHICLE_PLATE: VEHICLE_PLATE_SCALE,
                                                           "person": 1.1, "screen": 1.1})
 
     def tracker_config(self) -> TrackerConfig:

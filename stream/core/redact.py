@@ -20,6 +20,9 @@ import cv2
 import numpy as np
 
 from stream.core.detections import Detections
+from stream.core.vehicle_plates import LABEL as VEHICLE_PLATE
+from stream.core.vehicle_plates import SCALE as VEHICLE_PLATE_SCALE
+from stream.core.vehicle_plates import public_label
 from stream.core.yuv import I420, Picture, yuv_color
 
 
@@ -32,9 +35,11 @@ class Style(StrEnum):
 @dataclass
 class RedactConfig:
     style: Style = Style.BLUR
-    mask_scale: dict[str, float] = field(default_factory=lambda: {"face": 1.4, "plate": 1.25})
+    mask_scale: dict[str, float] = field(
+        default_factory=lambda: {"face": 1.4, "plate": 1.25, VEHICLE_PLATE: VEHICLE_PLATE_SCALE})
     """enlargement of each box about its centre, per label"""
     shape: dict[str, str] = field(default_factory=lambda: {"face": "ellipse", "plate": "rect"})
+    """per label; rectangles for the rest"""
     min_size: int = 6
     """boxes are grown to at least this many pixels on each side"""
     solid_color: tuple[int, int, int] = (0, 0, 0)
@@ -133,7 +138,7 @@ class Redactor:
                 # uncover part of the face, the clipped rectangle covers all of it
                 shape = "rect"
             out.append(Region(
-                label=label, box=box, shape=shape, score=float(dets.scores[i]),
+                label=public_label(label), box=box, shape=shape, score=float(dets.scores[i]),
                 track_id=int(dets.track_ids[i]) if dets.track_ids is not None else -1,
                 coasted=bool(dets.coasted[i]) if dets.coasted is not None else False,
             ))

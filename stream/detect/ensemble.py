@@ -25,6 +25,8 @@ import numpy as np
 
 from stream.core.detections import Detections, FrameRef
 from stream.core.nms import iou_matrix, nms
+from stream.core.vehicle_plates import LABEL as VEHICLE_PLATE
+from stream.core.vehicle_plates import plates_from_vehicles
 from stream.core.yuv import I420, Picture
 from stream.detect.backend import TRANSFERS, BackendName
 from stream.detect.base import Chunk, OnnxDetector
@@ -108,31 +110,6 @@ class DetectorConfig:
     """torch backend: threshold, top-K and NMS on the device; only the kept boxes come back"""
     cuda_graphs: bool = True
     """torch backend on a GPU: forward and device decoding replayed as one CUDA graph per shape"""
-
-
-def plates_from_vehicles(vehicles: Detections, plates: Detections, max_height: float) -> Detections:
-    """Plate-sized-and-more masks on small vehicles where the plate model found no plate.
-
-    A car 60-200 px tall carries a plate of 5-15 px, which no plate model here detects. Where it
-    sits depends on the view (front, rear, three-quarter): on the development footage its centre
-    was at 20-60% of the vehicle's width and 26-70% of its height. The mask (a rectangle, enlarged
-    by the plate mask scale) is drawn on the middle of the vehicle, 15-85% across and 25-80% down,
-    which covered every such plate; a vehicle that already has a detected plate inside gets none.
-    """
-    if not len(vehicles):
-        return Detections()
-    b = vehicles.boxes
-    w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
-    keep = h <= max_height
-    if len(plates):
-        pc = (plates.boxes[:, :2] + plates.boxes[:, 2:]) / 2
-        inside = ((pc[None, :, 0] >= b[:, None, 0]) & (pc[None, :, 0] <= b[:, None, 2])
-                  & (pc[None, :, 1] >= b[:, None, 1]) & (pc[None, :, 1] <= b[:, None, 3]))
-        keep &= ~inside.any(axis=1)
-    b, w, h = b[keep], w[keep], h[keep]
-    zones = np.stack([b[:, 0] + 0.15 * w, b[:, 1] + 0.25 * h, b[:, 0] + 0.85 * w, b[:, 1] + 0.8 * h], 1)
-    return Detections(boxes=zones.astype(np.float32), scores=vehicles.scores[keep].astype(np.float32),
-                      labels=("plate",) * len(zones))
 
 
 def heads_from_people(people: Detections, max_height: float) -> Detections:
@@ -433,7 +410,8 @@ class FrameDetector:
                 both = Detections.concat([found, crop_plates[i]])
                 found = both.select(np.isin(np.arange(len(both)), nms(both.boxes, both.scores, 0.5)))
             zones = Detections()
-            if self.config.plate_max_vehicle_px and self.plate_model is not None:
+            if self.config.plate_max_vehicle_px and self.plate_model is not None and people_due[i]:
+                observed.add(VEHICLE_PLATE)
                 zones = plates_from_vehicles(vehicles[i], found, self.config.plate_max_vehicle_px)
             d = Detections.concat([faces, heads, found, zones, *extra])
             out.append(Detections(d.boxes, d.scores, d.labels, observed=frozenset(observed)))

@@ -26,6 +26,7 @@ from stream.core.detections import Detections
 from stream.core.frames import Failure, Frame
 from stream.core.observe import Observer
 from stream.core.track import Seen, TrackChanges, TrackInfo
+from stream.core.vehicle_plates import public_label
 from stream.events import schema
 
 log = logging.getLogger(__name__)
@@ -231,10 +232,11 @@ class EventEmitter(Observer):
     def _track_data(self, stream_id: str, o: _Open) -> dict[str, Any]:
         i = o.info
         assert i.last_seen is not None  # stamped when stored
-        return {"stream_id": stream_id, "track_id": i.track_id, "track_uid": o.uid, "class": i.label,
+        label = public_label(i.label)
+        return {"stream_id": stream_id, "track_id": i.track_id, "track_uid": o.uid, "class": label,
                 "frame": _frame(i.last_seen), "box": _box(i.box, *i.last_seen.size),
                 "score": _score(i.score), "coasted": i.coasted,
-                "model": self.models.get(i.label, {"name": "unknown", "version": "unknown"})}
+                "model": self.models.get(label, {"name": "unknown", "version": "unknown"})}
 
     def _end(self, stream_id: str, o: _Open, reason: str, when: float) -> None:
         i = o.info
@@ -258,7 +260,7 @@ class EventEmitter(Observer):
         items = []
         ids = dets.track_ids
         for i in range(len(dets)):
-            label = dets.labels[i]
+            label = public_label(dets.labels[i])
             items.append({
                 "class": label,
                 "track_id": int(ids[i]) if ids is not None and ids[i] > 0 else None,
