@@ -12,7 +12,14 @@ from helpers import BUS, BUS_VEHICLE, ROOT, contains, iou, read_bgr
 
 from stream.core.detections import Detections
 from stream.core.track import Tracker, TrackerConfig
-from stream.core.vehicle_plates import LABEL, covered, plates_from_vehicles, vehicles_of, zones_of
+from stream.core.vehicle_plates import (
+    LABEL,
+    PLATE_FRESH_FRAMES,
+    covered,
+    plates_from_vehicles,
+    vehicles_of,
+    zones_of,
+)
 from stream.detect.ensemble import FrameDetector
 from stream.detect.presets import detector_config
 from stream.detect.yolo import PersonYolo
@@ -104,15 +111,17 @@ BOTH = frozenset({"face", "plate", LABEL})
 CAR, OTHER = [100, 100, 200, 160], [300, 100, 400, 160]
 
 
-def track(tracker: Tracker, *parts: Detections, observed: frozenset[str] = BOTH) -> Detections:
+def track(tracker: Tracker, *parts: Detections, observed: frozenset[str] = BOTH,
+          elapsed: int = 1) -> Detections:
     d = Detections.concat(list(parts))
-    return tracker.update(Detections(d.boxes, d.scores, d.labels, observed=observed))
+    return tracker.update(Detections(d.boxes, d.scores, d.labels, observed=observed), elapsed=elapsed)
 
 
 def test_a_stand_in_ends_when_its_vehicles_plate_is_detected() -> None:
     """The middle mask stands in for a plate not found yet: when a plate is detected on the vehicle
-    the stand-in ends at once, instead of coasting and growing beside the plate for 12 frames; while
-    that plate's track only coasts, a new stand-in is its backup."""
+    the stand-in ends at once, instead of coasting and growing beside the plate for 12 frames; a
+    plate missed for a frame or two still stands for itself, one coasting longer gets a stand-in as
+    its backup."""
     t = Tracker(TrackerConfig(max_coast=12))
     zones = plates_from_vehicles(dets([CAR, OTHER], "vehicle"), Detections(), 200)
     out = track(t, zones)
@@ -120,8 +129,11 @@ def test_a_stand_in_ends_when_its_vehicles_plate_is_detected() -> None:
     out = track(t, dets([[140, 145, 160, 151]], "plate"))  # the car's plate, found on the next frame
     assert out.labels == (LABEL, "plate") and out.boxes[0, 0] > 300, "only the other car keeps its mask"
     assert [i.label for i in t.changes.ended] == [LABEL]
-    # the plate is missed while the vehicle model still sees both cars: the car's stand-in is back
+    # the plate is missed for a frame while the vehicle model still sees both cars: no stand-in yet
     out = track(t, zones)
+    assert sorted(out.labels) == sorted([LABEL, "plate"])
+    # missed for longer than PLATE_FRESH_FRAMES: the car's stand-in is back
+    out = track(t, zones, elapsed=PLATE_FRESH_FRAMES)
     assert sorted(out.labels) == sorted([LABEL, LABEL, "plate"])
     assert [i.label for i in t.changes.started] == [LABEL]
     car = out.boxes[[i for i, lb in enumerate(out.labels) if lb == LABEL]]

@@ -20,7 +20,7 @@ from stream.core.detections import Detections
 from stream.core.frames import Frame
 from stream.core.nms import iou_matrix
 from stream.core.vehicle_plates import LABEL as VEHICLE_PLATE
-from stream.core.vehicle_plates import covered
+from stream.core.vehicle_plates import PLATE_FRESH_FRAMES, covered
 
 
 def predict(box: np.ndarray, velocity: np.ndarray, frames: int) -> np.ndarray:
@@ -207,12 +207,12 @@ class Tracker:
                 alive.append(Track(self._next_id, label, box, s, last_detected=box, best_score=s,
                                    best_box=box, first_seen=seen, last_seen=seen, best_seen=seen))
                 self._next_id += 1
-        # a vehicle's middle mask stands in for a plate not found on it: when a plate is detected on
-        # that vehicle, the stand-in ends (it would otherwise coast and grow beside the real plate,
-        # hiding street). A plate track that only coasts does not end it: a coasting box drifts off
-        # a plate on moving footage, and the stand-in is its backup (ending stand-ins on coasting
-        # plates too lost 10 of 557 moving-camera plates; docs/redaction-quality.md)
-        plates = [t.box for t in alive if t.label == "plate" and t.since == 0]
+        # a vehicle's middle mask stands in for a plate not found on it: when a plate was detected
+        # on that vehicle in the last PLATE_FRESH_FRAMES source frames, the stand-in ends (it would
+        # otherwise coast and grow beside the real plate, hiding street). A plate track coasting
+        # longer does not end it: a coasting box drifts off a plate on moving footage, and the
+        # stand-in is its backup (docs/redaction-quality.md, "Stand-ins")
+        plates = [t.box for t in alive if t.label == "plate" and t.coast_frames <= PLATE_FRESH_FRAMES]
         stand_ins = [i for i, t in enumerate(alive) if t.label == VEHICLE_PLATE]
         if plates and stand_ins:
             done = covered(np.stack([alive[i].box for i in stand_ins]), np.stack(plates))

@@ -33,6 +33,11 @@ SCALE = 1.25
 ZONE = (0.15, 0.25, 0.85, 0.8)
 """the masked part of a vehicle box: x1, y1, x2, y2 as fractions of its width and height"""
 
+PLATE_FRESH_FRAMES = 2
+"""a plate track detected within this many source frames ends the stand-ins on its vehicle: a
+plate missed for a frame or two is still on the plate, one coasting longer may have drifted off
+it on moving footage, and the stand-in is then its backup"""
+
 
 def zones_of(vehicles: np.ndarray) -> np.ndarray:
     """The masked middle of each vehicle box (N x 4, x1 y1 x2 y2)."""
