@@ -338,13 +338,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if shard is not None:
         print(f"stream-redact: {taken}", file=sys.stderr, flush=True)
     workers = args.workers if args.workers is not None else config.workers
-    if clustered:
-        if workers not in (None, 1):
-            raise UserError(f"cluster.mode kafka runs one stream worker per process (got --workers "
-                            f"{workers}); run more processes or pods instead: each joins the group and takes "
-                            "a share",
-                            exit_code=2)
-        workers = 1
     if workers is None:
         from stream.live.supervisor import default_workers
 

@@ -25,8 +25,10 @@ TOKEN = "cluster-test-token-0123456789"
 class Member:
     """One `stream-redact run` process of the cluster, with its own HTTP port."""
 
-    def __init__(self, folder: Path, name: str, doc: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, name: str, doc: dict[str, Any], args: tuple[str, ...] = ()) -> None:
+        """``args``: more options of `run` (``--workers 2``: a member of worker processes)."""
         self.name = name
+        self.args = args
         self.config = folder / f"{name}.yaml"
         self.events = folder / f"{name}.events.jsonl"
         events = {**doc.get("events", {}), "sink": "jsonl", "jsonl": {"path": str(self.events)}}
@@ -54,7 +56,7 @@ class Member:
         env = {**os.environ, "CLUSTER_TEST_TOKENS": TOKEN}
         with self.log.open("ab") as out:
             cmd = [sys.executable, "-m", "stream.cli", *(["-v"] if os.environ.get("CLUSTER_DEBUG") else []),
-                   "run", "--config", str(self.config)]
+                   "run", "--config", str(self.config), *self.args]
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         return self
 

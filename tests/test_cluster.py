@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import sys
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from live_helpers import wait_for
 from stream.config import parse_config
 from stream.core.errors import UserError
 from stream.live.cluster import ClusterMember, MemberBook, StreamBook, partition_of
+from stream.live.supervisor import worker_config
 
 STREAMS = [f"cam-{i}" for i in range(6)]
 
@@ -34,18 +36,39 @@ def test_partitions_are_stable_and_spread() -> None:
     assert len(spread) == 8 and min(spread.values()) > 60
 
 
-def test_cluster_mode_needs_kafka_and_one_process(tmp_path: Path) -> None:
+def test_cluster_mode_needs_kafka_and_ports_for_its_workers(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"cluster\.mode kafka needs events\.kafka"):
         parse_config({"cluster": {"mode": "kafka"}})
     with pytest.raises(UserError, match=r"cluster\.session_timeout_s"):
         parse_config({"cluster": {"mode": "kafka", "session_timeout_s": 1},
                       "events": {"kafka": {"bootstrap_servers": "127.0.0.1:9"}}})
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"cluster": {"mode": "kafka"},
+    cfg.write_text(yaml.safe_dump({"cluster": {"mode": "kafka"}, "http": {"port": 65534},
                                    "events": {"kafka": {"bootstrap_servers": "127.0.0.1:9"}}}))
     r = subprocess.run([sys.executable, "-m", "stream.cli", "run", "--config", str(cfg), "--workers", "2"],
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "one stream worker per process" in r.stderr
+    assert r.returncode == 2 and "http.port + 1 + i, up to 65536, past 65535" in r.stderr, r.stderr
+
+
+def test_in_cluster_mode_each_worker_process_is_a_member_with_an_address_of_its_own() -> None:
+    cfg = parse_config({
+        "streams": [{"id": s, "source": {"type": "whip"}} for s in STREAMS],
+        "http": {"host": "0.0.0.0", "port": 8080},
+        "events": {"kafka": {"bootstrap_servers": "127.0.0.1:9"}},
+        "cluster": {"mode": "kafka", "advertise_url": "http://10.0.0.5:8080"}})
+    parts = [worker_config(cfg, i, 3) for i in range(3)]
+    # the group, not the hash, places streams: every worker starts from every definition
+    assert all([s.id for s in w.streams] == STREAMS for w in parts)
+    assert [(w.http.host, w.http.port) for w in parts] == [("0.0.0.0", p) for p in (8081, 8082, 8083)]
+    assert [w.cluster.advertise_url for w in parts] == [f"http://10.0.0.5:{p}" for p in (8081, 8082, 8083)]
+    v6 = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"advertise_url": "https://[fd00::5]"})})
+    assert worker_config(v6, 1, 2).cluster.advertise_url == "https://[fd00::5]:8082"
+    free = cfg.model_copy(update={"http": cfg.http.model_copy(update={"port": 0})})
+    # any free port: the worker advertises the address it bound
+    assert (worker_config(free, 0, 2).http.port, worker_config(free, 0, 2).cluster.advertise_url) == (0, None)
+    static = parse_config({"streams": [{"id": s, "source": {"type": "whip"}} for s in STREAMS]})
+    assert sum(len(worker_config(static, i, 3).streams) for i in range(3)) == len(STREAMS)
+    assert worker_config(static, 0, 3).http.port == 0
 
 
 def test_the_book_overlays_the_topic_on_the_config() -> None:
@@ -257,3 +280,45 @@ def test_a_member_cut_off_from_the_broker_stops_its_streams(members: list[Member
     broker.stop()
     wait_for(lambda: all(m.streams() == set() for m in members), timeout=30,
              what="every member stopping its streams once the group is out of reach")
+
+
+def test_a_member_of_worker_processes_runs_a_share_on_each_and_takes_over_a_killed_ones(
+        tmp_path: Path, broker: Broker) -> None:
+    """`run --workers 2` in cluster mode: each worker process is a member of the group of its own,
+    beside a one-process member. The front answers for streams on its own workers and sends callers
+    on to the other member's; a killed member's streams come to the worker processes."""
+    clip = make_clip(tmp_path / "cam.mp4", frames=20, width=160, height=120, fps=10).path
+    doc = cluster_doc(broker, clip, STREAMS)
+    multi = Member(tmp_path, "multi", doc, args=("--workers", "2")).start()
+    single = Member(tmp_path, "single", doc).start()
+    try:
+        both = [multi, single]
+        wait_for(lambda: each_once(both, STREAMS), timeout=90, what="every stream once, on 3 group members")
+        wait_for(lambda: single.metric("stream_redact_cluster_members") == 3, timeout=20,
+                 what="the one-process member counting the two worker processes as members")
+        listing = multi.call("GET", "/api/streams")[1]
+        assert len(listing["cluster"]["workers"]) == 2, listing["cluster"]
+        here = {s["id"]: s["worker"] for s in listing["streams"]}
+        for sid, worker in here.items():  # the front forwards to the worker process that runs it
+            assert multi.call("GET", f"/api/streams/{sid}")[1]["id"] == sid, (sid, worker)
+        there = sorted(single.streams() or ())
+        if there:
+            wait_for(lambda: multi.raw("GET", f"/api/streams/{there[0]}")[1].get("Location", "").endswith(
+                f":{single.port}/api/streams/{there[0]}"), timeout=15,
+                what="the front sending a caller on to the member that runs the stream")
+        single.kill()
+        wait_for(lambda: each_once([multi], STREAMS), timeout=40,
+                 what=f"{there} taken over by the worker processes")
+
+        def counted() -> set[str]:  # each worker's own count, in the front's merged /metrics
+            with urllib.request.urlopen(f"http://127.0.0.1:{multi.port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+            line = r'^stream_redact_cluster_members\{worker="(worker-\d)"\} 2\.0$'
+            return set(re.findall(line, text, re.M))
+
+        wait_for(lambda: counted() == {"worker-0", "worker-1"}, timeout=30,
+                 what="each worker process counting 2 members once the killed one's record is old")
+    finally:
+        for m in (multi, single):
+            m.stop()
+            m.kill()

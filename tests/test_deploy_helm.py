@@ -372,6 +372,25 @@ def test_kafka_mode_runs_a_deployment_of_single_process_workers(name: str) -> No
     assert next(v for v in pod["volumes"] if v["name"] == "state")["emptyDir"]
 
 
+def test_kafka_mode_pods_may_run_worker_processes_each_a_member_with_its_port(tmp_path: Path) -> None:
+    f = tmp_path / "values.yaml"
+    f.write_text(yaml.safe_dump(kafka_mode(pipeline={"workers": 3}, replicaCount=2)))
+    res = helm("template", "sr", str(CHART), "-f", str(f))
+    assert res.returncode == 0, res.stderr
+    docs = [d for d in yaml.safe_load_all(res.stdout) if d]
+    c = kafka_worker(docs)
+    assert c["args"] == ["run", "--config", "/etc/stream-redact/config.yaml", "--workers", "3"]
+    port = c["ports"][0]["containerPort"]
+    assert [(p["name"], p["containerPort"]) for p in c["ports"][1:]] == [
+        (f"worker-{i}", port + 1 + i) for i in range(3)]
+    config = yaml.safe_load(one(docs, "ConfigMap", "sr-stream-redact")["data"]["config.yaml"])
+    assert config["workers"] == 3 and config["cluster"]["advertise_url"] == f"http://${{POD_IP}}:{port}"
+    out = tmp_path / "m.yaml"
+    out.write_text(yaml.safe_dump_all([d for d in docs if d["kind"] not in CRDS]))
+    valid = run([venv_tool("kubernetes-validate"), "-k", K8S, "--strict", str(out)])
+    assert valid.returncode == 0, valid.stdout + valid.stderr
+
+
 def test_kafka_mode_replicas_and_autoscaler() -> None:
     plain = rendered_kafka("kafka-plain")
     assert kafka_workers(plain)["spec"]["replicas"] == 1  # replicaCount, as in static mode
@@ -505,8 +524,8 @@ KAFKA_BAD = [
      "cluster.mode kafka needs Kafka brokers"),  # brokers given but Kafka off: still none to join
     (kafka_mode(persistence={"enabled": True}),
      "persistence.enabled needs cluster.mode static: in kafka mode the workers are a Deployment"),
-    (kafka_mode(pipeline={"workers": 4}),
-     "pipeline.workers is 4, but cluster.mode kafka runs one stream worker per pod (run --workers 1)"),
+    (kafka_mode(pipeline={"workers": 4}, replicaCount=17),
+     "replicaCount (17) x pipeline.workers (4) = 68 group members is more than cluster.partitions (64)"),
     (kafka_mode(replicaCount=65), "replicaCount (65) is more than cluster.partitions (64)"),
     (kafka_mode(cluster={"autoscaling": {"enabled": True, "maxReplicas": 9}, "partitions": 8}),
      "cluster.autoscaling.maxReplicas (9) is more than cluster.partitions (8)"),

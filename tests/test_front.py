@@ -127,6 +127,9 @@ class FakeChildren:
     def worker_count(self) -> int:
         return 2
 
+    def running(self, stream_id: str) -> int | None:
+        return None
+
     def set_port(self, name: str, port: int | None) -> None:
         self.items = [dataclasses.replace(c, port=port) if c.name == name else c for c in self.items]
 

@@ -245,6 +245,9 @@ class OneWorker:
     def worker_count(self) -> int:
         return 1
 
+    def running(self, stream_id: str) -> int | None:
+        return None
+
 
 @pytest.mark.parametrize(("trusted", "status"), [("127.0.0.5/32", 404), ("127.0.0.1/32", 403)])
 async def test_behind_the_front_the_proxy_check_sees_the_callers_address(

@@ -347,7 +347,9 @@ async def add_stream(request: web.Request) -> web.Response:
         return error(421, f"stream {cfg.id!r} belongs to {shard.owner_name(cfg.id)}, not to this worker "
                           f"(shard {shard.index} of {shard.count}); add it there",
                      shard=sharding.owner(cfg.id, shard.count), shard_count=shard.count)
-    if p.worker is not None and sharding.worker_of(cfg.id, p.worker[1]) != p.worker[0]:
+    # (in cluster mode the consumer group places streams on the worker processes, not this hash)
+    if (p.worker is not None and p.config.cluster.mode != "kafka"
+            and sharding.worker_of(cfg.id, p.worker[1]) != p.worker[0]):
         index, count = p.worker
         other = sharding.worker_of(cfg.id, count)
         return error(421, f"stream {cfg.id!r} runs on worker {other}, not on this "

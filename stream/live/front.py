@@ -78,6 +78,10 @@ class Children(Protocol):
     @property
     def worker_count(self) -> int: ...
 
+    def running(self, stream_id: str) -> int | None:
+        """Cluster mode: the worker running ``stream_id`` as it last said (None: none here)."""
+        ...
+
 
 CHILDREN = web.AppKey("front_children", Children)
 PEER_SECRET = web.AppKey("front_peer_secret", str)
@@ -215,10 +219,14 @@ def _stream_id(body: bytes) -> str | None:
 
 
 async def to_owner(request: web.Request) -> web.Response:
-    """A request about one stream goes to the worker that runs it."""
+    """A request about one stream goes to the worker that runs it: the one of ``worker_of``, or in
+    cluster mode the one the consumer group gave it to (a stream on no worker here goes to the one
+    of ``worker_of``, which redirects to the pod that runs it, or says it is moving)."""
     body = await _read_body(request)
-    count = request.app[CHILDREN].worker_count
-    return await _forward(request, worker_of(request.match_info["stream_id"], count), body)
+    children = request.app[CHILDREN]
+    sid = request.match_info["stream_id"]
+    here = children.running(sid)
+    return await _forward(request, worker_of(sid, children.worker_count) if here is None else here, body)
 
 
 async def add_stream(request: web.Request) -> web.Response:
@@ -263,6 +271,7 @@ async def list_streams(request: web.Request) -> web.Response:
             return _relay(a)
     streams: list[Any] = []
     unavailable: list[str] = []
+    clusters: list[dict[str, Any]] = []
     for name, a in answers:
         doc = a.json() if a is not None and a.status == 200 else None
         if not isinstance(doc, dict) or not isinstance(doc.get("streams"), list):
@@ -271,9 +280,15 @@ async def list_streams(request: web.Request) -> web.Response:
             unavailable.append(name)
             continue
         streams.extend({**s, "worker": name} if isinstance(s, dict) else s for s in doc["streams"])
+        if isinstance(doc.get("cluster"), dict):  # cluster mode: every worker is a member of its own
+            clusters.append(doc["cluster"])
     if len(unavailable) == len(answers):
         return _unavailable(f"no worker is answering ({', '.join(unavailable) or 'none started'})")
-    return web.json_response({"streams": streams, "unavailable": unavailable})
+    body: dict[str, Any] = {"streams": streams, "unavailable": unavailable}
+    if clusters:  # what the members topic says is the same on every worker; the newest view wins
+        latest = max(clusters, key=lambda c: len(c.get("members") or ()))
+        body["cluster"] = {"workers": [c.get("worker") for c in clusters], "members": latest.get("members")}
+    return web.json_response(body)
 
 
 async def audit_logs(request: web.Request) -> web.Response:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -82,14 +83,45 @@ def default_workers() -> int:
     return max(1, usable_cores() - 1)
 
 
+def worker_port(config: PipelineConfig, index: int) -> int:
+    """Cluster mode: the port worker ``index`` serves on, beside the front's: ``http.port + 1 +
+    index`` (0, any free port, when the front's is 0)."""
+    return config.http.port + 1 + index if config.http.port else 0
+
+
+def _worker_cluster(config: PipelineConfig, index: int) -> Any:
+    """Cluster mode: worker ``index``'s cluster settings. Each worker is a member of the group on
+    its own, and other pods' workers redirect API callers to it directly: its advertised URL is the
+    configured one with the worker's port (without one, the worker's own bound address)."""
+    c = config.cluster
+    port = worker_port(config, index)
+    if c.advertise_url is None:
+        return c
+    if not port:
+        return c.model_copy(update={"advertise_url": None})
+    parts = urlsplit(c.advertise_url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return c.model_copy(update={"advertise_url": urlunsplit((parts.scheme, f"{host}:{port}", "", "", ""))})
+
+
 def worker_config(config: PipelineConfig, index: int, count: int,
                   streams: list[StreamConfig] | None = None) -> PipelineConfig:
     """Worker ``index``'s config: its streams, a private loopback port, files of its own for events.
 
     Two processes must never append to one events file or one spool folder, so each worker
     writes ``<name>.worker-<i><suffix>`` and ``<spool>/worker-<i>``, with a CloudEvents source
-    of its own (``<source>/worker-<i>``), since each numbers its events (``sequence``) itself."""
-    mine = streams if streams is not None else [s for s in config.streams if worker_of(s.id, count) == index]
+    of its own (``<source>/worker-<i>``), since each numbers its events (``sequence``) itself.
+
+    In cluster mode every worker is a member of the consumer group: it keeps every stream of the
+    config (the cluster's definitions, of which the group gives it a share) and serves on the
+    front's host at :func:`worker_port`, where other pods' workers redirect API callers to it."""
+    clustered = config.cluster.mode == "kafka"
+    if clustered:
+        mine = list(config.streams)
+    else:
+        mine = streams if streams is not None else [s for s in config.streams
+                                                    if worker_of(s.id, count) == index]
     ev = config.events
     jsonl_path = ev.jsonl.file()
     events = ev.model_copy(update={
@@ -102,8 +134,12 @@ def worker_config(config: PipelineConfig, index: int, count: int,
     audit = config.audit  # one hash chain per writing process (stream.events.audit)
     if audit.path is not None:
         audit = audit.model_copy(update={"path": process_path(audit.path, f"worker-{index}")})
-    return config.model_copy(update={"streams": mine, "http": HttpConfig(host="127.0.0.1", port=0),
-                                     "events": events, "audit": audit})
+    update: dict[str, Any] = {"streams": mine, "events": events, "audit": audit,
+                              "http": HttpConfig(host="127.0.0.1", port=0)}
+    if clustered:
+        update["http"] = config.http.model_copy(update={"port": worker_port(config, index)})
+        update["cluster"] = _worker_cluster(config, index)
+    return config.model_copy(update=update)
 
 
 @dataclass
@@ -139,6 +175,12 @@ class Supervisor:
         must pickle: a module-level function)."""
         if workers < 1:
             raise UserError(f"--workers must be at least 1, got {workers}", exit_code=2)
+        top = config.http.port + workers
+        if config.cluster.mode == "kafka" and config.http.port and top > 65535:
+            raise UserError(f"cluster.mode kafka: worker i of --workers {workers} serves on "
+                            f"http.port + 1 + i, up to {top}, past 65535; lower http.port "
+                            f"({config.http.port}) or --workers",
+                            exit_code=2)
         self.config, self.count, self.insecure_no_auth, self.shard = config, workers, insecure_no_auth, shard
         self.hang_s, self.log_level, self.detector_factory = hang_s, log_level, detector_factory
         self.ctx = multiprocessing.get_context("spawn")
@@ -169,6 +211,16 @@ class Supervisor:
     @property
     def worker_count(self) -> int:
         return self.count
+
+    def running(self, stream_id: str) -> int | None:
+        """Cluster mode: the worker that said last it runs ``stream_id`` (None: none, or not in
+        cluster mode, where :func:`worker_of` places every stream)."""
+        if self.config.cluster.mode != "kafka":
+            return None
+        for index, streams in list(self._streams.items()):
+            if any(s.id == stream_id for s in streams):
+                return index
+        return None
 
     def children(self) -> list[Child]:
         with self._lock:

@@ -107,6 +107,16 @@ app.kubernetes.io/part-of: stream-redact
 {{- end -}}
 {{- end -}}
 
+{{/* cluster.mode kafka: stream worker processes per pod (pipeline.workers, default 1); each is a
+     member of the consumer group of its own. */}}
+{{- define "stream-redact.clusterWorkers" -}}
+{{- if hasKey (.Values.pipeline | default dict) "workers" -}}
+{{- .Values.pipeline.workers | int -}}
+{{- else -}}
+1
+{{- end -}}
+{{- end -}}
+
 {{/* Values that only make sense together in cluster.mode kafka; each failure names the value to set. */}}
 {{- define "stream-redact.checkCluster" -}}
 {{- if eq .Values.cluster.mode "kafka" -}}
@@ -117,13 +127,15 @@ app.kubernetes.io/part-of: stream-redact
 {{- if .Values.persistence.enabled -}}
 {{- fail "persistence.enabled needs cluster.mode static: in kafka mode the workers are a Deployment, which has no volume per pod; set persistence.enabled=false (the event spool is then an emptyDir of persistence.size)" -}}
 {{- end -}}
-{{- if and (hasKey (.Values.pipeline | default dict) "workers") (ne (int .Values.pipeline.workers) 1) -}}
-{{- fail (printf "pipeline.workers is %v, but cluster.mode kafka runs one stream worker per pod (run --workers 1); remove pipeline.workers and raise replicaCount (or cluster.autoscaling) instead" .Values.pipeline.workers) -}}
-{{- end -}}
+{{- $workers := include "stream-redact.clusterWorkers" . | int -}}
 {{- $most := ternary $c.autoscaling.maxReplicas .Values.replicaCount $c.autoscaling.enabled -}}
 {{- $what := ternary "cluster.autoscaling.maxReplicas" "replicaCount" $c.autoscaling.enabled -}}
-{{- if gt (int $most) (int $c.partitions) -}}
+{{- if gt (mul (int $most) $workers) (int $c.partitions) -}}
+{{- if eq $workers 1 -}}
 {{- fail (printf "%s (%d) is more than cluster.partitions (%d): a worker without a partition of the assignments topic runs no stream; lower %s or raise cluster.partitions (before the topic is created: its partition count is fixed then)" $what (int $most) (int $c.partitions) $what) -}}
+{{- else -}}
+{{- fail (printf "%s (%d) x pipeline.workers (%d) = %d group members is more than cluster.partitions (%d): a worker process without a partition of the assignments topic runs no stream; lower %s or pipeline.workers, or raise cluster.partitions (before the topic is created: its partition count is fixed then)" $what (int $most) $workers (mul (int $most) $workers) (int $c.partitions) $what) -}}
+{{- end -}}
 {{- end -}}
 {{- if and (eq (toString $c.rollingUpdate.maxSurge) "0") (eq (toString $c.rollingUpdate.maxUnavailable) "0") -}}
 {{- fail "cluster.rollingUpdate.maxSurge and maxUnavailable are both 0, so no pod could ever be replaced; set maxSurge 1 (room for one more pod) or maxUnavailable 1" -}}

@@ -34,8 +34,9 @@
           image: {{ include "stream-redact.image" . }}
           imagePullPolicy: {{ .Values.image.pullPolicy }}
           {{- if eq .Values.cluster.mode "kafka" }}
-          # one stream worker per pod: the pod is the unit the consumer group hands streams to
-          args: ["run", "--config", "/etc/stream-redact/config.yaml", "--workers", "1"]
+          # pipeline.workers stream worker processes (default 1), each a member of the consumer group
+          # of its own, serving on service.port + 1 + i, where other pods send API callers to it
+          args: ["run", "--config", "/etc/stream-redact/config.yaml", "--workers", "{{ include "stream-redact.clusterWorkers" . }}"]
           env:
             # the address other pods redirect API requests for this pod's streams to (cluster.advertise_url)
             - name: POD_IP
@@ -89,6 +90,13 @@
             - name: http
               containerPort: {{ .Values.service.port }}
               protocol: TCP
+            {{- if and (eq .Values.cluster.mode "kafka") (gt (include "stream-redact.clusterWorkers" . | int) 1) }}
+            {{- range $i := until (include "stream-redact.clusterWorkers" . | int) }}
+            - name: worker-{{ $i }}
+              containerPort: {{ add $.Values.service.port 1 $i }}
+              protocol: TCP
+            {{- end }}
+            {{- end }}
           startupProbe:
             httpGet: {path: /healthz, port: http}
             periodSeconds: {{ .Values.probes.startup.periodSeconds }}
