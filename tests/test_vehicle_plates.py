@@ -15,6 +15,7 @@ from stream.core.track import Tracker, TrackerConfig
 from stream.core.vehicle_plates import (
     LABEL,
     PLATE_FRESH_FRAMES,
+    STAND_IN_COAST,
     covered,
     plates_from_vehicles,
     vehicles_of,
@@ -141,6 +142,28 @@ def test_a_stand_in_ends_when_its_vehicles_plate_is_detected() -> None:
     # detected again: the stand-in ends again, the other car's stays
     out = track(t, dets([[141, 145, 161, 151]], "plate"))
     assert sorted(out.labels) == sorted([LABEL, "plate"])
+
+
+def test_a_stand_in_outlives_its_vehicle_briefly_and_never_grows() -> None:
+    """A plate track coasts for ``max_coast`` looks, growing; a stand-in, already a generous zone
+    over its vehicle, coasts for STAND_IN_COAST looks at its own size."""
+    t = Tracker(TrackerConfig(max_coast=12, coast_growth=0.06))
+    zone = plates_from_vehicles(dets([CAR], "vehicle"), Detections(), 200)
+    plate = dets([[300, 145, 320, 151]], "plate")  # on another vehicle, whose zone is not here
+    track(t, zone, plate)
+    size = {lb: None for lb in (LABEL, "plate")}
+    for look in range(1, 13):
+        out = track(t, Detections())  # both looked for, neither found
+        got = dict(zip(out.labels, out.boxes, strict=True))
+        assert "plate" in got, f"the plate track coasts all 12 looks (look {look})"
+        assert (LABEL in got) == (look <= STAND_IN_COAST), f"look {look}: {out.labels}"
+        if LABEL in got:
+            assert np.allclose(got[LABEL], zone.boxes[0]), "a stand-in keeps its size"
+        size = {lb: float(np.prod(b[2:] - b[:2])) for lb, b in got.items()}
+    assert size["plate"] > 120 * 1.5, "the plate box grew while coasting"
+    # a stand-in whose vehicle is found on every look lives on
+    for _ in range(20):
+        assert LABEL in track(t, zone).labels
 
 
 def test_the_option_is_range_checked() -> None:

@@ -20,7 +20,7 @@ from stream.core.detections import Detections
 from stream.core.frames import Frame
 from stream.core.nms import iou_matrix
 from stream.core.vehicle_plates import LABEL as VEHICLE_PLATE
-from stream.core.vehicle_plates import PLATE_FRESH_FRAMES, covered
+from stream.core.vehicle_plates import PLATE_FRESH_FRAMES, STAND_IN_COAST, covered
 
 
 def predict(box: np.ndarray, velocity: np.ndarray, frames: int) -> np.ndarray:
@@ -127,7 +127,7 @@ class Track:
         Growth follows the source frames that passed (capped), not the updates: under overload an
         update can come a second after the previous one, and the object has moved that far.
         """
-        if not self.since:
+        if not self.since or self.label == VEHICLE_PLATE:  # a stand-in does not grow (STAND_IN_COAST)
             return self.box
         c = (self.box[:2] + self.box[2:]) / 2
         half = (self.box[2:] - self.box[:2]) / 2 * (1 + growth * min(self.coast_frames, max_frames))
@@ -197,7 +197,8 @@ class Tracker:
                 t.since += 1
                 if dets.observed is None or t.label in dets.observed:
                     t.missed += 1  # looked for and not found; unobserved frames do not count
-            expired = t.missed > cfg.max_coast or t.since > 4 * cfg.max_coast
+            coast = min(cfg.max_coast, STAND_IN_COAST) if t.label == VEHICLE_PLATE else cfg.max_coast
+            expired = t.missed > coast or t.since > 4 * coast
             (ended if expired else alive).append(t)
         going_on = len(alive)
         for i, label in enumerate(dets.labels):

@@ -33,6 +33,12 @@ SCALE = 1.25
 ZONE = (0.15, 0.25, 0.85, 0.8)
 """the masked part of a vehicle box: x1, y1, x2, y2 as fractions of its width and height"""
 
+STAND_IN_COAST = 3
+"""looks (runs of the vehicle model) a stand-in outlives its vehicle's last detection, at its last
+place moved on by its velocity, without growing: the middle of a vehicle box is already a generous
+zone, and a vehicle the model keeps finding renews it (a plate track coasts for ``redaction.coast``
+looks and grows, since a plate box is tight)"""
+
 PLATE_FRESH_FRAMES = 2
 """a plate track detected within this many source frames ends the stand-ins on its vehicle: a
 plate missed for a frame or two is still on the plate, one coasting longer may have drifted off
