@@ -280,6 +280,9 @@ def test_a_member_cut_off_from_the_broker_stops_its_streams(members: list[Member
     broker.stop()
     wait_for(lambda: all(m.streams() == set() for m in members), timeout=30,
              what="every member stopping its streams once the group is out of reach")
+    # and a member told to stop while the broker is gone stops cleanly, its pipeline included
+    members[0].stop()
+    assert members[0].proc is not None and members[0].proc.returncode == 0, members[0].log.read_text()[-2000:]
 
 
 def test_a_member_of_worker_processes_runs_a_share_on_each_and_takes_over_a_killed_ones(

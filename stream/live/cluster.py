@@ -236,7 +236,12 @@ class ClusterMember:
             self._set_owned(set())
         self._announce(leaving=True)
         if self._producer is not None:
-            self._producer.close(timeout=2)
+            try:
+                self._producer.close(timeout=2)
+            except Exception as e:  # a lost broker: the worker still stops, and its pipeline after it
+                log.warning("cluster producer did not close cleanly (%s: %s); the members topic may keep "
+                            "this worker's last record until it is %.0f s old", type(e).__name__, e,
+                            LIVE_SESSIONS * self.cluster.session_timeout_s)
 
     # -- the API's side ---------------------------------------------------------------------------
     def publish(self, stream_id: str, cfg: StreamConfig | None, timeout: float = 10.0) -> None:
