@@ -43,7 +43,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from stream.config import HttpConfig, PipelineConfig, StreamConfig
+from stream.config import ClusterConfig, HttpConfig, PipelineConfig, StreamConfig
 from stream.core.errors import UserError
 from stream.events.audit import process_path
 from stream.events.delivery import DeliveryProcess
@@ -89,7 +89,7 @@ def worker_port(config: PipelineConfig, index: int) -> int:
     return config.http.port + 1 + index if config.http.port else 0
 
 
-def _worker_cluster(config: PipelineConfig, index: int) -> Any:
+def _worker_cluster(config: PipelineConfig, index: int) -> ClusterConfig:
     """Cluster mode: worker ``index``'s cluster settings. Each worker is a member of the group on
     its own, and other pods' workers redirect API callers to it directly: its advertised URL is the
     configured one with the worker's port (without one, the worker's own bound address)."""
