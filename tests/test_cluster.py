@@ -7,7 +7,9 @@ Each member is a real `stream-redact run` process; what runs where is read from 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -321,6 +323,19 @@ def test_a_member_of_worker_processes_runs_a_share_on_each_and_takes_over_a_kill
 
         wait_for(lambda: counted() == {"worker-0", "worker-1"}, timeout=30,
                  what="each worker process counting 2 members once the killed one's record is old")
+        # one worker process dies: the supervisor starts it again as a new member, and its streams
+        # run again, on it or on its sibling
+        on = [s["worker"] for s in multi.call("GET", "/api/streams")[1]["streams"]]
+        victim = max(("worker-0", "worker-1"), key=on.count)
+        pid = next(p["pid"] for p in multi.raw("GET", "/readyz")[2]["processes"] if p["name"] == victim)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: victim in multi.call("GET", "/api/streams")[1]["unavailable"], timeout=15,
+                 what=f"the front seeing {victim} down")
+
+        def back() -> bool:
+            return each_once([multi], STREAMS) and multi.call("GET", "/api/streams")[1]["unavailable"] == []
+
+        wait_for(back, timeout=60, what=f"the streams of the killed {victim} running again")
     finally:
         for m in (multi, single):
             m.stop()
