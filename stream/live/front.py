@@ -285,7 +285,7 @@ async def list_streams(request: web.Request) -> web.Response:
     if len(unavailable) == len(answers):
         return _unavailable(f"no worker is answering ({', '.join(unavailable) or 'none started'})")
     body: dict[str, Any] = {"streams": streams, "unavailable": unavailable}
-    if clusters:  # what the members topic says is the same on every worker; the newest view wins
+    if clusters:  # every worker reads the same members topic; the one that has read the most answers
         latest = max(clusters, key=lambda c: len(c.get("members") or ()))
         body["cluster"] = {"workers": [c.get("worker") for c in clusters], "members": latest.get("members")}
     return web.json_response(body)
