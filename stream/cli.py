@@ -148,6 +148,9 @@ def add_redact_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--providers", default="cuda,cpu",
                    help="ONNX Runtime providers in order of preference (default: cuda,cpu)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per model (default: all cores)")
+    p.add_argument("--skip-unchanged", action="store_true",
+                   help="CPU, fixed cameras: each model looks again only where the picture changed "
+                        "since it last looked there, and at the whole picture every 50 frames")
     p.add_argument("--int8", choices=["auto", "off"], default="auto",
                    help="CPU only: auto runs the plate and person models as their int8 variants "
                         "where their input is at most 640 px (fast preset; about 1.6x faster); off "
@@ -188,7 +191,7 @@ def detection_config(args: argparse.Namespace) -> DetectionConfig:
             person_every=args.person_every, plates=not args.no_plates, heads=not args.no_heads,
             vehicle_plates_px=args.vehicle_plates, plate_crops=not args.no_plate_crops,
             providers=[p.lower() for p in names], threads=args.threads, int8=args.int8,
-            model_dir=args.model_dir)
+            skip_unchanged=args.skip_unchanged, model_dir=args.model_dir)
     except ValidationError as e:
         err = e.errors()[0]
         field = str(err["loc"][0])

@@ -307,6 +307,11 @@ class DetectionConfig(ConfigModel):
         default_factory=lambda: ["tensorrt", "cuda", "cpu"], min_length=1,
         description="ONNX Runtime providers in order; unavailable ones are skipped with a warning")
     threads: int = Field(0, ge=0, le=256, description="CPU inference threads per session; 0 = ORT default")
+    skip_unchanged: bool = Field(
+        False, description="CPU only, for fixed cameras: a model looks again only at the parts of a "
+                           "stream's picture that changed since it last looked there (with a margin and "
+                           "every box they touch), keeps its last boxes elsewhere, and looks at the whole "
+                           "picture at least every 50 frames (docs/redaction-quality.md)")
     backend: Literal["auto", "onnxruntime", "torch"] = Field(
         "auto", description="onnxruntime (CPU, CUDA, TensorRT providers); torch runs the same ONNX "
                             "graphs where torch has a GPU but onnxruntime-gpu is not installed; auto "
@@ -365,7 +370,7 @@ class DetectionConfig(ConfigModel):
             person_every=self.person_every, plates=self.plates, heads=self.heads,
             vehicle_plates=self.vehicle_plates_px, plate_crops=self.plate_crops, classes=tuple(classes),
             providers=self.providers,
-            threads=self.threads,
+            threads=self.threads, regions=self.skip_unchanged,
             model_dir=self.model_dir, backend=self.backend, device_id=self.device_id, fp16=self.fp16,
             int8=self.int8, cache_dir=self.engine_cache_dir, device_preprocess=self.device_preprocess,
             static_graphs=self.static_graphs, device_decode=self.device_decode, cuda_graphs=self.cuda_graphs,

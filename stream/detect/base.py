@@ -190,8 +190,12 @@ class OnnxDetector(ABC):
 
     __call__ = run
 
-    def prepare(self, images: list[Picture], frames: DeviceFrames | None = None) -> list[Chunk]:
+    def prepare(self, images: list[Picture], frames: DeviceFrames | None = None,
+                scale: float | None = None) -> list[Chunk]:
         """The model inputs of a batch, letterboxed and normalised, split into bucket-sized runs.
+
+        ``scale`` given, every image is resized by it, not to the model's input size: crops of a
+        frame read at the scale of the whole frame (host path only).
 
         Kept apart from :meth:`complete` so that the next batch can be prepared (uploaded and
         letterboxed) while the previous one is still running on the device. I420 pictures are
@@ -201,13 +205,15 @@ class OnnxDetector(ABC):
         if not images:
             return []
         images = [as_bgr(im) for im in images]
-        if frames is None and not self.on_gpu:
-            return [self._prepare_chunk(images, None, len(images))]
+        if scale is not None:
+            frames = None
+        if frames is None and (not self.on_gpu or scale is not None):
+            return [self._prepare_chunk(images, None, len(images), scale)]
         out: list[Chunk] = []
         at = 0
         for n, bucket in plan(len(images), self.buckets):
             sub = frames.subset(list(range(at, at + n))) if frames is not None else None
-            out.append(self._prepare_chunk(images[at:at + n], sub, bucket))
+            out.append(self._prepare_chunk(images[at:at + n], sub, bucket, None))
             at += n
         return out
 
@@ -218,7 +224,8 @@ class OnnxDetector(ABC):
             out.extend(self._complete_chunk(chunk))
         return out
 
-    def _prepare_chunk(self, images: list[np.ndarray], frames: DeviceFrames | None, bucket: int) -> Chunk:
+    def _prepare_chunk(self, images: list[np.ndarray], frames: DeviceFrames | None, bucket: int,
+                       scale: float | None = None) -> Chunk:
         n = len(images)
         if frames is not None:
             x, places = frames.letterbox(self.input_size, pad=self.pad_value, min_side=self.min_input,
@@ -226,7 +233,7 @@ class OnnxDetector(ABC):
             canvas = tuple(x.shape[2:4])
         else:
             batch, places = letterbox_batch(images, self.input_size, pad=self.pad_value,
-                                            min_side=self.min_input)
+                                            min_side=self.min_input, scale=scale)
             if bucket > n:  # blank frames up to the bucket: one engine shape per bucket
                 blank = np.full((bucket - n, *batch.shape[1:]), self.pad_value, np.uint8)
                 batch = np.concatenate([batch, blank])

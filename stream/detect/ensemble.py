@@ -34,6 +34,7 @@ from stream.detect.buckets import DEFAULT_BUCKETS
 from stream.detect.centerface import CenterFace
 from stream.detect.crops import CropConfig, cut, plan_crops, to_frame
 from stream.detect.device import DeviceFrames, SideStream, StagingRing, torch_device_ok
+from stream.detect.regions import GateConfig, Look, RegionGate, model_rect, resized, signature, truncated
 from stream.detect.runtime import DEFAULT_PROVIDERS
 from stream.detect.yolo import PersonYolo, PlateYolo
 from stream.detect.yunet import YuNet
@@ -110,6 +111,9 @@ class DetectorConfig:
     """torch backend: threshold, top-K and NMS on the device; only the kept boxes come back"""
     cuda_graphs: bool = True
     """torch backend on a GPU: forward and device decoding replayed as one CUDA graph per shape"""
+    regions: GateConfig | None = None
+    """CPU models on streams: look again only where the picture changed since the model last
+    looked (see :mod:`stream.detect.regions`); None: every due frame is searched whole"""
 
 
 def heads_from_people(people: Detections, max_height: float) -> Detections:
@@ -187,12 +191,16 @@ class Prepared:
     """A batch made ready for every model (see :meth:`FrameDetector.prepare`)."""
 
     n: int
-    runs: list[tuple[OnnxDetector | None, list[bool], list[Chunk]]]
-    """per model, in the order faces..., plate, person: the frames it is due on and its inputs"""
+    runs: list[tuple[OnnxDetector | None, list[bool], list[Chunk] | None]]
+    """per model, in the order faces..., plate, person: the frames it is due on and its inputs
+    (None: change-gated, decided and run in :meth:`FrameDetector.complete`)"""
     scales: list[Scale] = field(default_factory=list)
     """per frame: how the models' boxes map back to the source (see :func:`detector_input`)"""
     images: list[Picture] = field(default_factory=list)
     """the source frames, which the crop pass cuts vehicles from at full resolution"""
+    read: list[np.ndarray] = field(default_factory=list)
+    """the frames the models read (see :func:`detector_input`), kept for change-gated models"""
+    refs: Sequence[FrameRef] | None = None
 
 
 class FrameDetector:
@@ -240,6 +248,10 @@ class FrameDetector:
         """pinned buffers the batches' frames go up through (one copy per batch)"""
         self._last_run: dict[tuple[int, str], int] = {}
         """per (model slot, stream): the frame number a model last ran on (its cadence)"""
+        self._gates: dict[tuple[int, str], RegionGate] = {}
+        """per (model slot, stream): what a change-gated model last saw and found"""
+        self.looks = {"full": 0, "crops": 0, "skip": 0}
+        """change-gated model runs so far, by what the model looked at"""
         if gpu and cfg.device_preprocess and not self.upload:
             log.warning("preprocessing on the host: torch is not installed (pip install torch) so "
                         "frames cannot be letterboxed on the GPU")
@@ -333,6 +345,11 @@ class FrameDetector:
         """Start ``stream``'s cadences afresh: the results of a run on it never reached its tracker."""
         for key in [k for k in self._last_run if k[1] == stream]:
             self._last_run.pop(key, None)
+        for key in [k for k in self._gates if k[1] == stream]:
+            self._gates.pop(key, None)
+
+    def _gated(self, model: OnnxDetector, refs: Sequence[FrameRef] | None) -> bool:
+        return self.config.regions is not None and refs is not None and not model.on_gpu
 
     def prepare(self, images: list[Picture], refs: Sequence[FrameRef] | None = None) -> Prepared:
         """Upload and letterbox a batch for every model due on it; no inference yet.
@@ -343,7 +360,7 @@ class FrameDetector:
         now: the conversion runs on the host and the smaller BGR frame is what is uploaded.
         """
         n = len(images)
-        runs: list[tuple[OnnxDetector | None, list[bool], list[Chunk]]] = []
+        runs: list[tuple[OnnxDetector | None, list[bool], list[Chunk] | None]] = []
         plan = [*self.face_models, (self.plate_model, self.config.plate),
                 (self.person_model, self.config.person_heads)]
         dues = [self._schedule(slot, model, mcfg, n, refs) for slot, (model, mcfg) in enumerate(plan)]
@@ -356,21 +373,29 @@ class FrameDetector:
             frames = DeviceFrames(bgr, self.device, self._ring) if self.upload and bgr else None
             for (model, _), due in zip(plan, dues, strict=True):
                 picked = [i for i in range(n) if due[i]]
-                chunks: list[Chunk] = []
-                if model is not None and picked:
+                chunks: list[Chunk] | None = []
+                if model is not None and picked and self._gated(model, refs):
+                    chunks = None  # where it looks depends on the last run's results: decided at run time
+                elif model is not None and picked:
                     sub = frames.subset(picked) if frames is not None and model.on_gpu else None
                     chunks = model.prepare([bgr[i] for i in picked], sub)
                 runs.append((model, due, chunks))
-        return Prepared(n, runs, scales, list(images) if self.crop_models else [])
+        gated = any(chunks is None for _, _, chunks in runs)
+        return Prepared(n, runs, scales, list(images) if self.crop_models else [], bgr if gated else [],
+                        refs if gated else None)
 
     def complete(self, prepared: Prepared) -> list[Detections]:
         """Run every model on a prepared batch and merge their boxes per frame."""
         n = prepared.n
         scales = prepared.scales or [None] * n
         results: list[tuple[list[Detections], list[bool]]] = []
-        for model, due, chunks in prepared.runs:
+        sigs: dict[int, np.ndarray] = {}
+        for slot, (model, due, chunks) in enumerate(prepared.runs):
             out = [Detections()] * n
-            if model is not None and chunks:
+            if model is not None and chunks is None:
+                for i, d in self._gated_run(slot, model, due, prepared, sigs).items():
+                    out[i] = to_source(d, scales[i])
+            elif model is not None and chunks:
                 found = model.complete(chunks)
                 for i, d in zip([i for i in range(n) if due[i]], found, strict=True):
                     out[i] = to_source(d, scales[i])
@@ -415,6 +440,62 @@ class FrameDetector:
                 zones = plates_from_vehicles(vehicles[i], found, self.config.plate_max_vehicle_px)
             d = Detections.concat([faces, heads, found, zones, *extra])
             out.append(Detections(d.boxes, d.scores, d.labels, observed=frozenset(observed)))
+        return out
+
+    def _gated_run(self, slot: int, model: OnnxDetector, due: list[bool], prepared: Prepared,
+                   sigs: dict[int, np.ndarray]) -> dict[int, Detections]:
+        """A change-gated model on the frames it is due on: per frame, the whole frame, crops
+        around what changed, or nothing (its last boxes stand). Boxes in the read frames' pixels."""
+        cfg = self.config.regions
+        assert cfg is not None and prepared.refs is not None
+        out: dict[int, Detections] = {}
+        whole: list[int] = []
+        looks: dict[int, tuple[RegionGate, Look, np.ndarray]] = {}
+        for i in (i for i in range(prepared.n) if due[i]):
+            im, ref = prepared.read[i], prepared.refs[i]
+            shape = im.shape[:2]
+            if i not in sigs:
+                sigs[i] = signature(im, cfg.cell)
+            gate = self._gates.setdefault((slot, ref.stream), RegionGate(cfg))
+            long = max(shape)
+            look = gate.look(sigs[i], ref.seq, shape, model.target_side(long) / long, model.per_shape)
+            looks[i] = (gate, look, sigs[i])
+            if look.kind == "full":
+                whole.append(i)
+        for i, (gate, look, sig) in looks.items():
+            if look.kind != "crops":
+                continue
+            im = prepared.read[i]
+            shape = im.shape[:2]
+            long = max(shape)
+            scale = model.target_side(long) / long
+            picture = resized(im, scale)  # crops are cut from what the model reads of the whole frame
+            parts = []
+            for crop in look.crops:
+                x1, y1, x2, y2 = model_rect(crop, shape, scale)
+                found = model.complete(model.prepare([picture[y1:y2, x1:x2]], scale=1.0))[0]
+                if len(found):
+                    offset = np.array([x1, y1, x1, y1], np.float32)
+                    found = dataclasses.replace(found, boxes=(found.boxes + offset) / np.float32(scale))
+                if truncated(found, crop, shape):
+                    break
+                parts.append(found)
+            else:
+                out[i] = gate.commit(look, sig, prepared.refs[i].seq, shape, Detections.concat(parts))
+                continue
+            looks[i] = (gate, Look("full", why="cut"), sig)  # an object across a crop's edge
+            whole.append(i)
+        if whole:
+            for i, found in zip(whole, model.run([prepared.read[i] for i in whole]), strict=True):
+                gate, look, sig = looks[i]
+                out[i] = gate.commit(Look("full", why=look.why), sig, prepared.refs[i].seq,
+                                     prepared.read[i].shape[:2], found)
+        for i, (gate, look, sig) in looks.items():
+            if look.kind == "skip":
+                out[i] = gate.commit(look, sig, prepared.refs[i].seq, prepared.read[i].shape[:2],
+                                     Detections())
+        for _, look, _ in looks.values():
+            self.looks[look.kind] += 1
         return out
 
     def _crop_pass(self, images: list[Picture], vehicles: list[Detections], due: list[bool]

@@ -38,12 +38,13 @@ def layout(
     stride: int = 32,
     upscale: bool = True,
     min_side: int | None = None,
+    scale: float | None = None,
 ) -> tuple[list[tuple[float, int, int]], tuple[int, int]]:
-    """Scale and resized (w, h) per frame, and the canvas (h, w): shared by host and device paths."""
+    """Scale and resized (w, h) per frame, and the canvas (h, w): shared by host and device paths.
+    ``scale`` given: every frame is resized by it (crops read at their whole frame's scale)."""
     sizes = []
     for h, w in shapes:
-        target = target_side(max(h, w), long_side, min_side)
-        s = target / max(h, w)
+        s = target_side(max(h, w), long_side, min_side) / max(h, w) if scale is None else scale
         if not upscale:
             s = min(s, 1.0)
         sizes.append((s, max(1, round(w * s)), max(1, round(h * s))))
@@ -59,6 +60,7 @@ def letterbox_batch(
     pad: int = 0,
     upscale: bool = True,
     min_side: int | None = None,
+    scale: float | None = None,
 ) -> tuple[np.ndarray, list[Placement]]:
     """Resize each image so its long side is ``long_side`` and pad all into one NHWC uint8 canvas.
 
@@ -66,9 +68,9 @@ def letterbox_batch(
     smallest multiple of ``stride`` holding every resized frame, so a batch of 16:9 frames costs
     640x384, not 640x640. With ``min_side`` the target is the frame's own long side clamped to
     [min_side, long_side]: small detail is never downscaled away below ``long_side`` and small
-    frames are not blown up past ``min_side``.
+    frames are not blown up past ``min_side``. With ``scale`` every frame is resized by that factor.
     """
-    sizes, (ch, cw) = layout([im.shape[:2] for im in images], long_side, stride, upscale, min_side)
+    sizes, (ch, cw) = layout([im.shape[:2] for im in images], long_side, stride, upscale, min_side, scale)
     batch = np.full((len(images), ch, cw, 3), pad, dtype=np.uint8)
     places = []
     for i, (im, (s, w, h)) in enumerate(zip(images, sizes, strict=True)):

@@ -13,6 +13,7 @@ from typing import Any
 
 from stream.detect.crops import CropConfig
 from stream.detect.ensemble import DetectorConfig, ModelConfig
+from stream.detect.regions import GateConfig
 
 VEHICLE_PLATES_PX = 200.0
 """vehicles up to this tall get a plate mask when no plate is found on them (both presets; 0: off).
@@ -47,7 +48,7 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
                     vehicle_plates: float | None = None, plate_crops: bool = True,
                     crop_sizes: Sequence[int] | None = None, int8: bool | str = True,
                     providers: Sequence[str] = ("cuda", "cpu"), threads: int = 0,
-                    model_dir: Path | None = None, classes: Sequence[str] = (),
+                    model_dir: Path | None = None, classes: Sequence[str] = (), regions: bool = False,
                     **runtime: Any) -> DetectorConfig:
     """A preset with the options given explicitly taking precedence over it.
 
@@ -56,6 +57,7 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
     ``input_size`` given explicitly sets every model's size. ``int8`` (``auto``/True or
     ``off``/False) lets CPU sessions load the int8 variants of the plate and person models where
     their input is within what the variant was checked at (640: the fast preset's sizes).
+    ``regions`` gates CPU models by change (:mod:`stream.detect.regions`).
     ``classes`` adds ``screen`` and/or ``person`` (whole bodies) boxes to what is reported; they come
     from the person model, which then runs even without ``heads`` (head masks stay off).
     ``runtime`` sets where models run (backend, device_id, fp16, cache_dir, buckets,
@@ -84,6 +86,7 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
         cfg.plate_crops = CropConfig(threshold=max(CropConfig.threshold, plate_threshold or 0.0),
                                      **({"sizes": tuple(crop_sizes)} if crop_sizes else {}))
     cfg.screens, cfg.bodies = "screen" in classes, "person" in classes
+    cfg.regions = GateConfig() if regions else None
     if not heads and not classes:
         cfg.person_heads = None
     elif cfg.person_heads is not None:

@@ -123,6 +123,12 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     d.add_argument("--preset", choices=["fast", "accurate"], default="fast")
     d.add_argument("--max-batch", type=_bounded(int, 1, 256, "a batch size"), default=8)
     d.add_argument("--max-wait-ms", type=_bounded(float, 0, 1000, "milliseconds"), default=10.0)
+    d.add_argument("--threads", type=_bounded(int, 0, 256, "a thread count"), default=0,
+                   help="ONNX Runtime threads per model session in the pipeline (detection.threads; "
+                        "default 0: ONNX Runtime's own, one per core)")
+    d.add_argument("--skip-unchanged", action="store_true",
+                   help="the pipeline's models look again only where the picture changed "
+                        "(detection.skip_unchanged)")
     d.add_argument("--workers", type=_bounded(int, 1, MAX_WORKERS, "a worker count"), nargs="+",
                    metavar="N", default=None,
                    help="stream worker processes of the local pipeline (`run --workers N`: N processes "
@@ -247,7 +253,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             base = RunSpec(streams=args.streams, width=w, height=h, fps=args.fps,
                            bitrate_kbps=args.bitrate_kbps, duration_s=args.duration, warmup_s=args.warmup,
                            preset=args.preset,
-                           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, threads=args.threads,
+                           skip_unchanged=args.skip_unchanged,
                            latency_bound_ms=args.latency_bound_ms, faces=args.faces, plates=args.plates,
                            register=args.register, api=args.api, token_env=args.token_env, media=args.media,
                            metrics_url=args.metrics, work=args.work, mode=modes[0],

@@ -75,6 +75,10 @@ class RunSpec:
     preset: str = "fast"
     max_batch: int = 8
     max_wait_ms: float = 10.0
+    threads: int = 0
+    """ONNX Runtime threads per model session (``detection.threads``; 0: ORT's own choice)"""
+    skip_unchanged: bool = False
+    """``detection.skip_unchanged``: models look again only where the picture changed"""
     latency_bound_ms: float = 200.0
     faces: int = 2
     plates: int = 1
@@ -219,6 +223,10 @@ def stream_doc(sid: str, cam_url: str, out_url: str, bitrate_kbps: int) -> dict[
 def pipeline_doc(spec: RunSpec, streams: list[dict[str, Any]], events_path: Path) -> dict[str, Any]:
     """The generated pipeline config of a local point."""
     detection: dict[str, Any] = {"preset": spec.preset}
+    if spec.threads:
+        detection["threads"] = spec.threads
+    if spec.skip_unchanged:
+        detection["skip_unchanged"] = True
     if spec.mode.startswith("redact-faces"):
         detection.update(plates=False, heads=False)
     return {

@@ -1,0 +1,267 @@
+"""Change-gated detection: on a still camera a model looks again only where the picture changed.
+
+A fixed CCTV camera shows the same street from one detector run to the next; most of every run
+finds again what the last one found. Per stream and model, :class:`RegionGate` keeps a coarse
+signature of the picture the model last saw in each cell of the frame (the cell's mean grey level
+and its mean edge strength) and the boxes it found. On the next due frame:
+
+- no cell changed beyond the noise thresholds: the model does not run, its last boxes stand;
+- some cells changed: the model runs on crops around them only, at the scale it runs the whole
+  frame at, and its boxes there replace the old ones; boxes elsewhere stand;
+- much of the frame changed, the stream is new or restarted, or ``refresh`` source frames passed
+  since the last whole look: the model runs on the whole frame.
+
+Why nothing new can hide: a box is kept only while every cell under it still matches, within the
+thresholds, the pixels the model saw when it produced it (each cell's reference moves only when
+the model looks at that cell again, so slow drift adds up against it rather than slipping past
+frame by frame). Anything that appears, leaves or moves changes the cells under it, and those
+cells are searched again, with a margin, together with every old box they touch, so a searched
+object is never cut by a crop's edge. A box found touching a crop's inner edge (an object only
+partly in the crop) makes the model look at the whole frame instead. Detectors are deterministic
+on the same pixels; the thresholds sit above camera and H.264 noise (docs/redaction-quality.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from stream.core.detections import Detections
+
+Rect = tuple[float, float, float, float]
+"""x1, y1, x2, y2 in the pixels of the frame the model reads (x2/y2 exclusive)"""
+
+
+def model_rect(r: Rect, shape: tuple[int, int], scale: float) -> tuple[int, int, int, int]:
+    """A crop of :meth:`RegionGate.look` in the pixels of the frame resized by ``scale`` (the
+    picture the model reads: see :func:`resized`)."""
+    h, w = shape
+    mw, mh = max(1, round(w * scale)), max(1, round(h * scale))
+    x1, y1, x2, y2 = (round(v * scale) for v in r)
+    return x1, y1, mw if r[2] >= w else x2, mh if r[3] >= h else y2
+
+
+def resized(image: np.ndarray, scale: float) -> np.ndarray:
+    """The frame as a model reads it at ``scale`` (as :func:`stream.detect.letterbox.letterbox_batch`
+    resizes it)."""
+    h, w = image.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if size == (w, h):
+        return image
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """The change test and the crops' geometry (see the module docstring)."""
+
+    cell: int = 4
+    """side of a cell in the pixels of the frame the model reads"""
+    mean_levels: float = 8.0
+    """a cell changed when its mean grey level moved by more than this (0-255)"""
+    edge_levels: float = 8.0
+    """... or its mean edge strength (absolute Laplacian) by more than this"""
+    margin: int = 3
+    """cells searched around every changed cell"""
+    refresh: int = 50
+    """source frames after which the model looks at the whole frame again whatever changed"""
+    max_area: float = 0.5
+    """crops covering more than this share of the frame: the whole frame is cheaper and as good"""
+    max_crops: int = 8
+    quantum: int = 32
+    """crop sides in the model's input pixels are multiples of this (the YOLO stride)"""
+    shape_quantum: int = 128
+    """... and of this for models whose graph is built per input shape, so they see a few shapes"""
+
+
+def signature(image: np.ndarray, cell: int) -> np.ndarray:
+    """Per cell of ``cell`` x ``cell`` pixels: mean grey level and mean absolute Laplacian of the
+    slightly blurred picture, (rows, cols, 2) float32. Border pixels that do not fill a cell are left out."""
+    grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    # a 3x3 blur first: sensor and H.264 noise is mostly pixel-to-pixel, and unblurred it moved the
+    # edge strength of a still CCTV picture's cells as much as a passer-by did
+    grey = cv2.GaussianBlur(grey, (3, 3), 0)
+    rows, cols = grey.shape[0] // cell, grey.shape[1] // cell
+    grey = grey[:rows * cell, :cols * cell]
+    edges = cv2.convertScaleAbs(cv2.Laplacian(grey, cv2.CV_16S, ksize=3))
+    out = np.empty((rows, cols, 2), np.float32)
+    out[..., 0] = cv2.resize(grey, (cols, rows), interpolation=cv2.INTER_AREA)
+    out[..., 1] = cv2.resize(edges, (cols, rows), interpolation=cv2.INTER_AREA)
+    return out
+
+
+@dataclass
+class Look:
+    """What a model does on one frame: look at all of it, at ``crops`` of it, or not at all."""
+
+    kind: str  # "full" | "crops" | "skip"
+    crops: list[Rect] = field(default_factory=list)
+    why: str = ""
+
+
+class RegionGate:
+    """One model's memory of one stream: the signature it last saw per cell and the boxes found."""
+
+    def __init__(self, config: GateConfig | None = None) -> None:
+        self.config = config or GateConfig()
+        self.ref: np.ndarray | None = None
+        self.boxes = Detections()
+        """everything the model reports on the stream now, in the read frame's pixels"""
+        self.shape: tuple[int, int] | None = None
+        self.last_seq: int | None = None
+        self.last_full: int = 0
+        self.counts = {"full": 0, "crops": 0, "skip": 0}
+
+    def look(self, sig: np.ndarray, seq: int, shape: tuple[int, int], scale: float,
+             per_shape: bool = False) -> Look:
+        """Where the model must look on the frame ``seq`` of ``shape`` (h, w), read at ``scale``
+        (``per_shape``: the model builds a graph per input shape, crops come in fewer sizes)."""
+        c = self.config
+        if self.ref is None or self.shape != shape or self.ref.shape != sig.shape:
+            return Look("full", why="first")
+        if self.last_seq is not None and seq <= self.last_seq:
+            return Look("full", why="restart")
+        if seq - self.last_full >= c.refresh:
+            return Look("full", why="refresh")
+        diff = np.abs(sig - self.ref)
+        changed = (diff[..., 0] > c.mean_levels) | (diff[..., 1] > c.edge_levels)
+        if not changed.any():
+            return Look("skip")
+        grown = cv2.dilate(changed.astype(np.uint8), np.ones((2 * c.margin + 1,) * 2, np.uint8))
+        n, _, stats, _ = cv2.connectedComponentsWithStats(grown, connectivity=8)
+        h, w = shape
+        cols, rows = w // c.cell, h // c.cell
+        # a component at the right or bottom edge takes in the pixels there that fill no whole cell
+        rects = [(int(x) * c.cell, int(y) * c.cell, w if x + bw >= cols else int(x + bw) * c.cell,
+                  h if y + bh >= rows else int(y + bh) * c.cell) for x, y, bw, bh, _ in stats[1:n]]
+        crops = self._settle(rects, shape, scale, c.shape_quantum if per_shape else c.quantum)
+        if crops is None:
+            return Look("full", why="large")
+        return Look("crops", crops)
+
+    def _settle(self, rects: list[Rect], shape: tuple[int, int], scale: float,
+                quantum: int) -> list[Rect] | None:
+        """Crops that hold every changed region and every old box they touch, of quantised sizes,
+        not overlapping; None when they would cover most of the frame anyway."""
+        c = self.config
+        h, w = shape
+        old = self.boxes.boxes
+        for _ in range(8):
+            grown = []
+            for r in rects:
+                x1, y1, x2, y2 = r
+                for _ in range(4):  # take in every old box the crop touches, whole, with a margin
+                    touch = ((old[:, 0] < x2) & (old[:, 2] > x1) & (old[:, 1] < y2) & (old[:, 3] > y1)
+                             if len(old) else np.zeros(0, bool))
+                    if not touch.any():
+                        break
+                    b = old[touch]
+                    pad = c.cell
+                    nx1 = min(x1, math.floor(b[:, 0].min()) - pad)
+                    ny1 = min(y1, math.floor(b[:, 1].min()) - pad)
+                    nx2 = max(x2, math.ceil(b[:, 2].max()) + pad)
+                    ny2 = max(y2, math.ceil(b[:, 3].max()) + pad)
+                    nx1, ny1, nx2, ny2 = max(0, nx1), max(0, ny1), min(w, nx2), min(h, ny2)
+                    if (nx1, ny1, nx2, ny2) == (x1, y1, x2, y2):
+                        break
+                    x1, y1, x2, y2 = nx1, ny1, nx2, ny2
+                grown.append(_quantise((x1, y1, x2, y2), shape, scale, quantum))
+            merged = _merge(grown)
+            if len(merged) == len(rects) and merged == rects:
+                break
+            rects = merged
+        else:
+            return None
+        area = sum((x2 - x1) * (y2 - y1) for x1, y1, x2, y2 in rects)
+        if len(rects) > c.max_crops or area > c.max_area * h * w:
+            return None
+        # one last check: the boxes the crops touch lie inside them (the loop may have run out)
+        for x1, y1, x2, y2 in rects:
+            if len(old):
+                touch = (old[:, 0] < x2) & (old[:, 2] > x1) & (old[:, 1] < y2) & (old[:, 3] > y1)
+                inside = (old[:, 0] >= x1) & (old[:, 2] <= x2) & (old[:, 1] >= y1) & (old[:, 3] <= y2)
+                if (touch & ~inside).any():
+                    return None
+        return rects
+
+    def commit(self, look: Look, sig: np.ndarray, seq: int, shape: tuple[int, int],
+               found: Detections) -> Detections:
+        """Record what the model found (``found``: the whole frame's boxes for ``full``, the crops'
+        boxes in frame pixels for ``crops``, nothing for ``skip``) and return every box it reports
+        on the frame now."""
+        self.last_seq = seq
+        self.counts[look.kind] += 1
+        if look.kind == "full":
+            self.ref, self.shape, self.boxes, self.last_full = sig.copy(), shape, found, seq
+            return found
+        if look.kind == "skip" or self.ref is None:
+            return self.boxes
+        c = self.config
+        keep = np.ones(len(self.boxes), bool)
+        for x1, y1, x2, y2 in look.crops:
+            b = self.boxes.boxes
+            if len(b):
+                keep &= ~((b[:, 0] < x2) & (b[:, 2] > x1) & (b[:, 1] < y2) & (b[:, 3] > y1))
+            # the cells wholly inside the crop were looked at now: their reference moves
+            r1, r2 = math.ceil(y1 / c.cell), math.floor(y2 / c.cell)
+            c1, c2 = math.ceil(x1 / c.cell), math.floor(x2 / c.cell)
+            self.ref[r1:r2, c1:c2] = sig[r1:r2, c1:c2]
+        self.boxes = Detections.concat([self.boxes.select(keep), found])
+        return self.boxes
+
+
+def _quantise(r: Rect, shape: tuple[int, int], scale: float, q: int, align: int = 32) -> Rect:
+    """``r`` grown to a rectangle that, in the picture the model reads (the frame resized by
+    ``scale``), starts on the ``align`` grid and has sides that are multiples of ``q`` (or reach
+    the picture's edge). Cut there, a crop gives the model the very pixels, on the very stride grid,
+    that the whole frame gives it, so what it finds in the crop is what it finds in the frame."""
+    x1, y1, x2, y2 = r
+    out = []
+    for lo, hi, side in ((x1, x2, shape[1]), (y1, y2, shape[0])):
+        msize = max(1, round(side * scale))
+        mlo = math.floor(lo * scale / align + 1e-6) * align
+        mhi = min(msize, math.ceil(hi * scale / align - 1e-6) * align)
+        size = math.ceil(max(1, mhi - mlo) / q) * q
+        if size >= msize:
+            out.append((0.0, float(side)))
+            continue
+        start = min(mlo, max(0, (msize - size) // align * align))
+        end = min(msize, max(start + size, mhi))
+        out.append((start / scale, float(side) if end >= msize else end / scale))
+    (ax1, ax2), (ay1, ay2) = out
+    return ax1, ay1, ax2, ay2
+
+
+def truncated(found: Detections, crop: Rect, shape: tuple[int, int], edge: float = 1.5) -> bool:
+    """Whether a box found in ``crop`` touches one of its edges inside the frame: an object only
+    partly in the crop, which the whole frame must be searched for."""
+    if not len(found):
+        return False
+    x1, y1, x2, y2 = crop
+    b = found.boxes
+    h, w = shape
+    return bool(((x1 > 0) & (b[:, 0] <= x1 + edge)).any() or ((y1 > 0) & (b[:, 1] <= y1 + edge)).any()
+                or ((x2 < w) & (b[:, 2] >= x2 - edge)).any() or ((y2 < h) & (b[:, 3] >= y2 - edge)).any())
+
+
+def _merge(rects: list[Rect]) -> list[Rect]:
+    """Overlapping rectangles replaced by their union until none overlap (sorted, for a stable
+    comparison)."""
+    out = list(rects)
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(out)):
+            for j in range(i + 1, len(out)):
+                a, b = out[i], out[j]
+                if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
+                    out[i] = (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+                    del out[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    return sorted(out)
