@@ -458,7 +458,10 @@ class FrameDetector:
                 sigs[i] = signature(im, cfg.cell)
             gate = self._gates.setdefault((slot, ref.stream), RegionGate(cfg))
             long = max(shape)
-            look = gate.look(sigs[i], ref.seq, shape, model.target_side(long) / long, model.per_shape)
+            # the plate model on crops missed plates it found on the whole frame, even with 64 px of
+            # picture around each crop (it reads a plate by its vehicle): it looks at all or nothing
+            look = gate.look(sigs[i], ref.seq, shape, model.target_side(long) / long, model.per_shape,
+                             crops=model is not self.plate_model)
             looks[i] = (gate, look, sigs[i])
             if look.kind == "full":
                 whole.append(i)

@@ -1,24 +1,26 @@
 """Change-gated detection: on a still camera a model looks again only where the picture changed.
 
 A fixed CCTV camera shows the same street from one detector run to the next; most of every run
-finds again what the last one found. Per stream and model, :class:`RegionGate` keeps a coarse
-signature of the picture the model last saw in each cell of the frame (the cell's mean grey level
-and its mean edge strength) and the boxes it found. On the next due frame:
+finds again what the last one found. Per stream and model, :class:`RegionGate` keeps the picture
+the model last saw (grey, slightly blurred) and the boxes it found. On the next due frame, cells
+of 4x4 pixels are compared with it:
 
-- no cell changed beyond the noise thresholds: the model does not run, its last boxes stand;
-- some cells changed: the model runs on crops around them only, at the scale it runs the whole
-  frame at, and its boxes there replace the old ones; boxes elsewhere stand;
+- no cell changed beyond camera noise: the model does not run, its last boxes stand;
+- some cells changed: the model runs on crops around them only, cut from the frame as the model
+  reads it (resized to its scale, on its 32 px stride grid), and its boxes there replace the old
+  ones; boxes elsewhere stand. The plate model does not take crops: it missed plates on crops
+  that it found on the whole frame, even with 64 px of picture around them; it looks at the whole
+  frame or not at all;
 - much of the frame changed, the stream is new or restarted, or ``refresh`` source frames passed
   since the last whole look: the model runs on the whole frame.
 
-Why nothing new can hide: a box is kept only while every cell under it still matches, within the
-thresholds, the pixels the model saw when it produced it (each cell's reference moves only when
-the model looks at that cell again, so slow drift adds up against it rather than slipping past
-frame by frame). Anything that appears, leaves or moves changes the cells under it, and those
-cells are searched again, with a margin, together with every old box they touch, so a searched
-object is never cut by a crop's edge. A box found touching a crop's inner edge (an object only
-partly in the crop) makes the model look at the whole frame instead. Detectors are deterministic
-on the same pixels; the thresholds sit above camera and H.264 noise (docs/redaction-quality.md).
+Why nothing new can hide: a box is kept only while every cell under it still matches, pixel by
+pixel within the noise threshold, the picture the model saw when it produced it (a cell's
+reference moves only when the model looks at that cell again, so slow drift adds up against it
+instead of slipping past frame by frame). Anything that appears, leaves or moves changes the
+cells under it, and those cells are searched again, with a margin, together with every old box
+they touch, so a searched object is never cut by a crop's edge. A box found touching a crop's
+inner edge (an object only partly in the crop) makes the model look at the whole frame instead.
 """
 
 from __future__ import annotations
@@ -60,15 +62,14 @@ class GateConfig:
 
     cell: int = 4
     """side of a cell in the pixels of the frame the model reads"""
-    mean_levels: float = 8.0
-    """a cell changed when its mean grey level moved by more than this (0-255)"""
-    edge_levels: float = 8.0
-    """... or its mean edge strength (absolute Laplacian) by more than this"""
+    levels: float = 6.0
+    """a cell changed when its pixels moved by more than this many grey levels on average (a
+    still CCTV picture's noise: 1-4 at the 90th percentile of cells, dev/video-cctv)"""
     margin: int = 3
     """cells searched around every changed cell"""
     refresh: int = 50
     """source frames after which the model looks at the whole frame again whatever changed"""
-    max_area: float = 0.5
+    max_area: float = 0.6
     """crops covering more than this share of the frame: the whole frame is cheaper and as good"""
     max_crops: int = 8
     quantum: int = 32
@@ -78,19 +79,21 @@ class GateConfig:
 
 
 def signature(image: np.ndarray, cell: int) -> np.ndarray:
-    """Per cell of ``cell`` x ``cell`` pixels: mean grey level and mean absolute Laplacian of the
-    slightly blurred picture, (rows, cols, 2) float32. Border pixels that do not fill a cell are left out."""
+    """The grey picture, slightly blurred, cut to whole cells of ``cell`` pixels: what a cell is
+    compared by. Border pixels that fill no whole cell are left out."""
     grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-    # a 3x3 blur first: sensor and H.264 noise is mostly pixel-to-pixel, and unblurred it moved the
-    # edge strength of a still CCTV picture's cells as much as a passer-by did
-    grey = cv2.GaussianBlur(grey, (3, 3), 0)
     rows, cols = grey.shape[0] // cell, grey.shape[1] // cell
-    grey = grey[:rows * cell, :cols * cell]
-    edges = cv2.convertScaleAbs(cv2.Laplacian(grey, cv2.CV_16S, ksize=3))
-    out = np.empty((rows, cols, 2), np.float32)
-    out[..., 0] = cv2.resize(grey, (cols, rows), interpolation=cv2.INTER_AREA)
-    out[..., 1] = cv2.resize(edges, (cols, rows), interpolation=cv2.INTER_AREA)
-    return out
+    # a 3x3 blur: sensor and H.264 noise is mostly pixel to pixel
+    return cv2.GaussianBlur(grey[:rows * cell, :cols * cell], (3, 3), 0)
+
+
+def changed_cells(sig: np.ndarray, ref: np.ndarray, cell: int, levels: float) -> np.ndarray:
+    """Per cell, whether its pixels moved from ``ref`` by more than ``levels`` grey levels on
+    average (mean absolute difference: an object that keeps the cell's mean and texture, a
+    mirrored or inverted patch, still differs pixel by pixel)."""
+    diff = cv2.absdiff(sig, ref)
+    rows, cols = sig.shape[0] // cell, sig.shape[1] // cell
+    return cv2.resize(diff, (cols, rows), interpolation=cv2.INTER_AREA) > levels
 
 
 @dataclass
@@ -103,7 +106,7 @@ class Look:
 
 
 class RegionGate:
-    """One model's memory of one stream: the signature it last saw per cell and the boxes found."""
+    """One model's memory of one stream: the picture it last saw in each cell and the boxes found."""
 
     def __init__(self, config: GateConfig | None = None) -> None:
         self.config = config or GateConfig()
@@ -116,9 +119,10 @@ class RegionGate:
         self.counts = {"full": 0, "crops": 0, "skip": 0}
 
     def look(self, sig: np.ndarray, seq: int, shape: tuple[int, int], scale: float,
-             per_shape: bool = False) -> Look:
+             per_shape: bool = False, crops: bool = True) -> Look:
         """Where the model must look on the frame ``seq`` of ``shape`` (h, w), read at ``scale``
-        (``per_shape``: the model builds a graph per input shape, crops come in fewer sizes)."""
+        (``per_shape``: the model builds a graph per input shape, crops come in fewer sizes;
+        ``crops`` False: the whole frame or nothing)."""
         c = self.config
         if self.ref is None or self.shape != shape or self.ref.shape != sig.shape:
             return Look("full", why="first")
@@ -126,10 +130,11 @@ class RegionGate:
             return Look("full", why="restart")
         if seq - self.last_full >= c.refresh:
             return Look("full", why="refresh")
-        diff = np.abs(sig - self.ref)
-        changed = (diff[..., 0] > c.mean_levels) | (diff[..., 1] > c.edge_levels)
+        changed = changed_cells(sig, self.ref, c.cell, c.levels)
         if not changed.any():
             return Look("skip")
+        if not crops:
+            return Look("full", why="changed")
         grown = cv2.dilate(changed.astype(np.uint8), np.ones((2 * c.margin + 1,) * 2, np.uint8))
         n, _, stats, _ = cv2.connectedComponentsWithStats(grown, connectivity=8)
         h, w = shape
@@ -206,8 +211,8 @@ class RegionGate:
             if len(b):
                 keep &= ~((b[:, 0] < x2) & (b[:, 2] > x1) & (b[:, 1] < y2) & (b[:, 3] > y1))
             # the cells wholly inside the crop were looked at now: their reference moves
-            r1, r2 = math.ceil(y1 / c.cell), math.floor(y2 / c.cell)
-            c1, c2 = math.ceil(x1 / c.cell), math.floor(x2 / c.cell)
+            r1, r2 = math.ceil(y1 / c.cell) * c.cell, math.floor(y2 / c.cell) * c.cell
+            c1, c2 = math.ceil(x1 / c.cell) * c.cell, math.floor(x2 / c.cell) * c.cell
             self.ref[r1:r2, c1:c2] = sig[r1:r2, c1:c2]
         self.boxes = Detections.concat([self.boxes.select(keep), found])
         return self.boxes
