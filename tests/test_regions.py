@@ -8,7 +8,7 @@ import math
 import cv2
 import numpy as np
 import pytest
-from helpers import CHELSEA, face_sprite, read_bgr, sprite_face_box, textured_background, uk_plate
+from helpers import BUS, CHELSEA, face_sprite, read_bgr, sprite_face_box, textured_background, uk_plate
 
 from stream.core.detections import Detections, FrameRef
 from stream.detect.ensemble import FrameDetector
@@ -135,6 +135,21 @@ def test_whole_frame_on_refresh_restart_size_and_large_change() -> None:
     assert gate.look(signature(frame, 4), 2, SHAPE, 1.0, crops=False).why == "changed"
 
 
+def test_context_adds_picture_around_a_change() -> None:
+    """The plate model's crops reach ``context`` model pixels beyond the change on every side."""
+    bg = textured_background(640, 360)
+    gate, _ = _primed(bg)
+    frame = bg.copy()
+    frame[200:210, 300:310] = 255 - frame[200:210, 300:310]
+    sig = signature(frame, 4)
+    tight = gate.look(sig, 2, SHAPE, 1.0)
+    wide = gate.look(sig, 2, SHAPE, 1.0, context=64)
+    assert tight.kind == wide.kind == "crops" and len(wide.crops) == 1
+    x1, y1, x2, y2 = wide.crops[0]
+    assert x1 <= 300 - 64 and y1 <= 200 - 64 and x2 >= 310 + 64 and y2 >= 210 + 64
+    assert (x2 - x1) * (y2 - y1) > sum((c[2] - c[0]) * (c[3] - c[1]) for c in tight.crops)
+
+
 @pytest.mark.parametrize("scale", [1.0, 0.8, 640 / 768, 0.5, 1.5])
 @pytest.mark.parametrize("q", [32, 128])
 def test_quantised_crops_sit_on_the_model_grid(scale: float, q: int) -> None:
@@ -239,6 +254,31 @@ def test_face_appearing_after_skips_is_found_on_its_first_frame(walk) -> None:
     out = _run(det, frames[:5])
     assert det.looks["skip"] >= 3  # frames 1-3 repeat frame 0
     assert _covered(out[4].boxes, truth[4])
+
+
+def test_plate_arriving_on_a_still_picture_is_found(walk) -> None:
+    """A parked plate appears in a corner of a still street: the plate model, due every 3rd frame,
+    looks at a crop around it (with its 128 px of context) and finds it, as the whole-frame run
+    does."""
+    rng = np.random.default_rng(9)
+    bg = cv2.resize(read_bgr(BUS), (640, 360), interpolation=cv2.INTER_AREA)  # a real street
+    frames = []
+    for i in range(12):
+        img = bg.copy()
+        if i >= 5:
+            img[300:328, 490:610] = uk_plate(120, 28, "XY51 ABC")
+        frames.append(_noisy(img, rng, 2.0))
+    gated_det = FrameDetector(detector_config("fast", providers=("cpu",), regions=True, heads=False))
+    whole = _run(FrameDetector(detector_config("fast", providers=("cpu",), heads=False)), frames)
+    gated = _run(gated_det, frames)
+    plate = (490, 300, 610, 328)
+    looked = [i for i in range(5, 12) if "plate" in (gated[i].observed or ())]
+    plate_gate = gated_det._gates[(len(gated_det.face_models), "cam")]
+    assert looked and plate_gate.counts["crops"] > 0  # the plate model looked at a crop
+    for i in looked:
+        # the whole-frame run finds it (the model's reach), and so does the gated one
+        assert _covered(whole[i].boxes[[lab == "plate" for lab in whole[i].labels]], plate)
+        assert _covered(gated[i].boxes[[lab == "plate" for lab in gated[i].labels]], plate), f"frame {i}"
 
 
 def test_forget_starts_the_stream_afresh(walk) -> None:

@@ -41,6 +41,11 @@ from stream.detect.yunet import YuNet
 
 log = logging.getLogger(__name__)
 
+PLATE_CONTEXT = 128
+"""pixels of the plate model's input added around each change-gated crop: it reads a plate by what
+is around it, and on crops with less it missed plates it found on the whole frame (docs/
+redaction-quality.md, "Still cameras")"""
+
 FACE_MODELS: dict[str, type[OnnxDetector]] = {"centerface": CenterFace, "yunet": YuNet}
 
 
@@ -458,10 +463,8 @@ class FrameDetector:
                 sigs[i] = signature(im, cfg.cell)
             gate = self._gates.setdefault((slot, ref.stream), RegionGate(cfg))
             long = max(shape)
-            # the plate model on crops missed plates it found on the whole frame, even with 64 px of
-            # picture around each crop (it reads a plate by its vehicle): it looks at all or nothing
             look = gate.look(sigs[i], ref.seq, shape, model.target_side(long) / long, model.per_shape,
-                             crops=model is not self.plate_model)
+                             context=PLATE_CONTEXT if model is self.plate_model else 0)
             looks[i] = (gate, look, sigs[i])
             if look.kind == "full":
                 whole.append(i)

@@ -8,9 +8,9 @@ of 4x4 pixels are compared with it:
 - no cell changed beyond camera noise: the model does not run, its last boxes stand;
 - some cells changed: the model runs on crops around them only, cut from the frame as the model
   reads it (resized to its scale, on its 32 px stride grid), and its boxes there replace the old
-  ones; boxes elsewhere stand. The plate model does not take crops: it missed plates on crops
-  that it found on the whole frame, even with 64 px of picture around them; it looks at the whole
-  frame or not at all;
+  ones; boxes elsewhere stand. A model that reads objects by their surroundings gets more picture
+  around each crop (``context``: the plate model, which on tight crops missed plates it found on
+  the whole frame);
 - much of the frame changed, the stream is new or restarted, or ``refresh`` source frames passed
   since the last whole look: the model runs on the whole frame.
 
@@ -119,10 +119,11 @@ class RegionGate:
         self.counts = {"full": 0, "crops": 0, "skip": 0}
 
     def look(self, sig: np.ndarray, seq: int, shape: tuple[int, int], scale: float,
-             per_shape: bool = False, crops: bool = True) -> Look:
+             per_shape: bool = False, crops: bool = True, context: int = 0) -> Look:
         """Where the model must look on the frame ``seq`` of ``shape`` (h, w), read at ``scale``
         (``per_shape``: the model builds a graph per input shape, crops come in fewer sizes;
-        ``crops`` False: the whole frame or nothing)."""
+        ``crops`` False: the whole frame or nothing; ``context``: pixels of the model's input
+        added around every changed region)."""
         c = self.config
         if self.ref is None or self.shape != shape or self.ref.shape != sig.shape:
             return Look("full", why="first")
@@ -142,6 +143,10 @@ class RegionGate:
         # a component at the right or bottom edge takes in the pixels there that fill no whole cell
         rects = [(int(x) * c.cell, int(y) * c.cell, w if x + bw >= cols else int(x + bw) * c.cell,
                   h if y + bh >= rows else int(y + bh) * c.cell) for x, y, bw, bh, _ in stats[1:n]]
+        if context:
+            pad = context / scale
+            rects = [(max(0, x1 - pad), max(0, y1 - pad), min(w, x2 + pad), min(h, y2 + pad))
+                     for x1, y1, x2, y2 in rects]
         crops = self._settle(rects, shape, scale, c.shape_quantum if per_shape else c.quantum)
         if crops is None:
             return Look("full", why="large")
