@@ -74,6 +74,20 @@ def test_video_face_obscured_in_every_frame(face_clip: Clip, redacted_face_clip)
             assert np.abs(dst[i].astype(int) - src[i].astype(int)).mean() < 3, f"frame {i} altered"
 
 
+@pytest.mark.parametrize("preset", ["fast", "accurate"])
+def test_skip_unchanged_still_obscures_every_face(face_clip: Clip, tmp_path: Path, preset: str) -> None:
+    """Change-gated detection on a still camera (the clip's background does not move; the face
+    enters at frame 6): every face frame is masked, as without it."""
+    out, masks = tmp_path / "out.mp4", tmp_path / "masks.json"
+    res = run_cli("redact", face_clip.path, "-o", out, "--masks-json", masks, "--no-progress",
+                  "--preset", preset, "--skip-unchanged")
+    assert res.returncode == 0, res.stderr
+    assert warning_lines(res.stderr) == [], res.stderr
+    doc = json.loads(masks.read_text())
+    check_masks_contract(doc, 321, 241, frames=20)
+    assert_faces_obscured(face_clip, read_video(face_clip.path).frames, read_video(out).frames, doc)
+
+
 @pytest.mark.parametrize("audio", [["--keep-audio"], ["--audio", "drop"], []],
                          ids=["keep-audio", "drop-audio", "redacted-audio"])
 @pytest.mark.parametrize("fmt", ["mp4", "mkv", "avi", "mov"])

@@ -23,6 +23,7 @@ BIN = Path(sys.executable).parent / "stream-redact"
     (["--workers", "0"], "--workers: '0': a worker count must be between 1 and 256"),
     (["--workers", "1", "257"], "--workers: '257': a worker count must be between 1 and 256"),
     (["--workers", "two"], "--workers: 'two': expected a worker count"),
+    (["--threads", "-1"], "--threads: '-1': a thread count must be between 0 and 256"),
 ])
 def test_bad_bench_options_are_refused_with_the_fix(args: list[str], words: str, tmp_path: Path) -> None:
     r = subprocess.run([str(BIN), "bench", *args, "--out", str(tmp_path / "lt")], capture_output=True,
@@ -82,6 +83,21 @@ def test_the_generated_pipeline_config_carries_the_worker_count(tmp_path: Path) 
         (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(doc))
         assert load_config(tmp_path / "cfg.yaml").workers == workers
     assert pipeline_doc(RunSpec(streams=1), streams, tmp_path / "e.jsonl")["workers"] == 1, "one process"
+
+
+def test_the_generated_pipeline_config_carries_the_detector_settings(tmp_path: Path) -> None:
+    import yaml
+
+    from stream.config import load_config
+    from stream.loadtest.driver import RunSpec, pipeline_doc
+
+    doc = pipeline_doc(RunSpec(streams=1, threads=1, skip_unchanged=True), [], tmp_path / "e.jsonl")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(doc))
+    det = load_config(tmp_path / "cfg.yaml").detection
+    assert det.threads == 1 and det.skip_unchanged
+    assert det.detector_settings().regions is not None
+    plain = pipeline_doc(RunSpec(streams=1), [], tmp_path / "e.jsonl")["detection"]
+    assert "threads" not in plain and "skip_unchanged" not in plain, "the defaults stay the pipeline's"
 
 
 @pytest.mark.parametrize(("kwargs", "words"), [
