@@ -384,3 +384,30 @@ def test_a_run_whose_result_is_thrown_away_restarts_that_streams_cadences(releas
         assert det.forgotten == ["s0"]
     finally:
         b.stop()
+
+
+def test_change_gated_looks_are_counted_in_the_metrics() -> None:
+    """With detection.skip_unchanged, a still picture is looked at once and then skipped; the
+    metrics say so per look."""
+    from helpers import textured_background
+
+    from stream.detect.ensemble import FrameDetector
+    from stream.detect.presets import detector_config
+
+    det = FrameDetector(detector_config("fast", providers=("cpu",), regions=True, plates=False, heads=False))
+    b, m, queues = make(lambda: det, max_batch=1, max_wait_s=0.0)
+    still = textured_background(64, 48)
+    try:
+        jobs = []
+        for _ in range(4):
+            now = time.monotonic()
+            j = Job(Frame("s0", next(_seq), still.copy(), now, time.time()), deadline=now + 5)
+            queues[0].put(j)
+            wait_for(lambda j=j: j.done)
+            jobs.append(j)
+        assert all(j.detections is not None for j in jobs)
+        wait_for(lambda: counter(m, "model_looks", look="skip") >= 3, what="skips counted")
+        assert counter(m, "model_looks", look="full") == 1
+        assert counter(m, "model_looks", look="skip") == det.looks["skip"] == 3
+    finally:
+        b.stop()

@@ -106,6 +106,8 @@ class Metrics:
                                     buckets=FILL_BUCKETS, registry=r)
         self.transfer_bytes = Counter(p + "transfer_bytes", "Bytes copied between host and GPU",
                                       ["direction"], registry=r)
+        self.model_looks = Counter(p + "model_looks", "Change-gated model runs (detection.skip_unchanged) by "
+                                   "what the model looked at: full, crops or skip", ["look"], registry=r)
         # cluster mode (stream/live/cluster.py): this worker's share of the consumer group's partitions
         self.cluster_partitions = Gauge(p + "cluster_partitions", "Assignment partitions this worker holds",
                                         registry=r)

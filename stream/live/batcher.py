@@ -279,6 +279,8 @@ class Batcher(StreamQueues):
         self._incident_frames = 0
         self.batches = 0
         self._transfers = (0, 0)
+        self._looks: tuple[int, dict[str, int]] = (0, {})
+        """the detector (by id) whose change-gated looks were last counted, and its counts then"""
         self.service = ServiceTime()
         self._last_observed = time.monotonic()
         self._served: dict[str, float] = {}
@@ -499,6 +501,7 @@ class Batcher(StreamQueues):
         self.metrics.batch_size.observe(len(live))
         self.metrics.batch_fill.observe(len(live) / self.max_batch)
         self._count_transfers(worker.detector)
+        self._count_looks(worker.detector)
         self.batches += 1
         if self._incident is not None:
             log.warning("detector recovered after %s: %d frame(s) failed closed", self._incident.value,
@@ -534,6 +537,19 @@ class Batcher(StreamQueues):
         if d2h > last_d2h:
             self.metrics.transfer_bytes.labels("d2h").inc(d2h - last_d2h)
         self._transfers = (max(h2d, last_h2d), max(d2h, last_d2h))
+
+    def _count_looks(self, detector: Detect | None) -> None:
+        """Export the change-gated model runs since the last batch, by what the models looked at."""
+        looks = getattr(detector, "looks", None)
+        if not isinstance(looks, dict):
+            return
+        who, last = self._looks
+        if who != id(detector):  # a fresh detector counts from 0
+            last = {}
+        for kind, n in looks.items():
+            if n > last.get(kind, 0):
+                self.metrics.model_looks.labels(kind).inc(n - last.get(kind, 0))
+        self._looks = (id(detector), dict(looks))
 
     def _fail(self, jobs: list[Job], why: Failure, detail: str | None) -> None:
         for job in jobs:
