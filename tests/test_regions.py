@@ -13,7 +13,16 @@ from helpers import BUS, CHELSEA, face_sprite, read_bgr, sprite_face_box, textur
 from stream.core.detections import Detections, FrameRef
 from stream.detect.ensemble import FrameDetector
 from stream.detect.presets import detector_config
-from stream.detect.regions import GateConfig, RegionGate, _quantise, model_rect, resized, signature, truncated
+from stream.detect.regions import (
+    GateConfig,
+    RegionGate,
+    _quantise,
+    changed_cells,
+    model_rect,
+    resized,
+    signature,
+    truncated,
+)
 
 SHAPE = (360, 640)
 
@@ -289,3 +298,32 @@ def test_forget_starts_the_stream_afresh(walk) -> None:
     before = det.looks["full"]
     det.detect([frames[2]], [FrameRef("cam", 3)])
     assert det.looks["full"] == before + 1
+
+
+def test_too_small_or_resized_is_changed() -> None:
+    """A region smaller than a cell, or of another size than its reference, is never 'unchanged'."""
+    tiny = np.zeros((3, 3), np.uint8)
+    assert changed_cells(tiny, tiny, 4, 6.0).all()
+    assert changed_cells(np.zeros((8, 8), np.uint8), np.zeros((8, 12), np.uint8), 4, 6.0).all()
+
+
+def test_parked_vehicle_is_searched_once_until_it_changes() -> None:
+    """The crop pass under gating: a bus standing still is cut at the same box and its pixels match,
+    so its plate search is not repeated; what was found is reported again. When the picture
+    changes on the bus, it is searched again."""
+    rng = np.random.default_rng(4)
+    bus = cv2.resize(read_bgr(BUS), (640, 360), interpolation=cv2.INTER_AREA)  # a bus filling the frame
+    street = np.zeros((720, 1280, 3), np.uint8) + 90
+    street[300:660, 600:1240] = bus
+    det = FrameDetector(detector_config("fast", providers=("cpu",), regions=True, person_every=1))
+    found = []
+    for i in range(4):
+        found.append(det.detect([_noisy(street, rng, 2.0)], [FrameRef("cam", i + 1)])[0])
+    assert det.crops_run >= 1 and det.crops_reused >= 2, (det.crops_run, det.crops_reused)
+    plates = [f.boxes[[lab == "plate" for lab in f.labels]] for f in found]
+    assert all(len(p) == len(plates[0]) for p in plates)
+    runs = det.crops_run
+    changed = street.copy()
+    changed[500:540, 700:800] = 255 - changed[500:540, 700:800]  # something new on the bus
+    det.detect([changed], [FrameRef("cam", 5)])
+    assert det.crops_run > runs

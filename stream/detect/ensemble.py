@@ -34,7 +34,17 @@ from stream.detect.buckets import DEFAULT_BUCKETS
 from stream.detect.centerface import CenterFace
 from stream.detect.crops import CropConfig, cut, plan_crops, to_frame
 from stream.detect.device import DeviceFrames, SideStream, StagingRing, torch_device_ok
-from stream.detect.regions import GateConfig, Look, RegionGate, model_rect, resized, signature, truncated
+from stream.detect.regions import (
+    GateConfig,
+    Look,
+    RegionGate,
+    changed_cells,
+    grey_region,
+    model_rect,
+    resized,
+    signature,
+    truncated,
+)
 from stream.detect.runtime import DEFAULT_PROVIDERS
 from stream.detect.yolo import PersonYolo, PlateYolo
 from stream.detect.yunet import YuNet
@@ -192,6 +202,16 @@ def to_source(dets: Detections, scale: Scale) -> Detections:
 
 
 @dataclass
+class _Searched:
+    """A vehicle crop searched by the crop pass: when, the picture searched (see
+    :func:`~stream.detect.regions.signature`) and the plates found, in frame pixels."""
+
+    seq: int
+    sig: np.ndarray
+    found: Detections
+
+
+@dataclass
 class Prepared:
     """A batch made ready for every model (see :meth:`FrameDetector.prepare`)."""
 
@@ -257,6 +277,10 @@ class FrameDetector:
         """per (model slot, stream): what a change-gated model last saw and found"""
         self.looks = {"full": 0, "crops": 0, "skip": 0}
         """change-gated model runs so far, by what the model looked at"""
+        self._crop_memo: dict[str, dict[tuple[int, int, int, int], _Searched]] = {}
+        """per stream, the vehicle crops of its last crop pass: what was searched and found"""
+        self.crops_reused = 0
+        """vehicle crops not searched again: their pixels had not changed (``regions``)"""
         if gpu and cfg.device_preprocess and not self.upload:
             log.warning("preprocessing on the host: torch is not installed (pip install torch) so "
                         "frames cannot be letterboxed on the GPU")
@@ -352,6 +376,7 @@ class FrameDetector:
             self._last_run.pop(key, None)
         for key in [k for k in self._gates if k[1] == stream]:
             self._gates.pop(key, None)
+        self._crop_memo.pop(stream, None)
 
     def _gated(self, model: OnnxDetector, refs: Sequence[FrameRef] | None) -> bool:
         return self.config.regions is not None and refs is not None and not model.on_gpu
@@ -387,7 +412,7 @@ class FrameDetector:
                 runs.append((model, due, chunks))
         gated = any(chunks is None for _, _, chunks in runs)
         return Prepared(n, runs, scales, list(images) if self.crop_models else [], bgr if gated else [],
-                        refs if gated else None)
+                        refs if self.config.regions is not None else None)
 
     def complete(self, prepared: Prepared) -> list[Detections]:
         """Run every model on a prepared batch and merge their boxes per frame."""
@@ -409,7 +434,7 @@ class FrameDetector:
         plates, plate_due = results[-2]
         people, people_due = results[-1]
         vehicles = [people[i].with_label("vehicle") for i in range(n)]
-        crop_plates = self._crop_pass(prepared.images, vehicles, people_due)
+        crop_plates = self._crop_pass(prepared.images, vehicles, people_due, prepared.refs)
         out = []
         for i in range(n):
             observed = set()
@@ -504,14 +529,57 @@ class FrameDetector:
             self.looks[look.kind] += 1
         return out
 
-    def _crop_pass(self, images: list[Picture], vehicles: list[Detections], due: list[bool]
-                   ) -> list[Detections]:
+    def _crop_pass(self, images: list[Picture], vehicles: list[Detections], due: list[bool],
+                   refs: Sequence[FrameRef] | None = None) -> list[Detections]:
         """Plates found on the vehicle crops of a batch (one plate-model batch for all of them), per
-        frame in source pixels."""
+        frame in source pixels.
+
+        Change-gated (``regions`` and ``refs``): a vehicle cut at the same box as in its stream's
+        last crop pass, whose pixels there still match (cell by cell, as :mod:`stream.detect.regions`
+        compares) the picture searched then, less than ``refresh`` frames ago, keeps what was found
+        then without a new search: a parked car is searched once, not on every pass."""
         found = [Detections()] * len(vehicles)
         cc = self.config.plate_crops
         if not self.crop_models or cc is None or not images:
             return found
+        crops = plan_crops([v if due[i] else None for i, v in enumerate(vehicles)],
+                           [im.shape[:2] for im in images], cc)
+        if not crops:
+            return found
+        per_frame: dict[int, list[Detections]] = {}
+        gate = self.config.regions if refs is not None else None
+        memo: dict[str, dict[tuple[int, int, int, int], _Searched]] = {}
+        todo = crops
+        if gate is not None and refs is not None:
+            todo = []
+            for c in crops:
+                ref = refs[c.frame]
+                sig = signature(grey_region(images[c.frame], c.box), gate.cell)
+                old = self._crop_memo.get(ref.stream, {}).get(c.box)
+                if (old is not None and old.seq < ref.seq < old.seq + gate.refresh
+                        and not changed_cells(sig, old.sig, gate.cell, gate.levels).any()):
+                    per_frame.setdefault(c.frame, []).append(old.found)
+                    memo.setdefault(ref.stream, {})[c.box] = old  # the reference stays what was searched
+                    self.crops_reused += 1
+                else:
+                    todo.append(c)
+                    memo.setdefault(ref.stream, {})[c.box] = _Searched(ref.seq, sig, Detections())
+        if todo:
+            t0 = time.perf_counter()
+            pixels = [cut(images[c.frame], c.box) for c in todo]
+            for model in self.crop_models:
+                for c, d in zip(todo, model.run(pixels), strict=True):
+                    plates = to_frame(d, c.box)
+                    per_frame.setdefault(c.frame, []).append(plates)
+                    if gate is not None and refs is not None:
+                        entry = memo[refs[c.frame].stream][c.box]
+                        entry.found = Detections.concat([entry.found, plates])
+            self.crops_run += len(todo)
+            self.crop_seconds += time.perf_counter() - t0
+        self._crop_memo.update(memo)
+        for i, parts in per_frame.items():
+            found[i] = Detections.concat(parts)
+        return found
         crops = plan_crops([v if due[i] else None for i, v in enumerate(vehicles)],
                            [im.shape[:2] for im in images], cc)
         if not crops:

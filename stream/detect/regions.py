@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import cv2
 import numpy as np
@@ -87,12 +88,22 @@ def signature(image: np.ndarray, cell: int) -> np.ndarray:
     return cv2.GaussianBlur(grey[:rows * cell, :cols * cell], (3, 3), 0)
 
 
+def grey_region(image: Any, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The grey pixels of ``box`` of a BGR array or an I420 picture (its Y plane, no conversion)."""
+    x1, y1, x2, y2 = box
+    if isinstance(image, np.ndarray):
+        return cv2.cvtColor(image[y1:y2, x1:x2], cv2.COLOR_BGR2GRAY)
+    return image.y[y1:y2, x1:x2]
+
+
 def changed_cells(sig: np.ndarray, ref: np.ndarray, cell: int, levels: float) -> np.ndarray:
     """Per cell, whether its pixels moved from ``ref`` by more than ``levels`` grey levels on
     average (mean absolute difference: an object that keeps the cell's mean and texture, a
     mirrored or inverted patch, still differs pixel by pixel)."""
-    diff = cv2.absdiff(sig, ref)
     rows, cols = sig.shape[0] // cell, sig.shape[1] // cell
+    if rows == 0 or cols == 0 or sig.shape != ref.shape:  # nothing to compare by: changed
+        return np.ones((max(1, rows), max(1, cols)), bool)
+    diff = cv2.absdiff(sig, ref)
     return cv2.resize(diff, (cols, rows), interpolation=cv2.INTER_AREA) > levels
 
 
