@@ -327,3 +327,20 @@ def test_parked_vehicle_is_searched_once_until_it_changes() -> None:
     changed[500:540, 700:800] = 255 - changed[500:540, 700:800]  # something new on the bus
     det.detect([changed], [FrameRef("cam", 5)])
     assert det.crops_run > runs
+
+
+def test_two_frames_of_a_stream_in_one_batch_are_taken_in_turn(walk) -> None:
+    """A batch holding two frames of one stream: the second is compared with what the first left,
+    so it gets the same boxes as when the two come in batches of their own."""
+    frames, _ = walk
+    cfg = {"providers": ("cpu",), "regions": True, "plates": False}
+    alone = FrameDetector(detector_config("fast", **cfg))
+    together = FrameDetector(detector_config("fast", **cfg))
+    one = [alone.detect([f], [FrameRef("cam", i + 1)])[0] for i, f in enumerate(frames[:10])]
+    two: list[Detections] = []
+    for i in range(0, 10, 2):
+        batch = together.detect([frames[i + 1], frames[i]], [FrameRef("cam", i + 2), FrameRef("cam", i + 1)])
+        two += batch[::-1]
+    assert together.looks == alone.looks
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)

@@ -475,13 +475,36 @@ class FrameDetector:
     def _gated_run(self, slot: int, model: OnnxDetector, due: list[bool], prepared: Prepared,
                    sigs: dict[int, np.ndarray]) -> dict[int, Detections]:
         """A change-gated model on the frames it is due on: per frame, the whole frame, crops
-        around what changed, or nothing (its last boxes stand). Boxes in the read frames' pixels."""
+        around what changed, or nothing (its last boxes stand). Boxes in the read frames' pixels.
+
+        Frames of one stream are taken one after the other, oldest first (a stream's second frame in
+        the batch is compared with what its first left), in rounds that batch the streams' whole
+        frames together."""
+        assert prepared.refs is not None
+        refs = prepared.refs
+        rounds: list[list[int]] = []
+        seen: dict[str, int] = {}
+        picked = [i for i in range(prepared.n) if due[i]]
+        for i in sorted(picked, key=lambda i: (refs[i].stream, refs[i].seq)):
+            k = seen.get(refs[i].stream, 0)
+            seen[refs[i].stream] = k + 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(i)
+        out: dict[int, Detections] = {}
+        for frames in rounds:
+            out.update(self._gated_round(slot, model, frames, prepared, sigs))
+        return out
+
+    def _gated_round(self, slot: int, model: OnnxDetector, frames: list[int], prepared: Prepared,
+                     sigs: dict[int, np.ndarray]) -> dict[int, Detections]:
+        """One round of :meth:`_gated_run`: at most one frame per stream."""
         cfg = self.config.regions
         assert cfg is not None and prepared.refs is not None
         out: dict[int, Detections] = {}
         whole: list[int] = []
         looks: dict[int, tuple[RegionGate, Look, np.ndarray]] = {}
-        for i in (i for i in range(prepared.n) if due[i]):
+        for i in frames:
             im, ref = prepared.read[i], prepared.refs[i]
             shape = im.shape[:2]
             if i not in sigs:

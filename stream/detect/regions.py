@@ -80,12 +80,15 @@ class GateConfig:
 
 
 def signature(image: np.ndarray, cell: int) -> np.ndarray:
-    """The grey picture, slightly blurred, cut to whole cells of ``cell`` pixels: what a cell is
-    compared by. Border pixels that fill no whole cell are left out."""
+    """The grey picture, slightly blurred, what cells of ``cell`` pixels are compared by. A frame
+    whose sides are not multiples of ``cell`` is padded by repeating its last row and column, so
+    the pixels at its right and bottom edges are compared too."""
     grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-    rows, cols = grey.shape[0] // cell, grey.shape[1] // cell
+    h, w = grey.shape
+    if h % cell or w % cell:
+        grey = cv2.copyMakeBorder(grey, 0, -h % cell, 0, -w % cell, cv2.BORDER_REPLICATE)
     # a 3x3 blur: sensor and H.264 noise is mostly pixel to pixel
-    return cv2.GaussianBlur(grey[:rows * cell, :cols * cell], (3, 3), 0)
+    return cv2.GaussianBlur(grey, (3, 3), 0)
 
 
 def grey_region(image: Any, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -101,7 +104,7 @@ def changed_cells(sig: np.ndarray, ref: np.ndarray, cell: int, levels: float) ->
     average (mean absolute difference: an object that keeps the cell's mean and texture, a
     mirrored or inverted patch, still differs pixel by pixel)."""
     rows, cols = sig.shape[0] // cell, sig.shape[1] // cell
-    if rows == 0 or cols == 0 or sig.shape != ref.shape:  # nothing to compare by: changed
+    if rows == 0 or cols == 0 or sig.shape != ref.shape:  # not comparable: changed
         return np.ones((max(1, rows), max(1, cols)), bool)
     diff = cv2.absdiff(sig, ref)
     return cv2.resize(diff, (cols, rows), interpolation=cv2.INTER_AREA) > levels
@@ -150,10 +153,9 @@ class RegionGate:
         grown = cv2.dilate(changed.astype(np.uint8), np.ones((2 * c.margin + 1,) * 2, np.uint8))
         n, _, stats, _ = cv2.connectedComponentsWithStats(grown, connectivity=8)
         h, w = shape
-        cols, rows = w // c.cell, h // c.cell
-        # a component at the right or bottom edge takes in the pixels there that fill no whole cell
-        rects = [(int(x) * c.cell, int(y) * c.cell, w if x + bw >= cols else int(x + bw) * c.cell,
-                  h if y + bh >= rows else int(y + bh) * c.cell) for x, y, bw, bh, _ in stats[1:n]]
+        k = c.cell
+        rects = [(int(x) * k, int(y) * k, min(w, int(x + bw) * k), min(h, int(y + bh) * k))
+                 for x, y, bw, bh, _ in stats[1:n]]
         if context:
             pad = context / scale
             rects = [(max(0, x1 - pad), max(0, y1 - pad), min(w, x2 + pad), min(h, y2 + pad))
@@ -226,9 +228,13 @@ class RegionGate:
             b = self.boxes.boxes
             if len(b):
                 keep &= ~((b[:, 0] < x2) & (b[:, 2] > x1) & (b[:, 1] < y2) & (b[:, 3] > y1))
-            # the cells wholly inside the crop were looked at now: their reference moves
-            r1, r2 = math.ceil(y1 / c.cell) * c.cell, math.floor(y2 / c.cell) * c.cell
-            c1, c2 = math.ceil(x1 / c.cell) * c.cell, math.floor(x2 / c.cell) * c.cell
+            # the cells wholly inside the crop were looked at now: their reference moves (at the
+            # frame's edge, the cell the padding completes too)
+            h, w = shape
+            r1 = math.ceil(y1 / c.cell) * c.cell
+            r2 = sig.shape[0] if y2 >= h else math.floor(y2 / c.cell) * c.cell
+            c1 = math.ceil(x1 / c.cell) * c.cell
+            c2 = sig.shape[1] if x2 >= w else math.floor(x2 / c.cell) * c.cell
             self.ref[r1:r2, c1:c2] = sig[r1:r2, c1:c2]
         self.boxes = Detections.concat([self.boxes.select(keep), found])
         return self.boxes
@@ -238,7 +244,8 @@ def _quantise(r: Rect, shape: tuple[int, int], scale: float, q: int, align: int 
     """``r`` grown to a rectangle that, in the picture the model reads (the frame resized by
     ``scale``), starts on the ``align`` grid and has sides that are multiples of ``q`` (or reach
     the picture's edge). Cut there, a crop gives the model the very pixels, on the very stride grid,
-    that the whole frame gives it, so what it finds in the crop is what it finds in the frame."""
+    that the whole frame gives it. What lies beyond the crop it does not see: a model that reads an
+    object by its surroundings is given more of them (``context`` of :meth:`RegionGate.look`)."""
     x1, y1, x2, y2 = r
     out = []
     for lo, hi, side in ((x1, x2, shape[1]), (y1, y2, shape[0])):
