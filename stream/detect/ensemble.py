@@ -281,6 +281,9 @@ class FrameDetector:
         """per stream, the vehicle crops of its last crop pass: what was searched and found"""
         self.crops_reused = 0
         """vehicle crops not searched again: their pixels had not changed (``regions``)"""
+        if gpu and cfg.regions is not None:
+            log.warning("detection.skip_unchanged applies to models on the CPU only; %s on the GPU search "
+                        "every due frame whole", ", ".join(m.weights for m in gpu))
         if gpu and cfg.device_preprocess and not self.upload:
             log.warning("preprocessing on the host: torch is not installed (pip install torch) so "
                         "frames cannot be letterboxed on the GPU")
