@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                          "e.g. sizes=256,384 or threshold=0.45")
     ap.add_argument("--plate-threshold", type=float, default=None)
     ap.add_argument("--int8", default="auto")
+    ap.add_argument("--plate-scale", type=float, default=None,
+                    help="plate mask enlargement (default: the redactor's, 1.25)")
     ap.add_argument("--misses", action="store_true", help="list every missed plate")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                 else type(old)(value))
     det = FrameDetector(cfg)
     redactor = Redactor()
+    if a.plate_scale is not None:
+        redactor.config.mask_scale["plate"] = a.plate_scale
     report = {}
     crops0, crop_s0 = 0, 0.0
     for set_dir in a.sets:
