@@ -131,11 +131,13 @@ def test_slow_drift_adds_up_against_the_reference() -> None:
     assert kinds[0] == "skip" and "crops" in kinds
 
 
-def test_whole_frame_on_refresh_restart_size_and_large_change() -> None:
+def test_whole_frame_on_refresh_gap_restart_size_and_large_change() -> None:
     cfg = GateConfig()
     bg = textured_background(640, 360)
     gate, sig = _primed(bg)
     assert gate.look(sig, 1 + cfg.refresh, SHAPE, 1.0).why == "refresh"
+    assert gate.look(sig, 2 + cfg.max_gap, SHAPE, 1.0).why == "gap"
+    assert gate.look(sig, 1 + cfg.max_gap, SHAPE, 1.0).kind == "skip"
     assert gate.look(sig, 1, SHAPE, 1.0).why == "restart"
     assert gate.look(signature(textured_background(320, 180), 4), 2, (180, 320), 1.0).why == "first"
     assert gate.look(signature(255 - bg, 4), 2, SHAPE, 1.0).why == "large"

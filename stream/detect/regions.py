@@ -11,8 +11,9 @@ of 4x4 pixels are compared with it:
   ones; boxes elsewhere stand. A model that reads objects by their surroundings gets more picture
   around each crop (``context``: the plate model, which on tight crops missed plates it found on
   the whole frame);
-- much of the frame changed, the stream is new or restarted, or ``refresh`` source frames passed
-  since the last whole look: the model runs on the whole frame.
+- much of the frame changed, the stream is new or restarted, ``refresh`` source frames passed
+  since the last whole look, or more than ``max_gap`` since the last look (frames shed under
+  overload): the model runs on the whole frame.
 
 Why nothing new can hide: a box is kept only while every cell under it still matches, pixel by
 pixel within the noise threshold, the picture the model saw when it produced it (a cell's
@@ -70,6 +71,10 @@ class GateConfig:
     """cells searched around every changed cell"""
     refresh: int = 50
     """source frames after which the model looks at the whole frame again whatever changed"""
+    max_gap: int = 12
+    """source frames between two looks beyond which the model looks at the whole frame: a stream
+    whose frames are shed (an overloaded stage) has moved on by then, and gating there only added
+    cost and made a batch's time harder to foresee (benchmarks/README.md)"""
     max_area: float = 0.6
     """crops covering more than this share of the frame: the whole frame is cheaper and as good"""
     max_crops: int = 8
@@ -145,6 +150,8 @@ class RegionGate:
             return Look("full", why="restart")
         if seq - self.last_full >= c.refresh:
             return Look("full", why="refresh")
+        if self.last_seq is not None and seq - self.last_seq > c.max_gap:
+            return Look("full", why="gap")
         changed = changed_cells(sig, self.ref, c.cell, c.levels)
         if not changed.any():
             return Look("skip")
