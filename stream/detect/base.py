@@ -205,9 +205,7 @@ class OnnxDetector(ABC):
         if not images:
             return []
         images = [as_bgr(im) for im in images]
-        if scale is not None:
-            frames = None
-        if frames is None and (not self.on_gpu or scale is not None):
+        if scale is not None or (frames is None and not self.on_gpu):
             return [self._prepare_chunk(images, None, len(images), scale)]
         out: list[Chunk] = []
         at = 0

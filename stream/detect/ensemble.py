@@ -34,6 +34,7 @@ from stream.detect.buckets import DEFAULT_BUCKETS
 from stream.detect.centerface import CenterFace
 from stream.detect.crops import CropConfig, cut, plan_crops, to_frame
 from stream.detect.device import DeviceFrames, SideStream, StagingRing, torch_device_ok
+from stream.detect.letterbox import scaled
 from stream.detect.regions import (
     GateConfig,
     Look,
@@ -41,7 +42,6 @@ from stream.detect.regions import (
     changed_cells,
     grey_region,
     model_rect,
-    resized,
     signature,
     truncated,
 )
@@ -55,6 +55,10 @@ PLATE_CONTEXT = 128
 """pixels of the plate model's input added around each change-gated crop: it reads a plate by what
 is around it, and on crops with less it missed plates it found on the whole frame (docs/
 redaction-quality.md, "Still cameras")"""
+
+GATE_IDLE_S = 60.0
+"""a stream whose frames no change-gated model saw for this long is dropped from their memory (its
+pictures and boxes): a camera removed or a WHIP session ended must not hold them for ever"""
 
 FACE_MODELS: dict[str, type[OnnxDetector]] = {"centerface": CenterFace, "yunet": YuNet}
 
@@ -281,6 +285,9 @@ class FrameDetector:
         """per stream, the vehicle crops of its last crop pass: what was searched and found"""
         self.crops_reused = 0
         """vehicle crops not searched again: their pixels had not changed (``regions``)"""
+        self._gated_at: dict[str, float] = {}
+        """per stream, when change-gated models last saw a frame of it"""
+        self._swept = time.monotonic()
         if gpu and cfg.regions is not None:
             log.warning("detection.skip_unchanged applies to models on the CPU only; %s on the GPU search "
                         "every due frame whole", ", ".join(m.weights for m in gpu))
@@ -473,7 +480,24 @@ class FrameDetector:
                 zones = plates_from_vehicles(vehicles[i], found, self.config.plate_max_vehicle_px)
             d = Detections.concat([faces, heads, found, zones, *extra])
             out.append(Detections(d.boxes, d.scores, d.labels, observed=frozenset(observed)))
+        if prepared.refs is not None and self.config.regions is not None:
+            now = time.monotonic()
+            for ref in prepared.refs:
+                self._gated_at[ref.stream] = now
+            self._sweep(now)
         return out
+
+    def _sweep(self, now: float) -> None:
+        """Drop the change-gated memory of streams not seen for :data:`GATE_IDLE_S` (checked every
+        half of it; on the detector's own thread, so no lock is needed)."""
+        if now - self._swept < GATE_IDLE_S / 2:
+            return
+        self._swept = now
+        for stream in [s for s, t in self._gated_at.items() if now - t > GATE_IDLE_S]:
+            del self._gated_at[stream]
+            for key in [k for k in self._gates if k[1] == stream]:
+                del self._gates[key]
+            self._crop_memo.pop(stream, None)
 
     def _gated_run(self, slot: int, model: OnnxDetector, due: list[bool], prepared: Prepared,
                    sigs: dict[int, np.ndarray]) -> dict[int, Detections]:
@@ -526,7 +550,7 @@ class FrameDetector:
             shape = im.shape[:2]
             long = max(shape)
             scale = model.target_side(long) / long
-            picture = resized(im, scale)  # crops are cut from what the model reads of the whole frame
+            picture = scaled(im, scale)  # crops are cut from what the model reads of the whole frame
             parts = []
             for crop in look.crops:
                 x1, y1, x2, y2 = model_rect(crop, shape, scale)
@@ -573,7 +597,8 @@ class FrameDetector:
         if not crops:
             return found
         per_frame: dict[int, list[Detections]] = {}
-        gate = self.config.regions if refs is not None else None
+        on_cpu = not any(m.on_gpu for m in self.crop_models)
+        gate = self.config.regions if refs is not None and on_cpu else None
         memo: dict[str, dict[tuple[int, int, int, int], _Searched]] = {}
         todo = crops
         if gate is not None and refs is not None:

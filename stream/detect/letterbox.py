@@ -53,6 +53,16 @@ def layout(
     return sizes, (ch, cw)
 
 
+def scaled(image: np.ndarray, scale: float) -> np.ndarray:
+    """``image`` resized by ``scale`` as a model reads it (area when shrinking, linear when
+    enlarging; sides rounded as :func:`layout` rounds them)."""
+    h, w = image.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if size == (w, h):
+        return image
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+
+
 def letterbox_batch(
     images: list[np.ndarray],
     long_side: int,
@@ -74,7 +84,6 @@ def letterbox_batch(
     batch = np.full((len(images), ch, cw, 3), pad, dtype=np.uint8)
     places = []
     for i, (im, (s, w, h)) in enumerate(zip(images, sizes, strict=True)):
-        interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
-        batch[i, :h, :w] = im if (w, h) == im.shape[1::-1] else cv2.resize(im, (w, h), interpolation=interp)
+        batch[i, :h, :w] = scaled(im, s)
         places.append(Placement(scale=s))
     return batch, places

@@ -41,21 +41,11 @@ Rect = tuple[float, float, float, float]
 
 def model_rect(r: Rect, shape: tuple[int, int], scale: float) -> tuple[int, int, int, int]:
     """A crop of :meth:`RegionGate.look` in the pixels of the frame resized by ``scale`` (the
-    picture the model reads: see :func:`resized`)."""
+    picture the model reads: :func:`stream.detect.letterbox.scaled`)."""
     h, w = shape
     mw, mh = max(1, round(w * scale)), max(1, round(h * scale))
     x1, y1, x2, y2 = (round(v * scale) for v in r)
     return x1, y1, mw if r[2] >= w else x2, mh if r[3] >= h else y2
-
-
-def resized(image: np.ndarray, scale: float) -> np.ndarray:
-    """The frame as a model reads it at ``scale`` (as :func:`stream.detect.letterbox.letterbox_batch`
-    resizes it)."""
-    h, w = image.shape[:2]
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    if size == (w, h):
-        return image
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
 
 
 @dataclass(frozen=True)
@@ -138,11 +128,10 @@ class RegionGate:
         self.counts = {"full": 0, "crops": 0, "skip": 0}
 
     def look(self, sig: np.ndarray, seq: int, shape: tuple[int, int], scale: float,
-             per_shape: bool = False, crops: bool = True, context: int = 0) -> Look:
+             per_shape: bool = False, context: int = 0) -> Look:
         """Where the model must look on the frame ``seq`` of ``shape`` (h, w), read at ``scale``
         (``per_shape``: the model builds a graph per input shape, crops come in fewer sizes;
-        ``crops`` False: the whole frame or nothing; ``context``: pixels of the model's input
-        added around every changed region)."""
+        ``context``: pixels of the model's input added around every changed region)."""
         c = self.config
         if self.ref is None or self.shape != shape or self.ref.shape != sig.shape:
             return Look("full", why="first")
@@ -155,8 +144,6 @@ class RegionGate:
         changed = changed_cells(sig, self.ref, c.cell, c.levels)
         if not changed.any():
             return Look("skip")
-        if not crops:
-            return Look("full", why="changed")
         grown = cv2.dilate(changed.astype(np.uint8), np.ones((2 * c.margin + 1,) * 2, np.uint8))
         n, _, stats, _ = cv2.connectedComponentsWithStats(grown, connectivity=8)
         h, w = shape
