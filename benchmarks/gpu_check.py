@@ -97,7 +97,7 @@ from gpu_scene import Scene  # noqa: E402
 from stream.core.nms import iou_matrix  # noqa: E402
 from stream.detect import backend as backend_mod  # noqa: E402
 
-BUCKETS = (1, 2, 4, 8, 16, 32)
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 RAMP = [2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
 """stream counts of the pipeline ramp; each process count climbs it until a step fails"""
 PATH_BUCKETS = (1, 8, 16, 32, 64)
@@ -314,37 +314,70 @@ def preprocess_compare(backend: str, providers: list[str], reps: int) -> dict[st
 
 
 # -- 4. the whole detector -----------------------------------------------------------------------
-def detector_config_for(backend: str, providers: list[str], buckets: tuple[int, ...]) -> Any:
+def detector_config_for(backend: str, providers: list[str], buckets: tuple[int, ...],
+                        path: str = "graphed") -> Any:
+    """The live pipeline's detector settings; ``path`` one of :data:`PATHS` (the torch backend's
+    flags; the product's default is ``graphed``)."""
     from stream.config import DetectionConfig
 
     # faces (CenterFace 960), plates (960) and heads of small people (960) on every frame; the same
     # conversion the live pipeline makes from its config
-    detection = DetectionConfig(preset="accurate", providers=providers, backend=backend, fp16=True)
+    detection = DetectionConfig(preset="accurate", providers=providers, backend=backend, fp16=True,
+                                **PATHS[path])
     return detection.detector_settings(buckets)
 
 
 def detector_timings(backend: str, providers: list[str], buckets: tuple[int, ...],
                      reps: int) -> dict[str, Any]:
+    """The whole detector per bucket, on the product's default path and (torch backend) on the
+    eager path it replaced, each warmed first as the live stage warms it (static graphs built,
+    CUDA graphs captured), so no timing mixes a shape's first runs into its median."""
+    out: dict[str, Any] = {}
+    paths = ["graphed", "eager"] if backend == "torch" else ["graphed"]
+    for path in paths:
+        try:
+            out[path] = detector_path(backend, providers, buckets, reps, path, overlap=path == "graphed")
+        except Exception as e:  # one path that fails must not lose the other's numbers
+            say(f"detector {path} FAILED: {type(e).__name__}: {e}")
+            out[path] = {"error": f"{type(e).__name__}: {e}"}
+    first = out[paths[0]]
+    # the table and older readers look for these at the top level: the default path's
+    return {**first, "paths": out} if "buckets" in first else {"paths": out}
+
+
+def detector_path(backend: str, providers: list[str], buckets: tuple[int, ...], reps: int, path: str,
+                  overlap: bool) -> dict[str, Any]:
     from stream.detect.ensemble import FrameDetector
 
-    det = FrameDetector(detector_config_for(backend, providers, buckets))
+    det = FrameDetector(detector_config_for(backend, providers, buckets, path))
     pool, _ = frames_for(max(buckets))
+    t = time.monotonic()
+    det.warmup(pool[0].shape[:2], max(buckets))
+    warm_s = round(time.monotonic() - t, 1)
     rows = []
     for b in buckets:
         ms = timed(lambda b=b: det(pool[:b]), reps)
         fps = b * 1000 / ms
         rows.append({"bucket": b, "ms": round(ms, 2), "fps": round(fps, 1),
                      "streams_1080p30": int(fps // 30)})
-    say("detector: " + ", ".join(f"b{r['bucket']} {r['fps']} fps" for r in rows))
+    say(f"detector {path} (warm-up {warm_s} s): " + ", ".join(f"b{r['bucket']} {r['fps']} fps" for r in rows))
+    res: dict[str, Any] = {"device": det.device, "device_preprocess": det.upload, "path": path,
+                           "warmup_s": warm_s, "buckets": rows}
+    graphs = [r for bk in det.backends() if hasattr(bk, "replays") for r in bk.replays()]
+    if graphs:
+        res["graphs"] = {"shapes": len(graphs), "captured": sum(r.captured for r in graphs),
+                         "failed": sorted({r.failed for r in graphs if r.failed})}
+    if not overlap:
+        return res
     # the batcher runs the detector on a worker thread: the same call, timed there
     box: dict[str, float] = {}
     th = threading.Thread(target=lambda: box.update(ms=timed(lambda: det(pool[:1]), reps)))
     th.start()
     th.join()
     say(f"detector b1 on a worker thread: {box.get('ms', float('nan')):.1f} ms")
-    return {"device": det.device, "device_preprocess": det.upload, "buckets": rows,
-            "b1_thread_ms": round(box.get("ms", float("nan")), 2),
-            "overlap": overlap_timing(det, pool, max(buckets), reps)}
+    res["b1_thread_ms"] = round(box.get("ms", float("nan")), 2)
+    res["overlap"] = overlap_timing(det, pool, max(buckets), reps)
+    return res
 
 
 def overlap_timing(det: Any, pool: list[np.ndarray], b: int, reps: int) -> dict[str, Any]:
@@ -1128,12 +1161,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", choices=["auto", "onnxruntime", "torch"], default="auto",
                     help="force a backend (with --providers), e.g. torch on the CPU for a dry run")
     ap.add_argument("--providers", default="", help="comma-separated, e.g. cpu or tensorrt,cuda,cpu")
+    ap.add_argument("--buckets", default="",
+                    help="comma-separated batch buckets of the models, detector and pipeline sections "
+                         f"(default {','.join(map(str, BUCKETS))})")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     backend, providers = gpu_path()
     if args.backend != "auto":
         backend, providers = args.backend, (args.providers or "cpu").split(",")
     buckets = (1, 2, 4, 8) if args.quick else BUCKETS
+    if args.buckets:
+        buckets = tuple(sorted({1, *(int(b) for b in args.buckets.split(","))}))
     path_buckets = (1, 8) if args.quick else PATH_BUCKETS
     reps = 2 if args.quick else 10
     path_reps, path_warm = reps, 2
@@ -1214,10 +1252,14 @@ def write(out: Path, result: dict[str, Any]) -> None:
 
 def table(r: dict[str, Any]) -> None:
     print("\n## GPU check:", r["environment"].get("gpu", "no GPU"), "| backend", r["backend"], r["providers"])
-    if isinstance(r.get("detector"), dict) and "buckets" in r["detector"]:
-        print("| detector bucket | ms/batch | frames/s | 1080p30 streams |\n|---|---|---|---|")
-        for b in r["detector"]["buckets"]:
-            print(f"| {b['bucket']} | {b['ms']} | {b['fps']} | {b['streams_1080p30']} |")
+    det = r.get("detector")
+    if isinstance(det, dict):
+        print("| detector path | bucket | ms/batch | frames/s | 1080p30 streams |\n|---|---|---|---|---|")
+        for name, d in (det.get("paths") or {det.get("path", "-"): det}).items():
+            if "buckets" not in d:
+                print(f"| {name} | - | {d.get('error', '-')} | | |")
+            for b in d.get("buckets", []):
+                print(f"| {name} | {b['bucket']} | {b['ms']} | {b['fps']} | {b['streams_1080p30']} |")
     paths_table(r.get("paths"))
     p = r.get("pipeline", {})
     if p.get("steps"):

@@ -146,7 +146,7 @@ def test_frozen_graphs_are_cached_on_disk_and_a_torn_file_is_folded_again(
     model = graphs()["yunet"]
     first = static_graph.frozen_cached(model, SHAPE, tmp_path, key="yunet-abc")
     files = list((tmp_path / "static").glob("*.onnx"))
-    assert [f.name for f in files] == ["yunet-abc-2x3x384x640.onnx"]
+    assert [f.name for f in files] == [f"yunet-abc-{static_graph.digest(model)}-2x3x384x640.onnx"]
 
     def no_folding(*a: object) -> None:
         raise AssertionError("folded again although cached")
@@ -160,6 +160,21 @@ def test_frozen_graphs_are_cached_on_disk_and_a_torn_file_is_folded_again(
         rebuilt = static_graph.frozen_cached(model, SHAPE, tmp_path, key="yunet-abc")
     assert "unreadable" in caplog.text and static_graph.shape_ops(rebuilt) == []
     assert onnx.load(str(files[0])).graph.node, "the cache file was written again"
+
+
+def test_one_set_of_weights_cut_two_ways_is_cached_as_two_graphs(tmp_path: Path) -> None:
+    """The person model runs as a 5-row graph (persons) or a 9-row one (vehicles too), both from
+    the same weights at the same shape: each must get its own frozen graph back, not the other's
+    (keyed by the weights alone, the vehicle rows went missing and device decoding failed)."""
+    from stream.detect import static_graph
+
+    shape = (1, 3, 384, 640)
+    for rows in ([0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 6, 7, 9, 11]):
+        graph = keep_rows(rebuild_for_shape(onnx.load(str(model_path("person"))), 384, 640), rows)
+        frozen = static_graph.frozen_cached(graph, shape, tmp_path, key="person-abc")
+        out = ort_run(frozen, np.zeros(shape, np.float32))[0]
+        assert out.shape[1] == len(rows), f"the {len(rows)}-row graph came back with {out.shape[1]} rows"
+    assert len(list((tmp_path / "static").glob("person-abc-*.onnx"))) == 2
 
 
 # -- decoding on the device ------------------------------------------------------------------------

@@ -67,7 +67,10 @@ class Replay:
                     self.fn(self.static_in)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread-local: the other threads of the stage (the next batch's upload, a static graph
+            # being placed on the device) may allocate and copy meanwhile; in the default (global)
+            # mode their calls would break this capture and fail themselves
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.static_out = self.fn(self.static_in)
             self.graph = graph
         except Exception as e:  # capture is an optimisation: a graph that cannot be captured runs eagerly

@@ -99,13 +99,17 @@ def frozen_cached(model: onnx.ModelProto, shape: tuple[int, int, int, int], cach
                   key: str | None = None) -> onnx.ModelProto:
     """:func:`freeze`, kept in ``cache_dir/static`` (written atomically) when a folder is given.
 
-    ``key`` names the model (its weights' digest); without it the graph's own digest is used.
-    A cache file that cannot be read is rebuilt; one that cannot be written is only logged.
+    ``key`` names the model (its weights) for a reader of the folder; the file is told apart by
+    the digest of the graph itself, because one set of weights is run as several graphs (the
+    person model's output cut to 5 rows, or to 9 with vehicles): keyed by the weights alone, a
+    graph frozen for one was loaded for the other. A cache file that cannot be read is rebuilt;
+    one that cannot be written is only logged.
     """
     if cache_dir is None:
         return freeze(model, shape)
     folder = Path(cache_dir) / "static"
-    path = folder / f"{key or digest(model)}-{'x'.join(map(str, shape))}.onnx"
+    name = f"{key}-{digest(model)}" if key else digest(model)
+    path = folder / f"{name}-{'x'.join(map(str, shape))}.onnx"
     if path.exists():
         try:
             return onnx.load(str(path))
