@@ -412,6 +412,95 @@ def overlap_timing(det: Any, pool: list[np.ndarray], b: int, reps: int) -> dict[
             "speedup": round(serial / both, 3) if both else None}
 
 
+def breakdown(backend: str, providers: list[str], buckets: tuple[int, ...], reps: int) -> dict[str, Any]:
+    """Where a batch of the default detector's time goes: packing the frames into pinned memory
+    (host copies), the one upload, and per model its letterbox (``prepare``) and its forward with
+    decoding (``complete``, a CUDA graph replay on a GPU) on frames already on the device, against
+    the whole detector's call. It tells which of host, bus or GPU bounds the stage."""
+    import torch
+
+    from stream.detect.device import DeviceFrames, StagingRing
+    from stream.detect.ensemble import FrameDetector
+
+    det = FrameDetector(detector_config_for(backend, providers, buckets, "graphed"))
+    pool, _ = frames_for(max(buckets))
+    t = time.monotonic()
+    det.warmup(pool[0].shape[:2], max(buckets))
+    warm_s = round(time.monotonic() - t, 1)
+    device = det.device
+    pin = device.startswith("cuda")
+    ring = StagingRing(device)
+    models = {type(m).__name__: m for m in
+              [*(m for m, _ in det.face_models), det.plate_model, det.person_model] if m is not None}
+    modes = sorted({getattr(bk, "mode", "-") for bk in det.backends()})
+    rows = []
+    for b in buckets:
+        frames = pool[:b]
+        nbytes = sum(f.nbytes for f in frames)
+        row: dict[str, Any] = {"bucket": b, "frames_mb": round(nbytes / 1e6, 1)}
+        buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        host = buf.numpy()
+
+        def pack(frames: list[np.ndarray] = frames, host: np.ndarray = host) -> None:
+            at = 0
+            for im in frames:
+                host[at:at + im.nbytes] = im.reshape(-1)
+                at += im.nbytes
+
+        row["pack_ms"] = round(timed(pack, reps), 3)
+        row["h2d_ms"] = round(timed(lambda buf=buf: buf.to(device, non_blocking=pin), reps), 3)
+        row["ring_upload_ms"] = round(timed(lambda frames=frames: ring.upload(frames), reps), 3)
+        on_dev = [x.clone() for x in ring.upload(frames)]
+        sync()
+        per: dict[str, Any] = {}
+        for name, m in models.items():
+            def prep(m: Any = m, frames: list[np.ndarray] = frames, on_dev: list = on_dev) -> Any:
+                return m.prepare(frames, DeviceFrames(on_dev, device))
+
+            chunks = prep()
+            per[name] = {"letterbox_ms": round(timed(prep, reps), 3),
+                         "complete_ms": round(timed(lambda m=m, chunks=chunks: m.complete(chunks), reps), 3)}
+        row["models"] = per
+        row["device_ms"] = round(sum(v["letterbox_ms"] + v["complete_ms"] for v in per.values()), 3)
+        row["detector_ms"] = round(timed(lambda frames=frames: det(frames), reps), 3)
+        row["device_fps"] = round(b * 1000 / row["device_ms"], 1) if row["device_ms"] else None
+        row["i420"] = i420_breakdown(det, frames, device, reps)
+        rows.append(row)
+        say(f"breakdown b{b}: pack {row['pack_ms']} ms, h2d {row['h2d_ms']} ms ({nbytes / 1e6:.0f} MB), "
+            + ", ".join(f"{k} lb {v['letterbox_ms']} + run {v['complete_ms']}" for k, v in per.items())
+            + f" -> device {row['device_ms']} ms ({row['device_fps']} fps), "
+            f"detector {row['detector_ms']} ms; I420: {row['i420']}")
+    return {"device": device, "pinned": pin, "modes": modes, "warmup_s": warm_s, "buckets": rows}
+
+
+def i420_breakdown(det: Any, frames: list[np.ndarray], device: str, reps: int) -> dict[str, Any]:
+    """The same batch as I420 pictures (what the decoders give): packing and upload of their planes
+    (half the bytes of BGR), the conversion to BGR on the device, and the whole detector's call."""
+    import torch
+
+    from stream.core.yuv import I420
+    from stream.detect.device import i420_to_bgr
+
+    pics = [I420.from_bgr(f) for f in frames]
+    nbytes = sum(p.data.nbytes for p in pics)
+    pin = device.startswith("cuda")
+    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    host = buf.numpy()
+
+    def pack() -> None:
+        at = 0
+        for p in pics:
+            host[at:at + p.data.nbytes] = p.data.reshape(-1)
+            at += p.data.nbytes
+
+    x = torch.from_numpy(np.stack([p.data for p in pics])).to(device)
+    h, w = pics[0].shape
+    return {"frames_mb": round(nbytes / 1e6, 1), "pack_ms": round(timed(pack, reps), 3),
+            "h2d_ms": round(timed(lambda: buf.to(device, non_blocking=pin), reps), 3),
+            "convert_ms": round(timed(lambda: i420_to_bgr(x, h, w), reps), 3),
+            "detector_ms": round(timed(lambda: det(pics), reps), 3)}
+
+
 # -- 5. decode -----------------------------------------------------------------------------------
 def decode_timing(clip: Path) -> dict[str, Any]:
     if not clip.exists():
@@ -721,9 +810,10 @@ class SharedStage:
 
 def _worker(conn: Any, backend: str, providers: list[str], buckets: tuple[int, ...], max_batch: int,
             max_wait_ms: float, deadline_ms: float, fps: float, seed: int, inflight: int | None,
-            stage: dict[str, Any] | None = None) -> None:
+            stage: dict[str, Any] | None = None, picture: str = "bgr") -> None:
     """A pipeline process: its own detector and batcher (``stage`` None), or a RemoteStage to the
-    shared stage process; runs the stream counts it is sent."""
+    shared stage process; runs the stream counts it is sent. ``picture`` ``i420``: its streams'
+    frames are I420, as the product's decoders give them, and cross to the stage as such."""
     calls: list[tuple[float, float, int]] = []
     try:
         batcher = _open_batcher(backend, providers, buckets, max_batch, max_wait_ms, inflight, stage, calls,
@@ -733,6 +823,10 @@ def _worker(conn: Any, backend: str, providers: list[str], buckets: tuple[int, .
         return
     scene = Scene(seed=seed)
     ring = [scene.render(t) for t in range(48)]
+    if picture == "i420":
+        from stream.core.yuv import I420
+
+        ring = [(I420.from_bgr(image), gt) for image, gt in ring]
     conn.send(("ready", None))
     while True:
         msg = conn.recv()
@@ -954,7 +1048,7 @@ class Workers:
     def __init__(self, procs: int, backend: str, providers: list[str], buckets: tuple[int, ...],
                  max_batch: int, max_wait_ms: float, deadline_ms: float, fps: float,
                  inflight: int | None = None, stage: SharedStage | None = None,
-                 timeout_s: float = 300.0) -> None:
+                 timeout_s: float = 300.0, picture: str = "bgr") -> None:
         ctx = mp.get_context("spawn")
         self.stage, self.conns, self.procs = stage, [], []
         try:
@@ -962,7 +1056,8 @@ class Workers:
                 a, b = ctx.Pipe()
                 spec = stage.spec(f"P{procs}w{i}") if stage is not None else None
                 p = ctx.Process(target=_worker, args=(b, backend, providers, buckets, max_batch, max_wait_ms,
-                                                      deadline_ms, fps, i, inflight, spec), daemon=True)
+                                                      deadline_ms, fps, i, inflight, spec, picture),
+                                daemon=True)
                 p.start()
                 self.conns.append(a)
                 self.procs.append(p)
@@ -1048,7 +1143,7 @@ def summarise(k: int, stats: list[dict], fps: float, seconds: float) -> dict[str
 def pipeline(backend: str, providers: list[str], buckets: tuple[int, ...], ks: list[int], procs: list[int],
              seconds: float, warm_s: float, budget_s: float, inflight: int | None = None,
              stage: str = "shared", fps: float = 30.0, max_wait_ms: float = 8.0, deadline_ms: float = 1000.0,
-             save: Any = None) -> dict[str, Any]:
+             save: Any = None, picture: str = "bgr") -> dict[str, Any]:
     """The K ramp for each worker-process count in turn; ``save(result)`` after every step, so a run
     cut off by its time limit still reports what it measured.
 
@@ -1057,7 +1152,7 @@ def pipeline(backend: str, providers: list[str], buckets: tuple[int, ...], ks: l
     max_batch = max(buckets)
     t_start = time.monotonic()
     out: dict[str, Any] = {
-        "stage": stage, "fps": fps, "max_batch": max_batch, "max_wait_ms": max_wait_ms,
+        "stage": stage, "picture": picture, "fps": fps, "max_batch": max_batch, "max_wait_ms": max_wait_ms,
         "deadline_ms": deadline_ms, "procs": procs, "inflight": inflight or "default (2 on a GPU)",
         "seconds": seconds, "runs": [], "largest_k_held": {}, "steps": []}
 
@@ -1088,7 +1183,7 @@ def pipeline(backend: str, providers: list[str], buckets: tuple[int, ...], ks: l
             t = time.monotonic()
             try:
                 workers = Workers(p, backend, providers, buckets, max_batch, max_wait_ms, deadline_ms, fps,
-                                  inflight, shared)
+                                  inflight, shared, picture=picture)
             except Exception as e:  # one process count that cannot start must not lose the others
                 run["error"] = f"{type(e).__name__}: {e}"
                 say(f"pipeline {p} procs FAILED to start: {run['error']}")
@@ -1148,6 +1243,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inflight", type=int, choices=[1, 2, 3, 4], default=None,
                     help="batches in flight in the pipeline section (default: the product's, 2 on a GPU)")
     ap.add_argument("--fps", type=float, default=30.0, help="frames/s of each synthetic stream")
+    ap.add_argument("--frames", choices=["bgr", "i420"], default="bgr",
+                    help="the pipeline's frames: BGR arrays, or I420 pictures as the product's decoders "
+                         "give them (they cross to the stage and up to the GPU as I420)")
     ap.add_argument("--max-wait-ms", type=float, default=8.0,
                     help="the batcher's longest wait to fill a batch")
     ap.add_argument("--deadline-ms", type=float, default=1000.0,
@@ -1155,7 +1253,7 @@ def main(argv: list[str] | None = None) -> int:
                          "blanked")
     ap.add_argument("--skip", default="",
                     help="comma-separated sections to skip: correctness, models, preprocess, detector, "
-                         "decode, paths, pipeline")
+                         "decode, breakdown, paths, pipeline")
     ap.add_argument("--paths-budget", type=float, default=180.0,
                     help="seconds the paths section may take; later steps are recorded as skipped")
     ap.add_argument("--backend", choices=["auto", "onnxruntime", "torch"], default="auto",
@@ -1184,7 +1282,7 @@ def main(argv: list[str] | None = None) -> int:
         # 1080p "accurate" on 2 CPU cores: ~0.4 s a frame, so few frames a second and a long deadline;
         # the point is that every step of the GPU run executes, not its numbers
         backend, providers = ("onnxruntime", ["cpu"]) if args.backend == "auto" else (backend, providers)
-        skip |= {"correctness", "models", "preprocess", "detector", "decode"}
+        skip |= {"correctness", "models", "preprocess", "detector", "decode", "breakdown"}
         buckets, seconds, warm_s, ks_default = (1, 2), 1.5, 0.5, [2]
         # paths: torch on the CPU (or as --backend torch --providers say), one unwarmed rep per step
         path_buckets, path_reps, path_warm = (1, 2), 1, 0
@@ -1204,6 +1302,7 @@ def main(argv: list[str] | None = None) -> int:
         ("preprocess", lambda: preprocess_compare(backend, providers, reps)),
         ("detector", lambda: detector_timings(backend, providers, buckets, reps)),
         ("decode", lambda: decode_timing(args.clip)),
+        ("breakdown", lambda: breakdown(backend, providers, buckets, reps)),
         ("paths", lambda: path_timings(paths_backend, paths_providers, path_buckets, path_reps, path_warm,
                                        budget_s=args.paths_budget, save=save_paths)),
     ]
@@ -1231,7 +1330,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result["pipeline"] = pipeline(backend, providers, buckets, ks, procs, seconds, warm_s,
                                           args.budget, args.inflight, args.stage, fps, args.max_wait_ms,
-                                          deadline_ms, save)
+                                          deadline_ms, save, args.frames)
         except Exception as e:
             say(f"pipeline FAILED: {type(e).__name__}: {e}")
             result["pipeline"] = {**result.get("pipeline", {}), "error": f"{type(e).__name__}: {e}"}

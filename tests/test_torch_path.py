@@ -359,6 +359,54 @@ def test_a_batch_goes_up_packed_through_a_reused_staging_buffer() -> None:
     assert ring.grown == 3, "two buffers made, the third batch fits the first again, the fourth grows one"
 
 
+def even(frame: np.ndarray) -> np.ndarray:
+    """The frame cut to even sides (I420 needs them)."""
+    return frame[: frame.shape[0] // 2 * 2, : frame.shape[1] // 2 * 2]
+
+
+def test_i420_pictures_go_up_as_they_are_and_become_on_the_device_what_opencv_converts() -> None:
+    from stream.core.yuv import I420
+    from stream.detect.device import DeviceFrames, StagingRing
+
+    rng = np.random.RandomState(5)
+    pictures = [I420.from_bgr(even(frame)) for frame in scene()]
+    pictures += [I420(rng.randint(0, 256, (h * 3 // 2, w)).astype(np.uint8)) for h, w in ((2, 2), (36, 62))]
+    mixed = [*pictures, scene()[1]]  # a BGR frame in the same batch passes as it is
+    ring = StagingRing("cpu")
+    for frames in (DeviceFrames(mixed, "cpu"), DeviceFrames(mixed, "cpu", ring)):
+        for pic, t in zip(mixed, frames.tensors, strict=True):
+            want = pic.to_bgr() if isinstance(pic, I420) else pic
+            np.testing.assert_array_equal(t.numpy(), want)  # the same integer arithmetic: not a level off
+    assert ring._buffers[0].numel() == sum(p.data.nbytes for p in pictures) + scene()[1].nbytes, \
+        "the I420 planes went up, not a BGR copy (1.5 bytes a pixel, not 3)"
+
+
+def test_a_detector_reading_i420_on_the_device_finds_what_it_finds_in_bgr(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stream.core.yuv import I420
+    from stream.detect.base import OnnxDetector
+
+    pictures = [I420.from_bgr(even(frame)) for frame in scene()]
+    bgr = [p.to_bgr() for p in pictures]
+    cfg = DetectorConfig(faces={"centerface": ModelConfig(threshold=0.35, input_size=640)},
+                         plate=ModelConfig(threshold=0.2, input_size=640),
+                         person_heads=ModelConfig(threshold=0.3, input_size=640),
+                         providers=("cpu",), backend="torch", cache_dir=tmp_path)
+    monkeypatch.setattr(OnnxDetector, "on_gpu", property(lambda self: True))  # the GPU's code path
+    det = FrameDetector(cfg)
+    det.device, det.upload = "cpu", True
+    want = det.detect(bgr)
+    assert sum(len(d) for d in want) >= 3, "the scene gives the models something to find"
+
+    def host_conversion(*a: object) -> None:
+        raise AssertionError("converted on the host although every model reads from the device")
+
+    monkeypatch.setattr(I420, "to_bgr", host_conversion)
+    got = det.detect(pictures)
+    for a, b in zip(want, got, strict=True):
+        same(a, b)
+
+
 def test_models_with_the_same_canvas_share_one_resize_and_get_what_they_would_alone() -> None:
     from stream.detect.device import DeviceFrames
 

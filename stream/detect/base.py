@@ -199,12 +199,13 @@ class OnnxDetector(ABC):
 
         Kept apart from :meth:`complete` so that the next batch can be prepared (uploaded and
         letterboxed) while the previous one is still running on the device. I420 pictures are
-        converted to BGR here; :class:`~stream.detect.ensemble.FrameDetector` converts a batch once
-        for all its models (and smaller) before this.
+        converted to BGR here on the host path; with ``frames`` (the batch on the device) they are
+        converted there, and only their sizes are read here.
         """
         if not images:
             return []
-        images = [as_bgr(im) for im in images]
+        if frames is None or scale is not None:
+            images = [as_bgr(im) for im in images]
         if scale is not None or (frames is None and not self.on_gpu):
             return [self._prepare_chunk(images, None, len(images), scale)]
         out: list[Chunk] = []
@@ -222,7 +223,7 @@ class OnnxDetector(ABC):
             out.extend(self._complete_chunk(chunk))
         return out
 
-    def _prepare_chunk(self, images: list[np.ndarray], frames: DeviceFrames | None, bucket: int,
+    def _prepare_chunk(self, images: list[Picture], frames: DeviceFrames | None, bucket: int,
                        scale: float | None = None) -> Chunk:
         n = len(images)
         if frames is not None:

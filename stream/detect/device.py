@@ -14,8 +14,14 @@ from typing import Any
 
 import numpy as np
 
+from stream.core.yuv import I420
 from stream.detect.backend import TRANSFERS
 from stream.detect.letterbox import Placement, layout
+
+# OpenCV's fixed-point BT.601 limited-range coefficients (COLOR_YUV2BGR_I420), scaled by 2**20, so
+# that a frame converted here has the very pixels the host conversion gives
+_SHIFT = 20
+_CY, _CUB, _CUG, _CVG, _CVR = 1220542, 2116026, -409993, -852492, 1673527
 
 
 class StagingRing:
@@ -75,11 +81,38 @@ class StagingRing:
         return out
 
 
+def i420_to_bgr(x: Any, height: int, width: int) -> Any:
+    """(N, height*3/2, width) uint8 I420 pictures on the device -> (N, height, width, 3) uint8 BGR.
+
+    The arithmetic is OpenCV's ``COLOR_YUV2BGR_I420`` (BT.601 limited range, each chroma sample
+    shared by its 2x2 block, the same fixed-point coefficients and rounding), so the models see the
+    pixels the host path would have given them, while the picture crosses the bus at half the
+    bytes of BGR and no host core converts it."""
+    import torch
+
+    n = x.shape[0]
+    flat = x.reshape(n, -1)
+    hw, q, h2, w2 = height * width, (height // 2) * (width // 2), height // 2, width // 2
+    y = (flat[:, :hw].reshape(n, height, width).to(torch.int32) - 16).clamp_(min=0) * _CY
+
+    def chroma(at: int) -> Any:
+        c = flat[:, at:at + q].reshape(n, h2, 1, w2, 1).to(torch.int32) - 128
+        return c.expand(n, h2, 2, w2, 2).reshape(n, height, width)
+
+    u, v = chroma(hw), chroma(hw + q)
+    half = 1 << (_SHIFT - 1)
+    b = (y + (_CUB * u + half)) >> _SHIFT
+    g = (y + (_CVG * v + _CUG * u + half)) >> _SHIFT
+    r = (y + (_CVR * v + half)) >> _SHIFT
+    return torch.stack([b, g, r], -1).clamp_(0, 255).to(torch.uint8)
+
+
 class DeviceFrames:
     """Frames of one batch on the device (HWC uint8 BGR), uploaded once and shared by every model.
 
     Every model cuts its letterboxed canvas from this copy; frames resized to the same size for
-    two models (same canvas geometry) are resized once and the result shared.
+    two models (same canvas geometry) are resized once and the result shared. I420 pictures (what
+    the decoders give) go up as they are and are converted to BGR here, all of one size at once.
     """
 
     def __init__(self, images: list[Any], device: str, ring: StagingRing | None = None) -> None:
@@ -93,19 +126,27 @@ class DeviceFrames:
         """(frame index, height, width) -> the frame resized, CHW float 0-255 BGR (shared by subsets)"""
         self._index = list(range(len(images)))
         """each frame's index in the batch this set was cut from (the resize cache's key)"""
-        host = [(i, im) for i, im in enumerate(images) if isinstance(im, np.ndarray)]
+        host = [(i, im.data if isinstance(im, I420) else np.ascontiguousarray(im))
+                for i, im in enumerate(images) if isinstance(im, (np.ndarray, I420))]
         if ring is not None and host:
-            sent = ring.upload([np.ascontiguousarray(im) for _, im in host])
+            sent = ring.upload([data for _, data in host])
             for (i, _), t in zip(host, sent, strict=True):
                 self.tensors[i] = t
+        else:
+            for i, data in host:
+                self.tensors[i] = torch.from_numpy(data).to(device, non_blocking=True)
+                TRANSFERS.add(h2d=data.nbytes)
         for i, im in enumerate(images):
-            if self.tensors[i] is not None:
-                continue
-            if isinstance(im, np.ndarray):
-                self.tensors[i] = torch.from_numpy(np.ascontiguousarray(im)).to(device, non_blocking=True)
-                TRANSFERS.add(h2d=im.nbytes)
-            else:  # already on the device (NVDEC)
+            if self.tensors[i] is None:  # already on the device (NVDEC)
                 self.tensors[i] = im.to(device)
+        sizes: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            if isinstance(im, I420):
+                sizes.setdefault(im.shape, []).append(i)
+        for (h, w), idx in sizes.items():
+            bgr = i420_to_bgr(torch.stack([self.tensors[i] for i in idx]), h, w)
+            for j, i in enumerate(idx):
+                self.tensors[i] = bgr[j]
 
     def subset(self, idx: list[int]) -> DeviceFrames:
         """The frames at ``idx`` (no copy): for models that run on every n-th frame only."""

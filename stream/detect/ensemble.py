@@ -197,6 +197,13 @@ def detector_input(images: Sequence[Picture], models: Sequence[OnnxDetector | No
     return out, scales
 
 
+def device_input(images: Sequence[Picture], due: Sequence[Sequence[bool]]) -> list[Picture]:
+    """The pictures a batch uploads when its models read them on the device: each as it is (an
+    I420 picture is converted there, after a transfer of half the bytes of BGR), and a stand-in
+    for a frame no model is due on, which is then not uploaded at all."""
+    return [im if any(d[i] for d in due) else _NOT_LOOKED_AT for i, im in enumerate(images)]
+
+
 def to_source(dets: Detections, scale: Scale) -> Detections:
     """Boxes found on a frame shrunk by :func:`detector_input`, in the source frame's pixels."""
     if scale is None or not len(dets):
@@ -396,15 +403,20 @@ class FrameDetector:
 
         The batcher's worker calls this for the next batch while :meth:`complete` runs the
         previous one (two batches in flight); on a GPU it works on a stream of its own. I420
-        frames become BGR here, once per batch (see :func:`detector_input`); on a GPU too, for
-        now: the conversion runs on the host and the smaller BGR frame is what is uploaded.
+        frames become BGR here, once per batch: on the host (see :func:`detector_input`), or,
+        where every model reads the batch from the device, on the device after the upload.
         """
         n = len(images)
         runs: list[tuple[OnnxDetector | None, list[bool], list[Chunk] | None]] = []
         plan = [*self.face_models, (self.plate_model, self.config.plate),
                 (self.person_model, self.config.person_heads)]
         dues = [self._schedule(slot, model, mcfg, n, refs) for slot, (model, mcfg) in enumerate(plan)]
-        bgr, scales = detector_input(images, [m for m, _ in plan], dues)
+        models = [m for m, _ in plan]
+        if self.upload and all(m.on_gpu for m in models if m is not None):
+            # I420 goes up as it is (half the bytes of BGR) and is converted on the device
+            bgr, scales = device_input(images, dues), [None] * n
+        else:
+            bgr, scales = detector_input(images, models, dues)
         if self._side is None and self.upload:
             self._side = SideStream(self.device)
         with self._side or contextlib.nullcontext():
