@@ -16,6 +16,9 @@ Sections:
 4. ``detector``: the whole detector (faces + plates + heads, every model on every frame) per
    bucket: frames/s, and the 1080p30 streams that rate could serve.
 5. ``decode``: H.264 1080p decode on the CPU (OpenCV's FFmpeg), frames/s per process.
+   ``breakdown``: one batch of the default detector split into host packing, upload, and per model
+   letterbox and forward with decoding (frames already on the device), then the same batch as I420
+   pictures (planes packed and uploaded, converted on the device), against the whole call.
 6. ``paths``: the torch backend's three paths per model and bucket (1, 8, 16, 32, 64): ``eager``
    (today's: dynamic graph, host decoding), ``static`` (one graph per input shape frozen before
    conversion, decoding on the device) and ``graphed`` (static, replayed as one CUDA graph per
@@ -42,27 +45,20 @@ or onnxruntime-gpu). Writes ``gpu_check.json`` after every section and prints a 
 ``--cpu-smoke`` runs the paths section (torch on the CPU, buckets 1 and 2) and the pipeline
 section (ONNX Runtime CPU, 2 streams, 2 processes, shared stage) in about 40 s; the tests run it.
 
-The next GPU session (H100/H200, 16 cores), shared stage then per-process for comparison::
+One lease's sections, each bounded (``benchmarks/gpu_session.sh``, about 9.5 minutes at most;
+measured on an H200 on 2026-12-04: 343 s): the whole detector (warm-up 56 s), the shared stage with
+1, 4, 8 and 14 worker processes (stage start 65-85 s, then about 8 s per K step), the torch paths
+(about 100 s for four models at five buckets). Each process count for comparison, with its own
+detector per worker::
 
-    python benchmarks/gpu_check.py --out benchmarks/results/gpu-shared --skip correctness,models,paths \
-        --stage shared --procs 1,4,8,14 --seconds 4 --budget 240
     python benchmarks/gpu_check.py --out benchmarks/results/gpu-per-process \
-        --skip correctness,models,preprocess,detector,decode,paths --stage per-process --procs 4 \
-        --seconds 4 --budget 100
+        --skip correctness,models,preprocess,detector,decode,breakdown,paths --stage per-process \
+        --procs 4 --seconds 4 --budget 100
 
-About 6.5 minutes in all, sized from the last H200 run (torch path): correctness and models (80 s)
-were measured there and are skipped; preprocess and detector take about 20 s with start-up. The
-pipeline's ``--budget`` covers the stage's start (one detector loaded and warmed: about 60 s) and
-gives each process count an equal share of what is left (45 s or more; a step takes about 8 s at
-``--seconds 4``, and none starts past its share), so the first run takes about 4.5 minutes. Four
-per-process workers took 66 s to start, leaving 3 to 4 steps in 100 s: about 2 minutes.
+The breakdown of one batch (host packing, upload, letterbox, each model), BGR and I420, about 70 s::
 
-The torch backend's paths alone (``--backend torch`` so that they run where onnxruntime-gpu is
-installed too). Never run on a GPU yet: about 2 minutes is an estimate (per model, shape and path
-a graph frozen and converted, a CUDA graph captured), and ``--paths-budget`` caps it::
-
-    python benchmarks/gpu_check.py --out benchmarks/results/gpu-paths --backend torch --providers cuda \
-        --skip correctness,models,preprocess,detector,decode,pipeline --paths-budget 180
+    python benchmarks/gpu_check.py --out DIR --buckets 1,8,32,64 \
+        --skip correctness,models,preprocess,detector,decode,paths,pipeline
 """
 
 from __future__ import annotations
