@@ -407,6 +407,23 @@ def test_a_detector_reading_i420_on_the_device_finds_what_it_finds_in_bgr(
         same(a, b)
 
 
+def test_a_large_batch_is_packed_on_several_threads_in_pieces_exactly(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from stream.detect import device
+
+    monkeypatch.setattr(device, "PACK_PIECE", 1000)  # frames cut into many pieces, unevenly
+    rng = np.random.RandomState(4)
+    frames = [rng.randint(0, 255, (h, w, 3), np.uint8) for h, w in ((36, 64), (17, 31), (90, 160), (1, 1))]
+    ring = device.StagingRing("cpu", pack_threads=3)
+    assert ring._pool is not None
+    for _ in range(3):  # the buffer reused: nothing of the last batch may survive in the next
+        got = device.DeviceFrames(frames, "cpu", ring)
+        for f, t in zip(frames, got.tensors, strict=True):
+            np.testing.assert_array_equal(t.numpy(), f)
+        frames = frames[::-1]
+    assert device.StagingRing("cpu", pack_threads=1)._pool is None, "one thread: no pool to wait on"
+
+
 def test_models_with_the_same_canvas_share_one_resize_and_get_what_they_would_alone() -> None:
     from stream.detect.device import DeviceFrames
 
