@@ -45,11 +45,11 @@ or onnxruntime-gpu). Writes ``gpu_check.json`` after every section and prints a 
 ``--cpu-smoke`` runs the paths section (torch on the CPU, buckets 1 and 2) and the pipeline
 section (ONNX Runtime CPU, 2 streams, 2 processes, shared stage) in about 40 s; the tests run it.
 
-One lease's sections, each bounded (``benchmarks/gpu_session.sh``, about 9.5 minutes at most;
-measured on an H200 on 2026-12-04: 343 s): the whole detector (warm-up 56 s), the shared stage with
-1, 4, 8 and 14 worker processes (stage start 65-85 s, then about 8 s per K step), the torch paths
-(about 100 s for four models at five buckets). Each process count for comparison, with its own
-detector per worker::
+One lease's sections, each bounded, are ``benchmarks/gpu_session.sh`` (its header lists them and
+their limits). Times on an H200, 2026-12-04: the whole detector's section 80 s (warm-up 56 s), the
+shared stage 65-85 s to start and then about 8 s per K step, the torch paths about 100 s for four
+models at five buckets, the breakdown about 75 s. Each worker process with its own detector, for
+comparison with the shared stage::
 
     python benchmarks/gpu_check.py --out benchmarks/results/gpu-per-process \
         --skip correctness,models,preprocess,detector,decode,breakdown,paths --stage per-process \
