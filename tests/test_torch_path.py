@@ -364,13 +364,17 @@ def even(frame: np.ndarray) -> np.ndarray:
     return frame[: frame.shape[0] // 2 * 2, : frame.shape[1] // 2 * 2]
 
 
-def test_i420_pictures_go_up_as_they_are_and_become_on_the_device_what_opencv_converts() -> None:
+def test_i420_pictures_go_up_as_they_are_and_become_on_the_device_what_opencv_converts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     from stream.core.yuv import I420
+    from stream.detect import device
     from stream.detect.device import DeviceFrames, StagingRing
 
+    monkeypatch.setattr(device, "I420_GROUP", 2)  # five pictures of one size: converted 2 + 2 + 1
     rng = np.random.RandomState(5)
     pictures = [I420.from_bgr(even(frame)) for frame in scene()]
-    pictures += [I420(rng.randint(0, 256, (h * 3 // 2, w)).astype(np.uint8)) for h, w in ((2, 2), (36, 62))]
+    pictures += [I420(rng.randint(0, 256, (h * 3 // 2, w)).astype(np.uint8))
+                 for h, w in ((2, 2), *[(36, 62)] * 5)]
     mixed = [*pictures, scene()[1]]  # a BGR frame in the same batch passes as it is
     ring = StagingRing("cpu")
     for frames in (DeviceFrames(mixed, "cpu"), DeviceFrames(mixed, "cpu", ring)):
