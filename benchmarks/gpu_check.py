@@ -42,8 +42,9 @@ Sections:
 
 Run: ``python benchmarks/gpu_check.py [--quick] [--out DIR]`` (on a GPU machine: torch + onnx2torch,
 or onnxruntime-gpu). Writes ``gpu_check.json`` after every section and prints a table.
-``--cpu-smoke`` runs the paths section (torch on the CPU, buckets 1 and 2) and the pipeline
-section (ONNX Runtime CPU, 2 streams, 2 processes, shared stage) in about 40 s; the tests run it.
+``--cpu-smoke`` runs the breakdown (torch on the CPU, one frame), the paths section (torch on the
+CPU, buckets 1 and 2) and the pipeline section (ONNX Runtime CPU, 2 streams, 2 processes, shared
+stage) in about a minute; the tests run it.
 
 One lease's sections, each bounded, are ``benchmarks/gpu_session.sh`` (its header lists them and
 their limits). Times on an H200, 2026-12-04: the whole detector's section 80 s (warm-up 56 s), the
@@ -413,7 +414,13 @@ def breakdown(backend: str, providers: list[str], buckets: tuple[int, ...], reps
     (host copies), the one upload, and per model its letterbox (``prepare``) and its forward with
     decoding (``complete``, a CUDA graph replay on a GPU) on frames already on the device, against
     the whole detector's call. It tells which of host, bus or GPU bounds the stage."""
-    import torch
+    if backend != "torch":
+        return {"skipped": f"the run's backend is {backend}: the breakdown times the torch backend's "
+                           "device path (--backend torch measures it)"}
+    try:
+        import torch
+    except ImportError as e:
+        return {"skipped": f"the breakdown needs torch ({e})"}
 
     from stream.detect.device import DeviceFrames, StagingRing
     from stream.detect.ensemble import FrameDetector
@@ -1271,6 +1278,8 @@ def main(argv: list[str] | None = None) -> int:
     path_reps, path_warm = reps, 2
     # the paths section measures the torch backend's paths: on the run's backend, or torch on the CPU
     paths_backend, paths_providers = backend, providers
+    # the breakdown reads the frames on the device: the torch backend's path (a GPU's, or the CPU's)
+    breakdown_args = (backend, providers, buckets, reps)
     seconds, warm_s = (2.0, 1.0) if args.quick else (args.seconds, 2.0)
     procs_arg, ks_default = args.procs or "1", [1, 2] if args.quick else RAMP
     fps, deadline_ms = args.fps, args.deadline_ms
@@ -1278,11 +1287,12 @@ def main(argv: list[str] | None = None) -> int:
         # 1080p "accurate" on 2 CPU cores: ~0.4 s a frame, so few frames a second and a long deadline;
         # the point is that every step of the GPU run executes, not its numbers
         backend, providers = ("onnxruntime", ["cpu"]) if args.backend == "auto" else (backend, providers)
-        skip |= {"correctness", "models", "preprocess", "detector", "decode", "breakdown"}
+        skip |= {"correctness", "models", "preprocess", "detector", "decode"}
         buckets, seconds, warm_s, ks_default = (1, 2), 1.5, 0.5, [2]
         # paths: torch on the CPU (or as --backend torch --providers say), one unwarmed rep per step
         path_buckets, path_reps, path_warm = (1, 2), 1, 0
         paths_backend, paths_providers = "torch", providers if backend == "torch" else ["cpu"]
+        breakdown_args = (paths_backend, paths_providers, (1,), 1)
         procs_arg, fps, deadline_ms = args.procs or "2", 5.0, 5000.0
     result: dict[str, Any] = {"environment": environment(), "backend": backend, "providers": providers}
     say(f"path: backend={backend} providers={providers} env={result['environment']}")
@@ -1298,7 +1308,7 @@ def main(argv: list[str] | None = None) -> int:
         ("preprocess", lambda: preprocess_compare(backend, providers, reps)),
         ("detector", lambda: detector_timings(backend, providers, buckets, reps)),
         ("decode", lambda: decode_timing(args.clip)),
-        ("breakdown", lambda: breakdown(backend, providers, buckets, reps)),
+        ("breakdown", lambda: breakdown(*breakdown_args)),
         ("paths", lambda: path_timings(paths_backend, paths_providers, path_buckets, path_reps, path_warm,
                                        budget_s=args.paths_budget, save=save_paths)),
     ]

@@ -387,6 +387,17 @@ def test_gpu_check_cpu_smoke_runs_the_shared_stage_pipeline(tmp_path: Path) -> N
     assert step["ground_truth"]["face"] > 0 and step["leaks"]["face"] == 0
     assert not list(shm_root().glob(f"gpu-check-{proc.pid}-*")), "frame slots removed at the end"
 
+    # one batch's time split, torch on the CPU here: every step of it ran, for BGR and for I420
+    split = result["breakdown"]
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("onnx2torch") is None:
+        assert "skipped" in split or "error" in split, split
+    else:
+        assert "error" not in split and "skipped" not in split, split
+        (row,) = split["buckets"]
+        assert set(row["models"]) == {"CenterFace", "PlateYolo", "PersonYolo"}, row
+        assert row["detector_ms"] > 0 and row["i420"]["detector_ms"] > 0 and row["i420"]["convert_ms"] > 0
+        assert row["i420"]["frames_mb"] * 2 == pytest.approx(row["frames_mb"], abs=0.1), "I420: half"
+
     # the torch backend's paths, on the CPU here: every model and bucket on each path
     paths = result["paths"]
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("onnx2torch") is None:
