@@ -414,14 +414,9 @@ def breakdown(backend: str, providers: list[str], buckets: tuple[int, ...], reps
     (host copies), the one upload, and per model its letterbox (``prepare``) and its forward with
     decoding (``complete``, a CUDA graph replay on a GPU) on frames already on the device, against
     the whole detector's call. It tells which of host, bus or GPU bounds the stage."""
-    if backend != "torch":
-        return {"skipped": f"the run's backend is {backend}: the breakdown times the torch backend's "
-                           "device path (--backend torch measures it)"}
-    try:
-        import torch
-    except ImportError as e:
-        return {"skipped": f"the breakdown needs torch ({e})"}
-
+    skipped = torch_only(backend, providers, "the breakdown times the torch backend's device path")
+    if skipped:
+        return skipped
     from stream.detect.device import DeviceFrames, StagingRing
     from stream.detect.ensemble import FrameDetector
 
@@ -431,7 +426,6 @@ def breakdown(backend: str, providers: list[str], buckets: tuple[int, ...], reps
     det.warmup(pool[0].shape[:2], max(buckets))
     warm_s = round(time.monotonic() - t, 1)
     device = det.device
-    pin = device.startswith("cuda")
     ring = StagingRing(device)
     models = {type(m).__name__: m for m in
               [*(m for m, _ in det.face_models), det.plate_model, det.person_model] if m is not None}
@@ -439,19 +433,7 @@ def breakdown(backend: str, providers: list[str], buckets: tuple[int, ...], reps
     rows = []
     for b in buckets:
         frames = pool[:b]
-        nbytes = sum(f.nbytes for f in frames)
-        row: dict[str, Any] = {"bucket": b, "frames_mb": round(nbytes / 1e6, 1)}
-        buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
-        host = buf.numpy()
-
-        def pack(frames: list[np.ndarray] = frames, host: np.ndarray = host) -> None:
-            at = 0
-            for im in frames:
-                host[at:at + im.nbytes] = im.reshape(-1)
-                at += im.nbytes
-
-        row["pack_ms"] = round(timed(pack, reps), 3)
-        row["h2d_ms"] = round(timed(lambda buf=buf: buf.to(device, non_blocking=pin), reps), 3)
+        row: dict[str, Any] = {"bucket": b, **transfer_times(frames, device, reps)}
         row["ring_upload_ms"] = round(timed(lambda frames=frames: ring.upload(frames), reps), 3)
         on_dev = [x.clone() for x in ring.upload(frames)]
         sync()
@@ -469,11 +451,12 @@ def breakdown(backend: str, providers: list[str], buckets: tuple[int, ...], reps
         row["device_fps"] = round(b * 1000 / row["device_ms"], 1) if row["device_ms"] else None
         row["i420"] = i420_breakdown(det, frames, device, reps)
         rows.append(row)
-        say(f"breakdown b{b}: pack {row['pack_ms']} ms, h2d {row['h2d_ms']} ms ({nbytes / 1e6:.0f} MB), "
+        say(f"breakdown b{b}: pack {row['pack_ms']} ms, h2d {row['h2d_ms']} ms ({row['frames_mb']} MB), "
             + ", ".join(f"{k} lb {v['letterbox_ms']} + run {v['complete_ms']}" for k, v in per.items())
             + f" -> device {row['device_ms']} ms ({row['device_fps']} fps), "
             f"detector {row['detector_ms']} ms; I420: {row['i420']}")
-    return {"device": device, "pinned": pin, "modes": modes, "warmup_s": warm_s, "buckets": rows}
+    return {"device": device, "pinned": device.startswith("cuda"), "modes": modes, "warmup_s": warm_s,
+            "buckets": rows}
 
 
 def i420_breakdown(det: Any, frames: list[np.ndarray], device: str, reps: int) -> dict[str, Any]:
@@ -485,23 +468,42 @@ def i420_breakdown(det: Any, frames: list[np.ndarray], device: str, reps: int) -
     from stream.detect.device import i420_to_bgr
 
     pics = [I420.from_bgr(f) for f in frames]
-    nbytes = sum(p.data.nbytes for p in pics)
-    pin = device.startswith("cuda")
-    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
-    host = buf.numpy()
-
-    def pack() -> None:
-        at = 0
-        for p in pics:
-            host[at:at + p.data.nbytes] = p.data.reshape(-1)
-            at += p.data.nbytes
-
     x = torch.from_numpy(np.stack([p.data for p in pics])).to(device)
     h, w = pics[0].shape
-    return {"frames_mb": round(nbytes / 1e6, 1), "pack_ms": round(timed(pack, reps), 3),
-            "h2d_ms": round(timed(lambda: buf.to(device, non_blocking=pin), reps), 3),
+    return {**transfer_times([p.data for p in pics], device, reps),
             "convert_ms": round(timed(lambda: i420_to_bgr(x, h, w), reps), 3),
             "detector_ms": round(timed(lambda: det(pics), reps), 3)}
+
+
+def transfer_times(arrays: list[np.ndarray], device: str, reps: int) -> dict[str, Any]:
+    """A batch's way up, as the staging ring takes it: packing into a page-locked buffer on one
+    thread (``pack_ms``) and on the ring's threads (``pack_threads_ms``), then one upload."""
+    import torch
+
+    from stream.detect.device import StagingRing
+
+    total = sum(a.nbytes for a in arrays)
+    pin = device.startswith("cuda")
+    buf = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+    host = buf.numpy()
+    one, ring = StagingRing(device, pack_threads=1), StagingRing(device)
+    return {"frames_mb": round(total / 1e6, 1),
+            "pack_ms": round(timed(lambda: one._pack(host, arrays, total), reps), 3),
+            "pack_threads_ms": round(timed(lambda: ring._pack(host, arrays, total), reps), 3),
+            "h2d_ms": round(timed(lambda: buf.to(device, non_blocking=pin), reps), 3)}
+
+
+def torch_only(backend: str, providers: list[str], why: str) -> dict[str, Any] | None:
+    """The reason a torch-backend section is skipped here (another backend, or torch or onnx2torch
+    missing), or None when it can run."""
+    if backend != "torch":
+        return {"skipped": f"the run's backend is {backend} {providers}: {why} (--backend torch measures it)"}
+    try:
+        import onnx2torch  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as e:
+        return {"skipped": f"the torch backend needs torch and onnx2torch ({e})"}
+    return None
 
 
 # -- 5. decode -----------------------------------------------------------------------------------
@@ -531,14 +533,12 @@ def path_timings(backend: str, providers: list[str], buckets: tuple[int, ...], r
 
     ``save(result)`` after every model; past ``budget_s`` the remaining steps are recorded as
     skipped, so a slow GPU cannot eat the pipeline section's time."""
-    if backend != "torch":
-        return {"skipped": f"the run's backend is {backend} {providers}: static graphs, device decoding "
-                           "and CUDA graphs are paths of the torch backend (--backend torch measures them)"}
-    try:
-        import onnx2torch  # noqa: F401
-        import torch
-    except ImportError as e:
-        return {"skipped": f"the torch backend needs torch and onnx2torch ({e})"}
+    skipped = torch_only(backend, providers, "static graphs, device decoding and CUDA graphs are paths "
+                                             "of the torch backend")
+    if skipped:
+        return skipped
+    import torch
+
     cuda = any(p in ("cuda", "tensorrt") for p in providers) and torch.cuda.is_available()
     t_start = time.monotonic()
     pool, _ = frames_for(max(buckets))
