@@ -318,9 +318,10 @@ def detector_config_for(backend: str, providers: list[str], buckets: tuple[int, 
     from stream.config import DetectionConfig
 
     # faces (CenterFace 960), plates (960) and heads of small people (960) on every frame; the same
-    # conversion the live pipeline makes from its config
+    # conversion the live pipeline makes from its config. Without the text pass, which came after
+    # the H200 runs of 2026-12-04: the detector stays the one those numbers are for
     detection = DetectionConfig(preset="accurate", providers=providers, backend=backend, fp16=True,
-                                **PATHS[path])
+                                text_plates=False, **PATHS[path])
     return detection.detector_settings(buckets)
 
 

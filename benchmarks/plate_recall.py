@@ -8,6 +8,7 @@ each frame that is not a plate (false-positive area) and what it cost.
 
     python benchmarks/plate_recall.py ../shared/eval/dev/plates --preset accurate
     python benchmarks/plate_recall.py SET --crops off --vehicle-plates 0 --json out.json
+    python benchmarks/plate_recall.py SET --text off   # without the text pass
 """
 
 from __future__ import annotations
@@ -88,8 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crop", action="append", default=[], metavar="FIELD=VALUE",
                     help="a field of the crop pass's settings (stream.detect.crops.CropConfig), "
                          "e.g. sizes=256,384 or threshold=0.45")
+    ap.add_argument("--text", choices=["on", "off"], default=None,
+                    help="the text pass (text lines masked as plates); default: the preset's")
     ap.add_argument("--plate-threshold", type=float, default=None)
     ap.add_argument("--int8", default="auto")
+    ap.add_argument("--model-dir", type=Path, default=None,
+                    help="the weights from this folder instead of the package's")
     ap.add_argument("--plate-scale", type=float, default=None,
                     help="plate mask enlargement (default: the redactor's, 1.25)")
     ap.add_argument("--misses", action="store_true", help="list every missed plate")
@@ -98,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     crops: dict[str, object] = {}
     if a.crops is not None:
         crops["plate_crops"] = a.crops == "on"
+    if a.text is not None:
+        crops["text_plates"] = a.text == "on"
     cfg = detector_config(a.preset, vehicle_plates=a.vehicle_plates, plate_threshold=a.plate_threshold,
-                          int8=a.int8, providers=("cpu",), **crops)
+                          int8=a.int8, providers=("cpu",), model_dir=a.model_dir, **crops)
     for item in a.crop:
         key, _, value = item.partition("=")
         if cfg.plate_crops is None or not hasattr(cfg.plate_crops, key):

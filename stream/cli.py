@@ -130,6 +130,10 @@ def add_redact_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-plate-crops", action="store_true",
                    help="do not search each vehicle's crop for its plate a second time (faster, "
                         "misses more small plates)")
+    p.add_argument("--text-plates", choices=["on", "off"], default=None,
+                   help="also mask text lines found by a text detector as plates (square, foreign and "
+                        "skewed plates the plate model misses; signs are masked too). Default: on "
+                        "with --preset accurate, off with fast")
     p.add_argument("--vehicle-plates", type=_non_negative, default=None, metavar="PX",
                    help="vehicles up to PX pixels tall with no plate found on them get a mask over "
                         "their middle, where a plate too small to detect is (default 200; 0: off)")
@@ -190,6 +194,7 @@ def detection_config(args: argparse.Namespace) -> DetectionConfig:
             plate_threshold=args.plate_threshold, input_size=args.input_size, plate_every=args.plate_every,
             person_every=args.person_every, plates=not args.no_plates, heads=not args.no_heads,
             vehicle_plates_px=args.vehicle_plates, plate_crops=not args.no_plate_crops,
+            text_plates=None if args.text_plates is None else args.text_plates == "on",
             providers=[p.lower() for p in names], threads=args.threads, int8=args.int8,
             skip_unchanged=args.skip_unchanged, model_dir=args.model_dir)
     except ValidationError as e:

@@ -15,8 +15,9 @@ from stream import __version__
 from stream.detect.models import DEFAULT_MODEL_DIR, ModelError, manifest, model_path, sha256_file
 
 
-def test_manifest_lists_the_four_detectors_two_int8_variants_and_the_vad() -> None:
-    assert set(manifest()) == {"centerface", "yunet", "plate", "person", "plate_int8", "person_int8", "vad"}
+def test_manifest_lists_the_detectors_two_int8_variants_and_the_vad() -> None:
+    assert set(manifest()) == {"centerface", "yunet", "plate", "person", "plate_int8", "person_int8", "text",
+                               "vad"}
     for name, spec in manifest().items():
         assert re.fullmatch(r"[0-9a-f]{64}", spec.sha256), name
         assert spec.license.strip(), name

@@ -66,6 +66,20 @@ def test_preset_with_explicit_settings_over_it(settings: dict[str, Any], expecte
     assert summary(DetectionConfig(**settings).detector_settings()) == expected
 
 
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({"preset": "accurate"}, (960, 1)),  # the file command's preset: at the plate model's size and cadence
+    ({"preset": "fast"}, None),  # the live preset: it costs as much as the plate model
+    ({"preset": "fast", "text_plates": True}, (640, 3)),
+    ({"preset": "accurate", "text_plates": False}, None),
+    ({"preset": "accurate", "plates": False}, None),  # no plates asked for: no text pass either
+    ({"preset": "accurate", "input_size": 800, "plate_every": 2}, (800, 2)),
+])
+def test_text_pass_follows_the_preset_and_the_plate_model(settings: dict[str, Any],
+                                                          expected: tuple[int, int] | None) -> None:
+    text = DetectionConfig(**settings).detector_settings().text_plates
+    assert (None if text is None else (text.input_size, text.every)) == expected
+
+
 def test_runtime_settings_and_buckets_reach_the_detector(tmp_path: Path) -> None:
     d = DetectionConfig(providers=["cuda", "cpu"], threads=3, backend="torch", device_id=1, fp16=False,
                         engine_cache_dir=tmp_path, device_preprocess=False, model_dir=tmp_path)
@@ -114,6 +128,9 @@ def _capture(monkeypatch: pytest.MonkeyPatch) -> None:
       "heads": False, "vehicle_plates_px": 0, "providers": ["cpu"], "threads": 2}),
     (["--preset", "fast", "--no-plate-crops", "--vehicle-plates", "150"],
      {"preset": "fast", "plate_crops": False, "vehicle_plates_px": 150, "providers": ["cuda", "cpu"]}),
+    (["--preset", "fast", "--text-plates", "on"],
+     {"preset": "fast", "text_plates": True, "providers": ["cuda", "cpu"]}),
+    (["--text-plates", "off"], {"preset": "accurate", "text_plates": False, "providers": ["cuda", "cpu"]}),
     (["--preset", "accurate", "--plate-threshold", "0.3", "--person-every", "2", "--no-plates"],
      {"preset": "accurate", "plate_threshold": 0.3, "person_every": 2, "plates": False,
       "providers": ["cuda", "cpu"]}),

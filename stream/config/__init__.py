@@ -298,6 +298,11 @@ class DetectionConfig(ConfigModel):
         True, description="search each vehicle the person model finds for its plate a second time, on a "
                           "crop scaled to the plate model's reach (small and distant plates). Needs "
                           "plates and heads (the person model)")
+    text_plates: bool | None = Field(
+        None, description="also mask as plates the text lines a text detector (PP-OCRv4) finds on the "
+                          "whole frame: square, foreign, skewed plates the plate model misses; signs "
+                          "and lettering are masked too. Default from the preset (accurate: on, fast: "
+                          "off: it costs as much as the plate model). Needs plates")
     vehicle_plates_px: float | None = Field(
         None, ge=0, le=4096,
         description="vehicles up to this many pixels tall with no plate found on them get a plate mask "
@@ -369,6 +374,7 @@ class DetectionConfig(ConfigModel):
             plate_threshold=self.plate_threshold, input_size=self.input_size, plate_every=self.plate_every,
             person_every=self.person_every, plates=self.plates, heads=self.heads,
             vehicle_plates=self.vehicle_plates_px, plate_crops=self.plate_crops, classes=tuple(classes),
+            text_plates=self.text_plates,
             providers=self.providers,
             threads=self.threads, regions=self.skip_unchanged,
             model_dir=self.model_dir, backend=self.backend, device_id=self.device_id, fp16=self.fp16,

@@ -46,6 +46,7 @@ from stream.detect.regions import (
     truncated,
 )
 from stream.detect.runtime import DEFAULT_PROVIDERS
+from stream.detect.text import TextPlates
 from stream.detect.yolo import PersonYolo, PlateYolo
 from stream.detect.yunet import YuNet
 
@@ -105,6 +106,9 @@ class DetectorConfig:
     plate_crops: CropConfig | None = None
     """the plate model run again on a crop around each vehicle (see :mod:`stream.detect.crops`);
     needs the plate model and the person model (which reports the vehicles)"""
+    text_plates: ModelConfig | None = None
+    """the text detector on whole frames, its lines masked as plates (see :mod:`stream.detect.text`);
+    needs the plate model (plates on)"""
     screens: bool = False
     """report screens (COCO tv, laptop, cell phone) as ``screen`` boxes; needs the person model"""
     bodies: bool = False
@@ -228,7 +232,7 @@ class Prepared:
 
     n: int
     runs: list[tuple[OnnxDetector | None, list[bool], list[Chunk] | None]]
-    """per model, in the order faces..., plate, person: the frames it is due on and its inputs
+    """per model, in the order faces..., plate, person, text: the frames it is due on and its inputs
     (None: change-gated, decided and run in :meth:`FrameDetector.complete`)"""
     scales: list[Scale] = field(default_factory=list)
     """per frame: how the models' boxes map back to the source (see :func:`detector_input`)"""
@@ -262,6 +266,7 @@ class FrameDetector:
         vehicles = plates_on and (bool(cfg.plate_max_vehicle_px) or cfg.plate_crops is not None)
         self.person_model = build(PersonYolo, cfg.person_heads, **({"vehicles": True} if vehicles else {}),
                                   **({"screens": True} if cfg.screens else {}))
+        self.text_model = build(TextPlates, cfg.text_plates) if plates_on else None
         # the crop pass: the plate model's weights again, one session per crop size (on a CPU the
         # int8 variant where the size allows, as for the full-frame pass)
         self.crop_models: list[OnnxDetector] = []
@@ -340,7 +345,8 @@ class FrameDetector:
 
     @property
     def models(self) -> list[OnnxDetector]:
-        found = [m for m, _ in self.face_models] + [self.plate_model, self.person_model, *self.crop_models]
+        found = [m for m, _ in self.face_models] + [self.plate_model, self.person_model, self.text_model,
+                                                     *self.crop_models]
         return [m for m in found if m is not None]
 
     def __call__(self, images: list[Picture],
@@ -409,7 +415,7 @@ class FrameDetector:
         n = len(images)
         runs: list[tuple[OnnxDetector | None, list[bool], list[Chunk] | None]] = []
         plan = [*self.face_models, (self.plate_model, self.config.plate),
-                (self.person_model, self.config.person_heads)]
+                (self.person_model, self.config.person_heads), (self.text_model, self.config.text_plates)]
         dues = [self._schedule(slot, model, mcfg, n, refs) for slot, (model, mcfg) in enumerate(plan)]
         models = [m for m, _ in plan]
         if self.upload and all(m.on_gpu for m in models if m is not None):
@@ -453,8 +459,9 @@ class FrameDetector:
                     out[i] = to_source(d, scales[i])
             results.append((out, due))
         face_runs = results[:len(self.face_models)]
-        plates, plate_due = results[-2]
-        people, people_due = results[-1]
+        plates, plate_due = results[-3]
+        people, people_due = results[-2]
+        texts, _ = results[-1]
         vehicles = [people[i].with_label("vehicle") for i in range(n)]
         crop_plates = self._crop_pass(prepared.images, vehicles, people_due, prepared.refs)
         out = []
@@ -490,7 +497,8 @@ class FrameDetector:
             if self.config.plate_max_vehicle_px and self.plate_model is not None and people_due[i]:
                 observed.add(VEHICLE_PLATE)
                 zones = plates_from_vehicles(vehicles[i], found, self.config.plate_max_vehicle_px)
-            d = Detections.concat([faces, heads, found, zones, *extra])
+            # text lines only add masks: a stand-in is kept or dropped by the plate model's plates
+            d = Detections.concat([faces, heads, found, texts[i], zones, *extra])
             out.append(Detections(d.boxes, d.scores, d.labels, observed=frozenset(observed)))
         if prepared.refs is not None and self.config.regions is not None:
             now = time.monotonic()

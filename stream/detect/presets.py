@@ -23,15 +23,19 @@ clips, with the crop pass and masks only up to 120 px, 14 of 268 plates under 16
 scale), while up to 200 px the crop pass raised recall from 0.930 to 0.957 (docs/redaction-quality.md)"""
 
 PRESETS: dict[str, dict[str, object]] = {
+    # the text pass (plates as text lines) costs about 90 ms a frame on 2 CPU cores, as much as the
+    # plate model at 960: on in the file command's preset, off in the live one
     "accurate": {"face_model": "centerface", "input_size": 960, "plate_size": 960, "person_size": 960,
-                 "plate_every": 1, "person_every": 1},
+                 "plate_every": 1, "person_every": 1, "text_plates": True},
     # persons at 512: people and vehicles are the largest things looked for, and no development
     # set scored lower than at 640 (480 and 448 found fewer CCTV heads); plates keep 640: at 512
     # moving plates fell from 0.971 to 0.880 recall (docs/redaction-quality.md, "step by step")
     "fast": {"face_model": "yunet", "input_size": 640, "plate_size": 640, "person_size": 512,
-             "plate_every": 3, "person_every": 3},
+             "plate_every": 3, "person_every": 3, "text_plates": False},
 }
 FACE_THRESHOLDS = {"centerface": 0.35, "yunet": 0.5}
+TEXT_THRESHOLD = 0.5
+"""a text line's mean text probability (PaddleOCR's box threshold)"""
 
 
 def face_models(preset: str, face_model: str | None = None) -> list[str]:
@@ -46,7 +50,8 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
                     input_size: int | None = None, plate_every: int | None = None,
                     person_every: int | None = None, plates: bool = True, heads: bool = True,
                     vehicle_plates: float | None = None, plate_crops: bool = True,
-                    crop_sizes: Sequence[int] | None = None, int8: bool | str = True,
+                    crop_sizes: Sequence[int] | None = None, text_plates: bool | None = None,
+                    int8: bool | str = True,
                     providers: Sequence[str] = ("cuda", "cpu"), threads: int = 0,
                     model_dir: Path | None = None, classes: Sequence[str] = (), regions: bool = False,
                     **runtime: Any) -> DetectorConfig:
@@ -54,6 +59,8 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
 
     ``vehicle_plates`` is the tallest vehicle that gets a middle mask where neither the full-frame
     pass nor the crop pass (``plate_crops``, on vehicle crops) found a plate on it (0: none).
+    ``text_plates`` (None: the preset's) adds the text detector's lines as plates
+    (:mod:`stream.detect.text`), at the plate model's size and cadence.
     ``input_size`` given explicitly sets every model's size. ``int8`` (``auto``/True or
     ``off``/False) lets CPU sessions load the int8 variants of the plate and person models where
     their input is within what the variant was checked at (640: the fast preset's sizes).
@@ -82,6 +89,8 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
         cfg.plate.input_size = plate_size
         cfg.plate.every = plate_every or int(p["plate_every"])  # type: ignore[call-overload]
     cfg.plate_max_vehicle_px = vp or None
+    if cfg.plate is not None and (bool(p["text_plates"]) if text_plates is None else text_plates):
+        cfg.text_plates = ModelConfig(threshold=TEXT_THRESHOLD, input_size=plate_size, every=cfg.plate.every)
     if crops and cfg.plate is not None:
         cfg.plate_crops = CropConfig(threshold=max(CropConfig.threshold, plate_threshold or 0.0),
                                      **({"sizes": tuple(crop_sizes)} if crop_sizes else {}))
