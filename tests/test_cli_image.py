@@ -61,7 +61,9 @@ def test_image_styles_obscure_the_face(tmp_path: Path, style: str, suffix: str) 
 
 def test_image_without_any_region_has_one_empty_frame(tmp_path: Path) -> None:
     out, masks = tmp_path / "cat.png", tmp_path / "cat.json"
-    res = run_cli("redact", CHELSEA, "-o", out, "--masks-json", masks, "--no-heads")
+    # without the text pass, which reads the dark spots of the cat's whisker pad as a line of text
+    # (a false mask it makes on this photo: docs/redaction-quality.md, "Plates: the text pass")
+    res = run_cli("redact", CHELSEA, "-o", out, "--masks-json", masks, "--no-heads", "--text-plates", "off")
     assert res.returncode == 0, res.stderr
     doc = json.loads(masks.read_text())
     check_masks_contract(doc, 451, 300, frames=1)

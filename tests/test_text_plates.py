@@ -7,14 +7,14 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 import pytest
-from helpers import coverage, textured_background
+from helpers import CHELSEA, coverage, read_bgr, textured_background
 
-from stream.core.detections import FrameRef
+from stream.core.detections import Detections, FrameRef
 from stream.core.redact import Redactor
 from stream.detect.ensemble import FrameDetector
 from stream.detect.models import model_path
 from stream.detect.presets import detector_config
-from stream.detect.text import MAX_ASPECT, UNCLIP, TextPlates, text_lines
+from stream.detect.text import MAX_ASPECT, MAX_HEIGHT, UNCLIP, TextPlates, merge_lines, text_lines
 
 
 def test_lines_are_grown_as_dbnet_does_scored_by_their_mean_and_long_ones_dropped() -> None:
@@ -99,3 +99,27 @@ def test_the_torch_backend_runs_the_same_graph() -> None:
     assert type(on_torch.backend_for(64, 96)).__name__ == "TorchBackend"
     np.testing.assert_allclose(np.asarray(on_torch.backend_for(64, 96).run(x)[0]),
                                on_ort.backend_for(64, 96).run(x)[0], atol=1e-5)
+
+
+def test_lines_taller_than_a_plate_can_be_are_dropped() -> None:
+    """On the cat photo the text detector reads both eyes as text (lines a fifth of the frame tall)
+    and the whisker pad's spots: only the last is short enough to be a plate's line."""
+    cat = read_bgr(CHELSEA)
+    lines = TextPlates(input_size=960, threshold=0.5, providers=("cpu",)).run([cat])[0]
+    heights = lines.boxes[:, 3] - lines.boxes[:, 1]
+    assert len(lines) == 1 and heights.max() <= MAX_HEIGHT * cat.shape[0]
+    raw = TextPlates(input_size=960, threshold=0.5, providers=("cpu",))
+    raw._finish = super(TextPlates, raw)._finish  # type: ignore[method-assign]  # no height limit
+    assert len(raw.run([cat])[0]) == 3
+
+
+def test_a_line_on_a_found_plate_widens_it_and_others_stand_alone() -> None:
+    plates = Detections(np.array([[100, 100, 160, 114]], np.float32), np.array([0.6], np.float32), ("plate",))
+    lines = Detections(np.array([[96, 102, 158, 116], [300, 50, 340, 62]], np.float32),
+                       np.array([0.9, 0.7], np.float32), ("plate", "plate"))
+    merged = merge_lines(plates, lines)
+    assert merged.labels == ("plate", "plate")
+    np.testing.assert_array_equal(merged.boxes, [[96, 100, 160, 116], [300, 50, 340, 62]])
+    np.testing.assert_allclose(merged.scores, [0.9, 0.7])
+    assert merge_lines(Detections(), lines).labels == ("plate", "plate")
+    assert len(merge_lines(plates, Detections())) == 1

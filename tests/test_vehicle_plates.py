@@ -67,7 +67,7 @@ def zone_of(vehicle: tuple[int, int, int, int]) -> np.ndarray:
 def test_a_small_bus_without_a_found_plate_gets_a_plate_mask(bus: np.ndarray) -> None:
     # a plate threshold no box reaches stands for a plate too small for the plate model
     blind = FrameDetector(detector_config("accurate", providers=("cpu",), plate_threshold=0.99,
-                                          plate_crops=False))
+                                          plate_crops=False, text_plates=False))
     small = blind.detect([bus])[0]
     assert set(small.labels) <= {"face", LABEL}  # vehicles place masks, they are not masks
     plates = small.with_label(LABEL).boxes
@@ -75,7 +75,7 @@ def test_a_small_bus_without_a_found_plate_gets_a_plate_mask(bus: np.ndarray) ->
     large = cv2.resize(bus, None, fx=3, fy=3, interpolation=cv2.INTER_LINEAR)  # the bus is 516 px tall
     assert len(blind.detect([large])[0].with_label(LABEL)) == 0
     off = FrameDetector(detector_config("accurate", providers=("cpu",), plate_threshold=0.99,
-                                        vehicle_plates=0))
+                                        vehicle_plates=0, text_plates=False))
     assert len(off.detect([bus])[0].with_label(LABEL)) == 0
 
 
@@ -95,11 +95,24 @@ def test_a_searched_vehicle_gets_a_mask_only_below_the_limit(bus: np.ndarray) ->
 
 
 def test_a_vehicle_whose_plate_was_found_gets_no_second_mask(bus: np.ndarray) -> None:
-    found = FrameDetector(detector_config("accurate", providers=("cpu",))).detect([bus])[0]
+    # the plate model's plate (the text pass reads the bus's lettering too: see the test below)
+    found = FrameDetector(detector_config("accurate", providers=("cpu",), text_plates=False)).detect([bus])[0]
     plates = found.with_label("plate").boxes
     assert len(plates) == 1 and contains(BUS_VEHICLE, plates[0])  # the plate on the bus's front
     assert len(found.with_label(LABEL)) == 0
     assert iou(plates[0], zone_of(BUS_VEHICLE)) < 0.1
+
+
+def test_text_read_on_a_vehicle_does_not_cancel_its_stand_in(bus: np.ndarray) -> None:
+    """The text pass finds the bus's lettering (destination, livery) as lines; with no plate found
+    by the plate model, the bus keeps its middle mask all the same: a badge or a slogan read as
+    text must not stand for the plate that is too small to find."""
+    blind = FrameDetector(detector_config("accurate", providers=("cpu",), plate_threshold=0.99,
+                                          plate_crops=False))
+    found = blind.detect([bus])[0]
+    assert len(found.with_label("plate")) >= 2  # lines of text on and around the bus
+    zones = found.with_label(LABEL).boxes
+    assert len(zones) == 1 and iou(zones[0], zone_of(BUS_VEHICLE)) > 0.8
 
 
 def test_zone_geometry_inverts_exactly() -> None:

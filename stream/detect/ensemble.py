@@ -46,7 +46,7 @@ from stream.detect.regions import (
     truncated,
 )
 from stream.detect.runtime import DEFAULT_PROVIDERS
-from stream.detect.text import TextPlates
+from stream.detect.text import TextPlates, merge_lines
 from stream.detect.yolo import PersonYolo, PlateYolo
 from stream.detect.yunet import YuNet
 
@@ -498,7 +498,7 @@ class FrameDetector:
                 observed.add(VEHICLE_PLATE)
                 zones = plates_from_vehicles(vehicles[i], found, self.config.plate_max_vehicle_px)
             # text lines only add masks: a stand-in is kept or dropped by the plate model's plates
-            d = Detections.concat([faces, heads, found, texts[i], zones, *extra])
+            d = Detections.concat([faces, heads, merge_lines(found, texts[i]), zones, *extra])
             out.append(Detections(d.boxes, d.scores, d.labels, observed=frozenset(observed)))
         if prepared.refs is not None and self.config.regions is not None:
             now = time.monotonic()
