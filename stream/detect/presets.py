@@ -23,8 +23,8 @@ clips, with the crop pass and masks only up to 120 px, 14 of 268 plates under 16
 scale), while up to 200 px the crop pass raised recall from 0.930 to 0.957 (docs/redaction-quality.md)"""
 
 PRESETS: dict[str, dict[str, object]] = {
-    # the text pass (plates as text lines) costs about 90 ms a frame on 2 CPU cores, as much as the
-    # plate model at 960: on in the file command's preset, off in the live one
+    # the text pass (plates as text lines) costs about 70 ms a frame on 2 CPU cores, about as much
+    # as the plate model at 960: on in the file command's preset, off in the live one
     "accurate": {"face_model": "centerface", "input_size": 960, "plate_size": 960, "person_size": 960,
                  "plate_every": 1, "person_every": 1, "text_plates": True},
     # persons at 512: people and vehicles are the largest things looked for, and no development
