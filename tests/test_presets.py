@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ASTRONAUT
+from helpers import ASTRONAUT, run_cli
 
 from stream import cli
 from stream.config import DetectionConfig, parse_config
@@ -105,6 +105,20 @@ def test_face_models_of_detector_and_events_agree(preset: str, face_model: str |
     assert model_info(detection)["face"]["name"] == "+".join(expected)
 
 
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({"preset": "accurate"}, "plate+text"),
+    ({"preset": "fast"}, "plate"),
+    ({"preset": "fast", "text_plates": True}, "plate+text"),
+    ({"preset": "accurate", "text_plates": False}, "plate"),
+])
+def test_events_name_the_plate_models_that_ran(settings: dict[str, Any], expected: str) -> None:
+    detection = DetectionConfig(**settings)
+    info = model_info(detection)["plate"]
+    assert info["name"] == expected
+    assert len(info["version"].split("+")) == len(expected.split("+"))
+    assert (detection.detector_settings().text_plates is not None) == ("text" in expected)
+
+
 class Built(Exception):
     """Raised by the stand-in detector: the settings are all a test needs, no model is loaded."""
 
@@ -177,3 +191,14 @@ def test_no_plate_or_person_detector_means_no_gap_to_cover(tmp_path: Path,
     with pytest.raises(Built):
         cli.main(["redact", str(ASTRONAUT), "-o", str(tmp_path / "o.jpg"), "--preset", "fast", "--no-plates",
                   "--no-heads", "--coast", "1"])
+
+
+def test_a_bad_text_plates_setting_is_refused_naming_it(tmp_path: Path) -> None:
+    from stream.core.errors import UserError
+
+    with pytest.raises(UserError, match=r"detection\.text_plates: Input should be a valid boolean"):
+        parse_config({"detection": {"text_plates": "maybe"}})
+    res = run_cli("redact", ASTRONAUT, "-o", tmp_path / "o.jpg", "--text-plates", "maybe")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "argument --text-plates: invalid choice: 'maybe' (choose from 'on', 'off')" in res.stderr
+    assert not (tmp_path / "o.jpg").exists()

@@ -45,6 +45,12 @@ def face_models(preset: str, face_model: str | None = None) -> list[str]:
     return ["centerface", "yunet"] if face == "both" else [face]
 
 
+def text_plates_on(preset: str, text_plates: bool | None = None, plates: bool = True) -> bool:
+    """Whether the text pass runs: asked for explicitly, else the preset's choice; never without
+    plates. The detector and the events' model info read it here, so events name what ran."""
+    return plates and (bool(PRESETS[preset]["text_plates"]) if text_plates is None else text_plates)
+
+
 def detector_config(preset: str = "accurate", *, face_model: str | None = None,
                     face_threshold: float | None = None, plate_threshold: float | None = None,
                     input_size: int | None = None, plate_every: int | None = None,
@@ -89,7 +95,7 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
         cfg.plate.input_size = plate_size
         cfg.plate.every = plate_every or int(p["plate_every"])  # type: ignore[call-overload]
     cfg.plate_max_vehicle_px = vp or None
-    if cfg.plate is not None and (bool(p["text_plates"]) if text_plates is None else text_plates):
+    if cfg.plate is not None and text_plates_on(preset, text_plates, plates):
         cfg.text_plates = ModelConfig(threshold=TEXT_THRESHOLD, input_size=plate_size, every=cfg.plate.every)
     if crops and cfg.plate is not None:
         cfg.plate_crops = CropConfig(threshold=max(CropConfig.threshold, plate_threshold or 0.0),

@@ -43,6 +43,7 @@ class TextPlates(OnnxDetector):
     model_name = "text"
     label = "plate"
     unit = True  # fed 0-1 like the YOLO models (host or device letterbox); the graph rescales to -1..1
+    max_height = MAX_HEIGHT
 
     def load_model(self) -> onnx.ModelProto:
         """The graph with PaddleOCR's normalisation, (x - 0.5) / 0.5, as its first node, and its
@@ -78,7 +79,7 @@ class TextPlates(OnnxDetector):
         found = super()._finish(outputs, i, place, shape)
         if not len(found):
             return found
-        return found.select(found.boxes[:, 3] - found.boxes[:, 1] <= MAX_HEIGHT * shape[0])
+        return found.select(found.boxes[:, 3] - found.boxes[:, 1] <= self.max_height * shape[0])
 
 
 def merge_lines(plates: Detections, lines: Detections) -> Detections:

@@ -45,13 +45,15 @@ class Sink(Protocol):
 def model_info(detection: Any) -> dict[str, Model]:
     """Name and weights version (sha256 prefix) of the model behind each class, from the config."""
     from stream.detect.models import manifest
-    from stream.detect.presets import face_models
+    from stream.detect.presets import face_models, text_plates_on
 
     specs = manifest()
     faces = face_models(detection.preset, detection.face_model)
+    plates = ["plate", "text"] if text_plates_on(detection.preset, detection.text_plates, detection.plates) \
+        else ["plate"]
     return {
         "face": {"name": "+".join(faces), "version": "+".join(specs[n].sha256[:12] for n in faces)},
-        "plate": {"name": "plate", "version": specs["plate"].sha256[:12]},
+        "plate": {"name": "+".join(plates), "version": "+".join(specs[n].sha256[:12] for n in plates)},
     }
 
 
