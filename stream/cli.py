@@ -139,6 +139,9 @@ def add_redact_parser(sub: argparse._SubParsersAction) -> None:
                         "their middle, where a plate too small to detect is (default 200; 0: off)")
     p.add_argument("--coast", type=int, default=None,
                    help="frames a mask stays after its detection is lost (default 12)")
+    p.add_argument("--shot-cuts", choices=["on", "off"], default="on",
+                   help="end the masks of a view where the video cuts to another (edits, camera "
+                        "switches), instead of coasting them over the new view (default on)")
     p.add_argument("--lookback", type=int, default=4,
                    help="frames a newly found face is also masked backwards in time (default 4)")
     p.add_argument("--batch", type=_positive_int, default=1,
@@ -273,6 +276,8 @@ def _redact(args: argparse.Namespace) -> int:
     tcfg = TrackerConfig()
     if args.coast is not None:
         tcfg.max_coast = args.coast
+    if args.shot_cuts == "off":
+        tcfg.cut_threshold = 0.0
     detector = FrameDetector(cfg)
     if args.keep_audio and args.audio not in (None, "keep"):
         raise UserError(f"--keep-audio and --audio {args.audio} contradict each other; give one of them",

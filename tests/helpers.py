@@ -111,6 +111,13 @@ def textured_background(width: int, height: int, seed: int = 0) -> np.ndarray:
     return cv2.GaussianBlur(bg, (0, 0), 3)
 
 
+def panned(width: int, height: int, i: int, seed: int = 0) -> np.ndarray:
+    """Frame ``i`` of one shot: a textured view panned ``i`` px left, so each frame differs and no two
+    consecutive ones read as a cut to another view (a new seed per frame would: stream.core.cuts)."""
+    wide = textured_background(width + 64, height, seed)
+    return np.ascontiguousarray(wide[:, i % 64:i % 64 + width])
+
+
 @dataclass
 class Clip:
     path: Path

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import contains, textured_background
+from helpers import contains, panned, textured_background
 
 from stream.core.detections import Detections
 from stream.core.masking import Masked, MaskingStage
@@ -21,7 +21,7 @@ def face(box=BOX) -> Detections:
 def run_stage(lookback: int, born: int, frames: int = 12) -> tuple[list[Masked], list[np.ndarray]]:
     stage = MaskingStage(Tracker(), Redactor(RedactConfig(style=Style.SOLID, solid_color=(0, 0, 255))),
                          lookback=lookback)
-    originals = [textured_background(320, 200, seed=i) for i in range(frames)]
+    originals = [panned(320, 200, i) for i in range(frames)]
     out: list[Masked] = []
     for i, img in enumerate(originals):
         emitted = list(stage.push(i, img.copy(), face() if i >= born else Detections(), meta=f"m{i}"))
@@ -86,12 +86,12 @@ def test_negative_lookback_is_treated_as_zero() -> None:
 def test_a_frame_without_detections_comes_out_black_and_tracks_coast_through_it() -> None:
     """Fail closed (live): no detections for a frame means none of its pixels leave the stage."""
     stage = MaskingStage(Tracker(), Redactor(), lookback=0)
-    (m,) = stage.push(0, textured_background(320, 200, seed=0), face())
+    (m,) = stage.push(0, panned(320, 200, 0), face())
     tid = m.dets.track_ids[0]
-    (black,) = stage.push(1, textured_background(320, 200, seed=1), None, elapsed=1)
+    (black,) = stage.push(1, panned(320, 200, 1), None, elapsed=1)
     assert black.failed and black.regions == [] and len(black.dets) == 0
     assert not black.image.any()
-    (m,) = stage.push(2, textured_background(320, 200, seed=2), Detections())
+    (m,) = stage.push(2, panned(320, 200, 2), Detections())
     assert m.dets.track_ids.tolist() == [tid], "a failed frame is not a miss: the track goes on"
 
 
@@ -100,7 +100,7 @@ def test_failed_frames_keep_their_place_and_get_no_lookback_paint(lookback: int)
     stage = MaskingStage(Tracker(), Redactor(), lookback=lookback)
     out: list[Masked] = []
     for i in range(6):
-        out += stage.push(i, textured_background(320, 200, seed=i), None if i == 3 else
+        out += stage.push(i, panned(320, 200, i), None if i == 3 else
                           (face() if i >= 4 else Detections()))
     out += stage.flush()
     assert [m.index for m in out] == list(range(6))
@@ -113,9 +113,9 @@ def test_a_new_resolution_starts_tracking_afresh_after_the_held_frames() -> None
     just after the change paints no look-back mask into frames of the old size, and the tracker is new."""
     stage = MaskingStage(Tracker(), Redactor(), lookback=2)
     out: list[Masked] = []
-    out += stage.push(0, textured_background(320, 200, seed=0), face())
+    out += stage.push(0, panned(320, 200, 0), face())
     for i in (1, 2):
-        out += stage.push(i, textured_background(320, 200, seed=i), Detections())
+        out += stage.push(i, panned(320, 200, i), Detections())
     old = stage.tracker
     out += stage.push(3, textured_background(640, 400, seed=3), face((300, 100, 360, 170)))
     assert stage.tracker is not old

@@ -24,6 +24,7 @@ from stream.config.base import ENV_NAME, ConfigModel, config_path, expand_env, f
 from stream.config.cluster import ClusterConfig
 from stream.config.events import EventsConfig
 from stream.config.privacy import OPTIONAL_LABELS, PrivacyConfig, ZoneConfig, check_zones
+from stream.core.cuts import THRESHOLD as CUT_THRESHOLD
 from stream.core.errors import UserError
 from stream.core.redact import RedactConfig, Style
 from stream.core.track import TrackerConfig
@@ -389,6 +390,10 @@ class RedactionConfig(ConfigModel):
     face_scale: float = Field(1.4, ge=1, le=4, description="face mask enlargement about the box centre")
     plate_scale: float = Field(1.25, ge=1, le=4, description="plate mask enlargement about the box centre")
     coast: int = Field(12, ge=0, le=300, description="frames a lost box stays masked")
+    cut_threshold: float = Field(CUT_THRESHOLD, ge=0, lt=1,
+                                 description="two consecutive frames whose shrunk luma correlates below "
+                                             "this are a shot cut (a VMS switch, a PTZ tour, an edit): "
+                                             "the masks of the old view end there; 0: never")
 
     def redact_config(self) -> RedactConfig:
         # whole persons and screens: a little margin for limbs and bezels, which their boxes cut close
@@ -397,7 +402,7 @@ class RedactionConfig(ConfigModel):
                                                           "person": 1.1, "screen": 1.1})
 
     def tracker_config(self) -> TrackerConfig:
-        return TrackerConfig(max_coast=self.coast)
+        return TrackerConfig(max_coast=self.coast, cut_threshold=self.cut_threshold)
 
 
 _HOSTNAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"

@@ -5,7 +5,8 @@ detections; with ``lookback`` > 0 the stage holds that many frames back so a fac
 in frame t is also masked in the frames just before it (a detector usually fires a frame or
 two after a face enters). Look-back costs ``lookback`` frames of latency, so live streams
 use 0 and files a few frames. Files and live streams both mask through this stage, and paint
-their privacy zones here.
+their privacy zones here. At a shot cut (:mod:`stream.core.cuts`) the tracks of the old view end
+and look-back stops at the cut: neither view gets the other's masks.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from stream.core.cuts import ShotCuts
 from stream.core.detections import Detections
 from stream.core.nms import scale_boxes
 from stream.core.redact import Redactor, Region
@@ -50,6 +52,7 @@ class _Pending:
     dets: Detections
     meta: Any
     failed: bool
+    shot: int = 0
     extra: list[Detections] = field(default_factory=list)
 
 
@@ -66,6 +69,11 @@ class MaskingStage:
         them (a frame reads it once)"""
         self._pending: deque[_Pending] = deque()
         self._size: tuple[int, ...] | None = None
+        self.cuts = ShotCuts(tracker.config.cut_threshold)
+        self.shots = 0
+        """shot cuts seen so far"""
+        self.cut = False
+        """the last frame pushed started a new shot"""
 
     def push(self, index: int, image: Picture, dets: Detections | None, meta: Any = None, *,
              elapsed: int = 1, seen: Seen | None = None) -> Iterator[Masked]:
@@ -79,18 +87,23 @@ class MaskingStage:
         if self._size is not None and image.shape[:2] != self._size:
             yield from self.flush()
             self.tracker = Tracker(self.tracker.config)
+            self.cuts.reset()
         self._size = image.shape[:2]
-        tracked = self.tracker.update(NOT_OBSERVED if dets is None else dets, elapsed, seen)
+        self.cut = self.cuts(image, elapsed)
+        self.shots += self.cut
+        tracked = self.tracker.update(NOT_OBSERVED if dets is None else dets, elapsed, seen, cut=self.cut)
         started = self.tracker.changes.started
         if self.lookback and started and tracked.track_ids is not None:
             born = tracked.select(np.isin(tracked.track_ids, [t.track_id for t in started]))
             growth = self.tracker.config.coast_growth
             for back, p in enumerate(reversed(self._pending), start=1):
+                if p.shot != self.shots:  # the view before a cut is not where these boxes are
+                    break
                 p.extra.append(Detections(
                     boxes=scale_boxes(born.boxes, 1 + growth * back), scores=born.scores,
                     labels=born.labels, track_ids=born.track_ids, coasted=np.ones(len(born), bool),
                 ))
-        self._pending.append(_Pending(index, image, tracked, meta, failed=dets is None))
+        self._pending.append(_Pending(index, image, tracked, meta, failed=dets is None, shot=self.shots))
         while len(self._pending) > self.lookback:
             yield self._emit(self._pending.popleft())
 

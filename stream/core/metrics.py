@@ -46,6 +46,8 @@ class Metrics:
                                        ["stream", "reason"], registry=r)
         self.detections = Counter(p + "detections", "Regions masked, by class", ["stream", "label"],
                                   registry=r)
+        self.shot_cuts = Counter(p + "shot_cuts", "Cuts to another view, where the old view's masks ended",
+                                 ["stream"], registry=r)
         self.batch_size = Histogram(p + "batch_size", "Frames per detector run", buckets=BATCH_BUCKETS,
                                     registry=r)
         self.inference_seconds = Histogram(p + "inference_seconds", "Detector run time per batch",
@@ -144,7 +146,7 @@ class Metrics:
     def forget_stream(self, stream_id: str) -> None:
         """Remove a removed stream's series so dashboards do not show it forever."""
         for metric in (self.frames_in, self.frames_published, self.queue_depth, self.stream_up,
-                       self.recording_segments, self.recording_bytes, self.recording_failing,
+                       self.shot_cuts, self.recording_segments, self.recording_bytes, self.recording_failing,
                        self.audio_speech_segments, self.audio_faults, self.audio_delay):
             with contextlib.suppress(KeyError):
                 metric.remove(stream_id)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from stream.core.cuts import THRESHOLD
 from stream.core.detections import Detections
 from stream.core.frames import Frame
 from stream.core.nms import iou_matrix
@@ -98,6 +99,9 @@ class TrackerConfig:
     coast_growth: float = 0.06
     """relative growth of a coasting box per frame, to cover unpredicted motion"""
     velocity_smoothing: float = 0.5
+    cut_threshold: float = THRESHOLD
+    """consecutive frames correlating below this are a shot cut, which ends every track
+    (:mod:`stream.core.cuts`); 0: never"""
 
 
 @dataclass
@@ -151,16 +155,21 @@ class Tracker:
         """what the last update started, went on with and ended"""
         self._next_id = 1
 
-    def update(self, dets: Detections, elapsed: int = 1, seen: Seen | None = None) -> Detections:
+    def update(self, dets: Detections, elapsed: int = 1, seen: Seen | None = None, *,
+               cut: bool = False) -> Detections:
         """Match ``dets`` to the live tracks; return detected plus coasted boxes for this frame.
 
         ``elapsed`` is the number of source frames since the previous update (more than 1 when
         frames were dropped): tracks are predicted, and coasting boxes grown, that many frames on.
-        ``seen`` names the frame, kept as a track's first, last and best sighting. What changed
-        is left in :attr:`changes`.
+        ``seen`` names the frame, kept as a track's first, last and best sighting. ``cut``: the
+        frame starts a new shot, so every track of the old one ends here and ``dets`` start new
+        ones. What changed is left in :attr:`changes`.
         """
         cfg = self.config
         elapsed = max(1, int(elapsed))
+        cut_off = self.tracks if cut else []
+        if cut:
+            self.tracks = []
         for t in self.tracks:  # predict every track to this frame
             t.box = predict(t.box, t.velocity, elapsed)
             t.frames += elapsed
@@ -191,7 +200,7 @@ class Tracker:
                 matched_d.add(di)
                 self._refresh(self.tracks[ti], dets.boxes[di], float(dets.scores[di]), seen)
         alive: list[Track] = []
-        ended: list[Track] = []
+        ended: list[Track] = list(cut_off)
         for i, t in enumerate(self.tracks):
             if i not in matched_t:
                 t.since += 1

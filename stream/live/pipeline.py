@@ -312,6 +312,8 @@ class StreamRunner:
         (masked,) = self.stage.push(frame.seq, frame.image, dets, elapsed=self._elapsed(frame),
                                     seen=Seen.of(frame))
         tracks = self.stage.tracker.changes
+        if self.stage.cut:
+            self.metrics.shot_cuts.labels(self.id).inc()
         if masked.failed:
             self._fail_closed(job, job.failure or Failure.DEADLINE, masked.image, tracks)
             return
