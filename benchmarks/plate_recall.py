@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from stream.core.detections import Detections, FrameRef
 from stream.core.redact import Redactor
 from stream.core.vehicle_plates import LABEL as VEHICLE_PLATE
+from stream.core.vehicle_plates import TEXT_LABEL
 from stream.detect.ensemble import FrameDetector
 from stream.detect.presets import PRESETS, detector_config
 
@@ -62,7 +63,7 @@ def score(frame: np.ndarray, objs: list[dict], dets: Detections, redactor: Redac
     """Per scored plate (height, covered); and the masked share of the frame outside every object."""
     h, w = frame.shape[:2]
     mask = np.zeros((h, w), bool)
-    plates = dets.select(np.isin(np.asarray(dets.labels, dtype=object), ["plate", VEHICLE_PLATE]))
+    plates = dets.select(np.isin(np.asarray(dets.labels, dtype=object), ["plate", VEHICLE_PLATE, TEXT_LABEL]))
     for r in redactor.regions(plates, w, h):
         x1, y1, x2, y2 = r.box
         mask[y1:y2, x1:x2] = True

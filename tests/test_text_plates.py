@@ -11,6 +11,7 @@ from helpers import CHELSEA, coverage, read_bgr, textured_background
 
 from stream.core.detections import Detections, FrameRef
 from stream.core.redact import Redactor
+from stream.core.vehicle_plates import TEXT_LABEL
 from stream.detect.ensemble import FrameDetector
 from stream.detect.models import model_path
 from stream.detect.presets import detector_config
@@ -78,7 +79,7 @@ def test_a_square_plate_the_plate_model_misses_is_masked_from_its_text(side: int
         found[text] = det.detect([frame], [FrameRef("cam", 1)])[0]
     assert "plate" not in found[False].labels  # the plate model alone: nothing
     lines = found[True]
-    assert lines.labels == ("plate", "plate")  # one box per line of characters
+    assert lines.labels == (TEXT_LABEL, TEXT_LABEL)  # one box per line of characters, text-only plates
     for box in lines.boxes:
         assert coverage(plate, box) > 0.75  # each line lies on the plate (grown a little past it)
     # painted with the plate masks' margin, the two lines cover the plate as the scorer asks (80%)
@@ -118,8 +119,8 @@ def test_a_line_on_a_found_plate_widens_it_and_others_stand_alone() -> None:
     lines = Detections(np.array([[96, 102, 158, 116], [300, 50, 340, 62]], np.float32),
                        np.array([0.9, 0.7], np.float32), ("plate", "plate"))
     merged = merge_lines(plates, lines)
-    assert merged.labels == ("plate", "plate")
+    assert merged.labels == ("plate", TEXT_LABEL)  # the widened plate stays the plate model's
     np.testing.assert_array_equal(merged.boxes, [[96, 100, 160, 116], [300, 50, 340, 62]])
     np.testing.assert_allclose(merged.scores, [0.9, 0.7])
-    assert merge_lines(Detections(), lines).labels == ("plate", "plate")
+    assert merge_lines(Detections(), lines).labels == (TEXT_LABEL, TEXT_LABEL)
     assert len(merge_lines(plates, Detections())) == 1

@@ -11,11 +11,14 @@ import pytest
 from helpers import BUS, BUS_VEHICLE, ROOT, contains, iou, read_bgr
 
 from stream.core.detections import Detections
+from stream.core.redact import Redactor
 from stream.core.track import Tracker, TrackerConfig
 from stream.core.vehicle_plates import (
     LABEL,
     PLATE_FRESH_FRAMES,
     STAND_IN_COAST,
+    TEXT_COAST,
+    TEXT_LABEL,
     covered,
     plates_from_vehicles,
     vehicles_of,
@@ -110,7 +113,7 @@ def test_text_read_on_a_vehicle_does_not_cancel_its_stand_in(bus: np.ndarray) ->
     blind = FrameDetector(detector_config("accurate", providers=("cpu",), plate_threshold=0.99,
                                           plate_crops=False))
     found = blind.detect([bus])[0]
-    assert len(found.with_label("plate")) >= 2  # lines of text on and around the bus
+    assert len(found.with_label(TEXT_LABEL)) >= 2  # lines of text on and around the bus
     zones = found.with_label(LABEL).boxes
     assert len(zones) == 1 and iou(zones[0], zone_of(BUS_VEHICLE)) > 0.8
 
@@ -121,7 +124,7 @@ def test_zone_geometry_inverts_exactly() -> None:
     assert covered(zones_of(cars), np.array([[140, 150, 160, 158]], np.float32)).tolist() == [True, False]
 
 
-BOTH = frozenset({"face", "plate", LABEL})
+BOTH = frozenset({"face", "plate", LABEL, TEXT_LABEL})
 CAR, OTHER = [100, 100, 200, 160], [300, 100, 400, 160]
 
 
@@ -177,6 +180,29 @@ def test_a_stand_in_outlives_its_vehicle_briefly_and_never_grows() -> None:
     # a stand-in whose vehicle is found on every look lives on
     for _ in range(20):
         assert LABEL in track(t, zone).labels
+
+
+def test_a_text_only_plate_neither_ends_a_stand_in_nor_coasts_long() -> None:
+    """A line of text where the plate model found no plate is weaker evidence than a plate: it may be
+    a badge or a slogan on the vehicle, so its track does not end the vehicle's stand-in, and it may
+    be a sign or paving read as text, so it outlives its last detection by TEXT_COAST looks (a plate
+    track: ``max_coast``). It is a plate in every output."""
+    t = Tracker(TrackerConfig(max_coast=12))
+    zone = plates_from_vehicles(dets([CAR], "vehicle"), Detections(), 200)
+    badge = dets([[140, 145, 160, 151]], TEXT_LABEL)  # where the car's plate would be
+    out = track(t, zone, badge)
+    assert sorted(out.labels) == sorted([LABEL, TEXT_LABEL]) and not t.changes.ended
+    sign = dets([[300, 20, 380, 40]], TEXT_LABEL)
+    plate = dets([[300, 145, 320, 151]], "plate")
+    t = Tracker(TrackerConfig(max_coast=12))
+    track(t, sign, plate)
+    for look in range(1, 13):
+        out = track(t, Detections())
+        assert "plate" in out.labels, f"the plate coasts all 12 looks (look {look})"
+        assert (TEXT_LABEL in out.labels) == (look <= TEXT_COAST), f"look {look}: {out.labels}"
+    (as_text,) = Redactor().regions(dets([[300, 20, 380, 40]], TEXT_LABEL), 640, 360)
+    (as_plate,) = Redactor().regions(dets([[300, 20, 380, 40]], "plate"), 640, 360)
+    assert as_text == as_plate, "painted and reported as a plate, with a plate's margin"
 
 
 def test_the_option_is_range_checked() -> None:

@@ -124,7 +124,7 @@ class Redactor:
         out: list[Region] = []
         for i, label in enumerate(dets.labels):
             x1, y1, x2, y2 = (float(v) for v in dets.boxes[i])
-            s = cfg.mask_scale.get(label, 1.0)
+            s = cfg.mask_scale.get(label, cfg.mask_scale.get(public_label(label), 1.0))
             cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
             hw = max((x2 - x1) * s, cfg.min_size) / 2
             hh = max((y2 - y1) * s, cfg.min_size) / 2
@@ -132,7 +132,7 @@ class Redactor:
                    min(width, math.ceil(cx + hw)), min(height, math.ceil(cy + hh)))
             if box[2] <= box[0] or box[3] <= box[1]:
                 continue
-            shape = cfg.shape.get(label, "rect")
+            shape = cfg.shape.get(label, cfg.shape.get(public_label(label), "rect"))
             if shape == "ellipse" and (cx - hw < 0 or cy - hh < 0 or cx + hw > width or cy + hh > height):
                 # the frame edge cuts the box: an ellipse inscribed in the clipped box would
                 # uncover part of the face, the clipped rectangle covers all of it

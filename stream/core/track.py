@@ -21,7 +21,7 @@ from stream.core.detections import Detections
 from stream.core.frames import Frame
 from stream.core.nms import iou_matrix
 from stream.core.vehicle_plates import LABEL as VEHICLE_PLATE
-from stream.core.vehicle_plates import PLATE_FRESH_FRAMES, STAND_IN_COAST, covered
+from stream.core.vehicle_plates import PLATE_FRESH_FRAMES, STAND_IN_COAST, TEXT_COAST, TEXT_LABEL, covered
 
 
 def predict(box: np.ndarray, velocity: np.ndarray, frames: int) -> np.ndarray:
@@ -206,7 +206,8 @@ class Tracker:
                 t.since += 1
                 if dets.observed is None or t.label in dets.observed:
                     t.missed += 1  # looked for and not found; unobserved frames do not count
-            coast = min(cfg.max_coast, STAND_IN_COAST) if t.label == VEHICLE_PLATE else cfg.max_coast
+            coast = (min(cfg.max_coast, STAND_IN_COAST) if t.label == VEHICLE_PLATE
+                     else min(cfg.max_coast, TEXT_COAST) if t.label == TEXT_LABEL else cfg.max_coast)
             expired = t.missed > coast or t.since > 4 * coast
             (ended if expired else alive).append(t)
         going_on = len(alive)

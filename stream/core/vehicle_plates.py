@@ -21,10 +21,17 @@ from stream.core.detections import Detections
 LABEL = "vehicle_plate"
 """a mask over the middle of a vehicle on which no plate was found"""
 
+TEXT_LABEL = "plate_text"
+"""a text line found where the plate model found no plate (stream.detect.text)"""
+
+TEXT_COAST = 3
+"""looks a text-only plate track outlives its last detection"""
+
+
 def public_label(label: str) -> str:
     """The label masks and events report: a vehicle's middle mask hides a plate, so it is a plate
     there (the masks JSON and event formats know faces and plates only)."""
-    return "plate" if label == LABEL else label
+    return "plate" if label in (LABEL, TEXT_LABEL) else label
 
 
 SCALE = 1.25

@@ -26,7 +26,7 @@ import numpy as np
 from stream.core.detections import Detections, FrameRef
 from stream.core.nms import iou_matrix, nms
 from stream.core.vehicle_plates import LABEL as VEHICLE_PLATE
-from stream.core.vehicle_plates import plates_from_vehicles
+from stream.core.vehicle_plates import TEXT_LABEL, plates_from_vehicles
 from stream.core.yuv import I420, Picture
 from stream.detect.backend import TRANSFERS, BackendName
 from stream.detect.base import Chunk, OnnxDetector
@@ -473,6 +473,7 @@ class FrameDetector:
                 observed.add("face")
             if plate_due[i]:
                 observed.add("plate")
+                observed.add(TEXT_LABEL)
             extra = []
             if people_due[i] and self.person_model is not None:
                 if self.config.bodies:

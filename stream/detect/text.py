@@ -17,6 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from stream.core.detections import Detections
+from stream.core.vehicle_plates import TEXT_LABEL
 from stream.detect.base import OnnxDetector
 from stream.detect.letterbox import Placement
 
@@ -86,6 +87,7 @@ def merge_lines(plates: Detections, lines: Detections) -> Detections:
     """The plate model's plates with the text lines added: a line lying mostly on a plate already
     found widens that plate's box to cover both, so that one plate stays one mask, one track and
     one event; the other lines are plates of their own."""
+    lines = Detections(lines.boxes, lines.scores, (TEXT_LABEL,) * len(lines))
     if not len(lines) or not len(plates):
         return Detections.concat([plates, lines])
     boxes, scores = plates.boxes.copy(), plates.scores.copy()
