@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import itertools
 
+import cv2
 import numpy as np
 import pytest
-from helpers import finds, uk_plate
+from helpers import BUS, finds, read_bgr, uk_plate
 
 from stream.core.detections import Detections, FrameRef
 from stream.core.track import Tracker, TrackerConfig
@@ -113,6 +114,26 @@ def test_cadences_are_per_stream_and_staggered(every3: FrameDetector, spy: Spy, 
     assert [r[0] for r in ran] == [True, False, False, True, False, False, True]
     # b's first run counts as one frame earlier: its next comes after 2 frames, then every 3rd
     assert [r[1] for r in ran] == [True, False, True, False, False, True, False]
+
+
+def test_a_cut_to_another_view_runs_every_model_at_once(every3: FrameDetector, spy: Spy,
+                                                       chelsea: np.ndarray) -> None:
+    """The tracker ends the old view's tracks at a cut; a plate model due two frames later would leave
+    the new view's plates unmasked until then, so a cut starts the stream's cadences afresh."""
+    here = plate_frames(chelsea, 1)[0]
+    there = cv2.resize(read_bgr(BUS), (here.shape[1], here.shape[0]), interpolation=cv2.INTER_AREA)
+    x1, y1, x2, y2 = PLATE_AT
+    there[y1:y2, x1:x2] = uk_plate(x2 - x1, y2 - y1)
+    for views, want in (([here, here, here, here], [True, False, False, True]),
+                        ([here, here, there, there], [True, False, True, False])):
+        sid = stream_in_phase(f"cut-{want}")
+        ran = []
+        for seq, view in enumerate(views):
+            (d,) = every3.detect([view.copy()], [FrameRef(sid, seq)])
+            ran.append("plate" in d.observed)
+            if ran[-1]:
+                assert finds(d.with_label("plate").boxes, PLATE_AT), f"frame {seq}: plate not found"
+        assert ran == want
 
 
 def test_skipped_plate_frames_stay_masked_through_the_tracker(every3: FrameDetector,

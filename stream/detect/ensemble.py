@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from stream.core.cuts import MAX_GAP, ShotCuts
 from stream.core.detections import Detections, FrameRef
 from stream.core.nms import iou_matrix, nms
 from stream.core.vehicle_plates import LABEL as VEHICLE_PLATE
@@ -289,6 +290,8 @@ class FrameDetector:
         """pinned buffers the batches' frames go up through (one copy per batch)"""
         self._last_run: dict[tuple[int, str], int] = {}
         """per (model slot, stream): the frame number a model last ran on (its cadence)"""
+        self._cuts: dict[str, tuple[int, ShotCuts]] = {}
+        """per stream: the last frame number judged, and its shot-cut reader (cadences only)"""
         self._gates: dict[tuple[int, str], RegionGate] = {}
         """per (model slot, stream): what a change-gated model last saw and found"""
         self.looks = {"full": 0, "crops": 0, "skip": 0}
@@ -393,6 +396,23 @@ class FrameDetector:
             due[i] = True
         return due
 
+    def _restart_on_cuts(self, images: list[Picture], refs: Sequence[FrameRef]) -> None:
+        """A frame that cuts to another view (:mod:`stream.core.cuts`) starts its stream's cadences
+        afresh, so every model looks at the new view at once: the tracker ends the old view's
+        tracks there, and a model due two frames later would leave the new view's plates and
+        distant heads unmasked until then. Frames of a stream are read oldest first."""
+        for i in sorted(range(len(images)), key=lambda i: (refs[i].stream, refs[i].seq)):
+            ref = refs[i]
+            seen = self._cuts.get(ref.stream)
+            judge = seen[1] if seen is not None else ShotCuts()
+            gap = ref.seq - seen[0] if seen is not None else MAX_GAP + 1  # a first frame is not judged
+            if gap <= 0:  # the stream started again
+                judge.reset()
+            self._cuts[ref.stream] = (ref.seq, judge)
+            if judge(images[i], gap if gap > 0 else MAX_GAP + 1):
+                for key in [k for k in self._last_run if k[1] == ref.stream]:
+                    del self._last_run[key]
+
     def forget(self, stream: str) -> None:
         """Start ``stream``'s cadences afresh: the results of a run on it never reached its tracker."""
         for key in [k for k in self._last_run if k[1] == stream]:
@@ -400,6 +420,7 @@ class FrameDetector:
         for key in [k for k in self._gates if k[1] == stream]:
             self._gates.pop(key, None)
         self._crop_memo.pop(stream, None)
+        self._cuts.pop(stream, None)
 
     def _gated(self, model: OnnxDetector, refs: Sequence[FrameRef] | None) -> bool:
         return self.config.regions is not None and refs is not None and not model.on_gpu
@@ -416,6 +437,8 @@ class FrameDetector:
         runs: list[tuple[OnnxDetector | None, list[bool], list[Chunk] | None]] = []
         plan = [*self.face_models, (self.plate_model, self.config.plate),
                 (self.person_model, self.config.person_heads), (self.text_model, self.config.text_plates)]
+        if refs is not None and any(m is not None and c is not None and c.every > 1 for m, c in plan):
+            self._restart_on_cuts(images, refs)
         dues = [self._schedule(slot, model, mcfg, n, refs) for slot, (model, mcfg) in enumerate(plan)]
         models = [m for m, _ in plan]
         if self.upload and all(m.on_gpu for m in models if m is not None):
@@ -473,7 +496,8 @@ class FrameDetector:
                 observed.add("face")
             if plate_due[i]:
                 observed.add("plate")
-                observed.add(TEXT_LABEL)
+                if self.text_model is not None:  # the text pass runs at the plate model's cadence
+                    observed.add(TEXT_LABEL)
             extra = []
             if people_due[i] and self.person_model is not None:
                 if self.config.bodies:
