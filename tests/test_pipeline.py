@@ -9,11 +9,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 
+import av
+import cv2
 import numpy as np
 import pytest
-from helpers import Clip, laplacian_var, make_clip, read_video
+from helpers import BUS, CHELSEA, Clip, laplacian_var, make_clip, read_bgr, read_video
 from live_helpers import Hangs, NoFaces, Raises, Slow, counter, wait_for
 
 from stream.config import PipelineConfig, parse_config
@@ -343,6 +346,40 @@ def test_live_frames_report_track_life_from_the_masking_stage(clip: Clip) -> Non
     assert first_seq <= last.best_seen.seq <= last.last_seen.seq < end_seq
     assert last.best_score == pytest.approx(0.9)
     assert [r["track_id"] for r in p.streams["cam0"].status()["recent"]] == [first.track_id]
+
+
+def switched_clip(path: Path, frames: int = 32) -> Path:
+    """A camera switch half-way: a dim view of a cat, then a bus in daylight (an H.264 file)."""
+    first = (cv2.resize(read_bgr(CHELSEA), (320, 240), interpolation=cv2.INTER_AREA) * 0.6).astype(np.uint8)
+    second = cv2.resize(read_bgr(BUS), (320, 240), interpolation=cv2.INTER_AREA)
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("libx264", rate=25)
+        vs.width, vs.height, vs.pix_fmt = 320, 240, "yuv420p"
+        vs.options = {"crf": "12", "preset": "ultrafast"}
+        for i in range(frames):
+            img = first if i < frames // 2 else second
+            for pkt in vs.encode(av.VideoFrame.from_ndarray(img, format="bgr24")):
+                c.mux(pkt)
+        for pkt in vs.encode():
+            c.mux(pkt)
+    return path
+
+
+def test_a_cut_to_another_view_ends_the_old_views_masks(tmp_path: Path) -> None:
+    """A VMS or a PTZ tour switches the camera's view: the face track of the first view ends at the
+    switch instead of coasting 12 frames over the second one, and the stream counts the cut."""
+    clip = Clip(switched_clip(tmp_path / "switch.mp4"), 32, 320, 240, Fraction(25), [None] * 32, False)
+    p = Pipeline(config(clip, fail_closed={"max_latency_ms": 20_000}), lambda: FaceForAWhile(10))
+    rec = run_to_end(p)
+    ended = [(seq, t) for seq, ch in rec.tracks for t in ch.ended]
+    assert len(ended) == 1, ended
+    end_seq, track = ended[0]
+    first_of_second_view = 17  # frame numbers start at 1; the view switches after 16 frames
+    assert track.last_seen is not None and track.last_seen.seq == 10
+    assert end_seq == first_of_second_view, "ended at the switch, not when its 12 frames of coasting ran out"
+    assert all(n == 0 for seq, n, _ in rec.frames if seq >= end_seq), "a mask of the first view after the cut"
+    assert any(n == 1 for seq, n, _ in rec.frames if 10 < seq < end_seq), "within the first view it coasted"
+    assert sample(p.metrics, "stream_redact_shot_cuts_total", stream="cam0") == 1
 
 
 def test_a_frames_deadline_counts_from_when_its_data_arrived(clip: Clip) -> None:
