@@ -130,6 +130,21 @@ class Clip:
     audio: bool
 
 
+def encode_frames(path: Path, images: Sequence[np.ndarray], fps: int = 25) -> Path:
+    """An H.264 file of ``images`` (BGR, one size) as they are, one frame each."""
+    h, w = images[0].shape[:2]
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("libx264", rate=fps)
+        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
+        vs.options = {"crf": "12", "preset": "ultrafast"}
+        for img in images:
+            for pkt in vs.encode(av.VideoFrame.from_ndarray(img, format="bgr24")):
+                c.mux(pkt)
+        for pkt in vs.encode():
+            c.mux(pkt)
+    return path
+
+
 def make_clip(path: Path, frames: int = 8, width: int = 320, height: int = 240,
               fps: Fraction | int = 25, audio: bool = False, faststart: bool = False,
               face_from: int = 0) -> Clip:

@@ -12,11 +12,10 @@ from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 import pytest
-from helpers import BUS, CHELSEA, Clip, laplacian_var, make_clip, read_bgr, read_video
+from helpers import BUS, CHELSEA, Clip, encode_frames, laplacian_var, make_clip, read_bgr, read_video
 from live_helpers import Hangs, NoFaces, Raises, Slow, counter, wait_for
 
 from stream.config import PipelineConfig, parse_config
@@ -352,17 +351,7 @@ def switched_clip(path: Path, frames: int = 32) -> Path:
     """A camera switch half-way: a dim view of a cat, then a bus in daylight (an H.264 file)."""
     first = (cv2.resize(read_bgr(CHELSEA), (320, 240), interpolation=cv2.INTER_AREA) * 0.6).astype(np.uint8)
     second = cv2.resize(read_bgr(BUS), (320, 240), interpolation=cv2.INTER_AREA)
-    with av.open(str(path), "w") as c:
-        vs = c.add_stream("libx264", rate=25)
-        vs.width, vs.height, vs.pix_fmt = 320, 240, "yuv420p"
-        vs.options = {"crf": "12", "preset": "ultrafast"}
-        for i in range(frames):
-            img = first if i < frames // 2 else second
-            for pkt in vs.encode(av.VideoFrame.from_ndarray(img, format="bgr24")):
-                c.mux(pkt)
-        for pkt in vs.encode():
-            c.mux(pkt)
-    return path
+    return encode_frames(path, [first] * (frames // 2) + [second] * (frames - frames // 2))
 
 
 def test_a_cut_to_another_view_ends_the_old_views_masks(tmp_path: Path) -> None:

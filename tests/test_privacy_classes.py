@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import pytest
-from helpers import FIXTURES, read_bgr
+from helpers import FIXTURES, encode_frames, read_bgr
 from live_helpers import wait_for
 
 from stream.config import parse_config
@@ -58,16 +57,7 @@ def test_keeping_screen_rows_changes_no_person_or_vehicle_box() -> None:
 
 
 def _still_clip(path: Path, image: np.ndarray, frames: int = 40) -> Path:
-    h, w = image.shape[:2]
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=10)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        for _ in range(frames):
-            for p in s.encode(av.VideoFrame.from_ndarray(image, format="bgr24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return path
+    return encode_frames(path, [image] * frames, fps=10)
 
 
 def test_one_shared_detector_masks_persons_only_on_the_stream_that_asks(tmp_path: Path) -> None:
