@@ -392,8 +392,9 @@ class RedactionConfig(ConfigModel):
     coast: int = Field(12, ge=0, le=300, description="frames a lost box stays masked")
     cut_threshold: float = Field(CUT_THRESHOLD, ge=0, lt=1,
                                  description="two consecutive frames whose shrunk luma correlates below "
-                                             "this are a shot cut (a VMS switch, a PTZ tour, an edit): "
-                                             "the masks of the old view end there; 0: never")
+                                             "this, and whose luma histograms differ, are a shot cut (a "
+                                             "VMS switch, a PTZ tour, an edit): the masks of the old view "
+                                             "end there; 0: never")
 
     def redact_config(self) -> RedactConfig:
         # whole persons and screens: a little margin for limbs and bezels, which their boxes cut close

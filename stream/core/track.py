@@ -100,8 +100,8 @@ class TrackerConfig:
     """relative growth of a coasting box per frame, to cover unpredicted motion"""
     velocity_smoothing: float = 0.5
     cut_threshold: float = THRESHOLD
-    """consecutive frames correlating below this are a shot cut, which ends every track
-    (:mod:`stream.core.cuts`); 0: never"""
+    """consecutive frames correlating below this (and with differing histograms) are a shot cut,
+    which ends every track (:mod:`stream.core.cuts`; read by the masking stage); 0: never"""
 
 
 @dataclass

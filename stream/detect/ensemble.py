@@ -406,10 +406,10 @@ class FrameDetector:
             seen = self._cuts.get(ref.stream)
             judge = seen[1] if seen is not None else ShotCuts()
             gap = ref.seq - seen[0] if seen is not None else MAX_GAP + 1  # a first frame is not judged
-            if gap <= 0:  # the stream started again
+            if gap <= 0:  # the stream started again: this frame is not judged
                 judge.reset()
             self._cuts[ref.stream] = (ref.seq, judge)
-            if judge(images[i], gap if gap > 0 else MAX_GAP + 1):
+            if judge(images[i], gap):
                 for key in [k for k in self._last_run if k[1] == ref.stream]:
                     del self._last_run[key]
 

@@ -86,7 +86,8 @@ class TextPlates(OnnxDetector):
 def merge_lines(plates: Detections, lines: Detections) -> Detections:
     """The plate model's plates with the text lines added: a line lying mostly on a plate already
     found widens that plate's box to cover both, so that one plate stays one mask, one track and
-    one event; the other lines are plates of their own."""
+    one event; the other lines are plates of their own, labelled :data:`TEXT_LABEL` (weaker evidence
+    than the plate model's: the tracker coasts them less, and they end no vehicle's stand-in)."""
     lines = Detections(lines.boxes, lines.scores, (TEXT_LABEL,) * len(lines))
     if not len(lines) or not len(plates):
         return Detections.concat([plates, lines])
