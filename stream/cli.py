@@ -40,6 +40,17 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _lanes(text: str) -> int:
+    """A lane count: 0 (choose) to 16."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= v <= 16:
+        raise argparse.ArgumentTypeError(f"must be 0 (one per core) or 1 to 16, got {v}")
+    return v
+
+
 def _number(text: str) -> float:
     try:
         return float(text)
@@ -154,7 +165,11 @@ def add_redact_parser(sub: argparse._SubParsersAction) -> None:
                    help="the same as --audio keep (copies the audio unredacted)")
     p.add_argument("--providers", default="cuda,cpu",
                    help="ONNX Runtime providers in order of preference (default: cuda,cpu)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads per model (default: all cores)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads per model (default: cores / lanes)")
+    p.add_argument("--lanes", type=_lanes, default=0,
+                   help="CPU model runs side by side, one core each (default: one per core, up to 4; "
+                        "1: one after the other)")
     p.add_argument("--skip-unchanged", action="store_true",
                    help="CPU, fixed cameras: each model looks again only where the picture changed "
                         "since it last looked there, and at the whole picture every 50 frames")
@@ -198,7 +213,7 @@ def detection_config(args: argparse.Namespace) -> DetectionConfig:
             person_every=args.person_every, plates=not args.no_plates, heads=not args.no_heads,
             vehicle_plates_px=args.vehicle_plates, plate_crops=not args.no_plate_crops,
             text_plates=None if args.text_plates is None else args.text_plates == "on",
-            providers=[p.lower() for p in names], threads=args.threads, int8=args.int8,
+            providers=[p.lower() for p in names], threads=args.threads, lanes=args.lanes, int8=args.int8,
             skip_unchanged=args.skip_unchanged, model_dir=args.model_dir)
     except ValidationError as e:
         err = e.errors()[0]

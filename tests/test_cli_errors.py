@@ -116,6 +116,10 @@ CASES = [
      r"argument --plate-every: expected a whole number, got 'x'"),
     ("person-every-0", ["{image}", "-o", "{tmp}/o.jpg", "--person-every", "0"], 2,
      r"argument --person-every: must be >= 1"),
+    ("lanes-negative", ["{image}", "-o", "{tmp}/o.jpg", "--lanes", "-1"], 2,
+     r"argument --lanes: must be 0 \(one per core\) or 1 to 16, got -1"),
+    ("lanes-too-many", ["{image}", "-o", "{tmp}/o.jpg", "--lanes", "17"], 2,
+     r"argument --lanes: must be 0 \(one per core\) or 1 to 16, got 17"),
     ("empty-model-dir", ["{image}", "-o", "{tmp}/o.jpg", "--model-dir", "{tmp}"], 1,
      r"missing.*stream-redact models fetch"),
 ]

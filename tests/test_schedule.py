@@ -33,14 +33,18 @@ class Spy:
     def __call__(self, images: list[np.ndarray], frames: object = None) -> list[Detections]:
         return self.complete(self.prepare(images, frames))
 
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
 
 @pytest.fixture(scope="module")
 def every3() -> FrameDetector:
     """CenterFace on every frame, plates on every 3rd frame, no person heads."""
+    # one lane: the due frames of a batch reach the model as one batch (lanes split it)
     return FrameDetector(DetectorConfig(
         faces={"centerface": ModelConfig(0.35, 320)},
         plate=ModelConfig(threshold=0.2, input_size=640, every=3),
-        person_heads=None, providers=("cpu",)))
+        person_heads=None, providers=("cpu",), lanes=1))
 
 
 @pytest.fixture
@@ -157,6 +161,8 @@ def test_skipped_plate_frames_stay_masked_through_the_tracker(every3: FrameDetec
 
 class Blind:
     """A face model that runs on every frame and, as for a face a few pixels tall, finds nothing."""
+
+    on_gpu = False
 
     def prepare(self, images: list[np.ndarray], frames: object = None) -> list[int]:
         return [len(images)]

@@ -312,7 +312,13 @@ class DetectionConfig(ConfigModel):
     providers: list[Literal["tensorrt", "cuda", "cpu"]] = Field(
         default_factory=lambda: ["tensorrt", "cuda", "cpu"], min_length=1,
         description="ONNX Runtime providers in order; unavailable ones are skipped with a warning")
-    threads: int = Field(0, ge=0, le=256, description="CPU inference threads per session; 0 = ORT default")
+    threads: int = Field(0, ge=0, le=256, description="CPU inference threads per session; 0: cores / lanes")
+    lanes: int = Field(
+        0, ge=0, le=16,
+        description="CPU only: how many of a batch's model runs go side by side, each on its own core "
+                    "(plates, persons, faces and text of one frame; the frames of a batch split between "
+                    "them). 0: one per core up to 4, or cores / threads where threads is set; 1: one "
+                    "after the other, each on every core")
     skip_unchanged: bool = Field(
         False, description="CPU only, for fixed cameras: a model looks again only at the parts of a "
                            "stream's picture that changed since it last looked there (with a margin and "
@@ -377,7 +383,7 @@ class DetectionConfig(ConfigModel):
             vehicle_plates=self.vehicle_plates_px, plate_crops=self.plate_crops, classes=tuple(classes),
             text_plates=self.text_plates,
             providers=self.providers,
-            threads=self.threads, regions=self.skip_unchanged,
+            threads=self.threads, lanes=self.lanes, regions=self.skip_unchanged,
             model_dir=self.model_dir, backend=self.backend, device_id=self.device_id, fp16=self.fp16,
             int8=self.int8, cache_dir=self.engine_cache_dir, device_preprocess=self.device_preprocess,
             static_graphs=self.static_graphs, device_decode=self.device_decode, cuda_graphs=self.cuda_graphs,

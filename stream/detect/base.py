@@ -15,7 +15,7 @@ import onnx
 from stream.core.detections import Detections
 from stream.core.nms import clip_boxes, nms
 from stream.core.yuv import Picture, as_bgr
-from stream.detect.backend import Backend, BackendName, choose_backend, make_backend, runs_on_gpu
+from stream.detect.backend import Backend, BackendName, OrtBackend, choose_backend, make_backend, runs_on_gpu
 from stream.detect.buckets import DEFAULT_BUCKETS, check_buckets, plan
 from stream.detect.device import DeviceFrames, claim_on_this_stream
 from stream.detect.letterbox import Placement, letterbox_batch, target_side
@@ -243,6 +243,14 @@ class OnnxDetector(ABC):
     def _complete_chunk(self, chunk: Chunk) -> list[Detections]:
         backend = self.backend_for(*chunk.canvas)
         claim_on_this_stream(chunk.x)
+        if isinstance(backend, OrtBackend) and not backend.on_gpu:
+            # ONNX Runtime runs a session from several threads at once: CPU lanes run chunks of one
+            # model side by side (stream.detect.lanes); decoding still takes the lock below
+            outputs = backend.run(chunk.x)
+            with self._lock:
+                self.begin(chunk.x.shape[0], chunk.canvas, backend)
+                return [self._finish(outputs, i, place, shape)
+                        for i, (place, shape) in enumerate(zip(chunk.places, chunk.shapes, strict=True))]
         # decode may keep per-batch state (YuNet's grid size): same lock as the run
         with self._lock:
             if self.device_decode and self.groups() and hasattr(backend, "run_decoded"):

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,12 +29,13 @@ from stream.core.nms import iou_matrix, nms
 from stream.core.vehicle_plates import LABEL as VEHICLE_PLATE
 from stream.core.vehicle_plates import TEXT_LABEL, plates_from_vehicles
 from stream.core.yuv import I420, Picture
-from stream.detect.backend import TRANSFERS, BackendName
+from stream.detect.backend import TRANSFERS, BackendName, choose_backend, runs_on_gpu
 from stream.detect.base import Chunk, OnnxDetector
 from stream.detect.buckets import DEFAULT_BUCKETS
 from stream.detect.centerface import CenterFace
 from stream.detect.crops import CropConfig, cut, plan_crops, to_frame
 from stream.detect.device import DeviceFrames, SideStream, StagingRing, torch_device_ok
+from stream.detect.lanes import Lanes, plan_lanes, split
 from stream.detect.letterbox import scaled
 from stream.detect.regions import (
     GateConfig,
@@ -116,6 +117,10 @@ class DetectorConfig:
     """report the person model's body boxes as ``person`` boxes (streams that mask whole persons)"""
     providers: Sequence[str] = DEFAULT_PROVIDERS
     threads: int = 0
+    """ONNX Runtime threads per CPU session; 0: cores / lanes (see :mod:`stream.detect.lanes`)"""
+    lanes: int = 0
+    """CPU only: model runs of a batch that go side by side, one core each; 0: one per core (up to
+    4), or cores / ``threads`` where threads are set; 1: one after the other"""
     model_dir: Path | None = None
     backend: BackendName = "auto"
     device_id: int = 0
@@ -249,7 +254,14 @@ class FrameDetector:
 
     def __init__(self, config: DetectorConfig | None = None) -> None:
         self.config = cfg = config or DetectorConfig()
-        common = {"model_dir": cfg.model_dir, "providers": cfg.providers, "threads": cfg.threads,
+        # lanes are for ONNX Runtime on the CPU: a GPU runs a whole batch at once, and the torch
+        # backend (a GPU path, tested on the CPU) runs one model at a time
+        cpu_ort = (choose_backend(cfg.backend, cfg.providers) == "onnxruntime"
+                   and not runs_on_gpu(cfg.backend, cfg.providers))
+        count, threads = plan_lanes(cfg.lanes, cfg.threads, not cpu_ort)
+        self.lanes = Lanes(count)
+        """where a batch's model runs go side by side (CPU only)"""
+        common = {"model_dir": cfg.model_dir, "providers": cfg.providers, "threads": threads,
                   "backend": cfg.backend, "device_id": cfg.device_id, "fp16": cfg.fp16,
                   "cache_dir": cfg.cache_dir, "buckets": cfg.buckets, "int8": cfg.int8,
                   "static_graphs": cfg.static_graphs, "device_decode": cfg.device_decode,
@@ -457,6 +469,10 @@ class FrameDetector:
                 chunks: list[Chunk] | None = []
                 if model is not None and picked and self._gated(model, refs):
                     chunks = None  # where it looks depends on the last run's results: decided at run time
+                elif model is not None and picked and self.lanes.parallel and not model.on_gpu:
+                    # one chunk per lane: a model's frames of a batch run side by side
+                    chunks = [c for part in split(picked, self.lanes.count)
+                              for c in model.prepare([bgr[i] for i in part])]
                 elif model is not None and picked:
                     sub = frames.subset(picked) if frames is not None and model.on_gpu else None
                     chunks = model.prepare([bgr[i] for i in picked], sub)
@@ -466,27 +482,63 @@ class FrameDetector:
                         refs if self.config.regions is not None else None)
 
     def complete(self, prepared: Prepared) -> list[Detections]:
-        """Run every model on a prepared batch and merge their boxes per frame."""
+        """Run every model on a prepared batch and merge their boxes per frame.
+
+        On a CPU with lanes (:mod:`stream.detect.lanes`) the models' runs go side by side: the plate
+        model, the text pass, the person model followed by the crop pass on its vehicles, and the
+        face models, each chunk a task. Change-gated models run first, in this thread: their gates
+        and the frames' signatures are shared."""
         n = prepared.n
         scales = prepared.scales or [None] * n
-        results: list[tuple[list[Detections], list[bool]]] = []
+        results: list[tuple[list[Detections], list[bool]]] = [([Detections()] * n, due)
+                                                               for _, due, _ in prepared.runs]
+        person_slot = len(prepared.runs) - 2
         sigs: dict[int, np.ndarray] = {}
         for slot, (model, due, chunks) in enumerate(prepared.runs):
-            out = [Detections()] * n
             if model is not None and chunks is None:
                 for i, d in self._gated_run(slot, model, due, prepared, sigs).items():
-                    out[i] = to_source(d, scales[i])
-            elif model is not None and chunks:
-                found = model.complete(chunks)
-                for i, d in zip([i for i in range(n) if due[i]], found, strict=True):
-                    out[i] = to_source(d, scales[i])
-            results.append((out, due))
+                    results[slot][0][i] = to_source(d, scales[i])
+
+        def place(slot: int, found: list[Detections]) -> None:
+            out, due = results[slot]
+            for i, d in zip([i for i in range(n) if due[i]], found, strict=True):
+                out[i] = to_source(d, scales[i])
+
+        crop_plates: list[list[Detections]] = []
+
+        def people_then_crops() -> list[Detections]:
+            model, _, chunks = prepared.runs[person_slot]
+            if model is not None and chunks:
+                place(person_slot, model.complete(chunks))
+            people, people_due = results[person_slot]
+            vehicles = [people[i].with_label("vehicle") for i in range(n)]
+            crop_plates.append(self._crop_pass(prepared.images, vehicles, people_due, prepared.refs))
+            return []
+
+        def runner(model: OnnxDetector, chunks: list[Chunk]) -> Callable[[], list[Detections]]:
+            return lambda: model.complete(chunks)
+
+        # the longest runs first, so that the short ones fill in beside them; with lanes each chunk
+        # (a lane's share of the batch) is a task of its own
+        jobs: list[tuple[int, Callable[[], list[Detections]]]] = []
+        for slot in [len(prepared.runs) - 3, len(prepared.runs) - 1, *range(len(self.face_models))]:
+            model, _, chunks = prepared.runs[slot]
+            if model is not None and chunks:
+                parts = [[c] for c in chunks] if self.lanes.parallel else [chunks]
+                jobs += [(slot, runner(model, part)) for part in parts]
+        jobs.insert(min(2, len(jobs)), (person_slot, people_then_crops))
+        found: dict[int, list[Detections]] = {}
+        for (slot, job), out in zip(jobs, self.lanes.run([job for _, job in jobs]), strict=True):
+            if job is not people_then_crops:
+                found.setdefault(slot, []).extend(out)
+        for slot, dets in found.items():
+            place(slot, dets)
         face_runs = results[:len(self.face_models)]
         plates, plate_due = results[-3]
         people, people_due = results[-2]
         texts, _ = results[-1]
         vehicles = [people[i].with_label("vehicle") for i in range(n)]
-        crop_plates = self._crop_pass(prepared.images, vehicles, people_due, prepared.refs)
+        crops = crop_plates[0]
         out = []
         for i in range(n):
             observed = set()
@@ -515,8 +567,8 @@ class FrameDetector:
                 inter = iou_matrix(heads.boxes, faces.boxes)
                 heads = heads.select(inter.max(axis=1) < 0.1)
             found = plates[i]
-            if len(crop_plates[i]):  # the same plate found twice: keep the more certain box
-                both = Detections.concat([found, crop_plates[i]])
+            if len(crops[i]):  # the same plate found twice: keep the more certain box
+                both = Detections.concat([found, crops[i]])
                 found = both.select(np.isin(np.arange(len(both)), nms(both.boxes, both.scores, 0.5)))
             zones = Detections()
             if self.config.plate_max_vehicle_px and self.plate_model is not None and people_due[i]:
@@ -673,21 +725,6 @@ class FrameDetector:
             self.crops_run += len(todo)
             self.crop_seconds += time.perf_counter() - t0
         self._crop_memo.update(memo)
-        for i, parts in per_frame.items():
-            found[i] = Detections.concat(parts)
-        return found
-        crops = plan_crops([v if due[i] else None for i, v in enumerate(vehicles)],
-                           [im.shape[:2] for im in images], cc)
-        if not crops:
-            return found
-        t0 = time.perf_counter()
-        pixels = [cut(images[c.frame], c.box) for c in crops]
-        per_frame: dict[int, list[Detections]] = {}
-        for model in self.crop_models:
-            for c, d in zip(crops, model.run(pixels), strict=True):
-                per_frame.setdefault(c.frame, []).append(to_frame(d, c.box))
-        self.crops_run += len(crops)
-        self.crop_seconds += time.perf_counter() - t0
         for i, parts in per_frame.items():
             found[i] = Detections.concat(parts)
         return found

@@ -58,7 +58,7 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
                     vehicle_plates: float | None = None, plate_crops: bool = True,
                     crop_sizes: Sequence[int] | None = None, text_plates: bool | None = None,
                     int8: bool | str = True,
-                    providers: Sequence[str] = ("cuda", "cpu"), threads: int = 0,
+                    providers: Sequence[str] = ("cuda", "cpu"), threads: int = 0, lanes: int = 0,
                     model_dir: Path | None = None, classes: Sequence[str] = (), regions: bool = False,
                     **runtime: Any) -> DetectorConfig:
     """A preset with the options given explicitly taking precedence over it.
@@ -70,6 +70,7 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
     ``input_size`` given explicitly sets every model's size. ``int8`` (``auto``/True or
     ``off``/False) lets CPU sessions load the int8 variants of the plate and person models where
     their input is within what the variant was checked at (640: the fast preset's sizes).
+    ``threads`` and ``lanes`` set how CPU models share the cores (:mod:`stream.detect.lanes`).
     ``regions`` gates CPU models by change (:mod:`stream.detect.regions`).
     ``classes`` adds ``screen`` and/or ``person`` (whole bodies) boxes to what is reported; they come
     from the person model, which then runs even without ``heads`` (head masks stay off).
@@ -84,7 +85,8 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
     plate_size = input_size or int(p["plate_size"])  # type: ignore[call-overload]
     person_size = input_size or int(p["person_size"])  # type: ignore[call-overload]
     use_int8 = int8 not in (False, "off")
-    cfg = DetectorConfig(providers=tuple(providers), threads=threads, model_dir=model_dir, int8=use_int8,
+    cfg = DetectorConfig(providers=tuple(providers), threads=threads, lanes=lanes, model_dir=model_dir,
+                         int8=use_int8,
                          **runtime)
     cfg.faces = {n: ModelConfig(threshold=face_threshold or FACE_THRESHOLDS[n], input_size=size,
                                 min_input=min(640, size)) for n in face_models(preset, face_model)}

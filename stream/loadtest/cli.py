@@ -126,6 +126,9 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     d.add_argument("--threads", type=_bounded(int, 0, 256, "a thread count"), default=0,
                    help="ONNX Runtime threads per model session in the pipeline (detection.threads; "
                         "default 0: ONNX Runtime's own, one per core)")
+    d.add_argument("--lanes", type=_bounded(int, 0, 16, "a lane count"), default=0,
+                   help="CPU model runs side by side in the pipeline (detection.lanes; default 0: one "
+                        "per core, up to 4; 1: one after the other)")
     d.add_argument("--skip-unchanged", action="store_true",
                    help="the pipeline's models look again only where the picture changed "
                         "(detection.skip_unchanged)")
@@ -254,6 +257,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            bitrate_kbps=args.bitrate_kbps, duration_s=args.duration, warmup_s=args.warmup,
                            preset=args.preset,
                            max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, threads=args.threads,
+                           lanes=args.lanes,
                            skip_unchanged=args.skip_unchanged,
                            latency_bound_ms=args.latency_bound_ms, faces=args.faces, plates=args.plates,
                            register=args.register, api=args.api, token_env=args.token_env, media=args.media,

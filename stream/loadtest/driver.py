@@ -76,7 +76,9 @@ class RunSpec:
     max_batch: int = 8
     max_wait_ms: float = 10.0
     threads: int = 0
-    """ONNX Runtime threads per model session (``detection.threads``; 0: ORT's own choice)"""
+    """ONNX Runtime threads per model session (``detection.threads``; 0: cores / lanes)"""
+    lanes: int = 0
+    """CPU model runs side by side (``detection.lanes``; 0: the pipeline's own choice)"""
     skip_unchanged: bool = False
     """``detection.skip_unchanged``: models look again only where the picture changed"""
     latency_bound_ms: float = 200.0
@@ -225,6 +227,8 @@ def pipeline_doc(spec: RunSpec, streams: list[dict[str, Any]], events_path: Path
     detection: dict[str, Any] = {"preset": spec.preset}
     if spec.threads:
         detection["threads"] = spec.threads
+    if spec.lanes:
+        detection["lanes"] = spec.lanes
     if spec.skip_unchanged:
         detection["skip_unchanged"] = True
     if spec.mode.startswith("redact-faces"):
