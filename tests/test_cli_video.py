@@ -88,6 +88,28 @@ def test_skip_unchanged_still_obscures_every_face(face_clip: Clip, tmp_path: Pat
     assert_faces_obscured(face_clip, read_video(face_clip.path).frames, read_video(out).frames, doc)
 
 
+def test_fast_preset_batches_and_lanes_mask_what_one_frame_at_a_time_masks(face_clip: Clip,
+                                                                           tmp_path: Path) -> None:
+    """`fast` batches 4 frames by default on a CPU and splits them between the lanes: the masks are
+    those of one frame at a time on one lane."""
+    docs = []
+    for name, extra in (("default", []), ("one", ["--batch", "1", "--lanes", "1"])):
+        out, masks = tmp_path / f"{name}.mp4", tmp_path / f"{name}.json"
+        res = run_cli("redact", face_clip.path, "-o", out, "--masks-json", masks, "--no-progress",
+                      "--preset", "fast", *extra)
+        assert res.returncode == 0, res.stderr
+        docs.append(json.loads(masks.read_text()))
+    batched, single = docs
+    assert sum(len(f["regions"]) for f in single["frames"]) > 0
+    def regions(frame: dict) -> list:
+        return [(r["label"], r["box"]) for r in frame["regions"]]
+
+    for a, b in zip(batched["frames"], single["frames"], strict=True):
+        assert regions(a) == regions(b), (a, b)
+    src, dst = read_video(face_clip.path).frames, read_video(tmp_path / "default.mp4").frames
+    assert_faces_obscured(face_clip, src, dst, batched)
+
+
 @pytest.mark.parametrize("audio", [["--keep-audio"], ["--audio", "drop"], []],
                          ids=["keep-audio", "drop-audio", "redacted-audio"])
 @pytest.mark.parametrize("fmt", ["mp4", "mkv", "avi", "mov"])

@@ -202,3 +202,10 @@ def test_a_bad_text_plates_setting_is_refused_naming_it(tmp_path: Path) -> None:
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "argument --text-plates: invalid choice: 'maybe' (choose from 'on', 'off')" in res.stderr
     assert not (tmp_path / "o.jpg").exists()
+
+
+def test_file_batch_default_follows_the_preset_where_there_are_lanes() -> None:
+    from stream.detect.presets import file_batch
+
+    assert file_batch("fast", 2) == 4 and file_batch("accurate", 2) == 1
+    assert file_batch("fast", 1) == 1, "one lane (a GPU, or --lanes 1): batches are for the user to size"

@@ -11,6 +11,7 @@ bytes it moves between host and device, which the metrics export.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import threading
@@ -401,8 +402,21 @@ def _np_dtype(t: Any) -> type:
     return np.float16 if str(t.dtype) == "torch.float16" else np.float32
 
 
+def nvidia_driver_present() -> bool:
+    """Whether this machine shows an NVIDIA driver or device (Linux, containers, WSL)."""
+    return (Path("/proc/driver/nvidia/version").exists() or Path("/dev/dxg").exists()
+            or any(Path("/dev").glob("nvidia[0-9]*")))
+
+
+@functools.lru_cache(maxsize=1)
 def torch_cuda_available() -> bool:
-    """True where torch, onnx2torch and a CUDA device are all present (GPU images without ORT-GPU)."""
+    """True where torch, onnx2torch and a CUDA device are all present (GPU images without ORT-GPU).
+
+    Asked once per process, and without a driver it does not import torch: importing torch and
+    onnx2torch took 3 s of every CPU start where torch was installed (the file benchmark's
+    start-up)."""
+    if not nvidia_driver_present():
+        return False
     try:
         import onnx2torch  # noqa: F401
         import torch

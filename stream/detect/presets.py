@@ -33,9 +33,21 @@ PRESETS: dict[str, dict[str, object]] = {
     "fast": {"face_model": "yunet", "input_size": 640, "plate_size": 640, "person_size": 512,
              "plate_every": 3, "person_every": 3, "text_plates": False},
 }
+FILE_BATCH = {"accurate": 1, "fast": 4}
+"""frames per detector call in the file command on a CPU with lanes (``redact --batch``'s default).
+`fast` runs only its face model on two frames of three, and a batch of 4 lets the lanes split them:
+47.8 against 37.7 frames/s at 640x360 on 2 cores. `accurate` already keeps every lane busy with its
+four models on each frame, and batching it only delays the first frames (5.2 against 5.5)
+(benchmarks/README.md, "CPU lanes")"""
 FACE_THRESHOLDS = {"centerface": 0.35, "yunet": 0.5}
 TEXT_THRESHOLD = 0.5
 """a text line's mean text probability (PaddleOCR's box threshold)"""
+
+
+def file_batch(preset: str, lanes: int) -> int:
+    """The file command's batch where ``--batch`` is not given: :data:`FILE_BATCH` with CPU lanes,
+    else 1 (a GPU's batch is for its user to size)."""
+    return FILE_BATCH[preset] if lanes > 1 else 1
 
 
 def face_models(preset: str, face_model: str | None = None) -> list[str]:
