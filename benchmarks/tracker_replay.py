@@ -5,11 +5,13 @@ frames are dropped and a track coasts between the few that are detected. This re
 offline and deterministically. It renders one synthetic camera of the load test (its moving
 plate), encodes it with libx264 and decodes it as the pipeline would, then detects plates on
 every frame with the ``fast`` preset. Then it runs the tracker over many random drop patterns
-(2-6 source frames between updates), with the old linear box prediction and with the current
-one (centre at the tracked velocity, size never shrinking).
+(2-6 source frames between updates), with the old linear box prediction, with the centre
+prediction alone (centre at the tracked velocity, size never shrinking), and with the current
+one, whose coasting plate boxes also reach back to the last sighting (``track.BACKTRACK_LABELS``).
 
-Run: ``python benchmarks/tracker_replay.py [--kbps 500] [--trials 60]``. Needs the sample clip
-that ``deploy/setup.sh`` fetches. Writes ``benchmarks/results/tracker_replay.json``.
+Run: ``python benchmarks/tracker_replay.py [--kbps 500] [--trials 60] [--camera 1 --first 0]``. Needs
+the sample clip that ``deploy/setup.sh`` fetches. Writes ``benchmarks/results/tracker_replay.json``
+(``tracker_replay_cameraN.json`` for another camera).
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PLATE_SCALE = 1.25  # the redactor's default plate mask enlargement
 
 
-def detect_encoded(seqs: list[int], kbps: int, work: Path) -> dict[int, tuple[Any, list[tuple[int, ...]]]]:
+def detect_encoded(seqs: list[int], kbps: int, work: Path,
+                   camera: int = 0) -> dict[int, tuple[Any, list[tuple[int, ...]]]]:
     """Plate detections and ground truth per frame, after an H.264 round trip."""
-    scene = Scene(load_material(sample_path("talking-face")), 0, 640, 360, 25.0)
+    scene = Scene(load_material(sample_path("talking-face")), camera, 640, 360, 25.0)
     path = work / "tracker_replay.mp4"
     with av.open(str(path), "w") as out:
         st = out.add_stream("libx264", rate=25)
@@ -65,10 +68,15 @@ def coverage(box: np.ndarray, truth: tuple[int, ...]) -> float:
     return float(ix * iy / ((truth[2] - truth[0]) * (truth[3] - truth[1])))
 
 
-def replay(frames: dict, seqs: list[int], trials: int, linear: bool) -> dict[str, Any]:
-    current = track.predict
-    if linear:
+MODES = ("linear", "forward", "current")
+
+
+def replay(frames: dict, seqs: list[int], trials: int, mode: str) -> dict[str, Any]:
+    current, backtrack = track.predict, track.BACKTRACK_LABELS
+    if mode == "linear":
         track.predict = lambda box, v, n: (box + v * n).astype(np.float32)  # type: ignore[assignment]
+    if mode in ("linear", "forward"):
+        track.BACKTRACK_LABELS = frozenset()
     try:
         rng = np.random.default_rng(0)
         checks, short, worst = 0, 0, 1.0
@@ -87,7 +95,7 @@ def replay(frames: dict, seqs: list[int], trials: int, linear: bool) -> dict[str
                     short += c < 0.9
                 seq += int(rng.integers(2, 7))
     finally:
-        track.predict = current
+        track.predict, track.BACKTRACK_LABELS = current, backtrack
     return {"checks": checks, "below_0.9": short, "worst_coverage": round(worst, 3)}
 
 
@@ -95,22 +103,25 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kbps", type=int, default=500)
     ap.add_argument("--trials", type=int, default=60)
+    ap.add_argument("--camera", type=int, default=0, help="which of the load test's cameras (0: the first)")
+    ap.add_argument("--first", type=int, default=500, help="the first of the 260 frames replayed")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    seqs = list(range(500, 760))
-    frames = detect_encoded(seqs, args.kbps, args.out)
+    seqs = list(range(args.first, args.first + 260))
+    frames = detect_encoded(seqs, args.kbps, args.out, args.camera)
     (args.out / "tracker_replay.mp4").unlink(missing_ok=True)
     missed = sum(1 for found, truth in frames.values() if truth and not len(found))
-    result = {"kbps": args.kbps, "frames": len(frames), "plate_missed_frames": missed,
-              "trials": args.trials, "linear": replay(frames, seqs, args.trials, True),
-              "current": replay(frames, seqs, args.trials, False)}
-    (args.out / "tracker_replay.json").write_text(json.dumps(result, indent=1))
+    result = {"kbps": args.kbps, "camera": args.camera, "first": args.first, "frames": len(frames),
+              "plate_missed_frames": missed, "trials": args.trials,
+              **{mode: replay(frames, seqs, args.trials, mode) for mode in MODES}}
+    name = "tracker_replay.json" if args.camera == 0 else f"tracker_replay_camera{args.camera}.json"
+    (args.out / name).write_text(json.dumps(result, indent=1))
     print(f"{len(frames)} frames at {args.kbps} kbps, the plate missed by the detector on {missed}")
     print("| prediction | plate checks | coverage < 0.9 | worst coverage |\n|---|---|---|---|")
-    for name in ("linear", "current"):
-        r = result[name]
-        print(f"| {name} | {r['checks']} | {r['below_0.9']} | {r['worst_coverage']} |")
+    for mode in MODES:
+        r = result[mode]
+        print(f"| {mode} | {r['checks']} | {r['below_0.9']} | {r['worst_coverage']} |")
     return 0
 
 

@@ -248,6 +248,43 @@ def test_dropped_frames_move_and_grow_the_coasted_box_by_the_frames_that_passed(
     assert not contains(stale, truth), "told nothing of the gap, the box lags behind the object"
 
 
+def bouncing(frame: int, turn: int = 10) -> tuple[float, float, float, float]:
+    """A 170 x 36 plate moving down-right at 1.5 px a frame that turns back at ``turn`` (a frame's
+    corner, a braking car), as the load harness's plates do."""
+    step = frame if frame <= turn else 2 * turn - frame
+    x, y = 400 + 1.5 * step, 280 + 1.5 * step
+    return (x, y, x + 170, y + 36)
+
+
+def test_a_coasting_plate_that_turns_back_stays_covered() -> None:
+    """The plate model misses the plate from frame 5 on (7 runs in a row on the harness) while it
+    turns back: the coasting box reaches back to the last sighting, so the plate never shows."""
+    t = Tracker(TrackerConfig(max_coast=24))
+    for f in range(5):
+        t.update(dets(bouncing(f), label="plate"))
+    for f in range(5, 25):
+        out = t.update(observed(seen=frozenset({"plate"})))
+        assert len(out) == 1 and out.coasted[0]
+        assert contains(out.boxes[0], bouncing(f), tol=1), f"frame {f}: {out.boxes[0].round(1)}"
+
+
+def test_a_coasting_face_is_only_predicted_forward() -> None:
+    """Faces are painted as ellipses, which a box stretched back to the last sighting would not fill
+    at its ends; their face model runs on every frame. A face's coasting box is its predicted box."""
+    t = Tracker(TrackerConfig(max_coast=24))
+    for f in range(5):
+        t.update(dets(moving(f, 6)))
+    box = t.update(Detections()).boxes[0]
+    w = box[2] - box[0]
+    assert w == pytest.approx(40 * (1 + TrackerConfig().coast_growth), abs=0.01), "not stretched back"
+    plate = Tracker(TrackerConfig(max_coast=24))
+    for f in range(5):
+        plate.update(dets(moving(f, 6), label="plate"))
+    for _ in range(4):
+        pbox = plate.update(Detections()).boxes[0]
+    assert pbox[0] <= moving(4, 6)[0] and pbox[2] >= moving(8, 6)[2], "a plate's box spans both places"
+
+
 def test_size_noise_between_detections_never_shrinks_a_coasted_box() -> None:
     """Two detections of a still object whose boxes happen to differ by 20 px (detector jitter, or
     a moment of occlusion), then missed: extrapolated, that shrink would turn the box inside out."""

@@ -38,6 +38,25 @@ def predict(box: np.ndarray, velocity: np.ndarray, frames: int) -> np.ndarray:
     return np.concatenate([centre - half, centre + half]).astype(np.float32)
 
 
+BACKTRACK_LABELS = frozenset({"plate", TEXT_LABEL})
+"""labels whose coasting mask reaches back to where the object was last detected, not only to where
+its velocity predicts it: a plate is painted as a rectangle, so the box spanning both places covers
+everything between them. The prediction bets that the object kept its velocity; a car that braked
+or turned, or a plate at a frame's edge on the load harness, is behind it. There the plate model
+missed a large plate on 7 runs in a row (a third of a second at its cadence) while it bounced off
+the frame's corner, and the predicted box moved on without it (benchmarks/README.md,
+``tracker_replay.py``; docs/redaction-quality.md, "Coasting plates").
+Faces are painted as ellipses, which a long box would not fill at its ends; and the face model runs
+on every frame, so a face coasts only a frame or two."""
+
+
+def grown(box: np.ndarray, factor: float) -> np.ndarray:
+    """``box`` scaled by ``factor`` about its centre."""
+    c = (box[:2] + box[2:]) / 2
+    half = (box[2:] - box[:2]) / 2 * factor
+    return np.concatenate([c - half, c + half]).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Seen:
     """The frame an update was for, without its pixels: tracks outlive many frames, and holding
@@ -133,9 +152,14 @@ class Track:
         """
         if not self.since or self.label == VEHICLE_PLATE:  # a stand-in does not grow (STAND_IN_COAST)
             return self.box
-        c = (self.box[:2] + self.box[2:]) / 2
-        half = (self.box[2:] - self.box[:2]) / 2 * (1 + growth * min(self.coast_frames, max_frames))
-        return np.concatenate([c - half, c + half]).astype(np.float32)
+        k = 1 + growth * min(self.coast_frames, max_frames)
+        ahead = grown(self.box, k)
+        if self.label not in BACKTRACK_LABELS or self.last_detected is None:
+            return ahead
+        # a plate that stopped, turned or bounced back is between its predicted box and its last
+        # sighting: mask the whole stretch (see BACKTRACK_LABELS)
+        behind = grown(self.last_detected, k)
+        return np.concatenate([np.minimum(ahead[:2], behind[:2]), np.maximum(ahead[2:], behind[2:])])
 
     def info(self, growth: float) -> TrackInfo:
         """This track as it stands (its arrays are replaced on update, never written in place)."""
