@@ -14,6 +14,7 @@ from live_helpers import Hangs, NoFaces, Raises, counter, wait_for
 from stream.core.detections import FrameRef
 from stream.core.frames import Drop, Failure, Frame, Job, JobQueue
 from stream.core.metrics import Metrics
+from stream.detect.lanes import Lanes
 from stream.live.batcher import ADMIT_MARGIN_S, ADMIT_SLACK, Batcher, ServiceTime
 
 _seq = itertools.count(1)
@@ -61,6 +62,28 @@ def test_one_batch_holds_frames_of_several_streams() -> None:
         assert all(j.detections is not None for j in jobs)
         assert max(det.batches) > 1 and sum(det.batches) == 6
         assert all(n <= 6 for n in det.batches)
+    finally:
+        b.stop()
+
+
+@pytest.mark.parametrize(("device", "lanes", "expected"), [("cpu", 2, 2), ("cpu", 1, 1), ("cuda:0", 1, 8),
+                                                        ("cpu", None, 8)])
+def test_max_batch_unset_is_one_frame_per_cpu_lane_and_8_on_a_gpu(device: str, lanes: int | None,
+                                                                   expected: int) -> None:
+    """A second frame per CPU lane only waits for the first (benchmarks/README.md, "CPU lanes"); a
+    detector that says nothing of lanes keeps the old 8."""
+    det = NoFaces()
+    det.device = device  # type: ignore[attr-defined]
+    if lanes is not None:
+        det.lanes = Lanes(lanes)  # type: ignore[attr-defined]
+    b, _, queues = make(lambda: det, max_batch=None, max_wait_s=0.5)
+    try:
+        assert b.max_batch == expected
+        jobs = [job(q.stream_id) for q in queues for _ in range(3)]
+        for j in jobs:
+            next(q for q in queues if q.stream_id == j.frame.stream_id).put(j)
+        wait_for(lambda: all(j.done for j in jobs), what="all jobs resolved")
+        assert max(det.batches) <= expected and sum(det.batches) == 9
     finally:
         b.stop()
 

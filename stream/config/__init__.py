@@ -240,8 +240,21 @@ class StreamConfig(ConfigModel):
         return [Path(os.path.realpath(o.path)) for o in self.outputs if isinstance(o, FileOutputConfig)]
 
 
+DEFAULT_MAX_BATCH = 8
+"""``batcher.max_batch`` on a GPU where it is not set"""
+
+
 class BatcherConfig(ConfigModel):
-    max_batch: int = Field(8, ge=1, le=256, description="most frames, from all streams, per detector run")
+    max_batch: int | None = Field(
+        None, ge=1, le=256,
+        description="most frames, from all streams, per detector run (default: 8 on a GPU; on a CPU one "
+                    "per lane of detection.lanes, since a second frame per lane only waits for the "
+                    "first: two fast 640x360 cameras on 2 cores held with 2 and dropped frames with 8)")
+
+    def batch_bound(self) -> int:
+        """The largest batch there can be, before the stage knows where it runs (queue room,
+        warm-up): ``max_batch`` or the GPU default."""
+        return self.max_batch or DEFAULT_MAX_BATCH
     max_wait_ms: float = Field(10.0, ge=0, le=1000, description="longest wait to fill a batch")
     inflight: int | None = Field(
         None, ge=1, le=4,

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from stream.config import FailClosedConfig
+from stream.config import DEFAULT_MAX_BATCH, FailClosedConfig
 from stream.core.detections import Detect, Detections, FrameRef
 from stream.core.frames import Drop, Failure, Job, JobQueue
 from stream.core.metrics import Metrics
@@ -255,7 +255,7 @@ class StreamQueues:
 class Batcher(StreamQueues):
     """Collects jobs across streams and resolves each with detections or a :class:`Failure`."""
 
-    def __init__(self, factory: DetectorFactory, metrics: Metrics, max_batch: int = 8,
+    def __init__(self, factory: DetectorFactory, metrics: Metrics, max_batch: int | None = DEFAULT_MAX_BATCH,
                  max_wait_s: float = 0.01, hang_timeout_s: float = 1.0, inflight: int | None = None) -> None:
         super().__init__()
         self.factory = factory
@@ -265,7 +265,8 @@ class Batcher(StreamQueues):
         are busy with inference, and a second batch would only wait longer)"""
         self._flights: deque[_Flight] = deque()
         self.metrics = metrics
-        self.max_batch = max_batch
+        self.max_batch: int = max_batch or 0
+        """most frames per batch; None (0 until started): 8 on a GPU, one per CPU lane on a CPU"""
         self.max_wait_s = max_wait_s
         self.hang_timeout_s = hang_timeout_s
         self._rr = 0
@@ -309,8 +310,13 @@ class Batcher(StreamQueues):
         if outcome[0] is not None:
             raise outcome[0]
         self._worker = worker
+        on_cpu = getattr(worker.detector, "device", "cpu") == "cpu"
         if self.inflight is None:
-            self.inflight = 2 if getattr(worker.detector, "device", "cpu") != "cpu" else 1
+            self.inflight = 1 if on_cpu else 2
+        if not self.max_batch:
+            # a second frame per lane would only wait for the first (benchmarks/README.md, "CPU lanes")
+            lanes = getattr(worker.detector, "lanes", None)
+            self.max_batch = max(1, lanes.count) if on_cpu and lanes is not None else DEFAULT_MAX_BATCH
         self.metrics.detector_up.set(1)
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
         self._thread.start()

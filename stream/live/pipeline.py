@@ -83,7 +83,7 @@ class StreamRunner:
         self.max_latency_s = pipeline.fail_closed.max_latency_ms / 1000
         self.action = pipeline.fail_closed.action
         self.queue = JobQueue(self.id, pipeline.queue_size)
-        self.backlog = pipeline.queue_size + 2 * pipeline.batcher.max_batch + 8
+        self.backlog = pipeline.queue_size + 2 * pipeline.batcher.batch_bound() + 8
         # live frames cannot wait for later ones: no look-back
         self.stage = MaskingStage(Tracker(pipeline.redaction.tracker_config()),
                                   Redactor(pipeline.redaction.redact_config()), lookback=0,

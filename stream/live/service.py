@@ -46,7 +46,7 @@ def detector_factory_for(config: PipelineConfig) -> DetectorFactory:
         detector = FrameDetector(config.detection.detector_settings(config.batcher.buckets,
                                                                     config.privacy_classes()))
         if config.detection.warmup and detector.device != "cpu":
-            detector.warmup(max_batch=config.batcher.max_batch)
+            detector.warmup(max_batch=config.batcher.batch_bound())
         return detector
 
     return factory

@@ -121,7 +121,9 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="skip measuring the harness's own latency floor")
     d = p.add_argument_group("pipeline")
     d.add_argument("--preset", choices=["fast", "accurate"], default="fast")
-    d.add_argument("--max-batch", type=_bounded(int, 1, 256, "a batch size"), default=8)
+    d.add_argument("--max-batch", type=_bounded(int, 1, 256, "a batch size"), default=None,
+                   help="batcher.max_batch of the pipeline (default: its own, 8 on a GPU and one frame "
+                        "per lane on a CPU)")
     d.add_argument("--max-wait-ms", type=_bounded(float, 0, 1000, "milliseconds"), default=10.0)
     d.add_argument("--threads", type=_bounded(int, 0, 256, "a thread count"), default=0,
                    help="ONNX Runtime threads per model session in the pipeline (detection.threads; "

@@ -73,7 +73,8 @@ class RunSpec:
     warmup_s: float = 3.0
     mode: str = "redact"
     preset: str = "fast"
-    max_batch: int = 8
+    max_batch: int | None = None
+    """``batcher.max_batch``; None: the pipeline's own (8 on a GPU, one per CPU lane)"""
     max_wait_ms: float = 10.0
     threads: int = 0
     """ONNX Runtime threads per model session (``detection.threads``; 0: cores / lanes)"""
