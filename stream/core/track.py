@@ -19,7 +19,7 @@ import numpy as np
 from stream.core.cuts import THRESHOLD
 from stream.core.detections import Detections
 from stream.core.frames import Frame
-from stream.core.nms import iou_matrix
+from stream.core.nms import iou_matrix, scale_boxes
 from stream.core.vehicle_plates import LABEL as VEHICLE_PLATE
 from stream.core.vehicle_plates import PLATE_FRESH_FRAMES, STAND_IN_COAST, TEXT_COAST, TEXT_LABEL, covered
 
@@ -48,13 +48,6 @@ the frame's corner, and the predicted box moved on without it (benchmarks/README
 ``tracker_replay.py``; docs/redaction-quality.md, "Coasting plates").
 Faces are painted as ellipses, which a long box would not fill at its ends; and the face model runs
 on every frame, so a face coasts only a frame or two."""
-
-
-def grown(box: np.ndarray, factor: float) -> np.ndarray:
-    """``box`` scaled by ``factor`` about its centre."""
-    c = (box[:2] + box[2:]) / 2
-    half = (box[2:] - box[:2]) / 2 * factor
-    return np.concatenate([c - half, c + half]).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -153,12 +146,12 @@ class Track:
         if not self.since or self.label == VEHICLE_PLATE:  # a stand-in does not grow (STAND_IN_COAST)
             return self.box
         k = 1 + growth * min(self.coast_frames, max_frames)
-        ahead = grown(self.box, k)
-        if self.label not in BACKTRACK_LABELS or self.last_detected is None:
+        ahead, behind = scale_boxes(np.stack([self.box, self.box if self.last_detected is None
+                                              else self.last_detected]), k)
+        if self.label not in BACKTRACK_LABELS:
             return ahead
         # a plate that stopped, turned or bounced back is between its predicted box and its last
         # sighting: mask the whole stretch (see BACKTRACK_LABELS)
-        behind = grown(self.last_detected, k)
         return np.concatenate([np.minimum(ahead[:2], behind[:2]), np.maximum(ahead[2:], behind[2:])])
 
     def info(self, growth: float) -> TrackInfo:

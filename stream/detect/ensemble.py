@@ -504,6 +504,7 @@ class FrameDetector:
             for i, d in zip([i for i in range(n) if due[i]], found, strict=True):
                 out[i] = to_source(d, scales[i])
 
+        vehicles: list[Detections] = []
         crop_plates: list[list[Detections]] = []
 
         def people_then_crops() -> list[Detections]:
@@ -511,7 +512,7 @@ class FrameDetector:
             if model is not None and chunks:
                 place(person_slot, model.complete(chunks))
             people, people_due = results[person_slot]
-            vehicles = [people[i].with_label("vehicle") for i in range(n)]
+            vehicles.extend(people[i].with_label("vehicle") for i in range(n))
             crop_plates.append(self._crop_pass(prepared.images, vehicles, people_due, prepared.refs))
             return []
 
@@ -537,7 +538,6 @@ class FrameDetector:
         plates, plate_due = results[-3]
         people, people_due = results[-2]
         texts, _ = results[-1]
-        vehicles = [people[i].with_label("vehicle") for i in range(n)]
         crops = crop_plates[0]
         out = []
         for i in range(n):
