@@ -141,6 +141,9 @@ def add_redact_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-plate-crops", action="store_true",
                    help="do not search each vehicle's crop for its plate a second time (faster, "
                         "misses more small plates)")
+    p.add_argument("--no-plate-relook", action="store_true",
+                   help="do not look again, on an enlarged crop, for a plate seen in the last 50 "
+                        "frames that a frame's passes missed (videos only; slightly faster)")
     p.add_argument("--text-plates", choices=["on", "off"], default=None,
                    help="also mask text lines found by a text detector as plates (square, foreign and "
                         "skewed plates the plate model misses; signs are masked too). Default: on "
@@ -189,7 +192,7 @@ def add_redact_parser(sub: argparse._SubParsersAction) -> None:
 
 
 _OPTION = {"vehicle_plates_px": "--vehicle-plates", "plates": "--no-plates", "heads": "--no-heads",
-           "plate_crops": "--no-plate-crops"}
+           "plate_crops": "--no-plate-crops", "plate_relook": "--no-plate-relook"}
 """the ``redact`` option of a detection setting whose name differs from it"""
 
 
@@ -214,6 +217,7 @@ def detection_config(args: argparse.Namespace) -> DetectionConfig:
             plate_threshold=args.plate_threshold, input_size=args.input_size, plate_every=args.plate_every,
             person_every=args.person_every, plates=not args.no_plates, heads=not args.no_heads,
             vehicle_plates_px=args.vehicle_plates, plate_crops=not args.no_plate_crops,
+            plate_relook=not args.no_plate_relook,
             text_plates=None if args.text_plates is None else args.text_plates == "on",
             providers=[p.lower() for p in names], threads=args.threads, lanes=args.lanes, int8=args.int8,
             skip_unchanged=args.skip_unchanged, model_dir=args.model_dir)

@@ -11,7 +11,7 @@ import pytest
 from helpers import BUS, CHELSEA, face_sprite, read_bgr, sprite_face_box, textured_background, uk_plate
 
 from stream.core.detections import Detections, FrameRef
-from stream.detect.ensemble import GATE_IDLE_S, FrameDetector
+from stream.detect.ensemble import IDLE_S, FrameDetector
 from stream.detect.letterbox import scaled
 from stream.detect.presets import detector_config
 from stream.detect.regions import (
@@ -352,8 +352,8 @@ def test_a_stream_gone_quiet_is_dropped_from_memory(walk) -> None:
     det.detect([frames[0]], [FrameRef("gone", 1)])
     det.detect([frames[0]], [FrameRef("live", 1)])
     assert {k[1] for k in det._gates} == {"gone", "live"}
-    later = det._gated_at["gone"] + GATE_IDLE_S + 1
-    det._gated_at["live"] = later  # still sending
+    later = det._seen_at["gone"] + IDLE_S + 1
+    det._seen_at["live"] = later  # still sending
     det._sweep(later)
     assert {k[1] for k in det._gates} == {"live"}
-    assert "gone" not in det._gated_at
+    assert "gone" not in det._seen_at

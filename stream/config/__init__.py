@@ -312,6 +312,11 @@ class DetectionConfig(ConfigModel):
         True, description="search each vehicle the person model finds for its plate a second time, on a "
                           "crop scaled to the plate model's reach (small and distant plates). Needs "
                           "plates and heads (the person model)")
+    plate_relook: bool = Field(
+        True, description="look again for a plate a stream showed in its last 50 frames where a frame's "
+                          "passes did not find it: the plate model on a crop around where it was "
+                          "(and is heading), read 1.5x larger than the full-frame pass (plates whose "
+                          "detection flickers). Needs plates")
     text_plates: bool | None = Field(
         None, description="also mask as plates the text lines a text detector (PP-OCRv4) finds on the "
                           "whole frame: square, foreign, skewed plates the plate model misses; signs "
@@ -394,6 +399,7 @@ class DetectionConfig(ConfigModel):
             plate_threshold=self.plate_threshold, input_size=self.input_size, plate_every=self.plate_every,
             person_every=self.person_every, plates=self.plates, heads=self.heads,
             vehicle_plates=self.vehicle_plates_px, plate_crops=self.plate_crops, classes=tuple(classes),
+            plate_relook=self.plate_relook,
             text_plates=self.text_plates,
             providers=self.providers,
             threads=self.threads, lanes=self.lanes, regions=self.skip_unchanged,

@@ -47,6 +47,7 @@ from stream.detect.regions import (
     signature,
     truncated,
 )
+from stream.detect.relook import LostPlates, RelookConfig
 from stream.detect.runtime import DEFAULT_PROVIDERS
 from stream.detect.text import TextPlates, merge_lines
 from stream.detect.yolo import PersonYolo, PlateYolo
@@ -59,9 +60,10 @@ PLATE_CONTEXT = 128
 is around it, and on crops with less it missed plates it found on the whole frame (docs/
 redaction-quality.md, "Still cameras")"""
 
-GATE_IDLE_S = 60.0
-"""a stream whose frames no change-gated model saw for this long is dropped from their memory (its
-pictures and boxes): a camera removed or a WHIP session ended must not hold them for ever"""
+IDLE_S = 60.0
+"""a stream no batch held a frame of for this long is dropped from the stage's memories (change-
+gated pictures and boxes, plates just lost): a camera removed or a WHIP session ended must not hold
+them for ever"""
 
 FACE_MODELS: dict[str, type[OnnxDetector]] = {"centerface": CenterFace, "yunet": YuNet}
 
@@ -108,6 +110,10 @@ class DetectorConfig:
     plate_crops: CropConfig | None = None
     """the plate model run again on a crop around each vehicle (see :mod:`stream.detect.crops`);
     needs the plate model and the person model (which reports the vehicles)"""
+    plate_relook: RelookConfig | None = None
+    """the plate model again on an enlarged crop around each plate seen in the last frames of a
+    stream that a due frame's passes did not find (see :mod:`stream.detect.relook`); needs the
+    plate model and frame references (streams and video files)"""
     text_plates: ModelConfig | None = None
     """the text detector on whole frames, its lines masked as plates (see :mod:`stream.detect.text`);
     needs the plate model (plates on)"""
@@ -143,6 +149,14 @@ class DetectorConfig:
     regions: GateConfig | None = None
     """CPU models on streams: look again only where the picture changed since the model last
     looked (see :mod:`stream.detect.regions`); None: every due frame is searched whole"""
+
+
+def merge_plates(parts: list[Detections]) -> Detections:
+    """Plates of one frame from several passes; the same plate found twice keeps its more certain box."""
+    both = Detections.concat(parts)
+    if len(both) < 2:
+        return both
+    return both.select(np.isin(np.arange(len(both)), nms(both.boxes, both.scores, 0.5)))
 
 
 def heads_from_people(people: Detections, max_height: float) -> Detections:
@@ -289,6 +303,17 @@ class FrameDetector:
                 model = build(PlateYolo, ModelConfig(threshold=cc.threshold, input_size=size, min_input=size))
                 if model is not None:
                     self.crop_models.append(model)
+        self.relook_model: OnnxDetector | None = None
+        self._lost: LostPlates | None = None
+        """per stream, the plates found in its last frames (see :mod:`stream.detect.relook`)"""
+        rc = cfg.plate_relook
+        if rc is not None and plates_on:
+            self.relook_model = build(PlateYolo, ModelConfig(threshold=rc.threshold, input_size=rc.side,
+                                                             min_input=rc.side))
+            self._lost = LostPlates(rc)
+        self.relooks_run = 0
+        """lost plates looked for again so far, and how many of those looks found a plate"""
+        self.relooks_found = 0
         self.crops_run = 0
         """vehicle crops searched so far, and the seconds the crop pass took (cutting and the plate
         model): the cost per vehicle that benchmarks report"""
@@ -312,8 +337,8 @@ class FrameDetector:
         """per stream, the vehicle crops of its last crop pass: what was searched and found"""
         self.crops_reused = 0
         """vehicle crops not searched again: their pixels had not changed (``regions``)"""
-        self._gated_at: dict[str, float] = {}
-        """per stream, when change-gated models last saw a frame of it"""
+        self._seen_at: dict[str, float] = {}
+        """per stream, when a batch last held a frame of it (its memories are dropped when idle)"""
         self._swept = time.monotonic()
         if gpu and cfg.regions is not None:
             log.warning("detection.skip_unchanged applies to models on the CPU only; %s on the GPU search "
@@ -338,8 +363,12 @@ class FrameDetector:
         def run_all() -> None:
             for n in sizes:
                 self.detect([frame] * n)
-            for m in self.crop_models:  # black frames have no vehicles: the crop pass gets its own run
-                crop = np.zeros((m.input_size // 2, m.input_size, 3), np.uint8)
+            # black frames have no vehicles and no plates: the crop pass and the second look at lost
+            # plates get runs of their own
+            for m in [*self.crop_models, *([self.relook_model] if self.relook_model else [])]:
+                # vehicle crops are mostly wider than tall; the second look's are square
+                tall = m.input_size if m is self.relook_model else m.input_size // 2
+                crop = np.zeros((tall, m.input_size, 3), np.uint8)
                 for n in sizes:
                     m.run([crop] * n)
 
@@ -361,7 +390,7 @@ class FrameDetector:
     @property
     def models(self) -> list[OnnxDetector]:
         found = [m for m, _ in self.face_models] + [self.plate_model, self.person_model, self.text_model,
-                                                     *self.crop_models]
+                                                     *self.crop_models, self.relook_model]
         return [m for m in found if m is not None]
 
     def __call__(self, images: list[Picture],
@@ -424,6 +453,8 @@ class FrameDetector:
             if judge(images[i], gap):
                 for key in [k for k in self._last_run if k[1] == ref.stream]:
                     del self._last_run[key]
+                if self._lost is not None:  # the old view's plates are not in the new one
+                    self._lost.forget(ref.stream)
 
     def forget(self, stream: str) -> None:
         """Start ``stream``'s cadences afresh: the results of a run on it never reached its tracker."""
@@ -433,6 +464,8 @@ class FrameDetector:
             self._gates.pop(key, None)
         self._crop_memo.pop(stream, None)
         self._cuts.pop(stream, None)
+        if self._lost is not None:
+            self._lost.forget(stream)
 
     def _gated(self, model: OnnxDetector, refs: Sequence[FrameRef] | None) -> bool:
         return self.config.regions is not None and refs is not None and not model.on_gpu
@@ -478,8 +511,8 @@ class FrameDetector:
                     chunks = model.prepare([bgr[i] for i in picked], sub)
                 runs.append((model, due, chunks))
         gated = any(chunks is None for _, _, chunks in runs)
-        return Prepared(n, runs, scales, list(images) if self.crop_models else [], bgr if gated else [],
-                        refs if self.config.regions is not None else None)
+        return Prepared(n, runs, scales, list(images) if self.crop_models or self._lost is not None else [],
+                        bgr if gated else [], refs)
 
     def complete(self, prepared: Prepared) -> list[Detections]:
         """Run every model on a prepared batch and merge their boxes per frame.
@@ -538,7 +571,10 @@ class FrameDetector:
         plates, plate_due = results[-3]
         people, people_due = results[-2]
         texts, _ = results[-1]
-        crops = crop_plates[0]
+        # the same plate found twice (full frame, vehicle crop, second look): the more certain box
+        found_plates = [merge_plates([plates[i], crops]) for i, crops in enumerate(crop_plates[0])]
+        if self._lost is not None and prepared.refs is not None:
+            found_plates = self._relook(prepared, found_plates, plate_due)
         out = []
         for i in range(n):
             observed = set()
@@ -566,10 +602,7 @@ class FrameDetector:
                 # a head already covered by a detected face needs no second mask
                 inter = iou_matrix(heads.boxes, faces.boxes)
                 heads = heads.select(inter.max(axis=1) < 0.1)
-            found = plates[i]
-            if len(crops[i]):  # the same plate found twice: keep the more certain box
-                both = Detections.concat([found, crops[i]])
-                found = both.select(np.isin(np.arange(len(both)), nms(both.boxes, both.scores, 0.5)))
+            found = found_plates[i]
             zones = Detections()
             if self.config.plate_max_vehicle_px and self.plate_model is not None and people_due[i]:
                 observed.add(VEHICLE_PLATE)
@@ -577,24 +610,53 @@ class FrameDetector:
             # text lines only add masks: a stand-in is kept or dropped by the plate model's plates
             d = Detections.concat([faces, heads, merge_lines(found, texts[i]), zones, *extra])
             out.append(Detections(d.boxes, d.scores, d.labels, observed=frozenset(observed)))
-        if prepared.refs is not None and self.config.regions is not None:
+        if prepared.refs is not None:
             now = time.monotonic()
             for ref in prepared.refs:
-                self._gated_at[ref.stream] = now
+                self._seen_at[ref.stream] = now
             self._sweep(now)
         return out
 
+    def _relook(self, prepared: Prepared, plates: list[Detections], due: list[bool]) -> list[Detections]:
+        """``plates`` with what a second look found around each plate lost on a due frame (see
+        :mod:`stream.detect.relook`): the crops of the whole batch, every stream's, as one run.
+        Then every due frame's plates are remembered, a stream's frames oldest first."""
+        assert self._lost is not None and self.relook_model is not None and self.plate_model is not None
+        assert prepared.refs is not None
+        refs = prepared.refs
+        order = [i for i in sorted(range(prepared.n), key=lambda i: (refs[i].stream, refs[i].seq)) if due[i]]
+        todo: list[tuple[int, tuple[int, int, int, int]]] = []
+        for i in order:
+            shape = prepared.images[i].shape[:2]
+            long = max(shape)
+            read = self.plate_model.target_side(long) / long
+            lost = self._lost.crops(refs[i].stream, refs[i].seq, plates[i], shape, read)
+            todo += [(i, box) for box in lost]
+        if todo:
+            found = self.relook_model.run([cut(prepared.images[i], box) for i, box in todo])
+            extra: dict[int, list[Detections]] = {}
+            for (i, box), d in zip(todo, found, strict=True):
+                extra.setdefault(i, []).append(to_frame(d, box))
+                self.relooks_found += bool(len(d))
+            self.relooks_run += len(todo)
+            plates = [merge_plates([p, *extra[i]]) if i in extra else p for i, p in enumerate(plates)]
+        for i in order:
+            self._lost.remember(refs[i].stream, refs[i].seq, plates[i], prepared.images[i].shape[:2])
+        return plates
+
     def _sweep(self, now: float) -> None:
-        """Drop the change-gated memory of streams not seen for :data:`GATE_IDLE_S` (checked every
-        half of it; on the detector's own thread, so no lock is needed)."""
-        if now - self._swept < GATE_IDLE_S / 2:
+        """Drop the memories of streams not seen for :data:`IDLE_S` (checked every half of it; on
+        the detector's own thread, so no lock is needed)."""
+        if now - self._swept < IDLE_S / 2:
             return
         self._swept = now
-        for stream in [s for s, t in self._gated_at.items() if now - t > GATE_IDLE_S]:
-            del self._gated_at[stream]
+        for stream in [s for s, t in self._seen_at.items() if now - t > IDLE_S]:
+            del self._seen_at[stream]
             for key in [k for k in self._gates if k[1] == stream]:
                 del self._gates[key]
             self._crop_memo.pop(stream, None)
+            if self._lost is not None:
+                self._lost.forget(stream)
 
     def _gated_run(self, slot: int, model: OnnxDetector, due: list[bool], prepared: Prepared,
                    sigs: dict[int, np.ndarray]) -> dict[int, Detections]:

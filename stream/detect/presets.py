@@ -14,6 +14,7 @@ from typing import Any
 from stream.detect.crops import CropConfig
 from stream.detect.ensemble import DetectorConfig, ModelConfig
 from stream.detect.regions import GateConfig
+from stream.detect.relook import RelookConfig
 
 VEHICLE_PLATES_PX = 200.0
 """vehicles up to this tall get a plate mask when no plate is found on them (both presets; 0: off).
@@ -69,6 +70,7 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
                     person_every: int | None = None, plates: bool = True, heads: bool = True,
                     vehicle_plates: float | None = None, plate_crops: bool = True,
                     crop_sizes: Sequence[int] | None = None, text_plates: bool | None = None,
+                    plate_relook: bool = True,
                     int8: bool | str = True,
                     providers: Sequence[str] = ("cuda", "cpu"), threads: int = 0, lanes: int = 0,
                     model_dir: Path | None = None, classes: Sequence[str] = (), regions: bool = False,
@@ -77,6 +79,8 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
 
     ``vehicle_plates`` is the tallest vehicle that gets a middle mask where neither the full-frame
     pass nor the crop pass (``plate_crops``, on vehicle crops) found a plate on it (0: none).
+    ``plate_relook`` looks again, on an enlarged crop, for plates a stream's frames showed in the
+    last frames where a due frame's passes did not find them (:mod:`stream.detect.relook`).
     ``text_plates`` (None: the preset's) adds the text detector's lines as plates
     (:mod:`stream.detect.text`), at the plate model's size and cadence.
     ``input_size`` given explicitly sets every model's size. ``int8`` (``auto``/True or
@@ -114,6 +118,8 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
     if crops and cfg.plate is not None:
         cfg.plate_crops = CropConfig(threshold=max(CropConfig.threshold, plate_threshold or 0.0),
                                      **({"sizes": tuple(crop_sizes)} if crop_sizes else {}))
+    if plate_relook and cfg.plate is not None:
+        cfg.plate_relook = RelookConfig(threshold=max(RelookConfig.threshold, plate_threshold or 0.0))
     cfg.screens, cfg.bodies = "screen" in classes, "person" in classes
     cfg.regions = GateConfig() if regions else None
     if not heads and not classes:
