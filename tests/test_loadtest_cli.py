@@ -100,6 +100,27 @@ def test_the_generated_pipeline_config_carries_the_detector_settings(tmp_path: P
     assert "threads" not in plain and "skip_unchanged" not in plain, "the defaults stay the pipeline's"
 
 
+def test_the_generated_pipeline_config_carries_the_queue_size(tmp_path: Path) -> None:
+    import yaml
+
+    from stream.config import load_config
+    from stream.loadtest.driver import RunSpec, pipeline_doc
+
+    doc = pipeline_doc(RunSpec(streams=1, queue_size=3), [], tmp_path / "e.jsonl")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(doc))
+    assert load_config(tmp_path / "cfg.yaml").queue_size == 3
+    plain = pipeline_doc(RunSpec(streams=1), [], tmp_path / "e.jsonl")
+    assert "queue_size" not in plain, "the pipeline's own"
+
+
+def test_a_bad_queue_size_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    r = subprocess.run([str(BIN), "bench", "--queue-size", "0", "--out", str(tmp_path / "lt")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "--queue-size" in r.stderr and "1" in r.stderr and "64" in r.stderr
+    assert not (tmp_path / "lt.json").exists(), "nothing ran"
+
+
 @pytest.mark.parametrize(("kwargs", "words"), [
     ({"workers": 0}, "workers must be 1..256"),
     ({"workers": 257}, "workers must be 1..256"),

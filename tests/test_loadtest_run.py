@@ -50,6 +50,13 @@ def test_bench_against_redacting_pipeline(tmp_path: Path) -> None:
     assert point["events"]["gt_tracks"] == 4 and point["events"]["found"] >= 1
     assert point["pipeline"]["cpu_cores"] is not None and point["harness_cpu_cores"] is not None
     assert point["workers"] == 1 and point["pipeline"]["metrics_from"] == [], "one process, unlabelled"
+    # drops are told by reason, and the frames not received by when they were sent
+    by_reason = point["pipeline"]["dropped_by_reason"]
+    assert sum(by_reason.values()) == point["pipeline"]["dropped"]
+    assert set(by_reason) <= {"queue_full", "backlog", "overload", "output_busy", "output_down", "stopping"}
+    for s in point["streams"]:
+        assert len(s["not_received_at_s"]) == min(20, s["sent"] - s["received"])
+        assert all(0 <= t <= point["window_s"] for t in s["not_received_at_s"])
 
 
 def test_no_redact_mode_makes_the_leak_check_fail(tmp_path: Path) -> None:

@@ -125,6 +125,8 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="batcher.max_batch of the pipeline (default: its own, 8 on a GPU and one frame "
                         "per lane on a CPU)")
     d.add_argument("--max-wait-ms", type=_bounded(float, 0, 1000, "milliseconds"), default=10.0)
+    d.add_argument("--queue-size", type=_bounded(int, 1, 64, "a frame count"), default=None,
+                   help="frames waiting per stream in the pipeline (queue_size; default: its own)")
     d.add_argument("--threads", type=_bounded(int, 0, 256, "a thread count"), default=0,
                    help="ONNX Runtime threads per model session in the pipeline (detection.threads; "
                         "default 0: ONNX Runtime's own, one per core)")
@@ -258,7 +260,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             base = RunSpec(streams=args.streams, width=w, height=h, fps=args.fps,
                            bitrate_kbps=args.bitrate_kbps, duration_s=args.duration, warmup_s=args.warmup,
                            preset=args.preset,
-                           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, threads=args.threads,
+                           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                           queue_size=args.queue_size, threads=args.threads,
                            lanes=args.lanes,
                            skip_unchanged=args.skip_unchanged,
                            latency_bound_ms=args.latency_bound_ms, faces=args.faces, plates=args.plates,

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from stream.core.frames import Drop
 from stream.loadtest import probe
 from stream.loadtest.camera import SyntheticCamera
 from stream.loadtest.reader import Check, OutputReader, Received
@@ -76,6 +77,8 @@ class RunSpec:
     max_batch: int | None = None
     """``batcher.max_batch``; None: the pipeline's own (8 on a GPU, one per CPU lane)"""
     max_wait_ms: float = 10.0
+    queue_size: int | None = None
+    """frames waiting per stream (``queue_size``); None: the pipeline's own"""
     threads: int = 0
     """ONNX Runtime threads per model session (``detection.threads``; 0: cores / lanes)"""
     lanes: int = 0
@@ -236,6 +239,7 @@ def pipeline_doc(spec: RunSpec, streams: list[dict[str, Any]], events_path: Path
         detection.update(plates=False, heads=False)
     return {
         "streams": streams if spec.register == "config" else [],
+        **({"queue_size": spec.queue_size} if spec.queue_size else {}),
         "batcher": {"max_batch": 1 if spec.mode.endswith("-b1") else spec.max_batch,
                     "max_wait_ms": spec.max_wait_ms},
         "detection": detection,
@@ -385,6 +389,10 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
             "frames_in": probe.delta(snap_a, snap_b, "stream_redact_frames_in_total"),
             "published": probe.delta(snap_a, snap_b, "stream_redact_frames_published_total"),
             "dropped": probe.delta(snap_a, snap_b, "stream_redact_frames_dropped_total"),
+            # why: a stream queue that was full, frames shed by admission control, an output busy...
+            "dropped_by_reason": {d.value: n for d in Drop
+                                  if (n := probe.delta(snap_a, snap_b, "stream_redact_frames_dropped_total",
+                                                       reason=d.value))},
             "blanked": probe.delta(snap_a, snap_b, "stream_redact_frames_blanked_total"),
             "withheld": probe.delta(snap_a, snap_b, "stream_redact_frames_withheld_total"),
             "latency_ms": {q: _ms(probe.histogram_quantile(snap_a, snap_b, "stream_redact_latency_seconds",
@@ -417,7 +425,8 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
     p = point
     reasons = [f"never live: {', '.join(not_live)}"] if not_live else []
     if p["pipeline"]["dropped"] > 0:
-        reasons.append(f"{p['pipeline']['dropped']:.0f} dropped")
+        why = ", ".join(f"{r} {n:.0f}" for r, n in p["pipeline"]["dropped_by_reason"].items())
+        reasons.append(f"{p['pipeline']['dropped']:.0f} dropped" + (f" ({why})" if why else ""))
     if p["pipeline"]["blanked"] + p["blanked_seen"] > 0:
         reasons.append(f"{max(p['pipeline']['blanked'], p['blanked_seen']):.0f} blanked")
     if p["delivered_fps_min"] < HELD_FPS_SHARE * spec.fps:
@@ -543,6 +552,8 @@ def _stream_stats(sid: str, frames: list[Received], sent: dict[int, int], late: 
         "stream": sid, "sent": len(in_window), "received": len(got),
         "sent_fps": round(len(in_window) / window_s, 2), "delivered_fps": round(len(got) / window_s, 2),
         "missing": max(0, len(in_window) - len(got) - blank), "blanked_seen": blank,
+        # when in the window the frames not received as sent were sent (seconds; the first 20)
+        "not_received_at_s": sorted(round((sent[q] - t_a) / 1000, 2) for q in in_window - got)[:20],
         "unreadable": sum(1 for f in frames if f.kind == "unreadable" and t_a <= f.recv_ms < t_b),
         "misrouted": sum(1 for f in frames if f.kind == "misrouted"),
         "camera_late": late,
