@@ -143,7 +143,7 @@ def add_redact_parser(sub: argparse._SubParsersAction) -> None:
                         "misses more small plates)")
     p.add_argument("--no-plate-relook", action="store_true",
                    help="do not look again, on an enlarged crop, for a plate seen in the last 50 "
-                        "frames that a frame's passes missed (videos only; slightly faster)")
+                        "frames that a frame's full-frame pass missed (videos only; slightly faster)")
     p.add_argument("--text-plates", choices=["on", "off"], default=None,
                    help="also mask text lines found by a text detector as plates (square, foreign and "
                         "skewed plates the plate model misses; signs are masked too). Default: on "

@@ -150,6 +150,22 @@ def test_a_plate_the_full_frame_pass_misses_is_found_where_it_was_just_seen(boun
     assert det.relooks_run == (1 if relook else 0)
 
 
+@pytest.mark.parametrize(("lanes", "regions"), [(2, False), (1, True)])
+def test_the_second_look_runs_beside_other_models_and_after_change_gated_runs(
+        bouncing_plate: Scene, lanes: int, regions: bool) -> None:
+    """With lanes it follows the plate model in that model's task; change-gated plate runs (no
+    task) get it after every pass. Either way the missed plate is found, in a batch of two streams."""
+    det = FrameDetector(detector_config("fast", providers=("cpu",), lanes=lanes, plate_every=1,
+                                        regions=regions))
+    truth = next((b.x1, b.y1, b.x2, b.y2) for b in bouncing_plate.truth(131) if b.label == "plate")
+    det.detect([bouncing_plate.render(127)], [FrameRef("cam", 127)])
+    other = np.zeros((360, 640, 3), np.uint8)
+    missed, quiet = det.detect([bouncing_plate.render(131), other], [FrameRef("cam", 131), FrameRef("q", 1)])
+    assert covers(missed, truth)
+    assert not covers(quiet, truth)
+    assert (det.relooks_run, det.relooks_found) == (1, 1)
+
+
 def test_a_cut_or_a_forgotten_stream_drops_its_lost_plates(bouncing_plate: Scene) -> None:
     det = FrameDetector(detector_config("fast", providers=("cpu",), lanes=1, plate_every=1))
     det.detect([bouncing_plate.render(127)], [FrameRef("cam", 127)])

@@ -314,7 +314,7 @@ class DetectionConfig(ConfigModel):
                           "plates and heads (the person model)")
     plate_relook: bool = Field(
         True, description="look again for a plate a stream showed in its last 50 frames where a frame's "
-                          "passes did not find it: the plate model on a crop around where it was "
+                          "full-frame pass did not find it: the plate model on a crop around where it was "
                           "(and is heading), read 1.5x larger than the full-frame pass (plates whose "
                           "detection flickers). Needs plates")
     text_plates: bool | None = Field(

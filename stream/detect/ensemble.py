@@ -112,7 +112,7 @@ class DetectorConfig:
     needs the plate model and the person model (which reports the vehicles)"""
     plate_relook: RelookConfig | None = None
     """the plate model again on an enlarged crop around each plate seen in the last frames of a
-    stream that a due frame's passes did not find (see :mod:`stream.detect.relook`); needs the
+    stream that a due frame's full-frame pass did not find (see :mod:`stream.detect.relook`); needs the
     plate model and frame references (streams and video files)"""
     text_plates: ModelConfig | None = None
     """the text detector on whole frames, its lines masked as plates (see :mod:`stream.detect.text`);
@@ -552,13 +552,36 @@ class FrameDetector:
         def runner(model: OnnxDetector, chunks: list[Chunk]) -> Callable[[], list[Detections]]:
             return lambda: model.complete(chunks)
 
+        # the second look at plates just lost follows the plate model's run in the same task, on
+        # the frames of that task, so that it goes beside the person model's lane, not after it
+        plate_slot = len(prepared.runs) - 3
+        relook = self._lost is not None and prepared.refs is not None
+        relooked: list[tuple[dict[int, list[Detections]], int, int]] = []
+        looked_again: set[int] = set()
+
+        def plate_then_relook(model: OnnxDetector, chunks: list[Chunk],
+                              frames: list[int]) -> Callable[[], list[Detections]]:
+            def job() -> list[Detections]:
+                found = model.complete(chunks)
+                plates = {i: to_source(d, scales[i]) for i, d in zip(frames, found, strict=True)}
+                relooked.append(self._second_looks(prepared, frames, plates))
+                return found
+            return job
+
         # the longest runs first, so that the short ones fill in beside them; with lanes each chunk
         # (a lane's share of the batch) is a task of its own
         jobs: list[tuple[int, Callable[[], list[Detections]]]] = []
-        for slot in [len(prepared.runs) - 3, len(prepared.runs) - 1, *range(len(self.face_models))]:
-            model, _, chunks = prepared.runs[slot]
+        for slot in [plate_slot, len(prepared.runs) - 1, *range(len(self.face_models))]:
+            model, due, chunks = prepared.runs[slot]
             if model is not None and chunks:
                 parts = [[c] for c in chunks] if self.lanes.parallel else [chunks]
+                if slot == plate_slot and relook:
+                    picked = iter([i for i in range(n) if due[i]])
+                    for part in parts:
+                        frames = [next(picked) for c in part for _ in c.places]
+                        looked_again.update(frames)
+                        jobs.append((slot, plate_then_relook(model, part, frames)))
+                    continue
                 jobs += [(slot, runner(model, part)) for part in parts]
         jobs.insert(min(2, len(jobs)), (person_slot, people_then_crops))
         found: dict[int, list[Detections]] = {}
@@ -573,8 +596,16 @@ class FrameDetector:
         texts, _ = results[-1]
         # the same plate found twice (full frame, vehicle crop, second look): the more certain box
         found_plates = [merge_plates([plates[i], crops]) for i, crops in enumerate(crop_plates[0])]
-        if self._lost is not None and prepared.refs is not None:
-            found_plates = self._relook(prepared, found_plates, plate_due)
+        if relook:
+            # change-gated plate runs (no task above) are looked at again here, after every pass
+            rest = [i for i in range(n) if plate_due[i] and i not in looked_again]
+            relooked.append(self._second_looks(prepared, rest, {i: found_plates[i] for i in rest}))
+            for extra, run, hits in relooked:
+                for i, parts in extra.items():
+                    found_plates[i] = merge_plates([found_plates[i], *parts])
+                self.relooks_run += run
+                self.relooks_found += hits
+            self._remember_plates(prepared, found_plates, plate_due)
         out = []
         for i in range(n):
             observed = set()
@@ -617,32 +648,39 @@ class FrameDetector:
             self._sweep(now)
         return out
 
-    def _relook(self, prepared: Prepared, plates: list[Detections], due: list[bool]) -> list[Detections]:
-        """``plates`` with what a second look found around each plate lost on a due frame (see
-        :mod:`stream.detect.relook`): the crops of the whole batch, every stream's, as one run.
-        Then every due frame's plates are remembered, a stream's frames oldest first."""
+    def _second_looks(self, prepared: Prepared, frames: Sequence[int],
+                      plates: dict[int, Detections]) -> tuple[dict[int, list[Detections]], int, int]:
+        """What a second look found around each plate lost on ``frames`` (``plates``: what was found
+        on them, in source pixels; see :mod:`stream.detect.relook`), per frame, with the crops run and
+        those that found a plate. One plate-model run for all the crops. It only reads what is
+        remembered, so lanes call it side by side."""
         assert self._lost is not None and self.relook_model is not None and self.plate_model is not None
         assert prepared.refs is not None
         refs = prepared.refs
-        order = [i for i in sorted(range(prepared.n), key=lambda i: (refs[i].stream, refs[i].seq)) if due[i]]
         todo: list[tuple[int, tuple[int, int, int, int]]] = []
-        for i in order:
+        for i in frames:
             shape = prepared.images[i].shape[:2]
             long = max(shape)
             read = self.plate_model.target_side(long) / long
             lost = self._lost.crops(refs[i].stream, refs[i].seq, plates[i], shape, read)
             todo += [(i, box) for box in lost]
-        if todo:
-            found = self.relook_model.run([cut(prepared.images[i], box) for i, box in todo])
-            extra: dict[int, list[Detections]] = {}
-            for (i, box), d in zip(todo, found, strict=True):
-                extra.setdefault(i, []).append(to_frame(d, box))
-                self.relooks_found += bool(len(d))
-            self.relooks_run += len(todo)
-            plates = [merge_plates([p, *extra[i]]) if i in extra else p for i, p in enumerate(plates)]
-        for i in order:
+        if not todo:
+            return {}, 0, 0
+        extra: dict[int, list[Detections]] = {}
+        hits = 0
+        for (i, box), d in zip(todo, self.relook_model.run([cut(prepared.images[i], box) for i, box in todo]),
+                               strict=True):
+            extra.setdefault(i, []).append(to_frame(d, box))
+            hits += bool(len(d))
+        return extra, len(todo), hits
+
+    def _remember_plates(self, prepared: Prepared, plates: list[Detections], due: list[bool]) -> None:
+        """Every due frame's plates, a stream's frames oldest first, for the next second looks."""
+        assert self._lost is not None and prepared.refs is not None
+        refs = prepared.refs
+        due_frames = [i for i in range(prepared.n) if due[i]]
+        for i in sorted(due_frames, key=lambda i: (refs[i].stream, refs[i].seq)):
             self._lost.remember(refs[i].stream, refs[i].seq, plates[i], prepared.images[i].shape[:2])
-        return plates
 
     def _sweep(self, now: float) -> None:
         """Drop the memories of streams not seen for :data:`IDLE_S` (checked every half of it; on

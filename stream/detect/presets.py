@@ -80,7 +80,7 @@ def detector_config(preset: str = "accurate", *, face_model: str | None = None,
     ``vehicle_plates`` is the tallest vehicle that gets a middle mask where neither the full-frame
     pass nor the crop pass (``plate_crops``, on vehicle crops) found a plate on it (0: none).
     ``plate_relook`` looks again, on an enlarged crop, for plates a stream's frames showed in the
-    last frames where a due frame's passes did not find them (:mod:`stream.detect.relook`).
+    last frames where a due frame's full-frame pass did not find them (:mod:`stream.detect.relook`).
     ``text_plates`` (None: the preset's) adds the text detector's lines as plates
     (:mod:`stream.detect.text`), at the plate model's size and cadence.
     ``input_size`` given explicitly sets every model's size. ``int8`` (``auto``/True or

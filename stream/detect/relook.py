@@ -1,5 +1,5 @@
 """A second look at plates just lost: the plate model again, on an enlarged crop around where a
-plate was last seen, on frames where no pass found it there.
+plate was last seen, on frames where the full-frame pass did not find it there.
 
 The plate model's hits on one plate flicker: in the load test's harness a 170 px plate was found
 on half of the frames at 640 px and, while it bounced, on none of 36 in a row, so its track ran
@@ -82,7 +82,7 @@ def square_crop(span: np.ndarray, scale: float, side: int, width: int,
 
 class LostPlates:
     """Per stream, the plates found in the last ``window`` frames, and the crops that look for the
-    ones a frame's passes did not find again."""
+    ones a frame's full-frame pass did not find again."""
 
     def __init__(self, cfg: RelookConfig) -> None:
         self.cfg = cfg
