@@ -91,13 +91,18 @@ def test_the_generated_pipeline_config_carries_the_detector_settings(tmp_path: P
     from stream.config import load_config
     from stream.loadtest.driver import RunSpec, pipeline_doc
 
-    doc = pipeline_doc(RunSpec(streams=1, threads=1, skip_unchanged=True), [], tmp_path / "e.jsonl")
+    doc = pipeline_doc(RunSpec(streams=1, threads=1, skip_unchanged=True, plate_every=1, person_every=2), [],
+                       tmp_path / "e.jsonl")
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(doc))
     det = load_config(tmp_path / "cfg.yaml").detection
     assert det.threads == 1 and det.skip_unchanged
     assert det.detector_settings().regions is not None
+    settings = det.detector_settings()
+    assert settings.plate is not None and settings.plate.every == 1
+    assert settings.person_heads is not None and settings.person_heads.every == 2
     plain = pipeline_doc(RunSpec(streams=1), [], tmp_path / "e.jsonl")["detection"]
-    assert "threads" not in plain and "skip_unchanged" not in plain, "the defaults stay the pipeline's"
+    assert not {"threads", "skip_unchanged", "plate_every", "person_every"} & set(plain), \
+        "the defaults stay the pipeline's"
 
 
 def test_the_generated_pipeline_config_carries_the_queue_size(tmp_path: Path) -> None:

@@ -96,3 +96,27 @@ def test_blank_frame_is_blank_not_a_leak() -> None:
     black = np.zeros((360, 640), np.uint8) + 3
     assert leak.is_blank(black) and stamp.read(black) is None
     assert not leak.is_blank(np.full((360, 640), 90, np.uint8))
+
+
+def test_an_appearing_scene_hides_objects_for_a_third_of_the_time_and_only_then(material: Material) -> None:
+    """Objects of an appearing scene are out of view 25 frames in 75, each at its own time, and
+    in view exactly where and as the plain scene shows them; hidden ones are not in the truth."""
+    from stream.loadtest.scene import APPEARING
+
+    plain = Scene(material, stream=1, width=640, height=360, fps=25)
+    appearing = Scene(material, stream=1, width=640, height=360, fps=25, appearing=True)
+    cycle = sum(APPEARING)
+    shown = {i: [appearing.visible(i, seq) for seq in range(cycle)] for i in range(len(plain.sprites))}
+    assert all(sum(v) == APPEARING[0] for v in shown.values())
+    assert len({v.index(False) if False in v else -1 for v in shown.values()}) > 1, "not all at once"
+    assert all(plain.visible(i, seq) for i in shown for seq in range(cycle))
+    for seq in range(cycle):
+        truth = appearing.truth(seq)
+        assert [b.obj for b in truth] == [i for i in shown if shown[i][seq]]
+        assert truth == [b for b in plain.truth(seq) if shown[b.obj][seq]]
+        differs = np.any(appearing.render(seq) != plain.render(seq), axis=2)
+        hidden = [b for b in plain.truth(seq) if not shown[b.obj][seq]]
+        if hidden:  # the hidden object's pixels are the room's; nothing else changed
+            assert differs[[b.y1 for b in hidden], [b.x1 + 2 for b in hidden]].all()
+        else:
+            assert not differs.any()

@@ -107,6 +107,9 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="faces per camera (default 2)")
     g.add_argument("--plates", type=_bounded(int, 0, 8, "plates per camera"), default=1,
                    help="plates per camera (default 1)")
+    g.add_argument("--appearing", action="store_true",
+                   help="faces and plates vanish and come back whole mid-frame (in view 2 s, out 1 s), so "
+                        "their first frames are judged too: what a detector's cadence leaves open")
     g.add_argument("--overload", type=_bounded(int, 1, 255, "a stream count"), metavar="K",
                    help="also run K streams in the first mode (and first --workers value), far beyond "
                         "capacity: leaks must stay 0")
@@ -133,6 +136,11 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     d.add_argument("--lanes", type=_bounded(int, 0, 16, "a lane count"), default=0,
                    help="CPU model runs side by side in the pipeline (detection.lanes; default 0: one "
                         "per core, up to 4; 1: one after the other)")
+    d.add_argument("--plate-every", type=_bounded(int, 1, 30, "a frame count"), default=None,
+                   help="the plate model on every n-th frame of a stream (detection.plate_every; "
+                        "default the preset's)")
+    d.add_argument("--person-every", type=_bounded(int, 1, 30, "a frame count"), default=None,
+                   help="the same for the person model (detection.person_every)")
     d.add_argument("--skip-unchanged", action="store_true",
                    help="the pipeline's models look again only where the picture changed "
                         "(detection.skip_unchanged)")
@@ -263,8 +271,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                            queue_size=args.queue_size, threads=args.threads,
                            lanes=args.lanes,
-                           skip_unchanged=args.skip_unchanged,
+                           skip_unchanged=args.skip_unchanged, plate_every=args.plate_every,
+                           person_every=args.person_every,
                            latency_bound_ms=args.latency_bound_ms, faces=args.faces, plates=args.plates,
+                           appearing=args.appearing,
                            register=args.register, api=args.api, token_env=args.token_env, media=args.media,
                            metrics_url=args.metrics, work=args.work, mode=modes[0],
                            judge=tuple(args.judge) if args.judge else None, baseline_worker=worker,

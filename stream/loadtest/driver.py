@@ -85,9 +85,15 @@ class RunSpec:
     """CPU model runs side by side (``detection.lanes``; 0: the pipeline's own choice)"""
     skip_unchanged: bool = False
     """``detection.skip_unchanged``: models look again only where the picture changed"""
+    plate_every: int | None = None
+    """``detection.plate_every``; None: the preset's"""
+    person_every: int | None = None
+    """``detection.person_every``; None: the preset's"""
     latency_bound_ms: float = 200.0
     faces: int = 2
     plates: int = 1
+    appearing: bool = False
+    """objects vanish and come back whole mid-frame (``scene.APPEARING``): their first frames count"""
     register: str = "config"  # config | api (local); remote deployments always use the API
     api: str | None = None
     token_env: str | None = None
@@ -235,6 +241,9 @@ def pipeline_doc(spec: RunSpec, streams: list[dict[str, Any]], events_path: Path
         detection["lanes"] = spec.lanes
     if spec.skip_unchanged:
         detection["skip_unchanged"] = True
+    for key in ("plate_every", "person_every"):
+        if getattr(spec, key):
+            detection[key] = getattr(spec, key)
     if spec.mode.startswith("redact-faces"):
         detection.update(plates=False, heads=False)
     return {
@@ -261,7 +270,8 @@ def run_point(spec: RunSpec, material: Material, progress: Progress = lambda _m:
     spec.work.mkdir(parents=True, exist_ok=True)
     tag = f"{spec.mode}-{spec.size}-w{spec.workers}-k{k}-{int(time.time())}"
     sids = [f"lt{i}" for i in range(k)]
-    scenes = {sid: Scene(material, i, spec.width, spec.height, spec.fps, spec.faces, spec.plates)
+    scenes = {sid: Scene(material, i, spec.width, spec.height, spec.fps, spec.faces, spec.plates,
+                         appearing=spec.appearing)
               for i, sid in enumerate(sids)}
     server = None
     if spec.media:

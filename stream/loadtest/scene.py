@@ -37,6 +37,9 @@ PLATE_ASPECT = 4.7  # 520 x 111 mm
 SIZE_BUCKETS = ((0, 32, "<32"), (32, 64, "32-64"), (64, 128, "64-128"), (128, 1 << 30, ">=128"))
 SPEED = 0.12
 """object speed in frame heights per second"""
+APPEARING = (50, 25)
+"""frames in view and out of view of each object in an appearing scene: it vanishes and comes
+back whole mid-frame, as from behind a passing bus, so a run measures an object's first frames"""
 
 
 def size_bucket(height: int) -> str:
@@ -148,7 +151,7 @@ class Scene:
     """The frames of one synthetic camera: `render(seq)` and `truth(seq)` agree by construction."""
 
     def __init__(self, material: Material, stream: int, width: int, height: int, fps: float,
-                 faces: int = 2, plates: int = 1) -> None:
+                 faces: int = 2, plates: int = 1, appearing: bool = False) -> None:
         if width % 2 or height % 2:
             raise ValueError(f"H.264 4:2:0 needs an even size, got {width}x{height}")
         self.stream, self.width, self.height, self.fps = stream, width, height, fps
@@ -186,6 +189,10 @@ class Scene:
                 (rng.random(), rng.random()),
                 (SPEED * height / fps * rng.uniform(0.4, 1.0), SPEED * height / fps * rng.uniform(0.5, 1.0))))
             assert sh <= height and sw <= width
+        # its own generator: an appearing scene is the same scene with objects hidden at times
+        cycle = random.Random(2000 + stream)
+        self.appearing = appearing
+        self._offsets = [cycle.randrange(sum(APPEARING)) for _ in self.sprites]
 
     @staticmethod
     def _bounce(lo: int, hi: int, phase: float, speed: float, seq: int) -> int:
@@ -199,10 +206,16 @@ class Scene:
         return [(self._bounce(*sp.lane, sp.phase[0], sp.speed[0], seq),
                  self._bounce(*sp.y_range, sp.phase[1], sp.speed[1], seq)) for sp in self.sprites]
 
+    def visible(self, obj: int, seq: int) -> bool:
+        """Whether object ``obj`` is in frame ``seq`` (always, unless the scene is appearing)."""
+        return not self.appearing or (seq + self._offsets[obj]) % sum(APPEARING) < APPEARING[0]
+
     def truth(self, seq: int) -> list[Box]:
-        """Ground truth of frame `seq`: every face and plate box."""
+        """Ground truth of frame `seq`: every face and plate box in view."""
         out = []
         for i, (sp, (x, y)) in enumerate(zip(self.sprites, self._positions(seq), strict=True)):
+            if not self.visible(i, seq):
+                continue
             gx1, gy1, gx2, gy2 = sp.gt
             out.append(Box(i, sp.label, x + gx1, y + gy1, x + gx2, y + gy2))
         return out
@@ -210,7 +223,9 @@ class Scene:
     def render(self, seq: int) -> np.ndarray:
         """Frame `seq` without its stamp (BGR, a fresh array the caller may stamp and encode)."""
         img = self.background.copy()
-        for sp, (x, y) in zip(self.sprites, self._positions(seq), strict=True):
+        for i, (sp, (x, y)) in enumerate(zip(self.sprites, self._positions(seq), strict=True)):
+            if not self.visible(i, seq):
+                continue
             h, w = sp.image.shape[:2]
             img[y:y + h, x:x + w] = sp.image
         return img
