@@ -518,9 +518,10 @@ class FrameDetector:
         """Run every model on a prepared batch and merge their boxes per frame.
 
         On a CPU with lanes (:mod:`stream.detect.lanes`) the models' runs go side by side: the plate
-        model, the text pass, the person model followed by the crop pass on its vehicles, and the
-        face models, each chunk a task. Change-gated models run first, in this thread: their gates
-        and the frames' signatures are shared."""
+        model followed by the second look at plates just lost, the text pass, the person model
+        followed by the crop pass on its vehicles, and the face models, each chunk a task.
+        Change-gated models run first, in this thread: their gates and the frames' signatures are
+        shared."""
         n = prepared.n
         scales = prepared.scales or [None] * n
         results: list[tuple[list[Detections], list[bool]]] = [([Detections()] * n, due)
