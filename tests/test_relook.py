@@ -100,6 +100,15 @@ def test_plates_are_forgotten_after_the_window_on_a_restart_and_when_asked() -> 
     assert lost.crops("cam", 6, Detections(), SHAPE, 1.0) == []
 
 
+def test_the_memory_keeps_only_the_latest_plates_of_a_stream() -> None:
+    lost = LostPlates(RelookConfig(max_remembered=3))
+    for k in range(6):  # six plates in six places, none following another
+        lost.remember("cam", k, plates([10 + 100 * k, 10, 60 + 100 * k, 24]), SHAPE)
+    crops = lost.crops("cam", 7, Detections(), SHAPE, 1.0)
+    assert len(crops) == 3
+    assert all(inside([10 + 100 * k, 10, 60 + 100 * k, 24], c) for k, c in zip((5, 4, 3), crops, strict=True))
+
+
 def test_at_most_max_per_frame_lost_plates_are_searched_the_latest_seen_first() -> None:
     lost = LostPlates(RelookConfig(max_per_frame=2))
     for k in range(4):

@@ -39,6 +39,9 @@ class RelookConfig:
     """the plate's last box and where it is predicted to be fill at most this share of the input"""
     max_per_frame: int = 4
     """at most this many lost plates a frame are looked for (the most recently seen first)"""
+    max_remembered: int = 32
+    """at most this many plates are remembered per stream (the most recently seen): a street of
+    flickering detections cannot grow the memory without bound"""
     threshold: float = 0.3
     """plate score threshold on the crops, as for vehicle crops (enlarged lettering scores 0.2-0.3)"""
 
@@ -139,6 +142,6 @@ class LostPlates:
             s.box, s.seq = box.copy(), seq
             taken.add(match)
         if known:
-            self._seen[stream] = known
+            self._seen[stream] = sorted(known, key=lambda s: -s.seq)[:self.cfg.max_remembered]
         else:
             self._seen.pop(stream, None)
