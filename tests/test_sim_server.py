@@ -8,6 +8,7 @@ and the load tests do.
 from __future__ import annotations
 
 import itertools
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +22,14 @@ from audio_material import HAVE_ESPEAK, Scene, make_scene, read_av, segment_ener
 from helpers import make_clip
 
 from stream.samples import SampleError, sample_path
-from stream.sim.server import APT_PACKAGES, RtspServer, gst_rtsp_available, transcode_clip
+from stream.sim.server import (
+    APT_PACKAGES,
+    SCRIPT,
+    SYSTEM_PYTHON,
+    RtspServer,
+    gst_rtsp_available,
+    transcode_clip,
+)
 
 SAMPLE = Path(__file__).resolve().parents[1] / ".samples" / "talking-face" / "talking-face_640x360_5s.mp4"
 FPS = 25
@@ -249,6 +257,58 @@ def test_relay_forwards_the_publisher_to_readers(relay_server: RtspServer) -> No
         check_squares(images)
         known = [p for p in pts if p is not None]
         assert (np.diff(known) > 0).all()
+
+
+READER_HOLD = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import rtsp_server as rs
+
+MS = rs.MS
+class Clock:
+    now = 0
+    def get_time(self):
+        return self.now
+class Buf:
+    def __init__(self):
+        self.pts = self.dts = None
+    def get_size(self):
+        return 1
+    def copy_region(self, *args):
+        return Buf()
+class Src:
+    def __init__(self):
+        self.clock, self.pushed = Clock(), []
+    def get_clock(self):
+        return self.clock
+    def get_base_time(self):
+        return 0
+    def push_buffer(self, buf):
+        self.pushed.append((self.clock.now, buf.pts))
+src = Src()
+reader = rs.Reader(src, caps=None, live=True)
+# the first keyframe (producer time 0) reaches the relay 50 ms late, the frames after it 2 ms late
+for i, late in enumerate([50, 2, 2, 3, 2]):
+    src.clock.now = (40 * i + late) * MS
+    reader.push(rs.Unit(Buf(), None, 40 * i * MS, 40 * i * MS, i == 0))
+print(" ".join(str((pts - arrived) // MS) for arrived, pts in src.pushed))
+print(" ".join(str(pts // MS) for _, pts in src.pushed))
+"""
+
+
+def test_a_relay_holds_no_frame_for_a_late_first_keyframe() -> None:
+    """A relay's reader media releases each frame at its timestamp. Those are the publisher's times
+    shifted by the least delay seen so far, not by the first keyframe's: a keyframe that came 50 ms
+    late (a large picture) must not hold every later frame 48 ms longer, for the whole connection
+    (the load harness's relay hop measured 60 or 100 ms from one connection to the next)."""
+    out = subprocess.run([SYSTEM_PYTHON, "-c", READER_HOLD, str(SCRIPT.parent)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    held, pts = ([int(v) for v in line.split()] for line in out.stdout.split("\n")[:2])
+    # the frame after the keyframe waits only until just after the keyframe's time (times never go
+    # back); from then on no frame waits, and they keep the publisher's spacing
+    assert held == [0, 9, 0, -1, 0], f"ms each frame waited after it arrived: {held}"
+    assert pts == [50, 51, 82, 122, 162]
 
 
 def test_relay_publisher_reconnects_at_another_size(relay_server: RtspServer) -> None:

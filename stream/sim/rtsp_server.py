@@ -152,14 +152,20 @@ class Reader:
     """The appsrc of one PLAY media (all clients of a shared media use it) and its time mapping.
 
     A reader starts at a keyframe, since nothing before one decodes. Timestamps are the producer's
-    clock times shifted by a constant set at that first keyframe, so the spacing of frames survives
-    exactly (a camera stays at its frame rate) while the stream starts at the reader pipeline's
-    running time "now".
+    clock times shifted by a constant, so the spacing of frames survives exactly (a camera stays at
+    its frame rate) while the stream starts at the reader pipeline's running time "now". The
+    media's sink holds each unit until its timestamp. A camera's units come paced by the clock, and
+    the constant is set at the first keyframe. A live publisher's (``live``) arrive when they
+    arrive, and the constant is the least delay seen so far between a unit's producer time and its
+    push here: fixed on the first keyframe alone (a large picture, often a frame later than the
+    rest), it held every later frame that much longer for the whole connection (a relay hop took
+    60 or 100 ms from one connection to the next; now 60).
     """
 
-    def __init__(self, appsrc: Gst.Element, caps: Gst.Caps | None) -> None:
+    def __init__(self, appsrc: Gst.Element, caps: Gst.Caps | None, live: bool = False) -> None:
         self.appsrc = appsrc
         self.caps = caps
+        self.live = live
         self.delta: int | None = None
         self.last_dts = -1
         self.lock = threading.Lock()
@@ -167,13 +173,16 @@ class Reader:
     def push(self, unit: Unit) -> None:
         with self.lock:
             src = self.appsrc
+            clock = src.get_clock()
+            if clock is None:  # the media is not PLAYING yet
+                return
+            late = max(0, clock.get_time() - unit.abs_dts)
             if self.delta is None:
                 if not unit.keyframe:
                     return
-                clock = src.get_clock()
-                if clock is None:  # the media is not PLAYING yet
-                    return
-                self.delta = max(0, clock.get_time() - unit.abs_dts)
+                self.delta = late
+            elif self.live and late < self.delta:  # sooner after its time than any before: hold all less
+                self.delta = late
             base = src.get_base_time()
             dts = unit.abs_dts + self.delta - base
             if dts < 0:  # the pipeline restarted its clock (PAUSE, PLAY): resync at a keyframe
@@ -207,8 +216,11 @@ class Hub:
     `on_retire` when a producer goes.
     """
 
-    def __init__(self, path: str, on_ready: Callable[[], None], on_retire: Callable[[], None]) -> None:
+    def __init__(self, path: str, on_ready: Callable[[], None], on_retire: Callable[[], None],
+                 live: bool = False) -> None:
         self.path = path
+        self.live = live
+        """the producer is a live publisher, not a file paced here (see :class:`Reader`)"""
         self._on_ready = on_ready
         self._on_retire = on_retire
         self._lock = threading.Lock()
@@ -265,7 +277,7 @@ class Hub:
             if self._caps is not None:
                 appsrc.set_caps(self._caps)
             key = next(self._keys)
-            self._readers[key] = Reader(appsrc, self._caps)
+            self._readers[key] = Reader(appsrc, self._caps, self.live)
             count = len(self._readers)
         info(f"{self.path}: reader media {key} added ({count} now)")
         return key
@@ -509,7 +521,7 @@ class Relay:
         self.path = path
         self._play_mounts = play_mounts
         self._roles = roles
-        self.hub = Hub(path, on_ready=self._mount_play, on_retire=self._unmount_play)
+        self.hub = Hub(path, on_ready=self._mount_play, on_retire=self._unmount_play, live=True)
         record = GstRtspServer.RTSPMediaFactory()
         record.set_launch(RECORD_LAUNCH)
         record.set_transport_mode(GstRtspServer.RTSPTransportMode.RECORD)
