@@ -65,6 +65,23 @@ def test_report_files_are_self_contained(tmp_path: Path) -> None:
     assert "| 640x360 | redact | 1 | 1 |" in text, "largest K held, one process"
 
 
+def test_every_sizes_overload_point_is_reported_and_old_reports_still_read(tmp_path: Path) -> None:
+    """``--overload`` with two sizes runs one point per size; both are kept (an earlier report held
+    one point there, and the second size's overwrote the first's). A saved report of the old form
+    still makes its table and page."""
+    small, large = point("redact", 8, 2000, False), point("redact", 8, 2400, False)
+    large["size"] = "1280x720"
+    one = point("redact", 1, 120, True)
+    runs = [{"size": "640x360", "mode": "redact", "largest_k_held": 1, "points": [one]}]
+    report = {"started": "2026-01-01T00:00:00Z", "machine": {"cpus": 2}, "calibration": [], "runs": runs,
+              "overload": [small, large], "ratios": {}}
+    text = table(report)
+    assert "| 640x360 | redact | 1 | 8 | no |" in text and "| 1280x720 | redact | 1 | 8 | no |" in text
+    old = dict(report, overload=small)
+    assert "| 640x360 | redact | 1 | 8 | no |" in table(old)
+    assert write_html(old, tmp_path / "old.html").read_text().count("<svg") >= 2
+
+
 def tiny_report() -> dict:
     points = [point("redact", 1, 120, True), point("redact", 2, 400, False, visible=2)]
     return {"started": "2026-01-01T00:00:00Z", "machine": {"cpus": 2}, "calibration": [],

@@ -260,7 +260,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     "python": platform.python_version(),
                     "loadavg_at_start": [round(v, 2) for v in os.getloadavg()]},
         "command": list(sys.argv[1:]),
-        "calibration": [], "runs": [], "points": [], "overload": None,
+        "calibration": [], "runs": [], "points": [], "overload": [],
     }
     ok = True
     try:
@@ -299,8 +299,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if args.overload:
                 spec = dataclasses.replace(base, streams=args.overload, mode=modes[0])
                 _progress(f"[overload {spec.label}] K={spec.streams}")
-                report["overload"] = run_point(spec, material, _progress)
-                lk = report["overload"].get("leaks")
+                # one point per size: a later size must not overwrite an earlier one's
+                report["overload"].append(run_point(spec, material, _progress))
+                lk = report["overload"][-1].get("leaks")
                 ok &= not lk or lk["visible"] == 0
     except (RuntimeError, ValueError, OSError) as e:
         print(f"stream-redact: error: {e}", file=sys.stderr)

@@ -44,11 +44,14 @@ def workers_of(entry: dict[str, Any]) -> int:
     return int(w) if w is not None else 1
 
 
+def overload_points(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``--overload`` points, one per size; reports from before the list held one point."""
+    over = report.get("overload") or []
+    return [over] if isinstance(over, dict) else list(over)
+
+
 def _points(report: dict[str, Any]) -> list[dict[str, Any]]:
-    pts = [p for r in report.get("runs", []) for p in r["points"]]
-    if report.get("overload"):
-        pts.append(report["overload"])
-    return pts
+    return [p for r in report.get("runs", []) for p in r["points"]] + overload_points(report)
 
 
 def table(report: dict[str, Any]) -> str:
