@@ -44,3 +44,23 @@ def test_file_output_keeps_the_newest_frames_and_counts_the_rest(tmp_path: Path)
     assert len(levels) == 8
     assert all(abs(got - 20 * k) <= 5 for got, k in zip(levels, range(2, 10), strict=True)), (
         f"the two oldest frames were dropped, the rest kept in order: {levels}")
+
+
+def test_keyframes_come_every_gop_seconds_however_few_frames_are_published(tmp_path: Path):
+    """Under overload a stream publishes a frame a second or less. Keyframes counted in frames
+    (gop_s x fps) would then come every 25 s at 1 fps, and a reader that joins, or loses a packet,
+    would see nothing until the next one; they come every gop_s seconds of capture time instead,
+    and at the full rate as before."""
+    def keyframes(path: Path, times: list[float]) -> list[int]:
+        out = FileOutput("cam", "file", FileOutputConfig(type="file", path=path, gop_s=2.0), Metrics())
+        for k, t in enumerate(times):  # as the output's thread writes them, without its queue
+            out.write(picture(64, 48, k % 10), t)
+        out._close(flush=True)
+        with av.open(str(path)) as c:
+            return [i for i, p in enumerate(c.demux(c.streams.video[0])) if p.size and p.is_keyframe]
+
+    t0 = time.monotonic()
+    slow = keyframes(tmp_path / "slow.mp4", [t0 + k for k in range(7)])  # 1 frame a second
+    assert slow == [0, 2, 4, 6], f"a keyframe every 2 s: {slow}"
+    full = keyframes(tmp_path / "full.mp4", [t0 + k / 25 for k in range(120)])
+    assert full == [0, 50, 100], f"at 25 fps, every 50 frames as before: {full}"

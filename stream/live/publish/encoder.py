@@ -75,6 +75,8 @@ class EncoderOutput:
         self._size: tuple[int, int] | None = None
         self._t0: float | None = None
         self._last_pts = -1
+        self._key_at: float | None = None
+        """capture time of the last frame encoded as a keyframe (this container)"""
         self.frames_written = 0
         self.up = False
         self.audio_codec = "aac"
@@ -163,7 +165,13 @@ class EncoderOutput:
             self._t0 = captured_at - (self.audio_lead_s if self._audio_out is not None else 0.0)
         pts = max(self._last_pts + 1, round((captured_at - self._t0) / TIME_BASE))
         self._last_pts = pts
-        for packet in self._encoder.encode(image, pts):
+        # keyframes every gop_s seconds of the stream, not every gop_s x fps frames: under overload a
+        # stream publishes a few frames a second, and a reader joining (or recovering from a lost
+        # packet) would wait for the keyframe that many frames later, 25 s at 1 frame a second
+        key = self._key_at is None or captured_at - self._key_at >= self.gop_s
+        if key:
+            self._key_at = captured_at
+        for packet in self._encoder.encode(image, pts, keyframe=key):
             self._container.mux(packet)
         self._write_audio()
         self.frames_written += 1
@@ -211,7 +219,7 @@ class EncoderOutput:
 
     def settings(self) -> H264Settings:
         """Live H.264: no frame delay, headers with every keyframe (a reader may join at any one)."""
-        return H264Settings(tune="zerolatency", repeat_headers=True, b_frames=0,
+        return H264Settings(tune="zerolatency", repeat_headers=True, b_frames=0, forced_idr=True,
                             gop=max(1, round(self.gop_s * self.fps)),
                             bitrate=self.bitrate_kbps * 1000 if self.bitrate_kbps else None, crf=23)
 
@@ -225,7 +233,7 @@ class EncoderOutput:
                 self._write_audio()  # the audio that came after the last picture
         container, encoder, audio = self._container, self._encoder, self._audio_out
         self._container, self._encoder, self._audio_out = None, None, None
-        self._size = None
+        self._size, self._key_at = None, None
         if container is None:
             return
         try:
