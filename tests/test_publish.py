@@ -64,3 +64,7 @@ def test_keyframes_come_every_gop_seconds_however_few_frames_are_published(tmp_p
     assert slow == [0, 2, 4, 6], f"a keyframe every 2 s: {slow}"
     full = keyframes(tmp_path / "full.mp4", [t0 + k / 25 for k in range(120)])
     assert full == [0, 50, 100], f"at 25 fps, every 50 frames as before: {full}"
+    # a camera faster than the configured 25 fps: the encoder's own keyframe (every 50 frames, 1.7 s
+    # at 30 fps) counts, so a forced one does not follow 0.3 s later
+    fast = keyframes(tmp_path / "fast.mp4", [t0 + k / 30 for k in range(160)])
+    assert fast == [0, 50, 100, 150], f"no keyframe doubled: {fast}"

@@ -76,7 +76,8 @@ class EncoderOutput:
         self._t0: float | None = None
         self._last_pts = -1
         self._key_at: float | None = None
-        """capture time of the last frame encoded as a keyframe (this container)"""
+        """capture time of the last keyframe this container got (zerolatency: a frame's packet comes
+        out at once)"""
         self.frames_written = 0
         self.up = False
         self.audio_codec = "aac"
@@ -169,9 +170,9 @@ class EncoderOutput:
         # stream publishes a few frames a second, and a reader joining (or recovering from a lost
         # packet) would wait for the keyframe that many frames later, 25 s at 1 frame a second
         key = self._key_at is None or captured_at - self._key_at >= self.gop_s
-        if key:
-            self._key_at = captured_at
         for packet in self._encoder.encode(image, pts, keyframe=key):
+            if packet.is_keyframe:  # forced here, or the encoder's own (gop_size frames)
+                self._key_at = captured_at
             self._container.mux(packet)
         self._write_audio()
         self.frames_written += 1
