@@ -399,6 +399,20 @@ def test_events_written_here_are_delivered_by_the_delivery_process(broker: Broke
     assert not segments(spool), "delivered, both halves stopped: the spool is empty"
 
 
+def test_health_names_a_killed_child_before_its_watch_has_recorded_it(tmp_path: Path) -> None:
+    """Between the kill and the watch thread reading the child's end, health said 'starting'."""
+    d = DeliveryProcess(PipelineConfig().events, [tmp_path])
+    suicide = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    child = subprocess.Popen([sys.executable, "-c", suicide])
+    child.wait(10)
+    d._proc = child  # as the watch thread sees it before it records the end
+    d._port = 1
+    assert not d.alive
+    up, problem = d.health()
+    assert not up and problem is not None
+    assert f"pid {child.pid}, killed by signal 9" in problem and "starting" not in problem
+
+
 def test_a_killed_delivery_process_loses_nothing_accepted(broker: Broker, tmp_path: Path,
                                                           deliveries: list[DeliveryProcess]) -> None:
     run = delivering(broker, tmp_path, deliveries)

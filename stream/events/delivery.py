@@ -267,6 +267,10 @@ def main() -> int:
 
 # -- the parent's side -------------------------------------------------------------------------------
 
+def _ended_by(code: int) -> str:
+    return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+
+
 class DeliveryProcess:
     """A running delivery process and what it last reported; see :func:`start_delivery`."""
 
@@ -321,7 +325,12 @@ class DeliveryProcess:
             where = ", ".join(str(d) for d in self.spool_dirs)
             again = ("; it is being started again" if self.auto_restart
                      else "; restart it (stream-redact run does)")
-            return False, (f"the events delivery process is not running ({self._exit or 'starting'}){again}; "
+            proc = self._proc
+            ended = self._exit
+            if ended is None and proc is not None and proc.poll() is not None:
+                # ended, and the watch thread has not recorded it yet: say how, not "starting"
+                ended = f"pid {proc.pid}, {_ended_by(proc.returncode)}"
+            return False, (f"the events delivery process is not running ({ended or 'starting'}){again}; "
                            f"events wait in the spool {where} meanwhile")
 
     def metrics(self) -> list[list[Any]]:
@@ -394,7 +403,7 @@ class DeliveryProcess:
         code = proc.wait()
         with self._lock:
             if proc is self._proc:
-                why = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+                why = _ended_by(code)
                 self._exit = f"pid {proc.pid}, {why}"
                 self._port = None
                 if not self._stopping:
