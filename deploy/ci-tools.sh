@@ -87,7 +87,7 @@ fi
 
 if [ -x "$VENV_PY" ] && ! "$VENV_PY" -c 'import kubernetes_validate, dockerfile' >/dev/null 2>&1; then
   say "python tools into .venv: ${PY_TOOLS[*]}"
-  "$VENV_PY" -m pip install --quiet "${PY_TOOLS[@]}"
+  "$VENV_PY" -m pip install --quiet -c "$ROOT/deploy/constraints.txt" "${PY_TOOLS[@]}"
 fi
 
 say "helm $("$BIN/helm" version --short), hadolint $("$BIN/hadolint" --version | awk '{print $NF}'),"\

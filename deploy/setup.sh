@@ -38,6 +38,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[dev]'
+# versions CI passed with (deploy/constraints.txt): a new PyPI release cannot change a clean build
+.venv/bin/python -m pip install --quiet -c deploy/constraints.txt -e '.[dev]'
 .venv/bin/stream-redact models fetch
 .venv/bin/python -m stream.samples fetch
