@@ -61,7 +61,8 @@ def test_multi_stage_with_a_cpu_and_a_gpu_variant() -> None:
     assert st["os-cpu"][0][2][0] == "${PYTHON_IMAGE}" and a["PYTHON_IMAGE"].startswith("python:3.12-slim")
     assert st["os"][0][2][0] == "os-${VARIANT}"
     build = " ".join(" ".join(v) for c, _, v in st["build"] if c == "RUN")
-    assert '[ "$VARIANT" = gpu ]' in build and 'pip install ".[gpu]"' in build and "pip install ." in build
+    pinned = "pip install -c deploy/constraints.txt"  # the versions CI passed with
+    assert '[ "$VARIANT" = gpu ]' in build and f'{pinned} ".[gpu]"' in build and f"{pinned} . ;" in build
     assert "pip uninstall -y onnxruntime" in build  # never both onnxruntime wheels in one image
     assert "CUDAExecutionProvider" in build
     copies_from = [f for c, flags, _ in st["runtime"] if c == "COPY" for f in flags]
