@@ -267,8 +267,10 @@ def main() -> int:
 
 # -- the parent's side -------------------------------------------------------------------------------
 
-def _ended_by(code: int) -> str:
-    return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+def _ended(proc: subprocess.Popen[bytes]) -> str:
+    """How a child that has ended ended, for health and the log."""
+    code = proc.returncode
+    return f"pid {proc.pid}, " + (f"killed by signal {-code}" if code < 0 else f"exit status {code}")
 
 
 class DeliveryProcess:
@@ -329,7 +331,7 @@ class DeliveryProcess:
             ended = self._exit
             if ended is None and proc is not None and proc.poll() is not None:
                 # ended, and the watch thread has not recorded it yet: say how, not "starting"
-                ended = f"pid {proc.pid}, {_ended_by(proc.returncode)}"
+                ended = _ended(proc)
             return False, (f"the events delivery process is not running ({ended or 'starting'}){again}; "
                            f"events wait in the spool {where} meanwhile")
 
@@ -400,14 +402,13 @@ class DeliveryProcess:
                 elif "metrics" in msg:
                     self._metrics = msg["metrics"]
                 self._lock.notify_all()
-        code = proc.wait()
+        proc.wait()
         with self._lock:
             if proc is self._proc:
-                why = _ended_by(code)
-                self._exit = f"pid {proc.pid}, {why}"
+                self._exit = _ended(proc)
                 self._port = None
                 if not self._stopping:
-                    log.error("events: the delivery process %s ended (%s)", proc.pid, why)
+                    log.error("events: the delivery process ended (%s)", self._exit)
             self._lock.notify_all()
         self._wake.set()
 
